@@ -1,0 +1,11 @@
+"""ppl_em: fit latent-variable models written as plain Pyro programs.
+
+One model file, three ways to fit it: exact EM (:class:`EM`), SVI with ordinary guides,
+and amortized (VAE-style) guides.
+"""
+
+from .em import EM, NonFiniteParameterError
+from .posterior import ExactInferenceError, Posterior
+
+__all__ = ["EM", "ExactInferenceError", "NonFiniteParameterError", "Posterior"]
+__version__ = "0.1.0"

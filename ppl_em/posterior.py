@@ -1,0 +1,337 @@
+"""The exact E-step: log p(x; theta) and the posterior Q(z) = p(z | x; theta) of every factor.
+
+A Pyro model is run once under parallel enumeration, so that every discrete local latent
+z^(i) takes all of its values at once along a dimension of its own. The joint
+log p(x, z; theta) is then a sum of factors, one per sample site, and
+
+    log p(x; theta) = log sum_z exp( sum_s log p_s(x, z; theta) )
+
+is computed by variable elimination (Pyro's ``contract_to_tensor``, the same routine
+``TraceEnum_ELBO`` uses). To read the posterior off that computation we add a zero
+"probe" tensor to the log-probability of each site. Because log p(x) is a log-sum-exp,
+
+    d log p(x) / d probe_s = p(configuration of site s's latents | x; theta),
+
+so one backward pass yields every factor's posterior marginal: the responsibilities
+w_j^(i) of a mixture, the pairwise p(z_{t-1}, z_t | x) of an HMM, the joint posterior of
+two latents that one site depends on. Replacing log-sum-exp by max (Pyro's ``MapRing``)
+turns the same gradient into the one-hot indicator of the posterior mode: hard EM.
+
+References: lecture notes on EM (E-step w_j^(i) := p(z^(i) = j | x^(i); phi, mu, Sigma));
+Obermeyer et al., "Tensor Variable Elimination for Plated Factor Graphs", ICML 2019;
+Eisner, "Inside-Outside and Forward-Backward Algorithms Are Just Backprop", 2016.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import pyro
+import pyro.poutine as poutine
+from pyro.infer import config_enumerate
+from pyro.infer.util import is_validation_enabled  # noqa: F401  (re-exported for tests)
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing, MapRing
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import prune_subsample_sites
+
+__all__ = ["Posterior", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
+
+
+class ExactInferenceError(ValueError):
+    """The model has a latent site that exact enumeration cannot integrate out."""
+
+
+class _LeafParams(Messenger):
+    """Hands the model a fresh leaf tensor for every ``pyro.param`` value.
+
+    The M-step differentiates distribution parameters with respect to these leaves to find
+    which parameter elements each site uses (see :mod:`ppl_em.families`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaves: Dict[str, torch.Tensor] = {}
+
+    def _pyro_post_param(self, msg: dict) -> None:
+        name = msg["name"]
+        if name not in self.leaves:
+            self.leaves[name] = msg["value"].detach().requires_grad_()
+        msg["value"] = self.leaves[name]
+
+
+class _PointEstimate(Messenger):
+    """Replaces each global latent site by a point value theta stored as a ``pyro.param``.
+
+    This is MAP-EM: the site becomes an observed factor log p(theta), as ``AutoDelta`` does
+    for SVI. The value lives in the param store under the site's own name; when the store
+    has none, it starts from a draw from the prior.
+    """
+
+    def __init__(self, names: Tuple[str, ...]) -> None:
+        super().__init__()
+        self.names = names
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["name"] not in self.names or msg["is_observed"]:
+            return
+        fn = msg["fn"]
+        msg["value"] = pyro.param(msg["name"], lambda: fn.sample().detach(), constraint=fn.support)
+        msg["is_observed"] = True
+        msg["infer"] = dict(msg["infer"], _map_site=True)
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """What a first look at the model tells the engine.
+
+    Attributes
+    ----------
+    max_plate_nesting : int
+        Number of batch dimensions reserved for plates; enumeration uses the ones left of them.
+    map_sites : tuple of str
+        Global continuous latent sites, point-estimated (MAP-EM).
+    """
+
+    max_plate_nesting: int
+    map_sites: Tuple[str, ...]
+
+
+def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelStructure:
+    """Classify the model's latent sites; raise if one cannot be handled by exact EM."""
+    with poutine.block():
+        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    tr = prune_subsample_sites(tr)
+    sites = [s for s in tr.nodes.values() if s["type"] == "sample"]
+    data_plates = {f.name for s in sites if s["is_observed"] for f in s["cond_indep_stack"]}
+    map_sites = []
+    for site in sites:
+        if site["is_observed"] or site["fn"].has_enumerate_support:
+            continue
+        local = {f.name for f in site["cond_indep_stack"]} & data_plates
+        if local:
+            raise ExactInferenceError(
+                f"Site '{site['name']}' is a continuous latent variable inside the data plate "
+                f"{sorted(local)}, so p(z | x; theta) has no exact E-step by enumeration. "
+                "Fit this model with SVI (ppl_em.fit(model, ..., method='svi')) or with an "
+                "amortized guide (method='vae', ppl_em.guides.AutoAmortized)."
+            )
+        map_sites.append(site["name"])
+    nesting = max([len([f for f in s["cond_indep_stack"] if f.vectorized]) for s in sites] + [0])
+    return ModelStructure(max_plate_nesting=nesting, map_sites=tuple(map_sites))
+
+
+def trace_model(
+    model: Callable, structure: ModelStructure, args: tuple, kwargs: dict, leaf_params: bool = True
+) -> Tuple[Trace, Dict[str, torch.Tensor]]:
+    """Run the model once under parallel enumeration.
+
+    Returns the trace (log-probabilities computed, tensors packed) and, when ``leaf_params``,
+    the detached leaf tensors that stood in for each ``pyro.param`` value during the run
+    (otherwise parameters stay attached to the param store, for gradient steps).
+    """
+    leaves = _LeafParams() if leaf_params else poutine.messenger.Messenger()
+    enum_model = poutine.enum(
+        config_enumerate(_PointEstimate(structure.map_sites)(model), default="parallel"),
+        first_available_dim=-1 - structure.max_plate_nesting,
+    )
+    with leaves:
+        tr = poutine.trace(enum_model).get_trace(*args, **kwargs)
+    tr = prune_subsample_sites(tr)
+    tr.compute_log_prob()
+    tr.pack_tensors()
+    return tr, getattr(leaves, "leaves", {})
+
+
+def sample_sites(tr: Trace) -> List[dict]:
+    return [s for s in tr.nodes.values() if s["type"] == "sample"]
+
+
+def masked_log_prob(site: dict) -> torch.Tensor:
+    """log p_s in Pyro's unpacked layout, zero where the site is masked; ignores poutine.scale."""
+    lp = site["unscaled_log_prob"]
+    mask = site["mask"]
+    if mask is None or mask is True:
+        return lp
+    return lp.masked_fill(~torch.as_tensor(mask, device=lp.device), 0.0)
+
+
+def log_joint_terms(tr: Trace) -> Dict[str, torch.Tensor]:
+    """Every site's masked log-probability, keyed by site name (unpacked layout)."""
+    return {s["name"]: masked_log_prob(s) for s in sample_sites(tr)}
+
+
+def _common_scale(tr: Trace) -> float:
+    scales = {float(s["scale"]) for s in sample_sites(tr)}
+    if len(scales) > 1:
+        raise ValueError(
+            f"Expected all sample sites to share one poutine.scale, found {sorted(scales)}. "
+            "EM uses the full data set at every step; remove per-site scaling."
+        )
+    return scales.pop() if scales else 1.0
+
+
+def _ordinal(tr: Trace, site: dict) -> frozenset:
+    return frozenset(tr.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized)
+
+
+def _contract(tr: Trace, probes: Dict[str, torch.Tensor], ring) -> torch.Tensor:
+    """sum over plates of log sum_z exp(sum of factors) (or max_z with ``MapRing``)."""
+    tree: "OrderedDict[frozenset, List[torch.Tensor]]" = OrderedDict()
+    sum_dims = set()
+    for site in sample_sites(tr):
+        if site["infer"].get("_map_site"):
+            continue
+        term = packed.pack(masked_log_prob(site) + probes[site["name"]], site["infer"]["_dim_to_symbol"])
+        tree.setdefault(_ordinal(tr, site), []).append(term)
+        if site["infer"].get("_enumerate_symbol") is not None:
+            sum_dims.add(site["infer"]["_enumerate_symbol"])
+    if not tree:
+        return torch.zeros(())
+    return contract_to_tensor(tree, sum_dims, target_ordinal=frozenset(), ring=ring)
+
+
+@dataclass
+class Posterior:
+    """The result of an E-step: Q(z) = p(z | x; theta) for every factor of the model.
+
+    Attributes
+    ----------
+    log_evidence : torch.Tensor
+        Scalar log p(x; theta), every discrete latent summed out exactly.
+    objective : torch.Tensor
+        What the E-step's Q makes tight: log p(x; theta) for ``mode="exact"``,
+        max_z log p(x, z; theta) for ``mode="hard"`` (classification EM).
+    log_prior : torch.Tensor
+        Scalar sum of log p(theta) over point-estimated global latent sites (0 if none).
+    weights : dict of str to torch.Tensor
+        For each sample site s, Q over the configurations of the latents its factor depends
+        on, in the layout of that site's log-probability (Pyro's enumeration layout).
+        For a mixture's observation site this is w_j^(i) with shape (k, n).
+    trace : pyro.poutine.Trace
+        The enumerated model trace the posterior was computed from.
+    mode : str
+        ``"exact"`` or ``"hard"``.
+    """
+
+    log_evidence: torch.Tensor
+    objective: torch.Tensor
+    log_prior: torch.Tensor
+    weights: Dict[str, torch.Tensor]
+    trace: Trace
+    mode: str = "exact"
+    leaves: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def enumerated_sites(self) -> List[str]:
+        """Names of the discrete latent sites that were enumerated, in model order."""
+        return [s["name"] for s in sample_sites(self.trace) if s["infer"].get("_enumerate_dim") is not None]
+
+    def marginal(self, name: str) -> torch.Tensor:
+        """Posterior probabilities of one enumerated site, shape ``plate_shape + (num_values,)``.
+
+        For a mixture's z this is the matrix of responsibilities w_j^(i), shape (n, k).
+        """
+        site = self._enumerated(name)
+        return self._factor_view(site, self.weights[name], [site["infer"]["_enumerate_dim"]])
+
+    def joint(self, name: str) -> Tuple[torch.Tensor, List[str]]:
+        """Posterior over all latents that site ``name``'s factor depends on.
+
+        Returns the probabilities, shape ``plate_shape + (k_1, ..., k_m)``, and the names of
+        those m latents in the order of the trailing dimensions. For an HMM's z_t this is
+        p(z_{t-1}, z_t | x); for a site with two parents it is their joint posterior.
+        """
+        if name not in self.weights:
+            raise KeyError(f"No sample site named '{name}'; sites are {list(self.weights)}.")
+        site = self.trace.nodes[name]
+        latents = self._factor_latents(site)
+        dims = [s["infer"]["_enumerate_dim"] for s in latents]
+        return self._factor_view(site, self.weights[name], dims), [s["name"] for s in latents]
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _nplate(self) -> int:
+        dims = [s["infer"]["_enumerate_dim"] for s in sample_sites(self.trace)
+                if s["infer"].get("_enumerate_dim") is not None]
+        return -max(dims) - 1 if dims else max(
+            [len([f for f in s["cond_indep_stack"] if f.vectorized]) for s in sample_sites(self.trace)] + [0])
+
+    def _factor_view(self, site: dict, w: torch.Tensor, dims: List[int]) -> torch.Tensor:
+        """Reorder Pyro's enumeration layout to ``own plate dims + latent value dims``.
+
+        ``w`` has enumeration dims left of the plate dims; ``dims`` (negative) are the
+        enumeration dims to keep, in order; every other enumeration dim is summed out.
+        """
+        nplate = self._nplate()
+        depth = max([nplate] + [-d for d in dims])
+        w = w.reshape((1,) * max(0, depth - w.dim()) + w.shape)
+        plates = sorted(f.dim for f in site["cond_indep_stack"] if f.vectorized)
+        keep = plates + dims
+        drop = [d for d in range(-w.dim(), 0) if d not in keep]
+        if drop:
+            w = w.sum(drop, keepdim=True)
+        w = w.permute([w.dim() + d for d in drop + keep])
+        return w.reshape(w.shape[len(drop):])
+
+    def _enumerated(self, name: str) -> dict:
+        if name not in self.trace.nodes or self.trace.nodes[name]["type"] != "sample":
+            raise KeyError(f"No sample site named '{name}'; enumerated sites are {self.enumerated_sites}.")
+        site = self.trace.nodes[name]
+        if site["infer"].get("_enumerate_dim") is None:
+            raise KeyError(
+                f"Site '{name}' is not an enumerated latent; marginal() takes one of "
+                f"{self.enumerated_sites}. Use joint('{name}') for the posterior of its parents."
+            )
+        return site
+
+    def _factor_latents(self, site: dict) -> List[dict]:
+        """Enumerated sites whose symbols appear in ``site``'s packed log-probability, in model order."""
+        symbols = set(site["packed"]["log_prob"]._pyro_dims)
+        return [s for s in sample_sites(self.trace) if s["infer"].get("_enumerate_symbol") in symbols]
+
+
+def exact_posterior(
+    model: Callable, structure: ModelStructure, args: tuple, kwargs: dict, mode: str = "exact"
+) -> Posterior:
+    """The E-step. See the module docstring for the probe-gradient mechanism.
+
+    Parameters
+    ----------
+    model : callable
+        A Pyro model; its discrete latent sites are enumerated in parallel.
+    structure : ModelStructure
+        From :func:`inspect_model`.
+    mode : {"exact", "hard"}
+        ``"exact"``: Q(z) = p(z | x; theta). ``"hard"``: Q(z) = one-hot at argmax_z p(z | x; theta)
+        (the joint mode, e.g. the Viterbi path of an HMM).
+    """
+    tr, leaves = trace_model(model, structure, args, kwargs)
+    sites = sample_sites(tr)
+    probes = {s["name"]: torch.zeros_like(masked_log_prob(s)).requires_grad_() for s in sites}
+    scale = _common_scale(tr)
+    log_z = _contract(tr, probes, LogRing()) * scale
+    objective = log_z
+    ring_probes = probes
+    if mode == "hard":
+        ring_probes = {k: torch.zeros_like(v).requires_grad_() for k, v in probes.items()}
+        objective = _contract(tr, ring_probes, MapRing()) * scale
+    names = list(ring_probes)
+    grads = torch.autograd.grad(objective, [ring_probes[k] for k in names], allow_unused=True) \
+        if objective.requires_grad else [None] * len(names)
+    weights = {k: (torch.ones_like(ring_probes[k]) if g is None else g.detach())
+               for k, g in zip(names, grads)}
+    log_prior = sum((masked_log_prob(s).sum() for s in sites if s["infer"].get("_map_site")), torch.zeros(()))
+    return Posterior(
+        log_evidence=log_z.detach(),
+        objective=objective.detach(),
+        log_prior=torch.as_tensor(log_prior).detach(),
+        weights=weights,
+        trace=tr,
+        mode=mode,
+        leaves=leaves,
+    )
