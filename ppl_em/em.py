@@ -120,11 +120,12 @@ class EM:
 
     def e_step(self, *args, **kwargs) -> Posterior:
         """Q(z) := p(z | x; theta) (or its mode), and log p(x; theta). See :class:`Posterior`."""
+        _check_arguments(args, kwargs)
         if self.structure is None:
             self.structure = inspect_model(self.model, args, kwargs)
         post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior)
         _check_observations(post)
-        self._param_names = list(post.leaves)
+        self._param_names = list(post.leaves) + list(self.structure.map_sites)
         return post
 
     def m_step(self, post: Posterior, *args, **kwargs) -> None:
@@ -170,9 +171,8 @@ class EM:
     def _make_plan(self, post: Posterior, args, kwargs) -> None:
         """Decide, once, which parameters get a closed form; verify each by stationarity."""
         self._uses = self._find_closed_forms(post.trace, post.leaves, post.weights)
-        self._plan = {p: ("closed" if p in self._uses else "gradient") for p in post.leaves}
-        if self.m_step_mode == "gradient":
-            self._plan = {p: "gradient" for p in post.leaves}
+        self._plan = {p: ("closed" if p in self._uses and self.m_step_mode != "gradient" else "gradient")
+                      for p in self._param_names}
         candidates = [p for p, how in self._plan.items() if how == "closed"]
         if candidates:
             self._verify_closed_forms(post, candidates, args, kwargs)
@@ -318,6 +318,24 @@ class EM:
                 )
 
 
+def _first_bad(value: torch.Tensor, bad: Optional[torch.Tensor] = None) -> str:
+    bad = ~torch.isfinite(value) if bad is None else bad
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    return f"{int(bad.sum())} non-finite value(s) (NaN or inf); the first is at index {first}: {value[first].item()}"
+
+
+def _check_arguments(args: tuple, kwargs: dict) -> None:
+    """Raise a ValueError naming the argument and index of the first NaN or inf in the data."""
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"argument '{k}'", v) for k, v in kwargs.items()]
+    for label, value in named:
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(
+                f"The data in {label} (shape {tuple(value.shape)}) has {_first_bad(value)}. "
+                "Remove or impute those rows before fitting, or mask them with obs_mask / poutine.mask "
+                "and pass finite placeholders."
+            )
+
+
 def _check_observations(post: Posterior) -> None:
     """Raise a ValueError naming the site and index of the first NaN or inf observation."""
     for site in sample_sites(post.trace):
@@ -332,9 +350,7 @@ def _check_observations(post: Posterior) -> None:
             event = value.dim() - fn_mask.dim()
             bad = bad & fn_mask.reshape(fn_mask.shape + (1,) * max(0, event)).expand_as(bad)
         if bad.any():
-            first = tuple(int(i) for i in bad.nonzero()[0])
             raise ValueError(
-                f"Observed site '{site['name']}' has {int(bad.sum())} non-finite value(s) (NaN or inf); "
-                f"the first is at index {first}: {value[first].item()}. Remove or impute those rows, "
-                "or mask them out with obs_mask / poutine.mask."
+                f"Observed site '{site['name']}' has {_first_bad(value, bad)}. "
+                "Remove or impute those rows, or mask them out with obs_mask / poutine.mask."
             )

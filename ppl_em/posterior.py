@@ -80,8 +80,12 @@ class _PointEstimate(Messenger):
     def _pyro_sample(self, msg: dict) -> None:
         if msg["name"] not in self.names or msg["is_observed"]:
             return
-        fn = msg["fn"]
-        msg["value"] = pyro.param(msg["name"], lambda: fn.sample().detach(), constraint=fn.support)
+        fn, name = msg["fn"], msg["name"]
+        store = pyro.get_param_store()
+        # Read the store directly: a param message named like the sample site would clash in traces.
+        if name not in store:
+            store.setdefault(name, fn.sample().detach(), constraint=fn.support)
+        msg["value"] = store[name]
         msg["is_observed"] = True
         msg["infer"] = dict(msg["infer"], _map_site=True)
 

@@ -1,0 +1,241 @@
+"""EM against its oracles: scikit-learn, the EM guarantee, the ELBO, closed form vs gradient."""
+
+import warnings
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.ops.indexing import Vindex
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+from torch.distributions import constraints
+
+import ppl_em
+from ppl_em.datasets import load_old_faithful
+from ppl_em.models import gmm
+from ppl_em.posterior import Posterior
+
+from test_posterior import hmm, mixture, two_latents
+
+D = torch.float64
+
+
+def gmm_init(x, k, seed=0):
+    return gmm.init_params(x, k, seed=seed)
+
+
+def test_gmm_trajectory_equals_scikit_learn():
+    x = load_old_faithful()
+    k, init = 3, gmm_init(load_old_faithful(), 3, seed=1)
+    sk = GaussianMixture(k, covariance_type="full", reg_covar=1e-6, max_iter=1, warm_start=True, tol=0.0,
+                         weights_init=init["phi"].numpy(), means_init=init["mu"].numpy(),
+                         precisions_init=np.linalg.inv(init["Sigma"].numpy()))
+    em = ppl_em.EM(gmm.model, reg_covar=1e-6)
+    for _ in range(15):
+        loss = em.step(x, k, init=init)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            sk.fit(x.numpy())
+        p = em.params
+        np.testing.assert_allclose(p["phi"].numpy(), sk.weights_, rtol=1e-6)
+        np.testing.assert_allclose(p["mu"].numpy(), sk.means_, rtol=1e-6)
+        np.testing.assert_allclose(p["Sigma"].numpy(), sk.covariances_, rtol=1e-6)
+        # Both report the mean log p(x) at the parameters before this iteration's M-step.
+        np.testing.assert_allclose(-loss / len(x), sk.lower_bound_, rtol=1e-6)
+    assert em.explain()["Sigma"].startswith("closed form")
+
+
+def _log_px_trajectory(em, *args, steps=12):
+    return [-em.step(*args) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("name", ["mixture", "two_latents", "hmm", "gmm", "gradient_only", "map_em"])
+def test_log_likelihood_never_decreases(name):
+    torch.manual_seed(0)
+    x1 = torch.cat([torch.randn(20, dtype=D) - 2, torch.randn(20, dtype=D) + 2.5])
+    cases = {
+        "mixture": (mixture, (x1,)),
+        "two_latents": (two_latents, (x1,)),
+        "hmm": (hmm, (x1[::4],)),
+        "gmm": (gmm.model, (load_old_faithful()[:120], 3)),
+        "gradient_only": (softplus_mixture, (x1,)),
+        "map_em": (map_mixture, (x1,)),
+    }
+    model, args = cases[name]
+    trajectory = _log_px_trajectory(ppl_em.EM(model), *args)
+    assert all(b >= a - 1e-9 * abs(a) for a, b in zip(trajectory, trajectory[1:])), trajectory
+    assert trajectory[-1] > trajectory[0]
+
+
+def softplus_mixture(x):
+    """A mixture whose scale is a transformed parameter: no closed form, gradient M-step."""
+    phi = pyro.param("phi", torch.tensor([0.5, 0.5], dtype=D), constraint=constraints.simplex)
+    mu = pyro.param("mu", torch.tensor([-0.5, 0.5], dtype=D))
+    rho = pyro.param("rho", torch.tensor(0.0, dtype=D))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(phi))
+        pyro.sample("x", dist.Normal(mu[z], torch.nn.functional.softplus(rho) + 0.1), obs=x)
+
+
+def map_mixture(x):
+    """Global latent locations with a prior, as in Pyro's GMM tutorial: MAP-EM."""
+    phi = pyro.param("phi", torch.tensor([0.5, 0.5], dtype=D), constraint=constraints.simplex)
+    with pyro.plate("components", 2):
+        locs = pyro.sample("locs", dist.Normal(torch.zeros((), dtype=D), 2.0))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(phi))
+        pyro.sample("x", dist.Normal(locs[z], 1.0), obs=x)
+
+
+def test_map_em_point_estimates_global_latents_with_their_prior():
+    torch.manual_seed(1)
+    x = torch.cat([torch.randn(30, dtype=D) - 3, torch.randn(30, dtype=D) + 3])
+    pyro.param("locs", torch.tensor([-1.0, 1.0], dtype=D))
+    em = ppl_em.EM(map_mixture)
+    for _ in range(60):
+        em.step(x)
+    post = em.e_step(x)
+    w = post.marginal("z")  # (n, 2)
+    # Stationarity of log p(x, locs) in locs: sum_i w_ij (x_i - l_j) / 1 - l_j / 2^2 = 0.
+    locs = em.params["locs"]
+    expected = (w * x[:, None]).sum(0) / (w.sum(0) + 1 / 4.0)
+    assert torch.allclose(locs, expected, atol=1e-6)
+    assert em.explain()["locs"].startswith("gradient")
+    assert torch.allclose(post.log_prior, dist.Normal(0.0, 2.0).log_prob(locs).sum())
+
+
+def _with_q(post: Posterior, q: torch.Tensor) -> Posterior:
+    """The same posterior object but with Q(z^(i) = j) = q, shape (n, k), for a one-latent mixture."""
+    weights = dict(post.weights, z=q.T.contiguous(), x=q.T.contiguous())
+    return Posterior(post.log_evidence, post.objective, post.log_prior, weights, post.trace, leaves=post.leaves)
+
+
+def elbo(em, post, q, x):
+    """ELBO(x; Q, theta) = E_Q[log p(x, z; theta)] + H(Q)."""
+    entropy = -(q * q.clamp_min(1e-300).log()).sum()
+    return em.expected_log_joint(_with_q(post, q), x).detach() + entropy
+
+
+def test_elbo_touches_log_px_after_the_e_step_and_is_below_it_otherwise():
+    torch.manual_seed(2)
+    x = torch.cat([torch.randn(10, dtype=D) - 1, torch.randn(10, dtype=D) + 1])
+    em = ppl_em.EM(mixture)
+    post = em.e_step(x)
+    exact = post.marginal("z")
+    assert torch.allclose(elbo(em, post, exact, x), post.log_evidence, rtol=1e-12)
+    for _ in range(5):
+        q = torch.softmax(torch.randn(20, 3, dtype=D) * 2, -1)
+        assert elbo(em, post, q, x) < post.log_evidence - 1e-6
+    # EM is coordinate ascent on the ELBO: the M-step raises it with Q fixed.
+    before = elbo(em, post, exact, x)
+    em.m_step(post, x)
+    post2 = em.e_step(x)
+    assert elbo(em, post2, exact, x) >= before
+    assert post2.log_evidence >= elbo(em, post2, exact, x) - 1e-9
+
+
+def test_closed_form_and_gradient_m_steps_reach_the_same_fixed_point():
+    torch.manual_seed(3)
+    x = torch.cat([torch.randn(40, dtype=D) * 0.7 - 2, torch.randn(60, dtype=D) + 1.5])
+
+    def model(x):
+        phi = pyro.param("phi", torch.tensor([0.5, 0.5], dtype=D), constraint=constraints.simplex)
+        mu = pyro.param("mu", torch.tensor([-1.0, 1.0], dtype=D))
+        sigma = pyro.param("sigma", torch.tensor([1.0, 1.0], dtype=D), constraint=constraints.positive)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(phi))
+            pyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
+
+    results = {}
+    for how in ("closed_form", "gradient"):
+        pyro.clear_param_store()
+        em = ppl_em.EM(model, m_step=how, reg_covar=0.0)
+        for _ in range(200):
+            em.step(x)
+        results[how] = em.params
+        assert set(em.explain().values()) == {"closed form: Categorical.probs at site z", "closed form: Normal.loc at site x",
+                                              "closed form: Normal.scale at site x"} or how == "gradient"
+    for name in ("phi", "mu", "sigma"):
+        assert torch.allclose(results["closed_form"][name], results["gradient"][name], atol=1e-5), name
+
+
+def kmeans_model(x, k=3):
+    """Hard EM on this mixture (fixed uniform weights, fixed shared isotropic covariance) is Lloyd."""
+    mu = pyro.param("mu", lambda: x[:k].clone())
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(torch.ones(k, dtype=x.dtype) / k))
+        pyro.sample("x", dist.Normal(mu[z], 1.0).to_event(1), obs=x)
+
+
+def test_hard_em_equals_kmeans_from_the_same_centres():
+    x = load_old_faithful()
+    x = (x - x.mean(0)) / x.std(0)
+    centres = x[torch.tensor([0, 5, 17])].clone()
+    pyro.param("mu", centres.clone())
+    em = ppl_em.EM(kmeans_model, posterior="hard")
+    for it in range(1, 6):
+        em.step(x)
+        km = KMeans(3, init=centres.numpy(), n_init=1, max_iter=it, algorithm="lloyd", tol=0.0).fit(x.numpy())
+        np.testing.assert_allclose(em.params["mu"].numpy(), km.cluster_centers_, rtol=1e-10, atol=1e-12)
+    labels = em.e_step(x).marginal("z").argmax(-1).numpy()
+    np.testing.assert_array_equal(labels, km.predict(x.numpy()))
+
+
+def test_continuous_local_latent_is_a_clear_error():
+    def factor_model(x):
+        with pyro.plate("data", len(x)):
+            h = pyro.sample("h", dist.Normal(torch.zeros((), dtype=D), 1.0))
+            pyro.sample("x", dist.Normal(h, 1.0), obs=x)
+
+    with pytest.raises(ppl_em.ExactInferenceError, match="'h' is a continuous latent.*SVI.*amortized"):
+        ppl_em.EM(factor_model).step(torch.zeros(3, dtype=D))
+
+
+def test_nan_data_is_a_value_error_that_says_where():
+    x = load_old_faithful()[:50].clone()
+    x[7, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"argument 0 \(shape \(50, 2\)\) has 1 non-finite.*index \(7, 1\)"):
+        ppl_em.EM(gmm.model).step(x, 2)
+
+
+def test_non_finite_m_step_raises_and_keeps_the_last_good_parameters():
+    # Each squared deviation is finite, so the E-step is; their weighted sum overflows to inf.
+    x = torch.tensor([1.3e154, -1.3e154, 1.3e154, -1.3e154], dtype=D)
+
+    def model(x):
+        mu = pyro.param("mu", torch.tensor([0.0, 1.0], dtype=D))
+        sigma = pyro.param("sigma", torch.tensor([1.3e154, 1.3e154], dtype=D), constraint=constraints.positive)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(torch.tensor([0.5, 0.5], dtype=D)))
+            pyro.sample("x", dist.Normal(mu[z], sigma[z]), obs=x)
+
+    em = ppl_em.EM(model)
+    post = em.e_step(x)
+    before = {k: v.clone() for k, v in em.params.items()}
+    with pytest.raises(ppl_em.NonFiniteParameterError, match="'sigma' is not finite.*previous parameters were kept"):
+        em.m_step(post, x)
+    for name, value in em.params.items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_empty_component_never_produces_nan():
+    x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 5.0]], dtype=D)
+    init = {"phi": torch.tensor([0.5, 0.25, 0.25], dtype=D),
+            "mu": torch.tensor([[0.0, 0.0], [5.0, 5.0], [1e3, 1e3]], dtype=D),
+            "Sigma": torch.eye(2, dtype=D).expand(3, 2, 2).clone()}
+    em = ppl_em.EM(gmm.model)
+    for _ in range(5):
+        em.step(x, 3, init=init)
+    for name, value in em.params.items():
+        assert torch.isfinite(value).all(), name
+    assert torch.equal(em.params["mu"][2], init["mu"][2])  # no mass: kept, not 0/0
+
+
+def test_constructor_rejects_unknown_options():
+    with pytest.raises(ValueError, match="posterior must be 'exact' or 'hard'"):
+        ppl_em.EM(mixture, posterior="soft")
+    with pytest.raises(ValueError, match="m_step must be"):
+        ppl_em.EM(mixture, m_step="newton")
