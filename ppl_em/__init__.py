@@ -6,6 +6,9 @@ and amortized (VAE-style) guides.
 
 from .em import EM, NonFiniteParameterError
 from .posterior import ExactInferenceError, Posterior
+from .fit import ConvergenceWarning, fit
+from .result import FitResult, load
 
-__all__ = ["EM", "ExactInferenceError", "NonFiniteParameterError", "Posterior"]
+__all__ = ["EM", "ExactInferenceError", "NonFiniteParameterError", "Posterior",
+           "ConvergenceWarning", "FitResult", "fit", "load"]
 __version__ = "0.1.0"

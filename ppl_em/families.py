@@ -75,9 +75,11 @@ def _sqrt_ratio(num, den, old):
     return _ratio(num, den, old * old).sqrt()
 
 
-def _sym_ratio(num, den, old):
-    cov = _ratio(num, den, old)
-    return (cov + cov.transpose(-1, -2)) / 2
+def _cov_ratio(num, den, old):
+    # No symmetrisation here: the parameter need not be (..., d, d) (a diagonal (k, d) or a
+    # variance per component (k,) is selected into covariance_matrix too). The outer-product
+    # statistics are symmetric before the scatter-add, so a (d, d) result already is.
+    return _ratio(num, den, old)
 
 
 def _mean_stats(fn, w, x, reg):
@@ -115,8 +117,16 @@ RULES: List[Rule] = [
     Rule(dist.Normal, "loc", 1, _mean_stats, _ratio),
     Rule(dist.MultivariateNormal, "loc", 1, _mvn_loc_stats, _ratio),
     Rule(dist.Normal, "scale", 2, _normal_scale_stats, _sqrt_ratio),
-    Rule(dist.MultivariateNormal, "covariance_matrix", 2, _mvn_cov_stats, _sym_ratio),
+    Rule(dist.MultivariateNormal, "covariance_matrix", 2, _mvn_cov_stats, _cov_ratio),
 ]
+
+
+def broadcast_shape(a: Tuple[int, ...], b: Tuple[int, ...]) -> torch.Size:
+    """Like ``torch.broadcast_shapes`` for two shapes, without its per-call overhead (hot path)."""
+    a, b = (1,) * (len(b) - len(a)) + tuple(a), (1,) * (len(a) - len(b)) + tuple(b)
+    if any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
+        raise ValueError(f"shapes {a} and {b} do not broadcast")
+    return torch.Size(max(x, y) if 1 in (x, y) else x for x, y in zip(a, b))
 
 
 def unwrap(fn, w: torch.Tensor):
@@ -130,11 +140,11 @@ def unwrap(fn, w: torch.Tensor):
             w = w.reshape(w.shape + (1,) * n)
             fn = fn.base_dist
         elif isinstance(fn, dist.MaskedDistribution):
-            w = w * fn._mask.to(w.dtype)
+            w = w * torch.as_tensor(fn._mask).to(w.dtype)  # _mask may be a bool (pyro.deterministic)
             fn = fn.base_dist
         else:
             break
-    return fn, w.expand(torch.broadcast_shapes(w.shape, fn.batch_shape))
+    return fn, w.expand(broadcast_shape(w.shape, fn.batch_shape))
 
 
 def selection_source(tensor: torch.Tensor, leaves: Dict[int, str]) -> Optional[Tuple[torch.Tensor, str]]:
@@ -208,6 +218,6 @@ def scatter_stats(use: Use, site: dict, weights: torch.Tensor, leaf: torch.Tenso
         if u is None:
             grads.append(None)
             continue
-        u = u.expand(torch.broadcast_shapes(u.shape, shape)).sum_to_size(shape)
+        u = u.expand(broadcast_shape(u.shape, shape)).sum_to_size(shape)
         grads.append(torch.autograd.grad(use.tensor, leaf, u, retain_graph=True)[0])
     return grads[0], grads[1]

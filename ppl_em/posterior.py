@@ -24,6 +24,7 @@ Eisner, "Inside-Outside and Forward-Backward Algorithms Are Just Backprop", 2016
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -156,13 +157,27 @@ def sample_sites(tr: Trace) -> List[dict]:
     return [s for s in tr.nodes.values() if s["type"] == "sample"]
 
 
-def masked_log_prob(site: dict) -> torch.Tensor:
-    """log p_s in Pyro's unpacked layout, zero where the site is masked; ignores poutine.scale."""
-    lp = site["unscaled_log_prob"]
+def masked_log_prob(site: dict, probe: Optional[torch.Tensor] = None, fill: float = 0.0) -> torch.Tensor:
+    """log p_s (+ ``probe``) in Pyro's unpacked layout, ``fill`` where the site is masked; ignores
+    poutine.scale. The probe is masked too, so a masked position gets no posterior weight."""
+    lp = site["unscaled_log_prob"] if probe is None else site["unscaled_log_prob"] + probe
     mask = site["mask"]
     if mask is None or mask is True:
         return lp
-    return lp.masked_fill(~torch.as_tensor(mask, device=lp.device), 0.0)
+    return lp.masked_fill(~torch.as_tensor(mask, device=lp.device), fill)
+
+
+def _masked_fill_value(site: dict, ring) -> float:
+    """0, except -log(number of values) for a masked enumerated site under log-sum-exp.
+
+    At a masked position an enumerated latent is a placeholder that no factor sees (Pyro's
+    ``obs_mask`` splits z into z_observed and such a z_unobserved); summing it out must
+    multiply p(x) by 1, not by its number of values. Under max (hard EM) 0 is right.
+    """
+    dim = site["infer"].get("_enumerate_dim")
+    if dim is None or isinstance(ring, MapRing):
+        return 0.0
+    return -math.log(site["value"].shape[dim])
 
 
 def log_joint_terms(tr: Trace) -> Dict[str, torch.Tensor]:
@@ -191,7 +206,8 @@ def _contract(tr: Trace, probes: Dict[str, torch.Tensor], ring) -> torch.Tensor:
     for site in sample_sites(tr):
         if site["infer"].get("_map_site"):
             continue
-        term = packed.pack(masked_log_prob(site) + probes[site["name"]], site["infer"]["_dim_to_symbol"])
+        log_p = masked_log_prob(site, probes[site["name"]], _masked_fill_value(site, ring))
+        term = packed.pack(log_p, site["infer"]["_dim_to_symbol"])
         tree.setdefault(_ordinal(tr, site), []).append(term)
         if site["infer"].get("_enumerate_symbol") is not None:
             sum_dims.add(site["infer"]["_enumerate_symbol"])
@@ -299,6 +315,9 @@ class Posterior:
         return [s for s in sample_sites(self.trace) if s["infer"].get("_enumerate_symbol") in symbols]
 
 
+# The posterior is a gradient (the probe trick): under a caller's torch.no_grad() (e.g.
+# SVI.evaluate_loss with ExactPosterior) it would silently come out as all-ones weights.
+@torch.enable_grad()
 def exact_posterior(
     model: Callable, structure: ModelStructure, args: tuple, kwargs: dict, mode: str = "exact"
 ) -> Posterior:

@@ -1,0 +1,132 @@
+"""Rows, targets, the machine description, and the two output files (results.md, results.json)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+
+@dataclass
+class Row:
+    """One library on one workload.
+
+    ``seconds`` is the time that is compared across libraries (``timed``: "s / iter" or
+    "s to optimum"); ``ratio`` = ppl_em's seconds / this row's seconds and ``speedup`` =
+    this row's seconds / ppl_em's (> 1: ppl_em is faster). Log-likelihoods are per point.
+    """
+
+    workload: str
+    library: str
+    size: str
+    sec_per_iter: Optional[float] = None
+    seconds: Optional[float] = None
+    timed: str = "s / iter"
+    ratio: Optional[float] = None
+    speedup: Optional[float] = None
+    peak_mb: Optional[float] = None
+    extra_mb: Optional[float] = None
+    final_ll: Optional[float] = None
+    target: str = ""
+    met: Optional[bool] = None
+    note: str = ""
+    trajectory: List[float] = field(default_factory=list)
+    times: List[float] = field(default_factory=list)
+
+
+@dataclass
+class Target:
+    """A workload's goal, what was measured, and whether it was met (None: could not be measured)."""
+
+    workload: str
+    target: str
+    measured: str
+    met: Optional[bool]
+    source: str = "issue"  # "issue": the goal the project set; "ours": a sanity bar the harness adds
+
+
+COLUMNS = ["workload", "library", "size", "s / iter", "timed", "ppl_em / peer", "speed-up (peer / ppl_em)",
+           "peak RSS MB", "extra MB", "final log-lik / point", "target", "met?", "note"]
+TARGET_COLUMNS = ["workload", "target", "measured", "met?", "source"]
+
+
+def machine() -> Dict[str, object]:
+    """Platform, CPU count, threads, library versions and the date: what the ratios were measured on."""
+    import pyro
+    import torch
+
+    info: Dict[str, object] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "numpy": np.__version__,
+    }
+    for name, module in (("scikit-learn", "sklearn"), ("hmmlearn", "hmmlearn"), ("pomegranate", "pomegranate")):
+        try:
+            info[name] = __import__(module).__version__
+        except ImportError:
+            info[name] = "not installed"
+    return info
+
+
+def _fmt(value, kind: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, float):
+        if kind == "ll":
+            return f"{value:.6f}"
+        if kind == "mb":
+            return f"{value:.0f}"
+        return f"{value:.3g}"
+    return str(value).replace("|", "\\|")
+
+
+def _row_cells(row: Row) -> List[str]:
+    return [row.workload, row.library, row.size, _fmt(row.sec_per_iter), row.timed if row.seconds is not None
+            else "—", _fmt(row.ratio), _fmt(row.speedup), _fmt(row.peak_mb, "mb"), _fmt(row.extra_mb, "mb"),
+            _fmt(row.final_ll, "ll"), _fmt(row.target), _fmt(row.met) if row.target else "", _fmt(row.note)]
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
+def markdown(title: str, info: Dict[str, object], sizes: Dict[str, dict], rows: List[Row],
+             targets: List[Target], command: str) -> str:
+    """The results.md text: machine, sizes, the side-by-side table, the targets table."""
+    out = [f"# {title}", "", f"Command: `{command}`", "",
+           "Ratios, not absolute times, are the result: both sides ran in the same process, from the "
+           "same initial parameters, one after the other. `ppl_em / peer` < 1 and speed-up > 1 mean "
+           "ppl_em is faster. Peak memory: a fresh subprocess per (workload, library); `extra MB` is peak RSS "
+           "minus the RSS after imports and data loading.", "", "## Machine", ""]
+    out += [f"- {key}: {value}" for key, value in info.items()]
+    out += ["", "## Sizes", ""] + [f"- {name}: {json.dumps(cfg)}" for name, cfg in sizes.items()]
+    out += ["", "## Results", ""] + _table(COLUMNS, [_row_cells(r) for r in rows])
+    target_cells = [[t.workload, _fmt(t.target), _fmt(t.measured), _fmt(t.met), t.source] for t in targets]
+    out += ["", "## Targets", ""] + _table(TARGET_COLUMNS, target_cells) + [""]
+    return "\n".join(out)
+
+
+def write(out_dir: Path, title: str, info: Dict[str, object], sizes: Dict[str, dict], rows: List[Row],
+          targets: List[Target], command: str) -> None:
+    """Write ``results.md`` and ``results.json`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text(markdown(title, info, sizes, rows, targets, command))
+    payload = {"title": title, "command": command, "machine": info, "sizes": sizes,
+               "columns": COLUMNS, "rows": [asdict(r) for r in rows], "targets": [asdict(t) for t in targets]}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")

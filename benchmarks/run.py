@@ -1,0 +1,368 @@
+"""Benchmarks of ppl_em's EM side by side with scikit-learn, pomegranate, hmmlearn and Pyro SVI.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.run                       # the full sizes (minutes to hours; not for CI)
+    python -m benchmarks.run --quick               # tiny sizes, seconds: the smoke test runs this
+    python -m benchmarks.run --only B1,B2,B5 --set B1.n=100000 --set B5.ns=[10000,100000]
+    python -m benchmarks.run --out some/dir --memory all
+
+Workloads (sizes in :data:`FULL`, overridable with ``--set WORKLOAD.KEY=VALUE``):
+
+B1  GMM, full covariances, n = 1e6, d = 10, k = 16, 20 EM iterations: ppl_em vs scikit-learn's
+    ``GaussianMixture`` and pomegranate's ``GeneralMixtureModel``; the log-likelihood
+    trajectories must agree with scikit-learn's to 1e-6 relative.
+B2  Peak memory of B1 (a fresh subprocess per library).
+B3  Gaussian HMM, T = 1e5, K = 8, D = 4, diagonal covariances: ppl_em vs hmmlearn.
+B4  EM vs Pyro SVI (TraceEnum_ELBO, Adam lr 0.1) on a 2-D GMM, n = 2e4, k = 5: wall time to come
+    within 1e-3 nats per point of the optimum (EM run to convergence).
+B5  Scaling of one EM iteration with n (d = 2, k = 3) and the cost of a small fit (n = 1000).
+B6  float32 vs float64 data.
+
+Every library starts from the same initial parameters (the model file's ``init_params``), gets
+one untimed warm-up iteration, then is timed with ``time.perf_counter``. torch keeps its default
+number of threads. Writes ``results.md`` and ``results.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import report, workloads as wl
+from .report import Row, Target
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = 0
+
+FULL: Dict[str, dict] = {
+    "B1": {"n": 1_000_000, "d": 10, "k": 16, "iters": 20},
+    "B3": {"T": 100_000, "K": 8, "D": 4, "iters": 3},
+    "B4": {"n": 20_000, "d": 2, "k": 5, "tol": 1e-3, "em_tol": 1e-10, "max_em_iters": 3000,
+           "max_svi_steps": 5000, "lr": 0.1},
+    "B5": {"ns": [10_000, 100_000, 1_000_000], "d": 2, "k": 3, "iters": 10, "small_n": 1000, "small_iters": 50},
+    "B6": {"n": 1_000_000, "d": 10, "k": 16, "iters": 5},
+}
+QUICK: Dict[str, dict] = {
+    "B1": {"n": 1000, "d": 2, "k": 2, "iters": 3},
+    "B3": {"T": 20, "K": 2, "D": 2, "iters": 2},
+    "B4": {"n": 600, "d": 2, "k": 2, "tol": 1e-3, "em_tol": 1e-10, "max_em_iters": 300,
+           "max_svi_steps": 150, "lr": 0.1},
+    "B5": {"ns": [500, 1000, 2000], "d": 2, "k": 3, "iters": 2, "small_n": 1000, "small_iters": 3},
+    "B6": {"n": 1000, "d": 2, "k": 2, "iters": 2},
+}
+WORKLOADS = ("B1", "B2", "B3", "B4", "B5", "B6")
+
+GMM_PEERS: Dict[str, Callable] = {"ppl_em": wl.ppl_em_gmm, "scikit-learn": wl.sklearn_gmm,
+                                  "pomegranate": wl.pomegranate_gmm}
+HMM_PEERS: Dict[str, Callable] = {"ppl_em": wl.ppl_em_hmm, "hmmlearn": wl.hmmlearn_hmm}
+NOT_INSTALLED = "not installed (pip install -e '.[bench]'); skipped"
+
+
+# -- shared helpers --------------------------------------------------------------------------
+def max_relative_deviation(a: List[float], b: List[float]) -> float:
+    """max_t |a_t - b_t| / |b_t| over two log-likelihood trajectories of equal length."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"trajectories of different lengths: {len(a)} and {len(b)}")
+    return max(abs(x - y) / max(abs(y), 1e-300) for x, y in zip(a, b))
+
+
+def _row(workload: str, library: str, size: str, fit: wl.Fit) -> Row:
+    return Row(workload, library, size, sec_per_iter=fit.sec_per_iter, seconds=fit.sec_per_iter,
+               final_ll=fit.final_ll, note=fit.note, trajectory=fit.trajectory, times=fit.times)
+
+
+def _ratios(rows: List[Row], reference: Row) -> None:
+    """ratio = reference seconds / row seconds, speed-up = its inverse, for every timed row."""
+    for row in rows:
+        if row is not reference and row.seconds is not None and reference.seconds is not None:
+            row.ratio = reference.seconds / row.seconds
+            row.speedup = row.seconds / reference.seconds
+
+
+def _compare(rows: List[Row], reference: Row, min_speedup: float) -> List[Target]:
+    """Ratios against ``reference`` and, per peer, the target ``speed-up >= min_speedup``."""
+    _ratios(rows, reference)
+    targets = []
+    for row in rows:
+        if row.speedup is None:
+            continue
+        row.target = f"{reference.library} >= {min_speedup:g}x faster ({row.timed})"
+        row.met = row.speedup >= min_speedup
+        targets.append(Target(row.workload, f"{row.target} than {row.library}", f"{row.speedup:.3g}x", row.met))
+    return targets
+
+
+def _agreement(workload: str, ours: wl.Fit, peer: wl.Fit, peer_name: str, rtol: float = 1e-6) -> Target:
+    """The log-likelihood trajectory (and final value) of ppl_em vs a peer's, relative deviation."""
+    dev = max_relative_deviation(ours.trajectory + [ours.final_ll], peer.trajectory + [peer.final_ll])
+    return Target(workload, f"log-lik trajectory = {peer_name}'s (max relative deviation <= {rtol:g})",
+                  f"{dev:.2e}", dev <= rtol)
+
+
+def _run_peers(workload: str, size: str, peers: Dict[str, Callable], args: tuple) -> Tuple[List[Row], dict]:
+    """Each installed library on the same (x, k, init, iters); a placeholder row for a missing one."""
+    rows, fits = [], {}
+    for library, fn in peers.items():
+        if not wl.available(library):
+            rows.append(Row(workload, library, size, note=NOT_INSTALLED))
+            continue
+        print(f"  {workload} {library} ...", flush=True)
+        fits[library] = fn(*args)
+        rows.append(_row(workload, library, size, fits[library]))
+    return rows, fits
+
+
+# -- workloads -------------------------------------------------------------------------------
+def _gmm_problem(cfg: dict) -> Tuple[np.ndarray, dict]:
+    x = wl.gmm_data(cfg["n"], cfg["d"], cfg["k"], seed=SEED)
+    return x, wl.gmm_init(x, cfg["k"], seed=SEED)
+
+
+def bench_b1(cfg: dict) -> Tuple[List[Row], List[Target]]:
+    """GMM, full covariances: s / iter and log-lik trajectories vs scikit-learn and pomegranate."""
+    x, init = _gmm_problem(cfg)
+    size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, {cfg['iters']} iters"
+    rows, fits = _run_peers("B1", size, GMM_PEERS, (x, cfg["k"], init, cfg["iters"]))
+    targets = _compare(rows, rows[0], 10.0)
+    targets.append(_agreement("B1", fits["ppl_em"], fits["scikit-learn"], "scikit-learn"))
+    if "pomegranate" in fits:  # no reg_covar in pomegranate: close, not equal
+        dev = max_relative_deviation(fits["ppl_em"].trajectory, fits["pomegranate"].trajectory)
+        rows[2].note = f"log-lik trajectory vs ppl_em: max rel. deviation {dev:.1e} (no reg_covar)"
+    return rows, targets
+
+
+def bench_b2(cfg: dict, memory: "MemoryProbe") -> Tuple[List[Row], List[Target]]:
+    """Peak RSS of B1's fit (warm-up + 1 iteration), a fresh subprocess per library."""
+    size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, warm-up + 1 iter"
+    installed = [lib for lib in GMM_PEERS if wl.available(lib)]
+    print(f"  B2 {', '.join(installed)} (one subprocess each) ...", flush=True)
+    measured = memory.measure("B1", cfg, installed)
+    rows = []
+    for library in GMM_PEERS:
+        if library not in measured:
+            rows.append(Row("B2", library, size, note=NOT_INSTALLED))
+            continue
+        peak, extra = measured[library]
+        rows.append(Row("B2", library, size, peak_mb=peak, extra_mb=extra, note="memory only"))
+    ours, sk = rows[0], rows[1]
+    if ours.extra_mb is None or sk.extra_mb is None:
+        return rows, [Target("B2", "ppl_em extra memory <= 1/2 scikit-learn's", "not measured", None)]
+    sk.ratio = ours.extra_mb / sk.extra_mb
+    sk.target, sk.met = "ppl_em extra MB <= 0.5 x peer's", sk.ratio <= 0.5
+    sk.note = f"ppl_em / peer column = ratio of extra MB: {sk.ratio:.2f}"
+    return rows, [Target("B2", "ppl_em extra memory (peak - baseline) <= 1/2 scikit-learn's",
+                         f"{ours.extra_mb:.0f} MB vs {sk.extra_mb:.0f} MB (ratio {sk.ratio:.2f})", sk.met)]
+
+
+def bench_b3(cfg: dict) -> Tuple[List[Row], List[Target]]:
+    """Gaussian HMM (diagonal): s / Baum-Welch iteration and log-lik trajectories vs hmmlearn."""
+    x = wl.hmm_data(cfg["T"], cfg["K"], cfg["D"], seed=SEED)
+    init = wl.hmm_init(x, cfg["K"], seed=SEED)
+    size = f"T={cfg['T']} K={cfg['K']} D={cfg['D']}, {cfg['iters']} iters"
+    rows, fits = _run_peers("B3", size, HMM_PEERS, (x, cfg["K"], init, cfg["iters"]))
+    # Target: as fast as hmmlearn. ppl_em's pyro.markov loop costs ~1 ms per time step, so it is not.
+    targets = _compare(rows, rows[0], 1.0)
+    for t in targets:
+        t.source = "ours (as fast as hmmlearn)"
+    rows[0].note += f"; {rows[0].sec_per_iter / cfg['T'] * 1e3:.2f} ms per time step"
+    targets.append(_agreement("B3", fits["ppl_em"], fits["hmmlearn"], "hmmlearn"))
+    return rows, targets
+
+
+def _time_to(fit: wl.Fit, level: float) -> Optional[Tuple[float, int]]:
+    """Seconds (and steps) until the step whose log-lik, before its update, is >= ``level``."""
+    for step, value in enumerate(fit.trajectory):
+        if value >= level:
+            return sum(fit.times[: step + 1]), step + 1
+    return None
+
+
+def bench_b4(cfg: dict) -> Tuple[List[Row], List[Target]]:
+    """Wall time to within ``tol`` nats / point of the optimum: EM vs SVI, same model file and start."""
+    x, init = _gmm_problem(cfg)
+    size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, tol {cfg['tol']:g} nats/point"
+    print("  B4 ppl_em EM to convergence ...", flush=True)
+    em = wl.ppl_em_until(x, cfg["k"], init, cfg["max_em_iters"], cfg["em_tol"])
+    optimum = max(em.trajectory + [em.final_ll])
+    level = optimum - cfg["tol"]
+    print("  B4 Pyro SVI ...", flush=True)
+    svi = wl.svi_gmm(x, cfg["k"], init, cfg["max_svi_steps"], level, lr=cfg["lr"])
+    rows = [_to_optimum_row("ppl_em", size, em, level, f"optimum {optimum:.6f} after {len(em.trajectory)} iters"),
+            _to_optimum_row("Pyro SVI", size, svi, level, f"Adam lr {cfg['lr']:g}")]
+    if rows[1].seconds is None:  # SVI never got there: its speed-up is at least total time / EM's
+        total = sum(svi.times)
+        rows[1].speedup = total / rows[0].seconds
+        rows[1].target, rows[1].met = "ppl_em >= 5x sooner", rows[1].speedup >= 5
+        return rows, [Target("B4", "EM within 1e-3 nats/point of the optimum >= 5x sooner than SVI",
+                             f"> {rows[1].speedup:.3g}x (SVI not there after {len(svi.times)} steps)", rows[1].met)]
+    return rows, _compare(rows, rows[0], 5.0)
+
+
+def _to_optimum_row(library: str, size: str, fit: wl.Fit, level: float, note: str) -> Row:
+    row = Row("B4", library, size, sec_per_iter=fit.sec_per_iter, timed="s to optimum", final_ll=fit.final_ll,
+              trajectory=fit.trajectory, times=fit.times)
+    reached = _time_to(fit, level)
+    if reached is None:
+        row.note = f"{note}; not within tol after {len(fit.times)} steps ({sum(fit.times):.3g} s)"
+    else:
+        row.seconds = reached[0]
+        row.note = f"{note}; {reached[1]} steps, {reached[0]:.3g} s to optimum"
+    return row
+
+
+def bench_b5(cfg: dict) -> Tuple[List[Row], List[Target]]:
+    """s / iter at growing n (ppl_em and scikit-learn) and the growth exponent; a small fit's ms / iter."""
+    runs = [(n, cfg["iters"], "") for n in cfg["ns"]] + [(cfg["small_n"], cfg["small_iters"], " (small fit)")]
+    rows, ours = [], []
+    for n, iters, label in runs:
+        x, init = _gmm_problem(dict(cfg, n=n))
+        size = f"n={n} d={cfg['d']} k={cfg['k']}, {iters} iters{label}"
+        pair, _ = _run_peers("B5", size, {"ppl_em": wl.ppl_em_gmm, "scikit-learn": wl.sklearn_gmm},
+                             (x, cfg["k"], init, iters))
+        _ratios(pair, pair[0])
+        rows += pair
+        ours.append(pair[0].sec_per_iter)
+    exponent = float(np.polyfit(np.log(cfg["ns"]), np.log(ours[:-1]), 1)[0])
+    small_ms = ours[-1] * 1e3
+    rows[-2].target, rows[-2].met = "<= 10 ms / iter", small_ms <= 10
+    return rows, [Target("B5", "s / iter grows at most linearly in n (exponent <= 1.1)",
+                         f"exponent {exponent:.2f} over n = {list(cfg['ns'])}", exponent <= 1.1, "ours"),
+                  Target("B5", f"small fit (n={cfg['small_n']}, k={cfg['k']}) <= 10 ms / EM iteration",
+                         f"{small_ms:.1f} ms", small_ms <= 10)]
+
+
+def bench_b6(cfg: dict) -> Tuple[List[Row], List[Target]]:
+    """The same GMM fit on float64 and on float32 data (parameters follow the data's dtype)."""
+    x, init = _gmm_problem(cfg)
+    size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, {cfg['iters']} iters"
+    rows = []
+    for name, dtype in (("ppl_em float64", np.float64), ("ppl_em float32", np.float32)):
+        print(f"  B6 {name} ...", flush=True)
+        cast = {key: value.astype(dtype) for key, value in init.items()}
+        rows.append(_row("B6", name, size, wl.ppl_em_gmm(x.astype(dtype), cfg["k"], cast, cfg["iters"])))
+    _ratios(rows, rows[0])  # here speed-up = float32 time / float64 time: < 1 when float32 is faster
+    rows[1].target = "float32 no slower; |delta final log-lik| <= 1e-3"
+    gap = abs(rows[1].final_ll - rows[0].final_ll)
+    rows[1].met = bool(rows[1].speedup <= 1.0 and gap <= 1e-3)
+    targets = [Target("B6", "float32 s / iter <= float64's", f"float32 / float64 = {rows[1].speedup:.3g}",
+                      rows[1].speedup <= 1.0, "ours"),
+               Target("B6", "float32 final log-lik within 1e-3 nats/point of float64's", f"{gap:.2e}",
+                      gap <= 1e-3, "ours")]
+    return rows, targets
+
+
+# -- memory: one fresh subprocess per (workload, library) ------------------------------------
+class MemoryProbe:
+    """Runs (workload, library) fits in fresh Python processes and reads their peak resident set size.
+
+    The processes run side by side (each has its own peak; time is not measured here).
+    """
+
+    def measure(self, workload: str, cfg: dict, libraries: List[str]) -> Dict[str, Tuple[Optional[float], ...]]:
+        """Per library: (peak RSS MB, peak minus the RSS after imports and data set-up); Nones on failure."""
+        procs = {lib: subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--child", f"{workload}:{lib}",
+                                        "--child-config", json.dumps(cfg)],
+                                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for lib in libraries}
+        return {lib: self._read(lib, *proc.communicate(), proc.returncode) for lib, proc in procs.items()}
+
+    @staticmethod
+    def _read(library: str, stdout: str, stderr: str, returncode: int) -> Tuple[Optional[float], ...]:
+        if returncode != 0:
+            print(f"    memory probe for {library} failed: {stderr.strip().splitlines()[-1:]}", flush=True)
+            return None, None
+        result = json.loads(stdout.strip().splitlines()[-1])
+        return result["peak_mb"], result["extra_mb"]
+
+
+def child(spec: str, cfg: dict) -> None:
+    """Inside the subprocess: imports, data, baseline RSS, the fit, then print peak RSS as JSON."""
+    import importlib
+
+    workload, library = spec.split(":")
+    importlib.import_module(wl.LIBRARY_MODULES[library])
+    x, init = _gmm_problem(cfg)
+    gc.collect()
+    baseline = wl.current_rss_mb()
+    GMM_PEERS[library](x, cfg["k"], init, 1)
+    peak = wl.peak_rss_mb()
+    extra = None if baseline is None else peak - baseline
+    print(json.dumps({"peak_mb": peak, "extra_mb": extra, "baseline_mb": baseline}))
+
+
+# -- command line ----------------------------------------------------------------------------
+def sizes_for(quick: bool, overrides: List[str]) -> Dict[str, dict]:
+    """FULL or QUICK sizes with ``WORKLOAD.KEY=VALUE`` overrides (values as Python literals)."""
+    sizes = copy.deepcopy(QUICK if quick else FULL)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        name, _, field = key.partition(".")
+        if name not in sizes or field not in sizes[name] or not value:
+            raise SystemExit(f"--set expects WORKLOAD.KEY=VALUE with KEY one of "
+                             f"{ {n: list(c) for n, c in sizes.items()} }, got {item!r}")
+        sizes[name][field] = ast.literal_eval(value)
+    return sizes
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds): the smoke test")
+    parser.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads, e.g. B1,B4")
+    parser.add_argument("--set", action="append", default=[], metavar="W.KEY=VALUE",
+                        help="override a size, e.g. --set B1.n=100000 --set B5.ns=[1000,10000]")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--title", default=None, help="heading of results.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.only = [w.strip() for w in args.only.split(",") if w.strip()]
+    unknown = sorted(set(args.only) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
+    return args
+
+
+def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]]:
+    """Run the selected workloads in order; B2 uses B1's sizes."""
+    sizes = sizes_for(args.quick, args.set)
+    benches = {"B1": lambda: bench_b1(sizes["B1"]), "B2": lambda: bench_b2(sizes["B1"], MemoryProbe()),
+               "B3": lambda: bench_b3(sizes["B3"]), "B4": lambda: bench_b4(sizes["B4"]),
+               "B5": lambda: bench_b5(sizes["B5"]), "B6": lambda: bench_b6(sizes["B6"])}
+    rows, targets = [], []
+    for name in args.only:
+        print(f"{name}:", flush=True)
+        new_rows, new_targets = benches[name]()
+        rows += new_rows
+        targets += new_targets
+    used = {name: cfg for name, cfg in sizes.items() if name in args.only or (name == "B1" and "B2" in args.only)}
+    mode = "quick" if args.quick else ("custom" if args.set else "full")
+    title = args.title or f"ppl_em benchmarks ({mode} sizes)"
+    report.write(args.out, title, report.machine(), used, rows, targets, command)
+    return rows, targets
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child(args.child, json.loads(args.child_config))
+        return 0
+    command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    rows, targets = run(args, command.strip())
+    print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
+    for t in targets:
+        print(f"  [{'met' if t.met else 'NOT met' if t.met is False else '?'}] {t.workload} {t.target}: {t.measured}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""The fits the benchmark runner times: data, shared initial parameters, one fit per library.
+
+Every fit function takes the same data x and the same initial parameters, runs one untimed
+warm-up iteration from them, then ``iters`` timed EM iterations from them again, and returns
+a :class:`Fit`. Log-likelihoods are per point, (1/n) l(theta) = (1/n) sum_i log p(x^(i); theta)
+(per time step for an HMM), so they compare directly with scikit-learn's ``score``.
+
+ppl_em always runs through the generic ``ppl_em.EM`` on a plain Pyro model file
+(``ppl_em.models.gmm``, ``ppl_em.models.hmm``): no hand-written EM stands in for it.
+The peers are imported lazily, so a missing optional peer (pomegranate) only skips its rows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import resource
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import SVI, TraceEnum_ELBO
+from pyro.optim import Adam
+
+import ppl_em
+from ppl_em.models import gmm, hmm
+
+Init = Dict[str, np.ndarray]
+
+REG_COVAR = 1e-6  # ppl_em's and scikit-learn's default: both add it to every Sigma_j
+
+# The module each peer needs; the memory probe imports it before taking its baseline.
+LIBRARY_MODULES = {
+    "ppl_em": "ppl_em",
+    "scikit-learn": "sklearn.mixture",
+    "pomegranate": "pomegranate.gmm",
+    "hmmlearn": "hmmlearn.hmm",
+    "Pyro SVI": "pyro.infer",
+}
+
+
+@dataclass
+class Fit:
+    """One library's run on one workload.
+
+    Attributes
+    ----------
+    sec_per_iter : float
+        Mean wall-clock seconds of one EM iteration (E-step + M-step) after the warm-up.
+    trajectory : list of float
+        (1/n) log p(x; theta_t) at the parameters *before* iteration t, t = 0 .. iters - 1.
+    final_ll : float
+        (1/n) log p(x; theta) after the last iteration.
+    times : list of float
+        Seconds of each timed iteration, where the library lets us time them one by one.
+    note : str
+        Anything a reader of the table should know (e.g. which M-step ppl_em used).
+    """
+
+    sec_per_iter: float
+    trajectory: List[float]
+    final_ll: float
+    times: List[float] = field(default_factory=list)
+    note: str = ""
+
+
+def available(library: str) -> bool:
+    """Whether the peer's module imports (pomegranate is an optional extra)."""
+    try:
+        importlib.import_module(LIBRARY_MODULES[library])
+    except ImportError:
+        return False
+    return True
+
+
+# -- data ----------------------------------------------------------------------------------------
+def gmm_data(n: int, d: int, k: int, seed: int = 0) -> np.ndarray:
+    """x^(i) ~ sum_j phi_j N(mu_j, Sigma_j), float64 (n, d), with random well-separated mu_j."""
+    rng = np.random.default_rng(seed)
+    phi = rng.dirichlet(np.full(k, 5.0))
+    mu = rng.normal(scale=3.0, size=(k, d))  # (k, d)
+    b = rng.normal(size=(k, d, d)) / np.sqrt(d)
+    chol = np.linalg.cholesky(b @ b.transpose(0, 2, 1) + 0.3 * np.eye(d))  # (k, d, d)
+    z = rng.choice(k, size=n, p=phi)
+    x = rng.standard_normal((n, d))
+    for j in range(k):  # per component: an (n, d, d) gather of chol[z] would not fit at n = 1e6
+        rows = z == j
+        x[rows] = mu[j] + x[rows] @ chol[j].T
+    return x
+
+
+def gmm_init(x: np.ndarray, k: int, seed: int = 0) -> Init:
+    """The model file's own default start (uniform phi, k data points, data covariance), as numpy."""
+    start = gmm.init_params(torch.from_numpy(x), k, seed=seed)
+    return {name: value.numpy().copy() for name, value in start.items()}
+
+
+def hmm_data(T: int, k: int, d: int, seed: int = 0) -> np.ndarray:
+    """One sequence x_0 .. x_{T-1} (T, d) from a sticky Gaussian HMM with k states, float64."""
+    rng = np.random.default_rng(seed)
+    A = 0.8 * np.eye(k) + 0.2 * rng.dirichlet(np.ones(k), size=k)  # (k, k), rows sum to 1
+    mu = rng.normal(scale=2.0, size=(k, d))
+    sigma = rng.uniform(0.5, 1.5, size=(k, d))
+    cdf, u = A.cumsum(1), rng.random(T)
+    z = np.empty(T, dtype=np.int64)
+    z[0] = rng.integers(k)
+    for t in range(1, T):  # inverse-CDF draw of z_t | z_{t-1}
+        z[t] = min(np.searchsorted(cdf[z[t - 1]], u[t]), k - 1)
+    return mu[z] + sigma[z] * rng.standard_normal((T, d))
+
+
+def hmm_init(x: np.ndarray, k: int, seed: int = 0) -> Init:
+    start = hmm.init_params(torch.from_numpy(x), k, seed=seed)
+    return {name: value.numpy().copy() for name, value in start.items()}
+
+
+def _torch_init(init: Init, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    return {name: torch.as_tensor(value).to(dtype) for name, value in init.items()}
+
+
+# -- ppl_em --------------------------------------------------------------------------------------
+def _fresh_steps(em: ppl_em.EM, args: tuple, iters: int) -> Tuple[List[float], List[float]]:
+    """``iters`` EM steps from the initial parameters (an empty param store): seconds and losses."""
+    pyro.clear_param_store()
+    times, losses = [], []
+    for _ in range(iters):
+        start = time.perf_counter()
+        losses.append(em.step(*args))
+        times.append(time.perf_counter() - start)
+    return times, losses
+
+
+def _m_step_note(em: ppl_em.EM) -> str:
+    gradient = [p for p, how in em.explain().items() if not how.startswith("closed form")]
+    return f"gradient M-step for {gradient}" if gradient else "closed-form M-step for every parameter"
+
+
+def ppl_em_fit(model: Callable, args: tuple, n: int, iters: int, **em_options) -> Fit:
+    """Warm-up step (it also makes the M-step plan), then ``iters`` timed steps from the start again."""
+    em = ppl_em.EM(model, **em_options)
+    _fresh_steps(em, args, 1)
+    times, losses = _fresh_steps(em, args, iters)
+    final = float(em.e_step(*args).log_evidence) / n
+    return Fit(sum(times) / iters, [-loss / n for loss in losses], final, times, _m_step_note(em))
+
+
+def ppl_em_gmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
+    """GMM with full covariances (``ppl_em.models.gmm``); the dtype of ``x`` is the dtype of the fit."""
+    xt = torch.from_numpy(x)  # shares memory with x
+    return ppl_em_fit(gmm.model, (xt, k, _torch_init(init, xt.dtype)), len(x), iters, reg_covar=REG_COVAR)
+
+
+def ppl_em_hmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
+    """Gaussian HMM (``ppl_em.models.hmm``); reg_covar = 0 because hmmlearn's M-step adds nothing."""
+    xt = torch.from_numpy(x)
+    return ppl_em_fit(hmm.model, (xt, k, _torch_init(init, xt.dtype)), len(x), iters, reg_covar=0.0)
+
+
+def ppl_em_until(x: np.ndarray, k: int, init: Init, max_iters: int, tol: float) -> Fit:
+    """EM until (1/n) log p(x) rises by less than ``tol`` in one iteration (B4's optimum)."""
+    xt = torch.from_numpy(x)
+    args, n = (xt, k, _torch_init(init, xt.dtype)), len(x)
+    em = ppl_em.EM(gmm.model, reg_covar=REG_COVAR)
+    _fresh_steps(em, args, 1)  # warm-up
+    pyro.clear_param_store()
+    times, trajectory = [], []
+    while len(trajectory) < max_iters and not (len(trajectory) > 1 and trajectory[-1] - trajectory[-2] < tol):
+        start = time.perf_counter()
+        trajectory.append(-em.step(*args) / n)
+        times.append(time.perf_counter() - start)
+    final = float(em.e_step(*args).log_evidence) / n
+    return Fit(sum(times) / len(times), trajectory, final, times, _m_step_note(em))
+
+
+# -- peers ---------------------------------------------------------------------------------------
+def sklearn_gmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
+    """scikit-learn ``GaussianMixture`` from the same start, ``max_iter=iters``, ``tol=0``.
+
+    ``fit`` ends with one extra E-step (so that ``fit_predict`` agrees with ``predict``); it is
+    timed separately as ``score`` (the same E-step) and subtracted, so s / iter counts iterations only.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    def make(max_iter: int) -> GaussianMixture:
+        return GaussianMixture(k, covariance_type="full", tol=0.0, reg_covar=REG_COVAR, max_iter=max_iter,
+                               weights_init=init["phi"], means_init=init["mu"],
+                               precisions_init=np.linalg.inv(init["Sigma"]))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # tol=0 on purpose: run every iteration
+        make(1).fit(x)  # warm-up
+        model = make(iters)
+        fit_seconds = _seconds(model.fit, x)
+    score_seconds = _seconds(model.score, x)
+    per_iter = max(fit_seconds - score_seconds, 0.0) / iters
+    return Fit(per_iter, [float(v) for v in model.lower_bounds_], float(model.score(x)),
+               note="s / iter = (fit - one E-step) / iters")
+
+
+def pomegranate_gmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
+    """pomegranate ``GeneralMixtureModel`` of full-covariance ``Normal``s, same start, same dtype.
+
+    Driven by its public ``summarize`` (E-step, returns log p(x)) and ``from_summaries``
+    (M-step), the loop its ``fit`` runs. pomegranate adds no reg_covar to Sigma_j.
+    """
+    from pomegranate.distributions import Normal
+    from pomegranate.gmm import GeneralMixtureModel
+
+    xt = torch.from_numpy(x)
+    start = _torch_init(init, xt.dtype)
+
+    def make() -> GeneralMixtureModel:
+        parts = [Normal(means=start["mu"][j].clone(), covs=start["Sigma"][j].clone(), covariance_type="full")
+                 for j in range(k)]
+        return GeneralMixtureModel(parts, priors=start["phi"].clone())
+
+    def steps(model: GeneralMixtureModel, count: int) -> Tuple[List[float], List[float]]:
+        times, logps = [], []
+        for _ in range(count):
+            begin = time.perf_counter()
+            logps.append(float(model.summarize(xt)) / len(x))
+            model.from_summaries()
+            times.append(time.perf_counter() - begin)
+        return times, logps
+
+    steps(make(), 1)  # warm-up
+    model = make()
+    times, trajectory = steps(model, iters)
+    final = float(model.log_probability(xt).sum()) / len(x)
+    return Fit(sum(times) / iters, trajectory, final, times)
+
+
+def hmmlearn_hmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
+    """hmmlearn ``GaussianHMM`` (diagonal), same start, priors switched off so both maximise l(theta).
+
+    Each ``fit`` with ``n_iter=1`` and ``init_params=""`` is one Baum-Welch iteration from the
+    current parameters; ``monitor_.history[-1]`` is log p(x) before its update.
+    """
+    from hmmlearn.hmm import GaussianHMM
+
+    def make() -> GaussianHMM:
+        model = GaussianHMM(k, covariance_type="diag", n_iter=1, init_params="", params="stmc",
+                            means_prior=0.0, means_weight=0.0, covars_prior=0.0, covars_weight=1.0)
+        model.startprob_, model.transmat_ = init["pi"].copy(), init["A"].copy()
+        model.means_, model.covars_ = init["mu"].copy(), init["sigma"] ** 2
+        return model
+
+    def steps(model: GaussianHMM, count: int) -> Tuple[List[float], List[float]]:
+        times, lls = [], []
+        for _ in range(count):
+            times.append(_seconds(model.fit, x))
+            lls.append(float(model.monitor_.history[-1]) / len(x))
+        return times, lls
+
+    steps(make(), 1)  # warm-up
+    model = make()
+    times, trajectory = steps(model, iters)
+    return Fit(sum(times) / iters, trajectory, float(model.score(x)) / len(x), times)
+
+
+def _empty_guide(*args, **kwargs) -> None:
+    """Every latent of the GMM is enumerated, so SVI's guide has no sites; the loss is -log p(x)."""
+
+
+def svi_gmm(x: np.ndarray, k: int, init: Init, max_steps: int, stop_at: float, lr: float = 0.1) -> Fit:
+    """Pyro SVI (TraceEnum_ELBO, Adam) on the same model file and start, until (1/n) log p(x) >= ``stop_at``."""
+    xt = torch.from_numpy(x)
+    args = (xt, k, _torch_init(init, xt.dtype))
+
+    def run(count: int) -> Tuple[List[float], List[float]]:
+        pyro.clear_param_store()
+        svi = SVI(gmm.model, _empty_guide, Adam({"lr": lr}), TraceEnum_ELBO(max_plate_nesting=1))
+        times, trajectory = [], []
+        while len(times) < count and not (trajectory and trajectory[-1] >= stop_at):
+            begin = time.perf_counter()
+            trajectory.append(-svi.step(*args) / len(x))
+            times.append(time.perf_counter() - begin)
+        return times, trajectory
+
+    run(1)  # warm-up
+    times, trajectory = run(max_steps)
+    return Fit(sum(times) / len(times), trajectory, trajectory[-1], times, note="per SVI step")
+
+
+def _seconds(fn: Callable, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+# -- memory --------------------------------------------------------------------------------------
+def current_rss_mb() -> Optional[float]:
+    """Resident set size now (Linux /proc); None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except OSError:
+        return None
+    return pages * resource.getpagesize() / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

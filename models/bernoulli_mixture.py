@@ -1,0 +1,84 @@
+"""A mixture of multivariate Bernoulli distributions, for binary vectors (e.g. binarised digits).
+
+Generative story, for S = {x^(1), ..., x^(n)}, x^(i) in {0, 1}^d, with k components:
+
+    z^(i) ~ Multinomial(phi)
+    x_l^(i) | z^(i) = j ~ Bernoulli(p_jl)     independently for each coordinate l = 1..d
+
+so p(x^(i) | z^(i) = j) = prod_l p_jl^{x_l} (1 - p_jl)^{1 - x_l}. The EM updates are the GMM's
+with the Gaussian replaced by Bernoulli: w_j^(i) = p(z^(i) = j | x^(i)),
+phi_j = (1/n) sum_i w_j^(i), p_j = sum_i w_j^(i) x^(i) / sum_i w_j^(i) (the responsibility-
+weighted pixel frequencies). A p_jl of exactly 0 or 1 is a legitimate maximum-likelihood value;
+torch clamps it by machine epsilon when it evaluates log-probabilities.
+
+Parameters: ``phi`` (k,) on the simplex, ``p`` (k, d) in [0, 1].
+
+Reference: lecture notes, "EM algorithm" (EM as the general recipe for any p(x, z));
+Bishop, PRML, section 9.3.3.
+"""
+
+from functools import partial
+from typing import Dict, Optional, Tuple
+
+import torch
+import pyro
+import pyro.distributions as dist
+from torch.distributions import constraints
+
+
+def init_params(x: torch.Tensor, k: int, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Default initial values: uniform phi, p_jl drawn uniformly from [0.25, 0.75].
+
+    Returns ``phi`` (k,) and ``p`` (k, d), in the dtype of ``x`` (n, d).
+    """
+    g = torch.Generator().manual_seed(seed)
+    p = 0.25 + 0.5 * torch.rand(k, x.shape[-1], generator=g, dtype=x.dtype)
+    return {"phi": torch.full((k,), 1.0 / k, dtype=x.dtype), "p": p}
+
+
+def _check_binary(x: torch.Tensor) -> None:
+    if not torch.is_tensor(x) or x.dim() != 2:
+        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"x must be a tensor of shape (n, d), got {got}.")
+    if not ((x == 0) | (x == 1)).all():
+        bad = x[(x != 0) & (x != 1)][0].item()
+        raise ValueError(f"x must be binary (0 or 1), found the value {bad}. Binarise the data first, "
+                         "e.g. (x >= threshold).double(), or use the Poisson mixture for counts.")
+
+
+def _start(name: str, init: Optional[Dict[str, torch.Tensor]], defaults) -> torch.Tensor:
+    """Initial value of parameter ``name``: ``init[name]`` if given, else ``defaults()[name]``.
+
+    A fresh copy: the param store must never alias (and later update in place) the caller's tensor.
+    Called only when the param store has no value yet, so ``defaults`` runs once per fit.
+    """
+    value = init[name] if init and name in init else defaults()[name]
+    return value.detach().clone()
+
+
+def model(x: torch.Tensor, k: int = 2, init: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Bernoulli mixture on binary data ``x`` of shape (n, d) with ``k`` components.
+
+    ``init`` holds initial values for ``phi`` and ``p`` (default :func:`init_params`); values
+    already in Pyro's param store take precedence.
+    """
+    _check_binary(x)
+    defaults = partial(init_params, x, k)
+    phi = pyro.param("phi", lambda: _start("phi", init, defaults), constraint=constraints.simplex)  # (k,)
+    p = pyro.param("p", lambda: _start("p", init, defaults), constraint=constraints.unit_interval)  # (k, d)
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(phi), infer={"enumerate": "parallel"})  # (n,) or (k, 1)
+        pyro.sample("x", dist.Bernoulli(p[z]).to_event(1), obs=x)
+
+
+def generate(n: int, phi: torch.Tensor, p: torch.Tensor, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Draw (x, z) by running :func:`model` forward: x (n, d) binary, z (n,).
+
+    Runs under ``poutine.uncondition`` with a private param store and a forked random state
+    seeded by ``seed``, so the caller's are untouched.
+    """
+    placeholder = p.new_zeros(n, p.shape[-1])  # fixes n and d; never observed
+    with pyro.get_param_store().scope(), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tr = pyro.poutine.trace(pyro.poutine.uncondition(model)).get_trace(placeholder, len(phi), {"phi": phi, "p": p})
+    return tr.nodes["x"]["value"].detach(), tr.nodes["z"]["value"].detach()

@@ -1,0 +1,385 @@
+"""The fit loop: one call fits a plain Pyro model by EM, hard EM, SVI or an amortized guide.
+
+Every method runs the same template, the one of scikit-learn's mixtures::
+
+    for restart in range(n_init):                 # fresh param store, seed + restart
+        initialise theta                           # "kmeans++", "random" or "prior"
+        repeat: loss = engine.step(*args)          # EM: E-step then M-step; SVI: one gradient step
+        until |change of mean loss per observation| < tol, or max_iter
+        final E-step: exact (1/n) log p(x; theta)  # so predictions agree with the fit
+    keep the restart with the highest log p(x)     # the loss where log p(x) is intractable
+
+Non-convexity is why restarts matter: like k-means' distortion J(c, mu), the log-likelihood
+l(theta) has many local optima, and EM climbs to the one nearest its start.
+
+Initialisation strategies (all seeded with ``seed + restart``):
+
+``"prior"``
+    The model's own ``pyro.param`` initialisers, run with Pyro's global seed set.
+``"random"``
+    As "prior", then every *location* parameter of an observed site is set to k distinct data
+    rows drawn uniformly without replacement.
+``"kmeans++"``
+    As "random", but the k rows are chosen by D^2 sampling (Arthur & Vassilvitskii, 2007):
+    the first uniformly, each next one with probability proportional to its squared
+    Euclidean distance to the nearest row already chosen.
+
+A location parameter is found generically, from the engine's closed-form detection on one
+E-step trace: a ``pyro.param`` of shape (k, *row) that is selected by a discrete latent
+(``mu[z]``) into the ``loc`` of a Normal / MultivariateNormal, the ``probs`` of a Bernoulli
+or the ``rate`` of a Poisson at an observed site, where ``row`` is the trailing shape of one
+observation. For ``probs`` and ``rate`` the chosen rows are averaged half-and-half with the
+data mean and kept inside (1e-3, 1 - 1e-3), resp. >= 1e-3, so that no probability or rate
+starts at exactly 0 or 1. Every other parameter keeps its "prior" value. A model with no such
+parameter (a VAE decoder network) or without an exact E-step falls back to "prior"; the
+result's ``init["params"]`` lists what was set.
+
+References: lecture notes, "k-means" (initialisation, non-convexity), "EM algorithm";
+scikit-learn's ``BaseMixture.fit``; Arthur & Vassilvitskii, "k-means++", SODA 2007.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+
+from .em import EM, NonFiniteParameterError
+from .posterior import ExactInferenceError
+from .result import FitResult, capture_store, count_observations, replace_store
+
+__all__ = ["fit", "ConvergenceWarning", "METHODS", "INITS"]
+
+METHODS = ("em", "hard_em", "svi", "vae")
+INITS = ("kmeans++", "random", "prior")
+DEFAULT_MAX_ITER = {"em": 100, "hard_em": 100, "svi": 1000, "vae": 1000}
+# SVI losses are noisy: convergence compares the means of two consecutive windows of losses.
+SVI_WINDOW = 20
+
+
+class ConvergenceWarning(UserWarning):
+    """The fit stopped at ``max_iter`` before the loss settled to within ``tol``."""
+
+
+@dataclass
+class _Options:
+    method: str
+    guide: Any
+    max_iter: int
+    tol: float
+    init: str
+    progress: Optional[bool]
+    optim: Any
+    em_options: Dict[str, Any]
+    log_px_every: int
+    n_data: int
+    n_init: int
+
+
+@dataclass
+class _Run:
+    """One restart: its history, final scores and a snapshot of its parameters."""
+
+    seed: int
+    losses: List[float] = field(default_factory=list)
+    history: List[Dict[str, float]] = field(default_factory=list)
+    converged: bool = False
+    stopped: Optional[str] = None
+    log_px: Optional[float] = None
+    init_params: List[str] = field(default_factory=list)
+    guide: Any = None
+    state: Dict[str, Any] = field(default_factory=dict)
+
+    def rank(self) -> float:
+        """Higher is better: exact (1/n) log p(x), else minus the last loss per observation."""
+        if self.log_px is not None and math.isfinite(self.log_px):
+            return self.log_px
+        finite = [loss for loss in self.losses if math.isfinite(loss)]
+        return -finite[-1] if finite else -math.inf
+
+    def summary(self, n_data: int) -> Dict[str, Any]:
+        return {"seed": self.seed, "log_likelihood": self.log_px, "n_iter": len(self.losses),
+                "final_loss": self.losses[-1] / n_data if self.losses else None,
+                "converged": self.converged, "stopped": self.stopped, "init_params": self.init_params}
+
+
+def fit(
+    model: Callable,
+    *args: Any,
+    method: str = "em",
+    guide: Any = None,
+    max_iter: Optional[int] = None,
+    tol: float = 1e-6,
+    n_init: int = 1,
+    init: str = "kmeans++",
+    seed: int = 0,
+    progress: Optional[bool] = None,
+    optim: Any = None,
+    em_options: Optional[Dict[str, Any]] = None,
+    log_px_every: int = 0,
+    **kwargs: Any,
+) -> FitResult:
+    """Fit a plain Pyro model; ``*args`` and ``**kwargs`` are passed to it untouched.
+
+    Parameters
+    ----------
+    model : callable
+        A Pyro model, e.g. ``ppl_em.models.gmm.model`` called as ``model(x, k)``.
+    method : {"em", "hard_em", "svi", "vae"}
+        Exact EM (:class:`ppl_em.EM`), hard (classification) EM, SVI with ``guide``
+        (default :class:`ppl_em.guides.AutoCategorical`), or SVI with an amortized encoder
+        guide (default :class:`ppl_em.guides.AutoAmortized`).
+    guide : guide object or guide class, optional
+        For "svi"/"vae". A class (or any ``type``) is instantiated as ``guide(model)`` for each
+        restart; an instance is used as is and then needs ``n_init=1``.
+    max_iter : int, optional
+        Iterations per restart; default 100 for EM, 1000 for SVI.
+    tol : float
+        Stop when the mean loss per observation changes by less than ``tol`` between two
+        iterations (for SVI: between the means of two consecutive windows of 20 losses).
+    n_init : int
+        Restarts, each from a fresh param store; the one with the highest exact log p(x)
+        (the lowest final loss where log p(x) is intractable) is kept.
+    init : {"kmeans++", "random", "prior"}
+        How theta starts; see the module docstring.
+    seed : int
+        Restart r uses seed + r for Pyro's global RNG and for the initialisation.
+    progress : bool, optional
+        Show a tqdm bar; by default only on an interactive terminal and for long fits.
+    optim : pyro.optim.PyroOptim, optional
+        For "svi"/"vae"; default ``pyro.optim.Adam({"lr": 0.05})``, fresh for each restart.
+    em_options : dict, optional
+        Keyword arguments of :class:`ppl_em.EM` (``reg_covar``, ``m_step``, ...).
+    log_px_every : int
+        For SVI: every that many iterations, also record the exact (1/n) log p(x) in the
+        history (``log_px``) when the model has an exact E-step; its cost is not timed.
+
+    Returns
+    -------
+    FitResult
+        The kept restart. Its parameters are also left in Pyro's param store.
+
+    Warns
+    -----
+    ConvergenceWarning
+        If the kept restart did not converge within ``max_iter`` (or stopped on a
+        non-finite loss).
+    """
+    opts = _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, progress,
+                          em_options, log_px_every)
+    opts.optim = optim
+    runs = [_fit_once(model, args, kwargs, opts, seed + r) for r in range(n_init)]
+    best = max(range(n_init), key=lambda r: runs[r].rank())
+    run = runs[best]
+    replace_store(run.state)
+    if not run.converged:
+        why = f"it stopped: {run.stopped}" if run.stopped else f"it reached max_iter={opts.max_iter}"
+        warnings.warn(f"method={method!r} did not converge ({why}; tol={tol} on the change of the mean loss "
+                      "per observation). Increase max_iter, loosen tol, or try other initialisations (n_init).",
+                      ConvergenceWarning, stacklevel=2)
+    return FitResult.from_store(
+        method=method, losses=run.losses, history=run.history, converged=run.converged, n_iter=len(run.losses),
+        n_data=opts.n_data, log_likelihood=run.log_px, restarts=[r.summary(opts.n_data) for r in runs], best=best,
+        init={"strategy": init, "params": run.init_params}, model=model, guide=run.guide, args=args, kwargs=kwargs)
+
+
+def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, progress, em_options,
+                   log_px_every) -> _Options:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}.")
+    if not (isinstance(n_init, int) and n_init >= 1):
+        raise ValueError(f"n_init must be an integer >= 1, got {n_init!r}.")
+    max_iter = DEFAULT_MAX_ITER[method] if max_iter is None else max_iter
+    if not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}.")
+    if guide is not None and method in ("em", "hard_em"):
+        raise ValueError(f"method={method!r} computes the exact posterior and takes no guide; "
+                         "use method='svi' or 'vae' to fit with a guide.")
+    if guide is not None and not isinstance(guide, type) and n_init > 1:
+        raise ValueError("A guide instance cannot be reset between restarts; pass its class "
+                         "(e.g. guide=AutoCategorical) so that each restart builds a fresh one, or use n_init=1.")
+    n_data = count_observations(model, args, kwargs)
+    return _Options(method, guide, max_iter, float(tol), init, progress, None, dict(em_options or {}),
+                    int(log_px_every), n_data, n_init)
+
+
+# -- one restart ----------------------------------------------------------------------------
+def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: int) -> _Run:
+    """Fresh store, seeded initialisation, then ``engine.step`` until tol or max_iter."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    run = _Run(seed=seed, init_params=initialise(model, args, kwargs, opts.init, seed))
+    engine, run.guide = _engine(model, args, kwargs, opts)
+    window = 1 if opts.method in ("em", "hard_em") else SVI_WINDOW
+    elapsed = 0.0
+    with _progress_bar(opts, seed) as bar:
+        for it in range(1, opts.max_iter + 1):
+            # Monitoring happens before the step, at the theta the step's loss is computed at.
+            monitor = opts.log_px_every and (it == 1 or it % opts.log_px_every == 0) \
+                and opts.method in ("svi", "vae")
+            log_px = exact_log_px(model, args, kwargs, opts.n_data) if monitor else None
+            start = time.perf_counter()
+            try:
+                loss = engine.step(*args, **kwargs)
+            except (NonFiniteParameterError, _non_finite_loss_error()) as e:
+                run.stopped = f"{type(e).__name__}: {e}"
+                break
+            elapsed += time.perf_counter() - start
+            run.losses.append(loss)
+            run.history.append({"iteration": it, "loss": loss, "time": elapsed})
+            if log_px is not None:
+                run.history[-1]["log_px"] = log_px
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss / opts.n_data:.4g}", refresh=False)
+            if _settled(run.losses, window, opts.tol * opts.n_data):
+                run.converged = True
+                break
+    run.log_px = exact_log_px(model, args, kwargs, opts.n_data)
+    run.state = capture_store()
+    return run
+
+
+def _settled(losses: List[float], window: int, tol: float) -> bool:
+    """|mean of the last window - mean of the window before| < tol (window 1: last change)."""
+    if len(losses) < 2 * window:
+        return False
+    last = sum(losses[-window:]) / window
+    before = sum(losses[-2 * window:-window]) / window
+    return abs(last - before) < tol
+
+
+def exact_log_px(model: Callable, args: tuple, kwargs: dict, n_data: int) -> Optional[float]:
+    """(1/n) log p(x; theta) at the parameters in the store, by one exact E-step; None if intractable."""
+    try:
+        with poutine.block():
+            return float(EM(model).e_step(*args, **kwargs).log_evidence) / n_data
+    except ExactInferenceError:
+        return None
+
+
+def _engine(model: Callable, args: tuple, kwargs: dict, opts: _Options):
+    """The object whose ``step(*args, **kwargs) -> float`` runs one iteration, and the guide."""
+    if opts.method in ("em", "hard_em"):
+        posterior = "exact" if opts.method == "em" else "hard"
+        return EM(model, posterior=posterior, **opts.em_options), None
+    from .guides import AutoAmortized, AutoCategorical
+    from .svi import SafeSVI, default_loss
+
+    guide = opts.guide
+    if guide is None:
+        guide = AutoCategorical if opts.method == "svi" else AutoAmortized
+    if isinstance(guide, type):
+        guide = guide(model)
+    optim = opts.optim if opts.optim is not None else pyro.optim.Adam({"lr": 0.05})
+    return SafeSVI(model, guide, optim, default_loss(model, *args, **kwargs)), guide
+
+
+def _non_finite_loss_error() -> type:
+    """SVI's NonFiniteLossError, imported lazily so that EM works without the SVI module."""
+    try:
+        from .svi import NonFiniteLossError
+    except ImportError:  # pragma: no cover - the SVI module ships with the package
+        return NonFiniteParameterError
+    return NonFiniteLossError
+
+
+def _progress_bar(opts: _Options, seed: int):
+    from tqdm.auto import tqdm
+
+    show = opts.progress
+    if show is None:  # long fits on an interactive terminal only; never under pytest or in pipes
+        show = (sys.stderr.isatty() and "PYTEST_CURRENT_TEST" not in os.environ
+                and opts.max_iter * opts.n_init >= 200)
+    return tqdm(total=opts.max_iter, desc=f"{opts.method} (seed {seed})", disable=not show, leave=False)
+
+
+# -- initialisation -------------------------------------------------------------------------
+def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: int) -> List[str]:
+    """Create every parameter with the model's initialisers, then set the location ones.
+
+    Returns the names of the parameters set from data rows (empty for "prior" or when the
+    model has none). See the module docstring for what each strategy does.
+    """
+    with poutine.block():
+        poutine.trace(model).get_trace(*args, **kwargs)  # every pyro.param now exists
+    if strategy == "prior":
+        return []
+    try:
+        with poutine.block():
+            post = EM(model).e_step(*args, **kwargs)
+    except ExactInferenceError:
+        return []
+    generator = torch.Generator().manual_seed(seed)
+    store = pyro.get_param_store()
+    chosen = []
+    for name, (rows, attr) in location_parameters(post).items():
+        k = store[name].shape[0]
+        if rows.shape[0] < k:
+            raise ValueError(f"init={strategy!r} needs at least k = {k} observations to place parameter '{name}', "
+                             f"got {rows.shape[0]}. Use fewer components, or init='prior'.")
+        pick = kmeans_plus_plus(rows, k, generator) if strategy == "kmeans++" else \
+            torch.randperm(rows.shape[0], generator=generator)[:k]
+        value = rows[pick].clone()
+        if attr in ("probs", "rate"):
+            value = 0.5 * value + 0.5 * rows.mean(0)  # never start a probability or rate at 0 or 1
+            value = value.clamp(1e-3, 1 - 1e-3) if attr == "probs" else value.clamp_min(1e-3)
+        store[name] = value.to(store[name].dtype)
+        chosen.append(name)
+    return chosen
+
+
+def location_parameters(post) -> Dict[str, tuple]:
+    """Parameters that are the location of an observed site, with that site's data rows.
+
+    Returns a dict ``name -> (rows, attr)`` where rows has shape (m, *row) for a parameter
+    of shape (k, *row) and attr is "loc", "probs" or "rate".
+    """
+    found = {}
+    for name, uses in EM._find_closed_forms(post.trace, post.leaves, post.weights).items():
+        rule, shape = uses[0].rule, post.leaves[name].shape
+        if rule.attr not in ("loc", "probs", "rate") or rule.family is dist.Categorical or len(shape) < 1:
+            continue
+        row = shape[1:]
+        rows = []
+        for use in uses:
+            site = post.trace.nodes[use.site]
+            value = site["value"]
+            if (not site["is_observed"] or site["infer"].get("_map_site") or not torch.is_tensor(value)
+                    or value.dim() <= len(row) or value.shape[value.dim() - len(row):] != row):
+                continue
+            rows.append(value.detach().reshape((-1,) + tuple(row)).to(post.leaves[name].dtype))
+        if rows:
+            rows = torch.cat(rows)
+            finite = torch.isfinite(rows.reshape(rows.shape[0], -1)).all(-1)  # skip NaN rows (masked data)
+            found[name] = (rows[finite], rule.attr)
+    return found
+
+
+def kmeans_plus_plus(rows: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of k rows chosen by D^2 sampling (k-means++ seeding), shape (k,)."""
+    flat = rows.reshape(rows.shape[0], -1)  # (m, p)
+    first = torch.randint(flat.shape[0], (1,), generator=generator)
+    chosen = [int(first)]
+    d2 = ((flat - flat[first]) ** 2).sum(-1)  # (m,) squared distance to the nearest chosen row
+    for _ in range(1, k):
+        weights = d2.clamp_min(0)
+        if not weights.sum() > 0:  # every row coincides with a chosen one: pick among the rest uniformly
+            weights = torch.ones_like(d2)
+            weights[chosen] = 0
+        nxt = int(torch.multinomial(weights, 1, generator=generator))
+        chosen.append(nxt)
+        d2 = torch.minimum(d2, ((flat - flat[nxt]) ** 2).sum(-1))
+    return torch.tensor(chosen)
