@@ -68,6 +68,7 @@ def machine() -> Dict[str, object]:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "blas_threads": _blas_threads(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "pyro": pyro.__version__,
@@ -79,6 +80,15 @@ def machine() -> Dict[str, object]:
         except ImportError:
             info[name] = "not installed"
     return info
+
+
+def _blas_threads() -> Optional[int]:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    counts = [pool["num_threads"] for pool in threadpool_info() if pool.get("user_api") == "blas"]
+    return max(counts) if counts else None
 
 
 def _fmt(value, kind: str = "") -> str:

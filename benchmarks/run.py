@@ -33,6 +33,7 @@ import gc
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -46,6 +47,7 @@ SEED = 0
 
 FULL: Dict[str, dict] = {
     "B1": {"n": 1_000_000, "d": 10, "k": 16, "iters": 20},
+    "B2": {"libraries": ["ppl_em", "scikit-learn", "pomegranate"]},  # B1's sizes
     "B3": {"T": 100_000, "K": 8, "D": 4, "iters": 3},
     "B4": {"n": 20_000, "d": 2, "k": 5, "tol": 1e-3, "em_tol": 1e-10, "max_em_iters": 3000,
            "max_svi_steps": 5000, "lr": 0.1},
@@ -54,9 +56,10 @@ FULL: Dict[str, dict] = {
 }
 QUICK: Dict[str, dict] = {
     "B1": {"n": 1000, "d": 2, "k": 2, "iters": 3},
+    "B2": {"libraries": ["ppl_em", "scikit-learn"]},  # pomegranate's import alone (numba) takes seconds
     "B3": {"T": 20, "K": 2, "D": 2, "iters": 2},
-    "B4": {"n": 600, "d": 2, "k": 2, "tol": 1e-3, "em_tol": 1e-10, "max_em_iters": 300,
-           "max_svi_steps": 150, "lr": 0.1},
+    "B4": {"n": 600, "d": 2, "k": 3, "tol": 1e-3, "em_tol": 1e-7, "max_em_iters": 300,
+           "max_svi_steps": 400, "lr": 0.1},
     "B5": {"ns": [500, 1000, 2000], "d": 2, "k": 3, "iters": 2, "small_n": 1000, "small_iters": 3},
     "B6": {"n": 1000, "d": 2, "k": 2, "iters": 2},
 }
@@ -141,16 +144,17 @@ def bench_b1(cfg: dict) -> Tuple[List[Row], List[Target]]:
     return rows, targets
 
 
-def bench_b2(cfg: dict, memory: "MemoryProbe") -> Tuple[List[Row], List[Target]]:
+def bench_b2(cfg: dict, libraries: List[str], memory: "MemoryProbe") -> Tuple[List[Row], List[Target]]:
     """Peak RSS of B1's fit (warm-up + 1 iteration), a fresh subprocess per library."""
     size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, warm-up + 1 iter"
-    installed = [lib for lib in GMM_PEERS if wl.available(lib)]
+    installed = [lib for lib in GMM_PEERS if lib in libraries and wl.available(lib)]
     print(f"  B2 {', '.join(installed)} (one subprocess each) ...", flush=True)
     measured = memory.measure("B1", cfg, installed)
     rows = []
     for library in GMM_PEERS:
         if library not in measured:
-            rows.append(Row("B2", library, size, note=NOT_INSTALLED))
+            skipped = NOT_INSTALLED if library in libraries else "not measured (not in B2.libraries)"
+            rows.append(Row("B2", library, size, note=skipped))
             continue
         peak, extra = measured[library]
         rows.append(Row("B2", library, size, peak_mb=peak, extra_mb=extra, note="memory only"))
@@ -268,10 +272,13 @@ class MemoryProbe:
     The processes run side by side (each has its own peak; time is not measured here).
     """
 
+    def __init__(self, threads: Optional[int] = None) -> None:
+        self.threads = [] if threads is None else ["--threads", str(threads)]
+
     def measure(self, workload: str, cfg: dict, libraries: List[str]) -> Dict[str, Tuple[Optional[float], ...]]:
         """Per library: (peak RSS MB, peak minus the RSS after imports and data set-up); Nones on failure."""
         procs = {lib: subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--child", f"{workload}:{lib}",
-                                        "--child-config", json.dumps(cfg)],
+                                        "--child-config", json.dumps(cfg)] + self.threads,
                                        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for lib in libraries}
         return {lib: self._read(lib, *proc.communicate(), proc.returncode) for lib, proc in procs.items()}
@@ -285,12 +292,13 @@ class MemoryProbe:
         return result["peak_mb"], result["extra_mb"]
 
 
-def child(spec: str, cfg: dict) -> None:
+def child(spec: str, cfg: dict, threads: Optional[int]) -> None:
     """Inside the subprocess: imports, data, baseline RSS, the fit, then print peak RSS as JSON."""
     import importlib
 
     workload, library = spec.split(":")
     importlib.import_module(wl.LIBRARY_MODULES[library])
+    set_threads(threads)
     x, init = _gmm_problem(cfg)
     gc.collect()
     baseline = wl.current_rss_mb()
@@ -322,6 +330,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="override a size, e.g. --set B1.n=100000 --set B5.ns=[1000,10000]")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--title", default=None, help="heading of results.md")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch and BLAS threads for every library (default: torch's default, all cores); "
+                             "1 keeps tiny sizes fast on a busy machine")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -335,13 +346,15 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]]:
     """Run the selected workloads in order; B2 uses B1's sizes."""
     sizes = sizes_for(args.quick, args.set)
-    benches = {"B1": lambda: bench_b1(sizes["B1"]), "B2": lambda: bench_b2(sizes["B1"], MemoryProbe()),
+    benches = {"B1": lambda: bench_b1(sizes["B1"]), "B2": lambda: bench_b2(sizes["B1"], sizes["B2"]["libraries"], MemoryProbe(args.threads)),
                "B3": lambda: bench_b3(sizes["B3"]), "B4": lambda: bench_b4(sizes["B4"]),
                "B5": lambda: bench_b5(sizes["B5"]), "B6": lambda: bench_b6(sizes["B6"])}
     rows, targets = [], []
     for name in args.only:
         print(f"{name}:", flush=True)
+        start = time.perf_counter()
         new_rows, new_targets = benches[name]()
+        print(f"{name} done in {time.perf_counter() - start:.1f} s", flush=True)
         rows += new_rows
         targets += new_targets
     used = {name: cfg for name, cfg in sizes.items() if name in args.only or (name == "B1" and "B2" in args.only)}
@@ -351,11 +364,28 @@ def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]
     return rows, targets
 
 
+def set_threads(threads: Optional[int]) -> None:
+    """The same thread count for torch (ppl_em, pomegranate, SVI) and for numpy's BLAS (scikit-learn, hmmlearn).
+
+    Call it after the peers are imported: importing pomegranate (numba) resets torch's thread count.
+    """
+    if threads is None:
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)  # not used as a context manager: the limit holds for the whole run
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.child:
-        child(args.child, json.loads(args.child_config))
+        child(args.child, json.loads(args.child_config), args.threads)
         return 0
+    for library in wl.LIBRARY_MODULES:
+        wl.available(library)  # import every installed peer now, before set_threads
+    set_threads(args.threads)
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     rows, targets = run(args, command.strip())
     print(f"wrote {args.out / 'results.md'} and {args.out / 'results.json'}")

@@ -23,9 +23,10 @@ A new model file must be added here; ``tests/test_registry.py`` fails until it i
 
 from typing import Any, Dict, Tuple
 
+import pyro
 import torch
 
-from . import bernoulli_mixture, gmm, hmm, kmeans, poisson_mixture, topic
+from . import bernoulli_mixture, gmm, hmm, kmeans, poisson_mixture, topic, vae
 
 __all__ = ["REGISTRY"]
 
@@ -62,7 +63,7 @@ def _poisson_data(seed: int) -> Tuple[tuple, Dict[str, Any]]:
 def _hmm_data(seed: int) -> Tuple[tuple, Dict[str, Any]]:
     params = {"pi": torch.tensor([0.5, 0.5], dtype=D), "A": torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=D),
               "mu": torch.tensor([[-1.5, 0.0], [1.5, 1.0]], dtype=D), "sigma": torch.full((2, 2), 0.8, dtype=D)}
-    x, _ = hmm.generate(12, **params, num_sequences=4, seed=seed)  # (4, 12, 2)
+    x, _ = hmm.generate(8, **params, num_sequences=4, seed=seed)  # (4, 8, 2): a short chain keeps SVI fast
     return (x,), {"k": 2}
 
 
@@ -72,6 +73,17 @@ def _topic_data(seed: int) -> Tuple[tuple, Dict[str, Any]]:
     theta = torch.tensor([[0.9, 0.1], [0.1, 0.9]], dtype=D).repeat(5, 1)  # (10, 2)
     words, doc, _ = topic.generate([20] * 10, theta, beta / beta.sum(-1, keepdim=True), seed=seed)
     return (words, doc), {"k": 2, "num_docs": 10, "vocab_size": 10}
+
+
+def _vae_data(seed: int) -> Tuple[tuple, Dict[str, Any]]:
+    """Images drawn from the VAE itself (a random decoder, run forward); a fresh decoder to fit."""
+    with pyro.get_param_store().scope(), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        truth = vae.Decoder(z_dim=2, hidden=16, x_dim=16)
+        placeholder = torch.zeros(64, 16)  # fixes n and D; never observed
+        tr = pyro.poutine.trace(pyro.poutine.uncondition(vae.model)).get_trace(placeholder, truth)
+        decoder = vae.Decoder(z_dim=2, hidden=16, x_dim=16)
+    return (tr.nodes["x"]["value"].detach(), decoder), {}
 
 
 def _entry(module, methods: Tuple[str, ...], make_data, description: str) -> Dict[str, Any]:
@@ -94,4 +106,6 @@ REGISTRY: Dict[str, Dict[str, Any]] = {
     # No "vae": a word id is a poor encoder input; the posterior of z_{d,m} needs theta_d too.
     "topic": _entry(topic, ("em", "svi"), _topic_data,
                     "Topic model (PLSA): per-document topic weights, per-topic word distributions."),
+    # Continuous z^(i): no exact E-step, so only the amortized guide (AutoAmortized) fits it.
+    "vae": _entry(vae, ("vae",), _vae_data, "Variational autoencoder for binary images: x ~ Bernoulli(f(z))."),
 }

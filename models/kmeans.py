@@ -102,7 +102,8 @@ def kmeans_plusplus(x: torch.Tensor, k: int, seed: int = 0) -> Tuple[torch.Tenso
 
 def assign(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     """c^(i) = argmin_j ||x^(i) - mu_j||^2, long, shape (n,), for x (n, d) and mu (k, d)."""
-    return torch.cdist(x, mu).argmin(-1)
+    # Exact distances: the matrix-product shortcut of cdist can flip near-ties.
+    return torch.cdist(x, mu, compute_mode="donot_use_mm_for_euclid_dist").argmin(-1)
 
 
 def distortion(x: torch.Tensor, mu: torch.Tensor, c: Optional[torch.Tensor] = None,

@@ -50,7 +50,8 @@ def _sizes(words: torch.Tensor, doc: torch.Tensor, num_docs: Optional[int], voca
             got = f"{t.dtype} {tuple(t.shape)}" if torch.is_tensor(t) else type(t).__name__
             raise ValueError(f"{name} must be a long tensor of shape (N,) (one entry per token), got {got}.")
     if words.shape != doc.shape:
-        raise ValueError(f"words and doc must have the same shape (N,), got {tuple(words.shape)} and {tuple(doc.shape)}.")
+        raise ValueError(f"words and doc must have the same shape (N,), "
+                         f"got {tuple(words.shape)} and {tuple(doc.shape)}.")
     D = int(doc.max()) + 1 if num_docs is None else num_docs
     V = int(words.max()) + 1 if vocab_size is None else vocab_size
     if doc.min() < 0 or doc.max() >= D or words.min() < 0 or words.max() >= V:

@@ -52,7 +52,7 @@ class Decoder(nn.Module):
     def __init__(self, z_dim: int = 2, hidden: int = 64, x_dim: int = 64) -> None:
         super().__init__()
         self.z_dim = z_dim
-        self.net = nn.Sequential(nn.Linear(z_dim, hidden), nn.Softplus(), nn.Linear(hidden, x_dim))
+        self.net = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, x_dim))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -63,7 +63,7 @@ class Encoder(nn.Module):
 
     def __init__(self, x_dim: int = 64, hidden: int = 64, z_dim: int = 2) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(x_dim, hidden), nn.Softplus(), nn.Linear(hidden, 2 * z_dim))
+        self.net = nn.Sequential(nn.Linear(x_dim, hidden), nn.ReLU(), nn.Linear(hidden, 2 * z_dim))
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         loc, scale = self.net(x).chunk(2, dim=-1)

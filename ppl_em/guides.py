@@ -168,6 +168,10 @@ class _SiteGuide(AutoGuide):
         """Subclass hook: work shared by all sites of one call; passed on to :meth:`_q`."""
         return None
 
+    def _plates(self, shared, args: tuple, kwargs: dict) -> Dict[str, pyro.plate]:
+        """The model's plates, replayed in the guide (AutoGuide's, sized as in the first call)."""
+        return self._create_plates(*args, **kwargs)
+
     def _q(self, name: str, site: dict, indices: Dict[str, torch.Tensor], values: dict, shared):
         raise NotImplementedError
 
@@ -175,8 +179,8 @@ class _SiteGuide(AutoGuide):
         """Sample every latent site of the model from Q, with the model's ``*args, **kwargs``."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        plates = self._create_plates(*args, **kwargs)
         shared = self._begin(args, kwargs)
+        plates = self._plates(shared, args, kwargs)
         values: Dict[str, torch.Tensor] = {}
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             with ExitStack() as stack:
@@ -559,6 +563,15 @@ class AutoAmortized(AutoCategorical):
                 value = args[locator] if isinstance(locator, int) else kwargs[locator]
             out[name] = self.encoder[_key(name)](self._features(name, value))
         return out
+
+    def _plates(self, raw, args: tuple, kwargs: dict) -> Dict[str, pyro.plate]:
+        # The encoder generalises to new data: size each encoded plate by this call's data.
+        sizes = {self._inputs[name][2].name: out.shape[0] for name, out in raw.items()}
+        plates = {}
+        for name, frame in sorted(self._prototype_frames.items()):
+            full_size = sizes.get(name, frame.full_size or frame.size)
+            plates[name] = pyro.plate(name, full_size, dim=frame.dim, subsample_size=sizes.get(name, frame.size))
+        return plates
 
     def _q(self, name, site, indices, values, raw):
         if name not in self._local:

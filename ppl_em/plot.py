@@ -164,7 +164,8 @@ def plot_elbo_gap(path, results: Mapping[str, FitResult], title: Optional[str] =
     ax.set_xlabel("iteration")
     ax.set_ylabel("log p(x) - ELBO per observation (nats)")
     ax.set_title(title or "ELBO gap = KL(Q(z) || p(z | x; theta))")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

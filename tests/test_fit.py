@@ -12,7 +12,7 @@ from torch.distributions import constraints
 
 import ppl_em
 from ppl_em.datasets import load_old_faithful
-from ppl_em.fit import kmeans_plus_plus
+from ppl_em.fit import initialise, kmeans_plus_plus
 from ppl_em.models import gmm
 
 D = torch.float64
@@ -95,7 +95,7 @@ def test_random_and_kmeanspp_place_the_means_on_distinct_data_rows():
     for init in ("random", "kmeans++"):
         pyro.clear_param_store()
         pyro.set_rng_seed(3)
-        chosen = ppl_em.fit.__globals__["initialise"](gmm.model, (x, 3), {}, init, seed=3)
+        chosen = initialise(gmm.model, (x, 3), {}, init, seed=3)
         mu = pyro.param("mu").detach()
         assert chosen == ["mu"]
         rows = [int(((x - m).abs().sum(-1) == 0).nonzero()[0]) for m in mu]  # each mean is a data row

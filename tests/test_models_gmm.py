@@ -30,7 +30,8 @@ def _standardised_faithful():
 
 @pytest.mark.parametrize("covariance_type", gmm.COVARIANCE_TYPES)
 def test_each_covariance_structure_follows_scikit_learn_step_by_step(covariance_type):
-    x, k = _standardised_faithful(), 3
+    # k == d on purpose: a (k, d) diagonal must never be mistaken for a (d, d) matrix.
+    x, k = _standardised_faithful(), 2
     init = gmm.init_params(x, k, seed=1, covariance_type=covariance_type)
     sk = GaussianMixture(k, covariance_type=covariance_type, reg_covar=1e-6, max_iter=1, warm_start=True,
                          tol=0.0, random_state=0, init_params="random_from_data",

@@ -1,0 +1,87 @@
+"""Smoke test of the benchmark harness (``python -m benchmarks.run --quick``).
+
+Runs the runner once, in a subprocess, on tiny sizes, and checks that it writes results.md and
+results.json with the promised columns, and that what it recorded agrees with the oracles:
+ppl_em's log-likelihood trajectory on B1 equals scikit-learn's (and on B3 hmmlearn's) to 1e-6
+relative, EM's trajectory never decreases, and EM reaches B4's optimum. The full sizes are
+not run here (see benchmarks/README.md).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+COLUMNS = ["workload", "library", "size", "s / iter", "timed", "ppl_em / peer", "speed-up (peer / ppl_em)",
+           "peak RSS MB", "extra MB", "final log-lik / point", "target", "met?", "note"]
+ROW_KEYS = {"workload", "library", "size", "sec_per_iter", "seconds", "ratio", "speedup", "peak_mb",
+            "extra_mb", "final_ll", "target", "met", "note", "trajectory"}
+MACHINE_KEYS = {"date", "platform", "cpu_count", "torch_threads", "torch", "pyro", "scikit-learn", "hmmlearn"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchmarks")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    data = json.loads((out / "results.json").read_text())
+    rows = {(r["workload"], r["library"]): r for r in data["rows"]}
+    return out, data, rows
+
+
+def relative_deviation(a, b):
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def test_writes_markdown_and_json_with_expected_columns(results):
+    out, data, rows = results
+    markdown = (out / "results.md").read_text()
+    assert "| " + " | ".join(COLUMNS) + " |" in markdown
+    assert "| workload | target | measured | met? | source |" in markdown
+    assert data["columns"] == COLUMNS
+    assert MACHINE_KEYS <= set(data["machine"])
+    assert {w for w, _ in rows} == {"B1", "B2", "B3", "B4", "B5", "B6"}
+    assert all(ROW_KEYS <= set(row) for row in data["rows"])
+    assert {t["workload"] for t in data["targets"]} == {"B1", "B2", "B3", "B4", "B5", "B6"}
+    assert all(t["met"] in (True, False) for t in data["targets"])
+
+
+def test_b1_trajectory_equals_scikit_learn(results):
+    _, data, rows = results
+    ours, peer = rows["B1", "ppl_em"], rows["B1", "scikit-learn"]
+    assert len(ours["trajectory"]) == len(peer["trajectory"]) == data["sizes"]["B1"]["iters"]
+    assert relative_deviation(ours["trajectory"] + [ours["final_ll"]], peer["trajectory"] + [peer["final_ll"]]) <= 1e-6
+    # The EM guarantee: log p(x; theta) never decreases.
+    assert all(b >= a - 1e-12 for a, b in zip(ours["trajectory"], ours["trajectory"][1:]))
+    assert ours["sec_per_iter"] > 0 and peer["speedup"] == pytest.approx(peer["seconds"] / ours["seconds"])
+
+
+def test_b2_measures_peak_memory_in_subprocesses(results):
+    _, _, rows = results
+    for library in ("ppl_em", "scikit-learn"):
+        assert rows["B2", library]["peak_mb"] > rows["B2", library]["extra_mb"] > 0
+
+
+def test_b3_trajectory_equals_hmmlearn(results):
+    _, _, rows = results
+    ours, peer = rows["B3", "ppl_em"], rows["B3", "hmmlearn"]
+    assert relative_deviation(ours["trajectory"] + [ours["final_ll"]], peer["trajectory"] + [peer["final_ll"]]) <= 1e-6
+
+
+def test_b4_em_reaches_the_optimum_sooner_than_svi(results):
+    _, data, rows = results
+    em, svi = rows["B4", "ppl_em"], rows["B4", "Pyro SVI"]
+    optimum = max(em["trajectory"] + [em["final_ll"]])
+    assert em["seconds"] is not None and em["final_ll"] >= optimum - 1e-9
+    assert all(b >= a - 1e-12 for a, b in zip(em["trajectory"], em["trajectory"][1:]))
+    # SVI optimises the same log p(x) (its loss is -log p(x): every latent is enumerated);
+    # it starts where EM starts.
+    assert svi["trajectory"][0] == pytest.approx(em["trajectory"][0], rel=1e-9)
+    tol = data["sizes"]["B4"]["tol"]
+    reached = [i for i, v in enumerate(svi["trajectory"]) if v >= optimum - tol]
+    assert svi["seconds"] is None or reached == [len(svi["trajectory"]) - 1]
