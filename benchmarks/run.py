@@ -299,12 +299,17 @@ def child(spec: str, cfg: dict, threads: Optional[int]) -> None:
     workload, library = spec.split(":")
     importlib.import_module(wl.LIBRARY_MODULES[library])
     set_threads(threads)
+    # A first fit on a tiny problem loads every lazily imported module and library (linear algebra,
+    # autograd, Pyro's contraction code), so that the baseline below contains them.
+    tiny = dict(cfg, n=max(200, 10 * cfg["k"]))
+    GMM_PEERS[library](*_gmm_problem(tiny)[:1], cfg["k"], _gmm_problem(tiny)[1], 1)
     x, init = _gmm_problem(cfg)
     gc.collect()
+    reset = wl.reset_peak_rss()
     baseline = wl.current_rss_mb()
     GMM_PEERS[library](x, cfg["k"], init, 1)
     peak = wl.peak_rss_mb()
-    extra = None if baseline is None else peak - baseline
+    extra = None if baseline is None or not reset else peak - baseline
     print(json.dumps({"peak_mb": peak, "extra_mb": extra, "baseline_mb": baseline}))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import resource
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -303,6 +304,20 @@ def current_rss_mb() -> Optional[float]:
     return pages * resource.getpagesize() / 2**20
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where that is not possible.
+
+    Without it the peak would include transient memory of the imports.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process since start or :func:`reset_peak_rss`."""
+    kib_or_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib_or_bytes / (2**20 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import pkgutil
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyro
@@ -86,34 +87,38 @@ def _read_csv(path: str) -> np.ndarray:
     raise UsageError(f"could not parse {path!r} as a numeric CSV table ({str(error).splitlines()[0]})")
 
 
-def available_models() -> Dict[str, Callable]:
-    """Model name -> model function: ``ppl_em.models.REGISTRY`` when present, else every module with ``model``."""
+def available_models() -> Dict[str, Tuple[Callable, Tuple[str, ...]]]:
+    """Model name -> (model function, supported methods), from ``ppl_em.models.REGISTRY``.
+
+    Without a registry, every module of ``ppl_em.models`` that defines ``model`` is listed,
+    with every method.
+    """
     import ppl_em.models as models
 
     registry = getattr(models, "REGISTRY", None)
     if registry:
-        return {name: _model_function(entry) for name, entry in registry.items()}
+        return {name: (entry["model"], tuple(entry.get("methods", METHODS))) for name, entry in registry.items()}
     found = {}
     for info in pkgutil.iter_modules(models.__path__):
         module = importlib.import_module(f"ppl_em.models.{info.name}")
         if callable(getattr(module, "model", None)):
-            found[info.name] = module.model
+            found[info.name] = (module.model, METHODS)
     return found
 
 
-def _model_function(entry: Any) -> Callable:
-    """A registry entry may be the model function, its module, or a record with a ``model`` field."""
-    model = getattr(entry, "model", entry)
-    if isinstance(entry, dict):
-        model = entry.get("model", entry)
-    return model
-
-
-def resolve_model(name: str) -> Callable:
+def resolve_model(name: str, method: str) -> Callable:
+    """The model function for ``ppl-em fit NAME``: it must support ``method`` and take (x, k)."""
     models = available_models()
     if name not in models:
         raise UsageError(f"unknown model {name!r}; available: {', '.join(sorted(models))}")
-    return models[name]
+    model, methods = models[name]
+    if method not in methods:
+        raise UsageError(f"model {name!r} does not support --method {method}; it supports: {', '.join(methods)}")
+    params = list(inspect.signature(model).parameters)
+    if params[1:2] != ["k"]:
+        raise UsageError(f"model {name!r} is called as model{inspect.signature(model)}, not model(x, k); "
+                         "fit it from Python with ppl_em.fit")
+    return model
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -149,7 +154,9 @@ def _cluster_figure(path: str, result: FitResult, x: torch.Tensor, k: int, title
     if resp.dim() != 2 or resp.shape[0] != x.shape[0]:
         return None
     mu, Sigma = result.params.get("mu"), result.params.get("Sigma")
-    if Sigma is not None and Sigma.shape[-2:] != (2, 2):
+    if mu is not None and mu.shape != (k, 2):
+        mu = None
+    if Sigma is not None and Sigma.shape != (k, 2, 2):  # ellipses for full covariances only
         Sigma = None
     return plot_clusters(path, x, resp, mu, Sigma, title=title, labels=labels)
 
@@ -157,7 +164,7 @@ def _cluster_figure(path: str, result: FitResult, x: torch.Tensor, k: int, title
 def cmd_fit(ns: argparse.Namespace) -> int:
     from .plot import plot_training
 
-    model = resolve_model(ns.model)
+    model = resolve_model(ns.model, ns.method)
     x = load_data(ns.data)
     if not 1 <= ns.components <= len(x):
         raise UsageError(f"--components must be between 1 and the number of data points ({len(x)}), got {ns.components}")
@@ -264,9 +271,9 @@ def _svi_available() -> bool:
 
 
 def cmd_models(ns: argparse.Namespace) -> int:
-    for name, model in sorted(available_models().items()):
+    for name, (model, methods) in sorted(available_models().items()):
         doc = (getattr(model, "__doc__", None) or "").strip().splitlines()
-        print(f"{name:<16} {doc[0] if doc else ''}")
+        print(f"{name:<18} {','.join(methods):<20} {doc[0] if doc else ''}")
     return 0
 
 

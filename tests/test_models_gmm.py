@@ -44,11 +44,11 @@ def test_each_covariance_structure_follows_scikit_learn_step_by_step(covariance_
             warnings.simplefilter("ignore", ConvergenceWarning)
             sk.fit(x.numpy())
         p = em.params
-        np.testing.assert_allclose(p["phi"].numpy(), sk.weights_, rtol=1e-6)
-        np.testing.assert_allclose(p["mu"].numpy(), sk.means_, rtol=1e-6, atol=1e-12)
-        np.testing.assert_allclose(p["Sigma"].numpy(), sk.covariances_, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(p["phi"].numpy(), sk.weights_, rtol=1e-9)
+        np.testing.assert_allclose(p["mu"].numpy(), sk.means_, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(p["Sigma"].numpy(), sk.covariances_, rtol=1e-9, atol=1e-12)
         # Both report the mean log p(x) at the parameters before this iteration's M-step.
-        np.testing.assert_allclose(-loss / len(x), sk.lower_bound_, rtol=1e-6)
+        np.testing.assert_allclose(-loss / len(x), sk.lower_bound_, rtol=1e-9)
     assert all(how.startswith("closed form") for how in em.explain().values()), em.explain()
     assert em.explain()["Sigma"] == "closed form: MultivariateNormal.covariance_matrix at site x"
 

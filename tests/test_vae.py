@@ -35,7 +35,7 @@ def independent_pixels_log_lik(train, test):
     return torch.distributions.Bernoulli(probs=p).log_prob(test).sum(-1).mean().item()
 
 
-def train_vae(guide, decoder, train, steps=300, batch=128, lr=0.02):
+def train_vae(guide, decoder, train, steps=300, batch=256, lr=0.015):
     svi = SafeSVI(vae.model, guide, pyro.optim.Adam({"lr": lr}), default_loss(vae.model, train[:batch], decoder))
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):

@@ -227,7 +227,8 @@ steps = torch.linspace(-2.0, 2.0, 8)
 grid = torch.cartesian_prod(steps, steps.flip(0))[:, [0, 1]]  # (64, 2)
 with torch.no_grad():
     drawn = torch.sigmoid(decoder(grid)).reshape(8, 8, 8, 8)  # (z1, z2, row, col)
-canvas = drawn.permute(1, 2, 0, 3).reshape(64, 64)  # z2 down the rows, z1 across
+tiles = torch.nn.functional.pad(drawn, (0, 1, 0, 1))  # a blank line between neighbouring images
+canvas = tiles.permute(1, 2, 0, 3).reshape(72, 72)  # z2 down the rows, z1 across
 fig, ax = plt.subplots(figsize=(5, 5))
 ax.imshow(canvas.numpy(), cmap="gray_r")
 ax.axis("off")
