@@ -161,7 +161,7 @@ def bench_b2(cfg: dict, libraries: List[str], memory: "MemoryProbe") -> Tuple[Li
     ours, sk = rows[0], rows[1]
     if ours.extra_mb is None or sk.extra_mb is None:
         return rows, [Target("B2", "ppl_em extra memory <= 1/2 scikit-learn's", "not measured", None)]
-    sk.ratio = ours.extra_mb / sk.extra_mb
+    sk.ratio = ours.extra_mb / max(sk.extra_mb, 1.0)  # 1 MB floor: tiny (--quick) fits may allocate ~nothing
     sk.target, sk.met = "ppl_em extra MB <= 0.5 x peer's", sk.ratio <= 0.5
     sk.note = f"ppl_em / peer column = ratio of extra MB: {sk.ratio:.2f}"
     return rows, [Target("B2", "ppl_em extra memory (peak - baseline) <= 1/2 scikit-learn's",
@@ -309,7 +309,8 @@ def child(spec: str, cfg: dict, threads: Optional[int]) -> None:
     baseline = wl.current_rss_mb()
     GMM_PEERS[library](x, cfg["k"], init, 1)
     peak = wl.peak_rss_mb()
-    extra = None if baseline is None or not reset else peak - baseline
+    # statm and VmHWM round differently: a fit that allocates nothing may read a hair below 0.
+    extra = None if baseline is None or not reset else max(peak - baseline, 0.0)
     print(json.dumps({"peak_mb": peak, "extra_mb": extra, "baseline_mb": baseline}))
 
 

@@ -318,6 +318,14 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process since start or :func:`reset_peak_rss`."""
-    kib_or_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib_or_bytes / (2**20 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+    """Peak resident set size of this process since start or :func:`reset_peak_rss`.
+
+    Linux: VmHWM of /proc/self/status. Not ru_maxrss: a subprocess's ru_maxrss starts at the
+    RSS its parent had when it forked, so a small child would report its big parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        kib_or_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kib_or_bytes / (2**20 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux

@@ -116,7 +116,7 @@ def resolve_model(name: str, method: str) -> Callable:
         raise UsageError(f"model {name!r} does not support --method {method}; it supports: {', '.join(methods)}")
     params = list(inspect.signature(model).parameters)
     if params[1:2] != ["k"]:
-        raise UsageError(f"model {name!r} is called as model{inspect.signature(model)}, not model(x, k); "
+        raise UsageError(f"model {name!r} is called as model({', '.join(params)}), not model(x, k); "
                          "fit it from Python with ppl_em.fit")
     return model
 
@@ -314,6 +314,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, ValueError) as e:  # ValueError: the library's own diagnostics of bad input
         print(f"ppl-em: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`ppl-em fit ... | head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -98,6 +98,7 @@ class _Run:
     init_params: List[str] = field(default_factory=list)
     guide: Any = None
     state: Dict[str, Any] = field(default_factory=dict)
+    networks: List[Dict[str, torch.Tensor]] = field(default_factory=list)
 
     def rank(self) -> float:
         """Higher is better: exact (1/n) log p(x), else minus the last loss per observation."""
@@ -150,7 +151,9 @@ def fit(
         Restarts, each from a fresh param store; the one with the highest exact log p(x)
         (the lowest final loss where log p(x) is intractable) is kept.
     init : {"kmeans++", "random", "prior"}
-        How theta starts; see the module docstring.
+        How theta starts; see the module docstring. The param store is cleared before each
+        restart, so initial values a model takes as an argument (``gmm.model(x, k, init=...)``)
+        are the way to choose theta's start; use ``init="prior"`` to keep them all.
     seed : int
         Restart r uses seed + r for Pyro's global RNG and for the initialisation.
     progress : bool, optional
@@ -177,10 +180,16 @@ def fit(
     opts = _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, progress,
                           em_options, log_px_every)
     opts.optim = optim
-    runs = [_fit_once(model, args, kwargs, opts, seed + r) for r in range(n_init)]
+    networks = _Networks(args, kwargs)
+    runs = []
+    for r in range(n_init):
+        networks.start(r, seed + r)
+        runs.append(_fit_once(model, args, kwargs, opts, seed + r))
+        runs[-1].networks = networks.snapshot()
     best = max(range(n_init), key=lambda r: runs[r].rank())
     run = runs[best]
     replace_store(run.state)
+    networks.restore(run.networks)
     if not run.converged:
         why = f"it stopped: {run.stopped}" if run.stopped else f"it reached max_iter={opts.max_iter}"
         warnings.warn(f"method={method!r} did not converge ({why}; tol={tol} on the change of the mean loss "
@@ -190,6 +199,38 @@ def fit(
         method=method, losses=run.losses, history=run.history, converged=run.converged, n_iter=len(run.losses),
         n_data=opts.n_data, log_likelihood=run.log_px, restarts=[r.summary(opts.n_data) for r in runs], best=best,
         init={"strategy": init, "params": run.init_params}, model=model, guide=run.guide, args=args, kwargs=kwargs)
+
+
+class _Networks:
+    """``nn.Module`` objects passed as model arguments (a VAE's decoder), reset between restarts.
+
+    ``pyro.module`` registers a network's own tensors, so a fresh param store does not
+    reset it. Restart 0 starts from the weights as passed; restart r > 0 from
+    ``reset_parameters()`` of every layer, under its seed. The kept restart's weights are
+    copied back at the end, so the networks agree with the result's parameters.
+    """
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self.modules = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.nn.Module)]
+        self.initial = self.snapshot()
+
+    def snapshot(self) -> List[Dict[str, torch.Tensor]]:
+        return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.modules]
+
+    def start(self, restart: int, seed: int) -> None:
+        self.restore(self.initial)
+        if restart > 0:
+            torch.manual_seed(seed)
+            for module in self.modules:
+                for layer in module.modules():
+                    if callable(getattr(layer, "reset_parameters", None)):
+                        layer.reset_parameters()
+
+    def restore(self, states: List[Dict[str, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for module, state in zip(self.modules, states):
+                for name, value in module.state_dict().items():
+                    value.copy_(state[name])  # in place: pyro.module keeps referring to these tensors
 
 
 def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, progress, em_options,

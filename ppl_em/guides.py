@@ -86,6 +86,11 @@ def _q_from_logits(fn: dist.Distribution, logits: torch.Tensor) -> dist.Distribu
     return dist.Categorical(logits=logits)
 
 
+def _value_index(fn: dist.Distribution, value: torch.Tensor) -> torch.Tensor:
+    """The position of a discrete site's value in its ``enumerate_support``, as a long tensor."""
+    return value.argmax(-1) if isinstance(_base(fn), dist.OneHotCategorical) else value.long()
+
+
 def _float_dtype(*tensors) -> torch.dtype:
     for t in tensors:
         if torch.is_tensor(t) and t.is_floating_point():
@@ -139,6 +144,18 @@ class _SiteGuide(AutoGuide):
     def _setup_prototype(self, *args, **kwargs) -> None:
         model = InitMessenger(self.init_loc_fn)(poutine.block(self.model, self._prototype_hide_fn))
         self.prototype_trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+        self._classify_sites()
+        for name, role in self._roles.items():
+            fn = self.prototype_trace.nodes[name]["fn"]
+            if role == "discrete":
+                _check_discrete_family(name, fn)
+            if role == "point":
+                value = self.prototype_trace.nodes[name]["value"].detach()
+                deep_setattr(self, name, PyroParam(value, fn.support, fn.event_dim))
+        self._setup_sites(*args, **kwargs)
+
+    def _classify_sites(self) -> None:
+        """Record the plates to replay and each latent site's role (see the class docstring)."""
         self._prototype_frames = {}
         data_plates = _data_plates(self.prototype_trace)
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -152,14 +169,6 @@ class _SiteGuide(AutoGuide):
                 self._local.add(name)
             self._roles[name] = ("discrete" if site["fn"].has_enumerate_support
                                  else "continuous" if name in self._local else "point")
-        for name, role in self._roles.items():
-            site = self.prototype_trace.nodes[name]
-            if role == "discrete":
-                _check_discrete_family(name, site["fn"])
-            if role == "point":
-                fn = site["fn"]
-                deep_setattr(self, name, PyroParam(site["value"].detach(), fn.support, fn.event_dim))
-        self._setup_sites(*args, **kwargs)
 
     def _setup_sites(self, *args, **kwargs) -> None:
         """Subclass hook: create the parameters of the non-point sites."""
@@ -185,12 +194,12 @@ class _SiteGuide(AutoGuide):
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             with ExitStack() as stack:
                 indices = {f.name: stack.enter_context(plates[f.name]) for f in site["cond_indep_stack"]}
-                if self._roles[name] == "point":
-                    fn = dist.Delta(operator.attrgetter(name)(self), event_dim=site["fn"].event_dim)
-                    values[name] = pyro.sample(name, fn)
-                    continue
+                if self._roles[name] == "point":  # MAP, as in EM: a Delta at the parameter
+                    q = dist.Delta(operator.attrgetter(name)(self), event_dim=site["fn"].event_dim)
+                else:
+                    q = self._q(name, site, indices, values, shared)
                 infer = {"enumerate": self.enumerate} if self._roles[name] == "discrete" and self.enumerate else {}
-                values[name] = pyro.sample(name, self._q(name, site, indices, values, shared), infer=infer)
+                values[name] = pyro.sample(name, q, infer=infer)
         return values
 
     def _point_values(self) -> Dict[str, torch.Tensor]:
@@ -235,6 +244,7 @@ class ExactPosterior(_SiteGuide):
     --------
     >>> import torch, pyro, pyro.distributions as dist
     >>> from pyro.infer import TraceEnum_ELBO
+    >>> from ppl_em import EM
     >>> def model(x):
     ...     mu = pyro.param("mu", torch.tensor([-1.0, 1.0]))
     ...     with pyro.plate("data", len(x)):
@@ -243,8 +253,8 @@ class ExactPosterior(_SiteGuide):
     >>> pyro.clear_param_store()
     >>> x = torch.tensor([-2.0, 0.3, 1.5])
     >>> elbo = -TraceEnum_ELBO(max_plate_nesting=1).loss(model, ExactPosterior(model), x)
-    >>> log_px = dist.Normal(torch.tensor([-1.0, 1.0]), 1.0).log_prob(x[:, None]).add(-0.6931).logsumexp(-1).sum()
-    >>> abs(elbo - log_px.item()) < 1e-3
+    >>> log_px = EM(model).e_step(x).log_evidence.item()
+    >>> abs(elbo - log_px) < 1e-5
     True
     """
 
@@ -288,7 +298,9 @@ class ExactPosterior(_SiteGuide):
         parent, table = tables[name]
         # Given its parent's value (sampled, or enumerated by TraceEnum_ELBO), pick the row
         # p(z_s | z_parent = value, x) of the conditional table.
-        probs = table if parent is None else Vindex(table)[..., values[parent], :]
+        if parent is not None:
+            table = Vindex(table)[..., _value_index(self.prototype_trace.nodes[parent]["fn"], values[parent]), :]
+        probs = table
         return _q_from_logits(site["fn"], probs.clamp_min(torch.finfo(probs.dtype).tiny).log())
 
 
@@ -416,6 +428,13 @@ class MLP(nn.Module):
         Widths of the hidden layers.
     out : int
         Output width.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = MLP(torch.randn(10, 3), hidden=(8,), out=2)
+    >>> net(torch.randn(5, 3)).shape
+    torch.Size([5, 2])
     """
 
     def __init__(self, x: torch.Tensor, hidden: Sequence[int], out: int) -> None:
@@ -576,17 +595,21 @@ class AutoAmortized(AutoCategorical):
     def _q(self, name, site, indices, values, raw):
         if name not in self._local:
             return super()._q(name, site, indices, values, raw)
-        frame = self._inputs[name][2]
-        fn = site["fn"]
-        # Put the plate's elements at the plate's dimension: (n,) + (1,) * (-dim - 1) + param shape.
-        layout = lambda t, shape: t.reshape((t.shape[0],) + (1,) * (-frame.dim - 1) + shape)  # noqa: E731
+        dim, fn = self._inputs[name][2].dim, site["fn"]
         if self._roles[name] == "discrete":
-            return _q_from_logits(fn, layout(raw[name], (_num_values(fn),)))
+            return _q_from_logits(fn, _at_plate(raw[name], dim, (_num_values(fn),)))
+        # Reparameterised: a Normal in unconstrained space, pushed onto the site's support.
         transform = biject_to(fn.support)
         shape = transform.inverse_shape(fn.event_shape)
         loc, scale = raw[name].chunk(2, dim=-1)
-        q = dist.Normal(layout(loc, shape), layout(nn.functional.softplus(scale), shape)).to_event(len(shape))
+        q = dist.Normal(_at_plate(loc, dim, shape), _at_plate(nn.functional.softplus(scale), dim, shape))
+        q = q.to_event(len(shape))
         return q if _is_real(fn.support) else dist.TransformedDistribution(q, transform)
+
+
+def _at_plate(t: torch.Tensor, dim: int, shape: Tuple[int, ...]) -> torch.Tensor:
+    """Rows (n, ...) of encoder output laid out for a plate at ``dim``: (n,) + (1,) * (-dim - 1) + shape."""
+    return t.reshape((t.shape[0],) + (1,) * (-dim - 1) + tuple(shape))
 
 
 def _key(name: str) -> str:

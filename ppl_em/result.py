@@ -196,7 +196,8 @@ def count_observations(model: Callable, args: tuple, kwargs: dict) -> int:
     set under a MultivariateNormal counts n, an HMM with T observed steps counts T. This is
     the n of the mean log-likelihood (1/n) log p(x) and of BIC's log n.
     """
-    with poutine.block(), _fresh_rng():
+    store = pyro.get_param_store()
+    with poutine.block(), _fresh_rng(), store.scope(store.get_state()):  # parameters it creates are dropped
         tr = poutine.trace(model).get_trace(*args, **kwargs)
     n = sum(math.prod(s["fn"].batch_shape) for s in tr.nodes.values()
             if s["type"] == "sample" and s["is_observed"])

@@ -244,3 +244,20 @@ def test_a_diverging_svi_run_stops_keeps_finite_parameters_and_warns():
     assert 1 <= result.n_iter < 50 and result.restarts[0]["stopped"].startswith("NonFiniteLossError")
     assert all(math.isfinite(loss) for loss in result.losses)
     assert all(torch.isfinite(v).all() for v in result.params.values())
+
+
+def test_network_arguments_restart_fresh_and_end_with_the_kept_weights():
+    from ppl_em.models import vae
+
+    torch.manual_seed(0)
+    x = (torch.rand(32, 16) < 0.3).float()
+    decoder = vae.Decoder(z_dim=2, hidden=8, x_dim=16)
+    passed = {k: v.clone() for k, v in decoder.state_dict().items()}
+    result = quiet_fit(vae.model, x, decoder, method="vae", n_init=2, max_iter=5, seed=4)
+    for name, value in decoder.state_dict().items():  # the network holds the kept restart's weights
+        torch.testing.assert_close(value, result.params[f"decoder$$$net.{name[len('net.'):]}"])
+    # Restart 0 starts from the weights as passed: rerunning it alone reproduces its loss trajectory.
+    decoder.load_state_dict(passed)
+    alone = quiet_fit(vae.model, x, decoder, method="vae", max_iter=5, seed=4)
+    assert alone.restarts[0]["final_loss"] == pytest.approx(result.restarts[0]["final_loss"], rel=1e-6)
+    assert result.restarts[1]["final_loss"] != pytest.approx(result.restarts[0]["final_loss"], rel=1e-3)

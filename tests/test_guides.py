@@ -89,11 +89,14 @@ def test_exact_posterior_makes_the_elbo_tight(name):
     model, args, kwargs = {"gmm": gmm_problem(), "poisson": poisson_problem(), "two_latents": (two_latents, (x1,), {}),
                            "hmm": (hmm, (x1[:5],), {})}[name]
     nesting = 0 if name == "hmm" else 1
-    guide = ExactPosterior(model)
+    guide, sampled = ExactPosterior(model), ExactPosterior(model, enumerate=None)
     for _ in range(2):  # at the initial parameters, then at random ones
         log_px = ppl_em.EM(model).e_step(*args, **kwargs).log_evidence.item()
         elbo = exact_elbo(model, guide, *args, nesting=nesting, **kwargs)
         assert elbo == pytest.approx(log_px, rel=1e-12, abs=1e-10)
+        # At Q = p(z | x), log p(x, z) - log Q(z) = log p(x) for every z: one sample is exact.
+        one_sample = -Trace_ELBO().loss(model, sampled, *args, **kwargs)
+        assert one_sample == pytest.approx(log_px, rel=1e-12, abs=1e-10)
         store = pyro.get_param_store()
         for p in list(store.keys()):
             u = store[p].unconstrained()
@@ -171,6 +174,23 @@ def test_mean_field_family_contains_the_mixture_posterior():
     assert exact_elbo(model, guide, *args, **kwargs) == pytest.approx(post.log_evidence.item(), rel=1e-12)
     pyro.get_param_store()["AutoCategorical.z"] = torch.zeros(len(args[0]), 2, dtype=D)  # uniform q: a gap
     assert exact_elbo(model, guide, *args, **kwargs) < post.log_evidence.item() - 1.0
+
+
+def test_auto_categorical_follows_the_minibatch():
+    def model(x):
+        mu = pyro.param("mu", torch.tensor([-1.0, 1.0], dtype=D))
+        with pyro.plate("data", len(x), subsample_size=4) as idx:
+            z = pyro.sample("z", dist.Categorical(torch.tensor([0.5, 0.5], dtype=D)))
+            pyro.sample("x", dist.Normal(mu[z], 1.0), obs=x[idx])
+
+    x = torch.randn(10, dtype=D)
+    guide = AutoCategorical(model, create_plates=lambda x: pyro.plate("data", len(x), subsample_size=4))
+    guide(x)
+    pyro.get_param_store()["AutoCategorical.z"] = torch.randn(10, 2, dtype=D)
+    trace = pyro.poutine.trace(guide).get_trace(x)
+    idx = trace.nodes["data"]["value"]
+    assert pyro.param("AutoCategorical.z").shape == (10, 2)
+    assert torch.allclose(trace.nodes["z"]["fn"].logits, pyro.param("AutoCategorical.z")[idx].log_softmax(-1))
 
 
 def test_guides_share_the_model_object_with_em():

@@ -123,7 +123,9 @@ def test_methods_use_the_results_own_parameters_whatever_is_in_the_store(fitted)
     pyro.clear_param_store()
     pyro.param("mu", torch.zeros(3, 2, dtype=D))  # a stranger's value under the same name
     assert result.score() == pytest.approx(before, rel=1e-12)
-    assert torch.equal(pyro.param("mu").detach(), torch.zeros(3, 2, dtype=D))  # and the store is left as it was
+    result.bic(), result.sample(3), result.predict()
+    assert list(pyro.get_param_store().keys()) == ["mu"]  # and the store is left as it was
+    assert torch.equal(pyro.param("mu").detach(), torch.zeros(3, 2, dtype=D))
 
 
 def test_save_load_roundtrip(fitted, tmp_path):

@@ -127,7 +127,8 @@ savefig(fig, "02_samples.png")
 # If we had seen the labels z^(i) (supervised learning: Gaussian discriminant analysis), the
 # log-likelihood would be a sum of simple terms,
 #
-#     l(phi, mu, Sigma) = sum_i log p(x^(i), z^(i)) = sum_i [ log phi_{z^(i)} + log N(x^(i); mu_{z^(i)}, Sigma_{z^(i)}) ],
+#     l(phi, mu, Sigma) = sum_i log p(x^(i), z^(i))
+#                       = sum_i [ log phi_{z^(i)} + log N(x^(i); mu_{z^(i)}, Sigma_{z^(i)}) ],
 #
 # and each parameter has its own closed-form maximiser: phi_j is the fraction of points in
 # class j, mu_j and Sigma_j the mean and covariance (divided by n_j) of class j.

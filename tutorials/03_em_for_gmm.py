@@ -163,7 +163,7 @@ em = ppl_em.EM(gmm.model)
 frames, log_lik = [], []
 for t in range(n_iter):
     post = em.e_step(x, k, init=start)
-    frames.append({"w": post.marginal("z"), **{name: p for name, p in em.params.items()}})
+    frames.append({"w": post.marginal("z"), **em.params})  # Q and theta of iteration t
     log_lik.append(post.log_evidence.item())
     em.m_step(post, x, k, init=start)
 increments = torch.diff(torch.tensor(log_lik))

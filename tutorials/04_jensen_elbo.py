@@ -92,7 +92,11 @@ for name, f in convex.items():
 
 assert (mean(torch.log(values)) <= torch.log(mean(values))).all()  # concave: E[log x] <= log E[x]
 
-line = lambda v: 2.0 * v + 1.0  # convex but not strictly: Jensen holds with equality
+def line(v):
+    """Convex but not strictly: Jensen holds with equality."""
+    return 2.0 * v + 1.0
+
+
 assert torch.allclose(mean(line(values)), line(mean(values)))
 
 constant = values[:, :1].expand(trials, support)  # x = E[x] with probability 1
@@ -208,7 +212,8 @@ for t in range(n_iter):
     log_lik.append(post.log_evidence.item())
     em.m_step(post, x, k)
     with torch.no_grad():
-        elbo_old_q.append((em.expected_log_joint(post, x, k) + entropy(post)).item())  # ELBO(Q_t, theta_{t+1})
+        # ELBO(Q_t, theta_{t+1}): the old Q at the new parameters
+        elbo_old_q.append((em.expected_log_joint(post, x, k) + entropy(post)).item())
     post = em.e_step(x, k)
     assert elbo_old_q[-1] >= log_lik[-1] - 1e-8  # the M-step raises the ELBO ...
     assert post.log_evidence.item() >= elbo_old_q[-1] - 1e-8  # ... and log p(x) lies above it
@@ -238,9 +243,11 @@ savefig(fig, "04_elbo_vs_loglik.png")
 # Fix Q_t (one E-step from the poor start above) and move the means mu = (mu_1, mu_2) along
 # the line from their current value (s = 0) through the M-step's value (s = 1), keeping phi
 # and Sigma where they are. Because the M-step's mu_j = sum_i w_j^(i) x^(i) / sum_i w_j^(i)
-# does not depend on phi or Sigma, it is the maximiser along this line too. log p(x; theta) and ELBO(Q_t, theta) touch at
-# s = 0; the bound lies below everywhere and peaks at s = 1, the M-step's update; there
-# log p(x) is higher still. This is the picture behind "maximise a lower bound that touches".
+# does not depend on phi or Sigma, it is the maximiser along this line too.
+#
+# log p(x; theta) and ELBO(Q_t, theta) touch at s = 0; the bound lies below everywhere and
+# peaks at s = 1, the M-step's update; there log p(x) is higher still. This is the picture
+# behind "maximise a lower bound that touches it".
 
 # %%
 pyro.clear_param_store()

@@ -197,7 +197,8 @@ for ax in axes:
     ax.axhline(best, color="gray", ls=":", lw=1)
     ax.set_ylim(lowest - 0.05, best + 0.05)
 axes[0].legend(fontsize=8)
-fig.suptitle("Old Faithful, GMM with k = 2: the same model file fitted four ways")
+fig.suptitle("Old Faithful, GMM with k = 2: the same model file fitted four ways "
+             "(the first SVI step includes building the guide)")
 savefig(fig, "05_em_svi_amortized.png")
 
 # %% [markdown]
@@ -206,7 +207,8 @@ savefig(fig, "05_em_svi_amortized.png")
 # `AutoAmortized` keeps its network in `guide.encoder["z"]`: from a point x it outputs the
 # logits of q(z | x). EM's E-step computes p(z | x; theta) for each point separately; the
 # encoder learns one function that approximates it everywhere. Compare the two on a grid of
-# new points, at the amortized fit's theta, and on the data themselves.
+# new points, at the amortized fit's theta, and on the data themselves. Where there are data
+# the two agree; away from the data the encoder was never trained, and nothing forces it to.
 
 # %%
 pyro.get_param_store().set_state(records["SVI, AutoAmortized"]["state"])  # its theta and encoder

@@ -200,7 +200,13 @@ nearest = torch.cdist(m_test, m_train).topk(5, largest=False).indices  # (n_test
 votes = labels[train][nearest].mode(-1).values
 knn_accuracy = (votes == labels[test]).double().mean().item()
 pixel_mean = x.mean(0).clamp(1e-3, 1 - 1e-3)  # the best model that ignores z
-bce = lambda p: torch.nn.functional.binary_cross_entropy(p.expand_as(x_test), x_test).item()
+
+
+def bce(p):
+    """Cross-entropy per pixel of the held-out images under pixel probabilities p."""
+    return torch.nn.functional.binary_cross_entropy(p.expand_as(x_test), x_test).item()
+
+
 print(f"5-NN digit accuracy in the 2-D latent space: {knn_accuracy:.0%} (chance 10%)")
 print(f"reconstruction cross-entropy per pixel {bce(recon):.3f} vs {bce(pixel_mean):.3f} for the mean image")
 assert bce(recon) < bce(pixel_mean)

@@ -228,7 +228,7 @@ axes[2].set_xlabel("t")
 fig.suptitle("Baum-Welch by enumeration: state and transition posteriors")
 savefig(fig, "07_hmm_posteriors.png")
 
-fig, axes = plt.subplots(1, 4, figsize=(15, 3.5))
+fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), constrained_layout=True)
 axes[0].plot(log_lik, "o-", ms=3)
 axes[0].set_xlabel("iteration")
 axes[0].set_ylabel("log p(x; theta)")
@@ -238,7 +238,8 @@ panels = [(counts[order][:, order], "expected transition counts"),
 for ax, (matrix, title) in zip(axes[1:], panels):
     ax.imshow(matrix.numpy(), cmap="Blues")
     for (i, j), v in zip(torch.cartesian_prod(torch.arange(k), torch.arange(k)).tolist(), matrix.flatten()):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center")
+        dark = v > matrix.max() / 2
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if dark else "black")
     ax.set_xticks(range(k), [f"z_t={j + 1}" for j in range(k)])
     ax.set_yticks(range(k), [f"z_(t-1)={i + 1}" for i in range(k)])
     ax.set_title(title)

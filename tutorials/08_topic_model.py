@@ -139,8 +139,12 @@ def tv(p, q):
     return 0.5 * (p - q).abs().sum(-1)
 
 
-perm = min(itertools.permutations(range(k)), key=lambda p: tv(params["beta"][list(p)], beta_true).sum().item())
-perm = list(perm)
+def mismatch(order):
+    """Total TV distance when fitted topic order[j] is matched with true topic j."""
+    return tv(params["beta"][list(order)], beta_true).sum().item()
+
+
+perm = list(min(itertools.permutations(range(k)), key=mismatch))
 beta_fit, theta_fit, w_fit = params["beta"][perm], params["theta"][:, perm], w[:, perm]
 distances = tv(beta_fit, beta_true)
 print("TV(fitted topic, true topic):", [round(v, 3) for v in distances.tolist()])
