@@ -8,7 +8,10 @@ from .em import EM, NonFiniteParameterError
 from .posterior import ExactInferenceError, Posterior
 from .fit import ConvergenceWarning, fit
 from .result import FitResult, load
+from .guides import AutoAmortized, AutoCategorical, ExactPosterior
+from .svi import NonFiniteLossError, SafeSVI, default_loss
 
 __all__ = ["EM", "ExactInferenceError", "NonFiniteParameterError", "Posterior",
-           "ConvergenceWarning", "FitResult", "fit", "load"]
+           "ConvergenceWarning", "FitResult", "fit", "load",
+           "AutoAmortized", "AutoCategorical", "ExactPosterior", "NonFiniteLossError", "SafeSVI", "default_loss"]
 __version__ = "0.1.0"

@@ -151,8 +151,9 @@ def _cluster_figure(path: str, result: FitResult, x: torch.Tensor, k: int, title
         resp = result.predict_proba(x, k)
     except ValueError:
         return None
-    if resp.dim() != 2 or resp.shape[0] != x.shape[0]:
+    if resp.numel() != x.shape[0] * resp.shape[-1]:  # one row of w per data row, in data order
         return None
+    resp = resp.reshape(x.shape[0], -1)
     mu, Sigma = result.params.get("mu"), result.params.get("Sigma")
     if mu is not None and mu.shape != (k, 2):
         mu = None
@@ -167,7 +168,8 @@ def cmd_fit(ns: argparse.Namespace) -> int:
     model = resolve_model(ns.model, ns.method)
     x = load_data(ns.data)
     if not 1 <= ns.components <= len(x):
-        raise UsageError(f"--components must be between 1 and the number of data points ({len(x)}), got {ns.components}")
+        raise UsageError(f"--components must be between 1 and the number of data points ({len(x)}), "
+                         f"got {ns.components}")
     os.makedirs(ns.out, exist_ok=True)
     _small_problem_threads(x)
     start = time.perf_counter()
@@ -237,9 +239,6 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     os.makedirs(ns.out, exist_ok=True)
     results, rows = {}, []
     for label, method, options in DEMO_FITS:
-        if method in ("svi", "vae") and not _svi_available():
-            print(f"(skipping {label}: ppl_em.svi / ppl_em.guides are not available)", file=sys.stderr)
-            continue
         max_iter = {"em": 100, "hard_em": 100}.get(method, 60 if ns.quick else 500)
         if method in ("svi", "vae"):  # Adam at lr 0.1 reaches EM's optimum here in about 250 steps
             options = dict(options, optim=pyro.optim.Adam({"lr": 0.1}))
@@ -254,20 +253,10 @@ def cmd_demo(ns: argparse.Namespace) -> int:
              plot_training(os.path.join(ns.out, "training.png"), results),
              plot_elbo_gap(os.path.join(ns.out, "elbo_gap.png"), results),
              _write_json(os.path.join(ns.out, "summary.json"), rows)]
-    if "SVI" in results:
-        files.insert(1, _cluster_figure(os.path.join(ns.out, "clusters_svi.png"), results["SVI"], x, k,
-                                        "Old Faithful, SVI: colour = exact responsibility w_j^(i)", FAITHFUL_AXES))
+    files.insert(1, _cluster_figure(os.path.join(ns.out, "clusters_svi.png"), results["SVI"], x, k,
+                                    "Old Faithful, SVI: colour = exact responsibility w_j^(i)", FAITHFUL_AXES))
     print("wrote " + ", ".join(f for f in files if f))
     return 0
-
-
-def _svi_available() -> bool:
-    try:
-        importlib.import_module("ppl_em.svi")
-        importlib.import_module("ppl_em.guides")
-    except ImportError:
-        return False
-    return True
 
 
 def cmd_models(ns: argparse.Namespace) -> int:

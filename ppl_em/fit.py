@@ -54,8 +54,10 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 
 from .em import EM, NonFiniteParameterError
+from .guides import AutoAmortized, AutoCategorical
 from .posterior import ExactInferenceError
 from .result import FitResult, capture_store, count_observations, replace_store
+from .svi import NonFiniteLossError, SafeSVI, default_loss
 
 __all__ = ["fit", "ConvergenceWarning", "METHODS", "INITS"]
 
@@ -177,9 +179,8 @@ def fit(
         If the kept restart did not converge within ``max_iter`` (or stopped on a
         non-finite loss).
     """
-    opts = _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, progress,
+    opts = _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, progress, optim,
                           em_options, log_px_every)
-    opts.optim = optim
     networks = _Networks(args, kwargs)
     runs = []
     for r in range(n_init):
@@ -233,7 +234,7 @@ class _Networks:
                     value.copy_(state[name])  # in place: pyro.module keeps referring to these tensors
 
 
-def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, progress, em_options,
+def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, progress, optim, em_options,
                    log_px_every) -> _Options:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -253,7 +254,7 @@ def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, in
         raise ValueError("A guide instance cannot be reset between restarts; pass its class "
                          "(e.g. guide=AutoCategorical) so that each restart builds a fresh one, or use n_init=1.")
     n_data = count_observations(model, args, kwargs)
-    return _Options(method, guide, max_iter, float(tol), init, progress, None, dict(em_options or {}),
+    return _Options(method, guide, max_iter, float(tol), init, progress, optim, dict(em_options or {}),
                     int(log_px_every), n_data, n_init)
 
 
@@ -275,7 +276,7 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
             start = time.perf_counter()
             try:
                 loss = engine.step(*args, **kwargs)
-            except (NonFiniteParameterError, _non_finite_loss_error()) as e:
+            except (NonFiniteParameterError, NonFiniteLossError) as e:
                 run.stopped = f"{type(e).__name__}: {e}"
                 break
             elapsed += time.perf_counter() - start
@@ -316,9 +317,6 @@ def _engine(model: Callable, args: tuple, kwargs: dict, opts: _Options):
     if opts.method in ("em", "hard_em"):
         posterior = "exact" if opts.method == "em" else "hard"
         return EM(model, posterior=posterior, **opts.em_options), None
-    from .guides import AutoAmortized, AutoCategorical
-    from .svi import SafeSVI, default_loss
-
     guide = opts.guide
     if guide is None:
         guide = AutoCategorical if opts.method == "svi" else AutoAmortized
@@ -326,15 +324,6 @@ def _engine(model: Callable, args: tuple, kwargs: dict, opts: _Options):
         guide = guide(model)
     optim = opts.optim if opts.optim is not None else pyro.optim.Adam({"lr": 0.05})
     return SafeSVI(model, guide, optim, default_loss(model, *args, **kwargs)), guide
-
-
-def _non_finite_loss_error() -> type:
-    """SVI's NonFiniteLossError, imported lazily so that EM works without the SVI module."""
-    try:
-        from .svi import NonFiniteLossError
-    except ImportError:  # pragma: no cover - the SVI module ships with the package
-        return NonFiniteParameterError
-    return NonFiniteLossError
 
 
 def _progress_bar(opts: _Options, seed: int):

@@ -42,6 +42,7 @@ from torch.distributions import transform_to
 
 from .em import EM
 from .posterior import ExactInferenceError, inspect_model
+from .svi import default_loss
 
 __all__ = ["FitResult", "load", "free_parameters", "atomic_write", "count_observations"]
 
@@ -339,8 +340,6 @@ class FitResult:
         if self.guide is None:
             raise ValueError(f"This {self.method!r} result has no guide; elbo() needs an SVI or VAE fit. "
                              "Use score() for the exact log-likelihood.")
-        from .svi import default_loss
-
         args, kwargs = self._model_args(args, kwargs)
         loss = default_loss(self.model, *args, **kwargs)
         loss.num_particles = num_particles

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -71,12 +72,19 @@ def write(tmp_path, name, content):
 BAD_INPUTS = {
     "missing file": (lambda t: str(t / "nope.csv"), "2", "gmm", "em", "not found"),
     "NaN": (lambda t: write(t, "nan.csv", "1,2\n3,nan\n5,6\n"), "2", "gmm", "em", "NaN/inf value.*row 1, column 1"),
-    "3-D array": (lambda t: write(t, "cube.npy", np.zeros((4, 2, 2))), "2", "gmm", "em", r"shape \(n, d\), got shape \(4, 2, 2\)"),
+    "3-D array": (lambda t: write(t, "cube.npy", np.zeros((4, 2, 2))), "2", "gmm", "em",
+                  r"shape \(n, d\), got shape \(4, 2, 2\)"),
     "empty file": (lambda t: write(t, "empty.csv", ""), "2", "gmm", "em", r"non-empty table"),
     "text": (lambda t: write(t, "words.csv", "a,b\nc,d\n"), "2", "gmm", "em", "could not parse"),
     "extension": (lambda t: write(t, "x.txt", "1,2\n"), "2", "gmm", "em", "expected a .csv or .npy file"),
-    "K > n": (lambda t: write(t, "small.csv", "1,2\n3,4\n5,7\n"), "4", "gmm", "em", "between 1 and the number of data points \\(3\\), got 4"),
-    "unknown model": (lambda t: write(t, "ok.csv", "1,2\n3,4\n"), "1", "gmm2", "em", "unknown model 'gmm2'; available: .*gmm"),
+    "K > n": (lambda t: write(t, "small.csv", "1,2\n3,4\n5,7\n"), "4", "gmm", "em",
+              "between 1 and the number of data points \\(3\\), got 4"),
+    "unknown model": (lambda t: write(t, "ok.csv", "1,2\n3,4\n"), "1", "gmm2", "em",
+                      "unknown model 'gmm2'; available: .*gmm"),
+    "method the model lacks": (lambda t: write(t, "ok.csv", "1,2\n3,4\n"), "1", "hmm", "vae",
+                               "model 'hmm' does not support --method vae; it supports: em, hard_em, svi"),
+    "model not called as (x, k)": (lambda t: write(t, "ok.csv", "1,2\n3,4\n"), "1", "topic", "em",
+                                   r"model 'topic' is called as model\(words, doc, k, .*not model\(x, k\)"),
     "unknown method": (lambda t: write(t, "ok.csv", "1,2\n3,4\n"), "1", "gmm", "gibbs", "invalid choice: 'gibbs'"),
 }
 
@@ -89,7 +97,7 @@ def test_bad_input_is_one_line_on_stderr_and_exit_status_2(case, tmp_path, capsy
     assert rc == 2 and captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ppl-em: error: "), captured.err
-    assert __import__("re").search(message, lines[0]), lines[0]
+    assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "o" / "checkpoint.pt").exists()
 
 

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 import ppl_em  # noqa: E402
 from ppl_em import plot  # noqa: E402
 from ppl_em.datasets import load_old_faithful  # noqa: E402
-from ppl_em.models import gmm  # noqa: E402
+from ppl_em.models import gmm, vae  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -56,14 +56,16 @@ def test_ellipse_points_lie_at_the_requested_mahalanobis_radius():
 def test_every_figure_is_a_png_at_the_returned_path_and_nothing_stays_open(results, tmp_path):
     x, em, svi = results
     resp = em.predict_proba()
+    encoder, decoder = vae.Encoder(x_dim=64, hidden=8, z_dim=2), vae.Decoder(z_dim=2, hidden=8, x_dim=64)
+    images = (torch.rand(6, 64) < 0.3).float()
     paths = [
         plot.plot_clusters(tmp_path / "clusters.png", x, resp, em.params["mu"], em.params["Sigma"]),
         plot.plot_clusters(tmp_path / "points.png", x, resp),
         plot.plot_training(tmp_path / "training.png", {"EM": em, "SVI": svi}),
         plot.plot_elbo_gap(tmp_path / "gap.png", {"EM": em, "SVI": svi}),
         plot.plot_elbo_gap(tmp_path / "gap_empty.png", {"hard": em.__class__(**{**em.__dict__, "method": "hard_em"})}),
-        plot.plot_latent_space(tmp_path / "latent.png", lambda v: (v - v.mean(0), None), x, labels=em.predict()),
-        plot.plot_reconstructions(tmp_path / "recon.png", torch.rand(5, 64), lambda v: v.clamp(0.2, 0.8), n=4),
+        plot.plot_latent_space(tmp_path / "latent.png", encoder, images, labels=torch.arange(6) % 3),
+        plot.plot_reconstructions(tmp_path / "recon.png", images, lambda v: torch.sigmoid(decoder(encoder(v)[0])), n=4),
     ]
     for path in paths:
         assert os.fspath(path) == path and is_png(path), path
@@ -79,7 +81,12 @@ def test_elbo_gap_is_log_px_minus_the_elbo_at_the_same_iterations(results, tmp_p
     def spy(self, *args, **kwargs):
         ax = original(self, *args, **kwargs)
         real_plot = ax.plot
-        ax.plot = lambda *a, **k: drawn.append((np.asarray(a[0]), np.asarray(a[1]), k.get("label"))) or real_plot(*a, **k)
+
+        def recording_plot(*a, **k):
+            drawn.append((np.asarray(a[0]), np.asarray(a[1]), k.get("label")))
+            return real_plot(*a, **k)
+
+        ax.plot = recording_plot
         return ax
 
     monkeypatch.setattr(Figure, "add_subplot", spy)

@@ -122,3 +122,12 @@ def test_marginal_of_an_observed_site_is_a_clear_error():
     post = ppl_em.EM(mixture).e_step(torch.tensor([0.0, 1.0], dtype=D))
     with pytest.raises(KeyError, match="not an enumerated latent.*joint"):
         post.marginal("x")
+
+
+def test_e_step_is_exact_under_no_grad():
+    """The posterior is read off a gradient: a caller's no_grad() must not change it."""
+    x = torch.tensor([-2.5, -0.1, 0.4, 2.0], dtype=D)
+    em = ppl_em.EM(mixture)
+    with torch.no_grad():
+        post = em.e_step(x)
+    assert torch.allclose(post.marginal("z"), brute_force_mixture(x)[1], atol=1e-12)

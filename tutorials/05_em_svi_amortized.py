@@ -94,6 +94,7 @@ def exact_log_px():
 
 # %%
 def svi_engine(make_guide, lr=0.05):
+    """SVI on gmm.model with the guide ``make_guide(model)``, Adam, and the exact enumerated ELBO."""
     guide = make_guide(gmm.model)
     return SafeSVI(gmm.model, guide, pyro.optim.Adam({"lr": lr}), default_loss(gmm.model, x, k, init=start))
 
