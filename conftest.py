@@ -1,4 +1,4 @@
-"""Shared test set-up: every test starts from an empty param store and a fixed seed."""
+"""Shared test set-up (tests and doctests): every test starts from an empty param store and a fixed seed."""
 
 import pyro
 import pytest
