@@ -27,13 +27,12 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import pyro
 import pyro.poutine as poutine
 from pyro.infer import config_enumerate
-from pyro.infer.util import is_validation_enabled  # noqa: F401  (re-exported for tests)
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing, MapRing
