@@ -20,7 +20,8 @@ Rubin, JRSS-B 1977; Neal & Hinton, "A view of the EM algorithm", 1998.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import pyro
@@ -62,6 +63,15 @@ class EM:
         Added to the diagonal of closed-form covariance (and variance) estimates.
     max_grad_iter : int
         L-BFGS iterations per gradient M-step.
+    chunk_size : int, "auto" or None
+        Rows of the data plate per chunk in :meth:`step`. The weighted statistics of the
+        M-step are sums over data points, so a step can stream the data through the E-step
+        in chunks and add up their statistics: memory stays O(chunk) instead of
+        O(n * k * d). ``"auto"`` picks a chunk that keeps the largest per-chunk tensor near
+        4M elements and streams only where that is exact (see :meth:`explain`): every
+        parameter has a closed-form update, there are no point-estimated global latents, all
+        sites lie in one data plate, and splitting leaves log p(x) unchanged on a sample.
+        ``None`` never streams; an int asks for that chunk (an error if streaming is not exact).
 
     Examples
     --------
@@ -92,6 +102,7 @@ class EM:
         m_step: str = "auto",
         reg_covar: float = 1e-6,
         max_grad_iter: int = 100,
+        chunk_size="auto",
     ) -> None:
         if posterior not in ("exact", "hard"):
             raise ValueError(f"posterior must be 'exact' or 'hard', got {posterior!r}.")
@@ -99,21 +110,30 @@ class EM:
             raise ValueError(f"m_step must be 'auto', 'closed_form' or 'gradient', got {m_step!r}.")
         if reg_covar < 0:
             raise ValueError(f"reg_covar must be >= 0, got {reg_covar}.")
+        if not (chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size > 0)):
+            raise ValueError(f"chunk_size must be a positive int, 'auto' or None, got {chunk_size!r}.")
         self.model = model
         self.posterior = posterior
         self.m_step_mode = m_step
         self.reg_covar = reg_covar
         self.max_grad_iter = max_grad_iter
+        self.chunk_size = chunk_size
+        self._chunks: Optional[_Chunking] = None  # how step() splits the data, once decided
         self.structure: Optional[ModelStructure] = None
         self._plan: Optional[Dict[str, str]] = None  # param -> "closed" | "gradient"
         self._uses: Dict[str, List[families.Use]] = {}
         self._why: Dict[str, str] = {}
         self._param_names: List[str] = []
+        self._phase2_sites: set = set()
 
     # -- the algorithm -----------------------------------------------------------------------
     def step(self, *args, **kwargs) -> float:
         """One EM iteration. Returns -log p(x; theta) - log p(theta) at theta *before* the update
         (for ``posterior="hard"``: -max_z log p(x, z; theta) - log p(theta))."""
+        _check_arguments(args, kwargs)
+        self._prepare(args, kwargs)
+        if self._chunks.rows is not None:
+            return self._streaming_step(self._chunks.split(args, kwargs))
         post = self.e_step(*args, **kwargs)
         self.m_step(post, *args, **kwargs)
         return -float(post.objective + post.log_prior)
@@ -145,6 +165,81 @@ class EM:
         except BaseException:
             self._restore(saved)
             raise
+
+    # -- streaming the data in chunks --------------------------------------------------------
+    def _prepare(self, args, kwargs) -> None:
+        """Inspect the model once; decide (once per data shape) whether step() streams in chunks."""
+        if self.structure is None:
+            self.structure = inspect_model(self.model, args, kwargs)
+        signature = _signature(args, kwargs)
+        store = pyro.get_param_store()
+        missing = not self._param_names or any(n not in store for n in self._param_names)
+        if self._chunks is not None and self._chunks.signature == signature and not missing:
+            return
+        # A full-data trace without log-probabilities is cheap (enumerated tensors are (k, 1, ...)).
+        # It initialises any parameter missing from the store from all the data, not from one chunk.
+        trace, _ = trace_model(self.model, self.structure, args, kwargs, log_prob="none")
+        if self._chunks is None or self._chunks.signature != signature:
+            self._chunks = self._decide_chunking(trace, args, kwargs, signature)
+
+    def _decide_chunking(self, trace, args, kwargs, signature) -> "_Chunking":
+        off = _Chunking(signature)
+        plate, why = _data_plate(trace, self.structure)
+        if self.chunk_size is None:
+            why = "chunk_size=None"
+        if not why:
+            n = plate[1]
+            off.n = n
+            positions = _row_arguments(args, kwargs, n)
+            why = "" if positions else f"no argument has the data plate's size {n} as its first dimension"
+        if not why:
+            on = _Chunking(signature, n=n, positions=positions)
+            per_row, why = self._check_split(on, args, kwargs)
+            on.rows = self.chunk_size if isinstance(self.chunk_size, int) else max(1024, 2**22 // per_row)
+            if not why and on.rows >= n:
+                off.why = f"the data ({n} rows) fit in one chunk of {on.rows}"
+                return off
+        if not why:
+            first_args, first_kwargs = on.split(args, kwargs)[0]
+            if self._plan is None:
+                self._make_plan(self.e_step(*first_args, **first_kwargs), first_args, first_kwargs)
+            gradient = [p for p, how in self._plan.items() if how != "closed"]
+            why = f"parameters {gradient} have a gradient M-step" if gradient else ""
+        if not why:
+            on.why = f"streams the data plate '{plate[0]}' ({on.n} rows) in chunks of {on.rows} rows"
+            return on
+        if isinstance(self.chunk_size, int):
+            raise ValueError(f"chunk_size={self.chunk_size} was asked for, but this model's data cannot be "
+                             f"streamed exactly: {why}. Use chunk_size='auto' or None.")
+        off.why = f"no streaming: {why}"
+        return off
+
+    def _check_split(self, chunking: "_Chunking", args, kwargs):
+        """log p(x) of 2m rows must equal log p(first m) + log p(next m): the model treats rows alike
+        and independently (no normalisation of the data inside the model, say). Also returns
+        the elements per row of the largest site tensor, which sizes the chunks."""
+        m = max(1, min(32, chunking.n // 2))
+        logs, per_row = [], 1
+        for rows in (slice(0, 2 * m), slice(0, m), slice(m, 2 * m)):
+            c_args, c_kwargs = chunking.take(args, kwargs, rows)
+            post = exact_posterior(self.model, self.structure, c_args, c_kwargs)
+            logs.append(post.log_evidence)
+            for site in sample_sites(post.trace):
+                event = site["fn"].event_shape.numel()
+                per_row = max(per_row, site["unscaled_log_prob"].numel() * event // (rows.stop - rows.start))
+        whole, parts = logs[0], logs[1] + logs[2]
+        tol = 1e3 * torch.finfo(whole.dtype).eps * (1 + whole.abs())
+        if not (whole - parts).abs() <= tol:
+            return per_row, (f"log p(x) of {2 * m} rows ({float(whole):.6g}) differs from the sum over two "
+                             f"halves ({float(parts):.6g}): the model couples rows or transforms the data as a whole")
+        return per_row, ""
+
+    @property
+    def chunking(self) -> str:
+        """How :meth:`step` goes through the data: in chunks, or whole and why (after the first step)."""
+        if self._chunks is None:
+            raise RuntimeError("chunking is decided at the first step(); call em.step(...) first.")
+        return self._chunks.why
 
     # -- introspection -----------------------------------------------------------------------
     @property
@@ -182,6 +277,8 @@ class EM:
                 f"m_step='closed_form' but parameters {missing} have no closed-form update "
                 f"({', '.join(self._why.get(p, '') for p in missing)}). Use m_step='auto'."
             )
+        self._phase2_sites = {u.site for p in self._phases([p for p, how in self._plan.items() if how == "closed"])[1]
+                              for u in self._uses[p]}
         for p, how in self._plan.items():
             if how == "closed":
                 u = self._uses[p][0]
@@ -236,29 +333,50 @@ class EM:
 
     def _closed_form(self, post: Posterior, names: List[str], args, kwargs) -> Dict[str, torch.Tensor]:
         """Phase 1 (locations, probabilities, rates) then phase 2 (scales given new locations)."""
-        new: Dict[str, torch.Tensor] = {}
-        for phase in (1, 2):
-            todo = [p for p in names if self._uses[p][0].rule.phase == phase]
-            if not todo:
-                continue
-            trace, leaves = post.trace, post.leaves
-            if phase == 2 and new:
-                self._write(new)
-                trace, leaves = trace_model(self.model, self.structure, args, kwargs)
-            uses = self._find_closed_forms(trace, leaves, post.weights)
-            for p in todo:
-                new[p] = self._update(p, uses[p], trace, leaves[p], post)
+        phase1, phase2 = self._phases(names)
+        new = self._sums(phase1).add(post.trace, post.leaves, post.weights).finish()
+        if phase2:
+            self._write(new)  # phase 2 reads the new locations from a fresh trace
+            trace, leaves = trace_model(self.model, self.structure, args, kwargs, log_prob="none")
+            new.update(self._sums(phase2).add(trace, leaves, post.weights).finish())
         return new
 
-    def _update(self, name: str, uses: List[families.Use], trace, leaf, post) -> torch.Tensor:
-        """Sum the weighted statistics of every use of ``name``, then apply the family's formula."""
-        num = den = None
-        for use in uses:
-            site = trace.nodes[use.site]
-            n, d = families.scatter_stats(use, site, post.weights[use.site], leaf, self.reg_covar)
-            num = n if num is None else num + n
-            den = d if den is None else (den if d is None else den + d)
-        return uses[0].rule.finish(num, den, leaf.detach()).detach()
+    def _streaming_step(self, chunks: List[tuple]) -> float:
+        """One EM iteration over the data in chunks; every parameter has a closed form.
+
+        E-step and phase-1 statistics chunk by chunk (Q(z) of a chunk depends on its rows only),
+        then phase 2 in a second pass with the new locations and the kept weights.
+        """
+        phase1, phase2 = self._phases(list(self._plan))
+        sums, objective, kept = self._sums(phase1), 0.0, []
+        for c_args, c_kwargs in chunks:
+            post = exact_posterior(self.model, self.structure, c_args, c_kwargs, mode=self.posterior)
+            _check_observations(post)
+            objective += float(post.objective)
+            sums.add(post.trace, post.leaves, post.weights)
+            kept.append({s: post.weights[s] for s in self._phase2_sites})
+            del post
+        saved = self._snapshot()
+        try:
+            self._write(sums.finish())
+            if phase2:
+                sums = self._sums(phase2)
+                for (c_args, c_kwargs), weights in zip(chunks, kept):
+                    trace, leaves = trace_model(self.model, self.structure, c_args, c_kwargs, log_prob="none")
+                    sums.add(trace, leaves, weights)
+                self._write(sums.finish())
+            self._check_finite()
+        except BaseException:
+            self._restore(saved)
+            raise
+        return -objective
+
+    def _phases(self, names: List[str]):
+        phase = {p: self._uses[p][0].rule.phase for p in names}
+        return [p for p in names if phase[p] == 1], [p for p in names if phase[p] == 2]
+
+    def _sums(self, names: List[str]) -> "_Sums":
+        return _Sums(names, self.reg_covar)
 
     def _gradient(self, post: Posterior, names: List[str], args, kwargs) -> None:
         """Maximise E_Q[log p(x, z; theta)] + log p(theta) over ``names`` with L-BFGS, Q fixed."""
@@ -316,6 +434,93 @@ class EM:
                     f"Parameter '{name}' became non-finite in the M-step; the previous parameters "
                     "were kept. Try a larger reg_covar or scaling the data."
                 )
+
+
+class _Sums:
+    """Running sums, over the uses of each parameter and over data chunks, of S^T(statistics).
+
+    Float32 statistics are accumulated in float64; :meth:`finish` applies the family's formula
+    (e.g. mu_j = sum_i w_j^(i) x^(i) / sum_i w_j^(i)) and returns values in the parameter's dtype.
+    """
+
+    def __init__(self, names: List[str], reg: float) -> None:
+        self.names, self.reg = names, reg
+        self.num: Dict[str, torch.Tensor] = {}
+        self.den: Dict[str, torch.Tensor] = {}
+        self.rule: Dict[str, families.Rule] = {}
+        self.old: Dict[str, torch.Tensor] = {}
+
+    def add(self, trace, leaves, weights) -> "_Sums":
+        uses = EM._find_closed_forms(trace, leaves, weights)
+        for p in self.names:
+            for use in uses[p]:
+                num, den = families.scatter_stats(use, trace.nodes[use.site], weights[use.site], self.reg)
+                _accumulate(self.num, p, num)
+                if den is not None:
+                    _accumulate(self.den, p, den)
+            self.rule[p] = uses[p][0].rule
+            self.old.setdefault(p, leaves[p].detach())
+        return self
+
+    def finish(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for p in self.names:
+            old = self.old[p]
+            value = self.rule[p].finish(self.num[p], self.den.get(p), old.to(self.num[p].dtype))
+            out[p] = value.to(old.dtype).detach()
+        return out
+
+
+def _accumulate(sums: Dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    value = value.double() if value.dtype in (torch.float16, torch.bfloat16, torch.float32) else value
+    sums[name] = value if name not in sums else sums[name] + value
+
+
+@dataclass
+class _Chunking:
+    """How step() splits the data: ``rows`` per chunk along the first dimension of the arguments
+    at ``positions`` (None: the whole data at once), for data of the given shapes (``signature``)."""
+
+    signature: tuple
+    rows: Optional[int] = None
+    n: int = 0
+    positions: Tuple = ()
+    why: str = ""
+
+    def take(self, args: tuple, kwargs: dict, rows: slice):
+        return (tuple(a[rows] if i in self.positions else a for i, a in enumerate(args)),
+                {k: (v[rows] if k in self.positions else v) for k, v in kwargs.items()})
+
+    def split(self, args: tuple, kwargs: dict) -> List[tuple]:
+        return [self.take(args, kwargs, slice(start, min(start + self.rows, self.n)))
+                for start in range(0, self.n, self.rows)]
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    items = list(enumerate(args)) + sorted(kwargs.items())
+    return tuple((key, tuple(v.shape), v.dtype) for key, v in items if torch.is_tensor(v))
+
+
+def _row_arguments(args: tuple, kwargs: dict, n: int) -> Tuple:
+    """Positions (ints) and names of the tensor arguments whose first dimension is the data plate's."""
+    items = list(enumerate(args)) + list(kwargs.items())
+    return tuple(key for key, v in items if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n)
+
+
+def _data_plate(trace, structure: ModelStructure) -> Tuple[Optional[Tuple[str, int]], str]:
+    """The largest plate that holds every sample site, as (name, size), or why there is none."""
+    if structure.map_sites:
+        return None, f"point-estimated global latents {list(structure.map_sites)}"
+    sites = sample_sites(trace)
+    common = None
+    for site in sites:
+        frames = {(f.name, f.size) for f in site["cond_indep_stack"] if f.vectorized}
+        common = frames if common is None else common & frames
+    if not common:
+        return None, "no plate holds every site (a global latent or a Markov chain couples the data)"
+    if any(float(site["scale"]) != 1.0 for site in sites):
+        return None, "a site is scaled (poutine.scale or a subsampled plate)"
+    return max(common, key=lambda frame: frame[1]), ""
 
 
 def _first_bad(value: torch.Tensor, bad: Optional[torch.Tensor] = None) -> str:

@@ -23,6 +23,7 @@ References: lecture notes, M-step for the GMM; Bishop, PRML, sections 9.2-9.3.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -30,7 +31,7 @@ import torch
 import pyro.distributions as dist
 from torch.distributions import Independent
 
-__all__ = ["Use", "Rule", "RULES", "find_uses", "unwrap"]
+__all__ = ["Use", "Rule", "RULES", "Selection", "find_uses", "log_prob", "reduce_product", "unwrap"]
 
 # Autograd nodes that move or copy elements without arithmetic.
 SELECTION_OPS = {
@@ -82,32 +83,37 @@ def _cov_ratio(num, den, old):
     return _ratio(num, den, old)
 
 
-def _mean_stats(fn, w, x, reg):
-    return w * x, w
+# Each ``stats(fn, w, x, reg, shape)`` returns (numerator, denominator) already summed to
+# ``shape``, the shape in which the site sees the parameter (e.g. (k, 1, d, d) for Sigma_z):
+# the sum over data points is a contraction (one GEMM), never an (n, k, d, d) temporary.
+def _mean_stats(fn, w, x, reg, shape):
+    return reduce_product([w, x], shape), reduce_product([w], shape)
 
 
-def _categorical_stats(fn, w, x, reg):
+def _categorical_stats(fn, w, x, reg, shape):
     k = fn.probs.shape[-1]
     onehot = torch.nn.functional.one_hot(x.long(), k).to(w.dtype)
-    return w.unsqueeze(-1) * onehot, None
+    return reduce_product([w.unsqueeze(-1), onehot], shape), None
 
 
-def _mvn_loc_stats(fn, w, x, reg):
+def _mvn_loc_stats(fn, w, x, reg, shape):
     w = w.unsqueeze(-1)
-    return w * x, w.expand(w.shape[:-1] + x.shape[-1:])
+    return reduce_product([w, x], shape), reduce_product([w], shape)
 
 
-def _normal_scale_stats(fn, w, x, reg):
-    return w * ((x - fn.loc) ** 2 + reg), w
+def _normal_scale_stats(fn, w, x, reg, shape):
+    diff = x - fn.loc
+    den = reduce_product([w], shape)
+    return reduce_product([w, diff * diff], shape) + reg * den, den
 
 
-def _mvn_cov_stats(fn, w, x, reg):
+def _mvn_cov_stats(fn, w, x, reg, shape):
     diff = x - fn.loc  # (..., d)
-    d = diff.shape[-1]
-    eye = torch.eye(d, dtype=diff.dtype, device=diff.device)
+    eye = torch.eye(diff.shape[-1], dtype=diff.dtype, device=diff.device)
     w = w[..., None, None]
-    outer = diff.unsqueeze(-1) * diff.unsqueeze(-2)  # (..., d, d)
-    return w * (outer + reg * eye), w.expand(w.shape[:-2] + (d, d))
+    den = reduce_product([w], shape)
+    num = reduce_product([w, diff.unsqueeze(-1), diff.unsqueeze(-2)], shape)  # sum_i w (x - mu)(x - mu)^T
+    return num + reg * den * eye, den
 
 
 RULES: List[Rule] = [
@@ -147,34 +153,123 @@ def unwrap(fn, w: torch.Tensor):
     return fn, w.expand(broadcast_shape(w.shape, fn.batch_shape))
 
 
-def selection_source(tensor: torch.Tensor, leaves: Dict[int, str]) -> Optional[Tuple[torch.Tensor, str]]:
-    """If ``tensor`` is a pure selection of a param leaf, return (tensor to differentiate, name).
+def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
+    """``prod(operands).sum_to_size(shape)`` (operands broadcast together), as one einsum.
+
+    The broadcast product is never formed: dimensions that ``shape`` keeps become output
+    indices, the others are contracted, and size-1 (or expanded, stride-0) dimensions are
+    dropped first. sum_i w_j^(i) x^(i) x^(i)^T, for example, becomes a batched GEMM.
+    Where ``shape`` is larger than the operands' broadcast shape the result is expanded.
+    """
+    shape = torch.Size(shape)
+    ndim = max([len(shape)] + [t.dim() for t in operands])
+    full = [1] * ndim
+    subscripts, squeezed = [], []
+    for t in operands:
+        t = _compact(t)
+        sizes = (1,) * (ndim - t.dim()) + tuple(t.shape)
+        letters = [i for i in range(ndim) if sizes[i] != 1]
+        for i in letters:
+            if full[i] not in (1, sizes[i]):
+                raise ValueError(f"shapes {[tuple(o.shape) for o in operands]} do not broadcast")
+            full[i] = sizes[i]
+        subscripts.append(letters)
+        squeezed.append(t.reshape([sizes[i] for i in letters]))
+    target = (1,) * (ndim - len(shape)) + tuple(shape)
+    kept = [i for i in range(ndim) if full[i] != 1 and target[i] != 1]
+    for i in kept:
+        if full[i] != target[i]:
+            raise ValueError(f"cannot sum shape {tuple(full)} to {tuple(shape)}")
+    args = []
+    for t, letters in zip(squeezed, subscripts):
+        args += [t, letters]
+    out = torch.einsum(*args, kept)
+    out = out.reshape([full[i] if i in kept else 1 for i in range(ndim)])
+    return out.reshape(out.shape[ndim - len(shape):]).expand(shape)
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every expanded (stride-0) dimension narrowed to size 1: a view, no copy."""
+    index = tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
+                  for size, stride in zip(t.shape, t.stride()))
+    return t[index] if any(i != slice(None) for i in index) else t
+
+
+@dataclass
+class Selection:
+    """A distribution attribute A = S v that selects elements of the ``pyro.param`` v.
+
+    ``shape`` is the shape of A before any final broadcasting (Pyro's plates and the
+    distribution's own ``expand`` broadcast A over the data): statistics are summed to it.
+    ``vjp(u)`` computes S^T u, scatter-adding ``u`` (of that ``shape``) onto v's elements,
+    by applying the backward functions of the selection chain between A and v in turn.
+    """
+
+    param: str
+    shape: torch.Size
+    nodes: List  # autograd nodes from just below the broadcast down to (excluding) v's AccumulateGrad
+    leaf_shape: torch.Size
+    tensor: torch.Tensor  # A itself, for torch builds whose autograd nodes do not expose input shapes
+
+    def vjp(self, u: torch.Tensor) -> torch.Tensor:
+        if self.nodes and not hasattr(self.nodes[0], "_input_metadata"):
+            return self._vjp_by_autograd(u)
+        for node in self.nodes:
+            out = node(u)
+            out = out if isinstance(out, tuple) else (out,)
+            # Keep the gradient of the input that leads to v (a 0/1 mask is a constant), summed to
+            # that input's shape: a node called directly leaves broadcasting to its caller.
+            (grad, (nxt, nr)), = [(g, f) for g, f in zip(out, node.next_functions) if f[0] is not None]
+            u = grad.sum_to_size(nxt._input_metadata[nr].shape)
+        return u.reshape(self.leaf_shape)
+
+    def _vjp_by_autograd(self, u: torch.Tensor) -> torch.Tensor:
+        full = broadcast_shape(u.shape, self.tensor.shape)
+        repeats = full.numel() // u.numel()
+        grad = torch.autograd.grad(self.tensor, self._leaf(), u.expand(full) / repeats, retain_graph=True)[0]
+        return grad
+
+    def _leaf(self) -> torch.Tensor:
+        node = self.tensor.grad_fn
+        while type(node).__name__ != "AccumulateGrad":
+            node = next(n for n, _ in node.next_functions if n is not None)
+        return node.variable
+
+
+def selection_source(tensor: torch.Tensor, leaves: Dict[int, str]) -> Optional[Selection]:
+    """If ``tensor`` is a pure selection of a param leaf, describe it (see :class:`Selection`).
 
     A top-level normalisation ``p / p.sum(-1, keepdim=True)`` (how torch stores Categorical
     probabilities) is looked through: the parameter is already on the simplex.
     """
-    node = tensor.grad_fn
-    if node is None:
-        return (tensor, leaves[id(tensor)]) if id(tensor) in leaves else None
-    top = node
-    while type(top).__name__ == "ExpandBackward0":
-        top = top.next_functions[0][0]
-    if type(top).__name__ == "DivBackward0" and top.next_functions[1][0] is not None:
-        # Statistics are summed over the broadcast dims before the vjp (see scatter_stats).
-        tensor = top._saved_self
-        node = top.next_functions[0][0]
+    if tensor.grad_fn is None:
+        leaf = leaves.get(id(tensor))
+        return None if leaf is None else Selection(leaf, tensor.shape, [], tensor.shape, tensor)
+    node, shape = _below_broadcast(tensor.grad_fn, tensor.shape)
+    if type(node).__name__ == "DivBackward0" and node.next_functions[1][0] is not None:
+        # Statistics are summed to the shape of the numerator p, then scattered through p's chain.
+        tensor = node._saved_self
+        node, shape = _below_broadcast(node.next_functions[0][0], tensor.shape)
+    chain = []
     while node is not None:
         name = type(node).__name__
         if name == "AccumulateGrad":
             leaf = leaves.get(id(node.variable))
-            if tensor.grad_fn is None:
-                tensor = node.variable
-            return (tensor, leaf) if leaf is not None else None
+            return None if leaf is None else Selection(leaf, torch.Size(shape), chain, node.variable.shape, tensor)
         inputs = [n for n, _ in node.next_functions if n is not None]
         if len(inputs) != 1 or not (name in SELECTION_OPS or _is_01_mask(node)):
             return None
+        chain.append(node)
         node = inputs[0]
     return None
+
+
+def _below_broadcast(node, shape):
+    """Skip the ``expand`` nodes at the top of a graph: (first other node, shape of its output)."""
+    while node is not None and type(node).__name__ == "ExpandBackward0":
+        shape = torch.Size(node._saved_self_sym_sizes)
+        node = node.next_functions[0][0]
+    return node, shape
 
 
 def _is_01_mask(node) -> bool:
@@ -187,12 +282,15 @@ def _is_01_mask(node) -> bool:
 
 @dataclass
 class Use:
-    """One place where a parameter enters the model: site, family rule, and the tensor to vjp."""
+    """One place where a parameter enters the model: site, family rule, and its selection."""
 
     site: str
     rule: Rule
-    tensor: torch.Tensor
-    param: str
+    selection: Selection
+
+    @property
+    def param(self) -> str:
+        return self.selection.param
 
 
 def find_uses(site: dict, weights: torch.Tensor, leaves: Dict[int, str]) -> List[Use]:
@@ -204,20 +302,54 @@ def find_uses(site: dict, weights: torch.Tensor, leaves: Dict[int, str]) -> List
             continue
         found = selection_source(fn.__dict__[rule.attr], leaves)
         if found is not None:
-            uses.append(Use(site["name"], rule, found[0], found[1]))
+            uses.append(Use(site["name"], rule, found))
     return uses
 
 
-def scatter_stats(use: Use, site: dict, weights: torch.Tensor, leaf: torch.Tensor, reg: float):
+def scatter_stats(use: Use, site: dict, weights: torch.Tensor, reg: float):
     """S^T(numerator), S^T(denominator): the use's weighted statistics summed per param element."""
-    fn, w = unwrap(site["fn"], weights)
-    num, den = use.rule.stats(fn, w, site["value"], reg)
-    shape = use.tensor.shape
-    grads = []
-    for u in (num, den):
-        if u is None:
-            grads.append(None)
-            continue
-        u = u.expand(broadcast_shape(u.shape, shape)).sum_to_size(shape)
-        grads.append(torch.autograd.grad(use.tensor, leaf, u, retain_graph=True)[0])
-    return grads[0], grads[1]
+    with torch.no_grad():
+        fn, w = unwrap(site["fn"], weights)
+        num, den = use.rule.stats(fn, w, site["value"], reg, use.selection.shape)
+        return use.selection.vjp(num), (None if den is None else use.selection.vjp(den))
+
+
+# -- fast log-densities --------------------------------------------------------------------------
+def log_prob(fn, value: torch.Tensor) -> torch.Tensor:
+    """``fn.log_prob(value)``, through a GEMM fast path for a multivariate normal under enumeration.
+
+    With parameters that vary over the enumerated values (mu_z, Sigma_z: batch (k, 1)) and data
+    that vary over the plate (x^(i): batch (n,)), the Mahalanobis terms
+    ||L_z^{-1} x^(i) - L_z^{-1} mu_z||^2 for all (z, i) come from one product of the (n, d)
+    data with the k stacked (d, d) matrices L_z^{-1}, instead of k * n triangular solves.
+    Anything else goes to the distribution's own ``log_prob``.
+    """
+    if type(fn) is dist.MultivariateNormal and value.dim() >= 1:
+        fast = _mvn_log_prob(fn, value)
+        if fast is not None:
+            return fast
+    return fn.log_prob(value)
+
+
+def _mvn_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:
+    loc, tril = _compact(fn.loc), fn._unbroadcasted_scale_tril
+    d = loc.shape[-1]
+    params = broadcast_shape(loc.shape[:-1], tril.shape[:-2])
+    data = _compact(value).shape[:-1]
+    if value.shape[-1:] != loc.shape[-1:] or any(
+            p != 1 and v != 1 for p, v in zip(reversed(params), reversed(data))):
+        return None  # parameters and data vary along a common dimension: no shared GEMM
+    eye = torch.eye(d, dtype=tril.dtype, device=tril.device)
+    inv = torch.linalg.solve_triangular(tril, eye, upper=False)  # L^{-1}, params + (d, d)
+    shift = (inv @ loc.unsqueeze(-1)).squeeze(-1)  # L^{-1} mu
+    white = _broadcast_matvec(inv, value)  # L^{-1} x, broadcast(params, data) + (d,)
+    maha = (white - shift).square().sum(-1)
+    half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    out = -0.5 * (d * math.log(2 * math.pi) + maha) - half_log_det
+    return out.expand(broadcast_shape(out.shape, broadcast_shape(fn.batch_shape, value.shape[:-1])))
+
+
+def _broadcast_matvec(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """``(mat @ vec[..., None])[..., 0]`` with batch dims broadcast, as one einsum (a GEMM)."""
+    batch = broadcast_shape(mat.shape[:-2], vec.shape[:-1])
+    return reduce_product([mat, vec.unsqueeze(-2)], batch + (mat.shape[-2], 1)).squeeze(-1)

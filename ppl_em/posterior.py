@@ -33,12 +33,15 @@ import torch
 import pyro
 import pyro.poutine as poutine
 from pyro.infer import config_enumerate
+from pyro.distributions.util import scale_and_mask
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing, MapRing
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
+
+from . import families
 
 __all__ = ["Posterior", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
 
@@ -106,10 +109,16 @@ class ModelStructure:
     map_sites: Tuple[str, ...]
 
 
+_MAX_PLATES = 8  # nested plates a model may have; enumeration dims go left of them
+
+
 def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelStructure:
     """Classify the model's latent sites; raise if one cannot be handled by exact EM."""
+    # Enumerated, so that a discrete z^(i) is a (k, 1, ...) tensor rather than n draws that
+    # would select n copies of every parameter (an (n, d, d) Sigma_z for a GMM).
+    enum_model = poutine.enum(config_enumerate(model, default="parallel"), first_available_dim=-_MAX_PLATES - 1)
     with poutine.block():
-        tr = poutine.trace(model).get_trace(*args, **kwargs)
+        tr = poutine.trace(enum_model).get_trace(*args, **kwargs)
     tr = prune_subsample_sites(tr)
     sites = [s for s in tr.nodes.values() if s["type"] == "sample"]
     data_plates = {f.name for s in sites if s["is_observed"] for f in s["cond_indep_stack"]}
@@ -131,13 +140,21 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelStructure:
 
 
 def trace_model(
-    model: Callable, structure: ModelStructure, args: tuple, kwargs: dict, leaf_params: bool = True
+    model: Callable,
+    structure: ModelStructure,
+    args: tuple,
+    kwargs: dict,
+    leaf_params: bool = True,
+    log_prob: str = "grad",
 ) -> Tuple[Trace, Dict[str, torch.Tensor]]:
     """Run the model once under parallel enumeration.
 
-    Returns the trace (log-probabilities computed, tensors packed) and, when ``leaf_params``,
-    the detached leaf tensors that stood in for each ``pyro.param`` value during the run
-    (otherwise parameters stay attached to the param store, for gradient steps).
+    Returns the trace and, when ``leaf_params``, the detached leaf tensors that stood in for
+    each ``pyro.param`` value during the run (otherwise parameters stay attached to the param
+    store, for gradient steps). ``log_prob`` says whether the sites' log-probabilities are
+    computed and their tensors packed: ``"grad"`` (differentiable in the parameters),
+    ``"value"`` (values only: the E-step needs no parameter gradient of log p, which saves
+    the memory of its autograd graph) or ``"none"`` (distributions and values only).
     """
     leaves = _LeafParams() if leaf_params else poutine.messenger.Messenger()
     enum_model = poutine.enum(
@@ -147,9 +164,22 @@ def trace_model(
     with leaves:
         tr = poutine.trace(enum_model).get_trace(*args, **kwargs)
     tr = prune_subsample_sites(tr)
-    tr.compute_log_prob()
-    tr.pack_tensors()
+    if log_prob != "none":
+        with torch.set_grad_enabled(log_prob == "grad" and torch.is_grad_enabled()):
+            _compute_log_prob(tr)
+        tr.pack_tensors()
     return tr, getattr(leaves, "leaves", {})
+
+
+def _compute_log_prob(tr: Trace) -> None:
+    """``Trace.compute_log_prob``, with the fast paths of :func:`ppl_em.families.log_prob`."""
+    for site in sample_sites(tr):
+        if "log_prob" not in site and not site["args"] and not site["kwargs"]:
+            log_p = families.log_prob(site["fn"], site["value"])
+            site["unscaled_log_prob"] = log_p
+            site["log_prob"] = scale_and_mask(log_p, site["scale"], site["mask"])
+            site["log_prob_sum"] = site["log_prob"].sum()
+    tr.compute_log_prob()  # whatever is left (sites with extra log_prob arguments)
 
 
 def sample_sites(tr: Trace) -> List[dict]:
@@ -332,7 +362,7 @@ def exact_posterior(
         ``"exact"``: Q(z) = p(z | x; theta). ``"hard"``: Q(z) = one-hot at argmax_z p(z | x; theta)
         (the joint mode, e.g. the Viterbi path of an HMM).
     """
-    tr, leaves = trace_model(model, structure, args, kwargs)
+    tr, leaves = trace_model(model, structure, args, kwargs, log_prob="value")
     sites = sample_sites(tr)
     probes = {s["name"]: torch.zeros_like(masked_log_prob(s)).requires_grad_() for s in sites}
     scale = _common_scale(tr)
