@@ -195,7 +195,7 @@ class EM:
         if not why:
             on = _Chunking(signature, n=n, positions=positions)
             per_row, why = self._check_split(on, args, kwargs)
-            on.rows = self.chunk_size if isinstance(self.chunk_size, int) else max(1024, 2**22 // per_row)
+            on.rows = self.chunk_size if isinstance(self.chunk_size, int) else max(1024, 2**21 // per_row)
             if not why and on.rows >= n:
                 off.why = f"the data ({n} rows) fit in one chunk of {on.rows}"
                 return off
@@ -292,6 +292,8 @@ class EM:
         by_id = {id(leaf): name for name, leaf in leaves.items()}
         uses: Dict[str, List[families.Use]] = {}
         for site in sample_sites(trace):
+            if site["name"] not in weights:  # a pass that kept only the weights it needs
+                continue
             for use in families.find_uses(site, weights[site["name"]], by_id):
                 uses.setdefault(use.param, []).append(use)
         # A parameter qualifies only if every detected use follows the same update rule.

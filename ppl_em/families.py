@@ -108,12 +108,30 @@ def _normal_scale_stats(fn, w, x, reg, shape):
 
 
 def _mvn_cov_stats(fn, w, x, reg, shape):
-    diff = x - fn.loc  # (..., d)
-    eye = torch.eye(diff.shape[-1], dtype=diff.dtype, device=diff.device)
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
     w = w[..., None, None]
     den = reduce_product([w], shape)
-    num = reduce_product([w, diff.unsqueeze(-1), diff.unsqueeze(-2)], shape)  # sum_i w (x - mu)(x - mu)^T
+    loc = _compact(fn.loc)
+    if _overlap(loc.shape[:-1], _compact(x).shape[:-1]):
+        diff = x - loc  # the location varies with the data point itself
+        num = reduce_product([w, diff.unsqueeze(-1), diff.unsqueeze(-2)], shape)
+    else:
+        # mu_z is the same for every data point: expand (x - mu)(x - mu)^T about a reference c (the
+        # data mean, for accuracy) so that the data enter only through sum_i w (x - c)(x - c)^T, one
+        # GEMM, and no (k, n, d) difference tensor is formed.
+        batch_dims = tuple(range(x.dim() - 1))
+        c = x.mean(batch_dims, keepdim=True) if batch_dims else x
+        xc, lc = x - c, loc - c
+        num = (reduce_product([w, xc.unsqueeze(-1), xc.unsqueeze(-2)], shape)
+               - reduce_product([w, xc.unsqueeze(-1), lc.unsqueeze(-2)], shape)
+               - reduce_product([w, lc.unsqueeze(-1), xc.unsqueeze(-2)], shape)
+               + reduce_product([w, lc.unsqueeze(-1), lc.unsqueeze(-2)], shape))
     return num + reg * den * eye, den
+
+
+def _overlap(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
+    """Whether two batch shapes both exceed 1 in some (right-aligned) dimension."""
+    return any(p != 1 and q != 1 for p, q in zip(reversed(a), reversed(b)))
 
 
 RULES: List[Rule] = [
@@ -333,23 +351,28 @@ def log_prob(fn, value: torch.Tensor) -> torch.Tensor:
 
 def _mvn_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:
     loc, tril = _compact(fn.loc), fn._unbroadcasted_scale_tril
+    x = _compact(value)
     d = loc.shape[-1]
     params = broadcast_shape(loc.shape[:-1], tril.shape[:-2])
-    data = _compact(value).shape[:-1]
-    if value.shape[-1:] != loc.shape[-1:] or any(
-            p != 1 and v != 1 for p, v in zip(reversed(params), reversed(data))):
+    ndim = max(len(params), x.dim() - 1)
+    p_sizes = (1,) * (ndim - len(params)) + tuple(params)
+    x_sizes = (1,) * (ndim - x.dim() + 1) + tuple(x.shape[:-1])
+    if x.shape[-1] != d or _overlap(p_sizes, x_sizes):
         return None  # parameters and data vary along a common dimension: no shared GEMM
+    p_dims = [i for i in range(ndim) if p_sizes[i] != 1]
+    x_dims = [i for i in range(ndim) if x_sizes[i] != 1]
+    # A_z = L_z^{-1} stacked side by side: (d, K d); y = x A^T - L^{-1} mu for every (x row, z) at once.
     eye = torch.eye(d, dtype=tril.dtype, device=tril.device)
-    inv = torch.linalg.solve_triangular(tril, eye, upper=False)  # L^{-1}, params + (d, d)
-    shift = (inv @ loc.unsqueeze(-1)).squeeze(-1)  # L^{-1} mu
-    white = _broadcast_matvec(inv, value)  # L^{-1} x, broadcast(params, data) + (d,)
-    maha = (white - shift).square().sum(-1)
-    half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    out = -0.5 * (d * math.log(2 * math.pi) + maha) - half_log_det
+    inv = torch.linalg.solve_triangular(tril.expand(params + (d, d)), eye, upper=False).reshape(-1, d, d)
+    shift = (inv @ loc.expand(params + (d,)).reshape(-1, d, 1)).reshape(1, -1)  # (1, K d)
+    rows = x.reshape(-1, d)  # (N, d)
+    white = torch.addmm(shift, rows, inv.transpose(-1, -2).permute(1, 0, 2).reshape(d, -1), alpha=1, beta=-1)
+    maha = torch.linalg.vector_norm(white.view(rows.shape[0], -1, d), dim=-1).square()  # (N, K)
+    half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1).expand(params).reshape(1, -1)
+    out = -0.5 * (d * math.log(2 * math.pi) + maha) - half_log_det  # (N, K)
+    # Back to the broadcast layout: data dims and parameter dims interleaved as in ndim.
+    out = out.reshape([x_sizes[i] for i in x_dims] + [p_sizes[i] for i in p_dims])
+    order = x_dims + p_dims
+    out = out.permute([order.index(i) for i in sorted(order)])
+    out = out.reshape([max(p_sizes[i], x_sizes[i]) for i in range(ndim)])
     return out.expand(broadcast_shape(out.shape, broadcast_shape(fn.batch_shape, value.shape[:-1])))
-
-
-def _broadcast_matvec(mat: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-    """``(mat @ vec[..., None])[..., 0]`` with batch dims broadcast, as one einsum (a GEMM)."""
-    batch = broadcast_shape(mat.shape[:-2], vec.shape[:-1])
-    return reduce_product([mat, vec.unsqueeze(-2)], batch + (mat.shape[-2], 1)).squeeze(-1)
