@@ -144,7 +144,7 @@ def ppl_em_fit(model: Callable, args: tuple, n: int, iters: int, **em_options) -
     em = ppl_em.EM(model, **em_options)
     _fresh_steps(em, args, 1)
     times, losses = _fresh_steps(em, args, iters)
-    final = float(em.e_step(*args).log_evidence) / n
+    final = em.log_likelihood(*args) / n
     return Fit(sum(times) / iters, [-loss / n for loss in losses], final, times, _m_step_note(em))
 
 
@@ -172,7 +172,7 @@ def ppl_em_until(x: np.ndarray, k: int, init: Init, max_iters: int, tol: float) 
         start = time.perf_counter()
         trajectory.append(-em.step(*args) / n)
         times.append(time.perf_counter() - start)
-    final = float(em.e_step(*args).log_evidence) / n
+    final = em.log_likelihood(*args) / n
     return Fit(sum(times) / len(times), trajectory, final, times, _m_step_note(em))
 
 

@@ -132,7 +132,7 @@ class EM:
         (for ``posterior="hard"``: -max_z log p(x, z; theta) - log p(theta))."""
         _check_arguments(args, kwargs)
         self._prepare(args, kwargs)
-        if self._chunks.rows is not None:
+        if self._chunks.rows is not None and self._streams(args, kwargs):
             return self._streaming_step(self._chunks.split(args, kwargs))
         post = self.e_step(*args, **kwargs)
         self.m_step(post, *args, **kwargs)
@@ -147,6 +147,22 @@ class EM:
         _check_observations(post)
         self._param_names = list(post.leaves) + list(self.structure.map_sites)
         return post
+
+    def log_likelihood(self, *args, **kwargs) -> float:
+        """The log-likelihood l(theta) = log p(x; theta) at the current parameters, streamed like :meth:`step`.
+
+        The same number as ``e_step(...).log_evidence``, without keeping Q(z): memory stays
+        O(chunk) where :meth:`step` streams.
+        """
+        _check_arguments(args, kwargs)
+        self._prepare(args, kwargs)
+        pieces = self._chunks.split(args, kwargs) if self._chunks.rows is not None else [(args, kwargs)]
+        total = 0.0
+        for c_args, c_kwargs in pieces:
+            post = exact_posterior(self.model, self.structure, c_args, c_kwargs)
+            _check_observations(post)
+            total += float(post.log_evidence)
+        return total
 
     def m_step(self, post: Posterior, *args, **kwargs) -> None:
         """theta := argmax_theta E_Q[log p(x, z; theta)] + log p(theta), Q fixed.
@@ -200,12 +216,6 @@ class EM:
                 off.why = f"the data ({n} rows) fit in one chunk of {on.rows}"
                 return off
         if not why:
-            first_args, first_kwargs = on.split(args, kwargs)[0]
-            if self._plan is None:
-                self._make_plan(self.e_step(*first_args, **first_kwargs), first_args, first_kwargs)
-            gradient = [p for p, how in self._plan.items() if how != "closed"]
-            why = f"parameters {gradient} have a gradient M-step" if gradient else ""
-        if not why:
             on.why = f"streams the data plate '{plate[0]}' ({on.n} rows) in chunks of {on.rows} rows"
             return on
         if isinstance(self.chunk_size, int):
@@ -213,6 +223,29 @@ class EM:
                              f"streamed exactly: {why}. Use chunk_size='auto' or None.")
         off.why = f"no streaming: {why}"
         return off
+
+    def _streams(self, args, kwargs) -> bool:
+        """Whether step() can stream: the data can be split, and every parameter has a closed form
+        (the plan is made on the first chunk; a gradient M-step needs all of Q(z) at once)."""
+        if self._plan is None:
+            first_args, first_kwargs = self._chunks.split(args, kwargs)[0]
+            self._make_plan(self.e_step(*first_args, **first_kwargs), first_args, first_kwargs)
+        gradient = [p for p, how in self._plan.items() if how != "closed"]
+        if not gradient:
+            if self._chunks.shift is None:
+                self._chunks.shift = self._locations_are_shared(args, kwargs)
+            return True
+        why = f"parameters {gradient} have a gradient M-step, which needs Q(z) of all the data at once"
+        if isinstance(self.chunk_size, int):
+            raise ValueError(f"chunk_size={self.chunk_size} was asked for, but {why}. Use chunk_size='auto' or None.")
+        self._chunks.why = f"no streaming: {why}"
+        return False
+
+    def _locations_are_shared(self, args, kwargs) -> bool:
+        """Whether every scale parameter's location is the same for all data points (mu_z, not mu_{z, i}):
+        its shapes in a chunk's trace equal those in a one-row trace."""
+        first = self._chunks.split(args, kwargs)[0]
+        return _location_shapes(self, *first) == _location_shapes(self, *self._chunks.take(*first, slice(0, 1)))
 
     def _check_split(self, chunking: "_Chunking", args, kwargs):
         """log p(x) of 2m rows must equal log p(first m) + log p(next m): the model treats rows alike
@@ -346,22 +379,32 @@ class EM:
     def _streaming_step(self, chunks: List[tuple]) -> float:
         """One EM iteration over the data in chunks; every parameter has a closed form.
 
-        E-step and phase-1 statistics chunk by chunk (Q(z) of a chunk depends on its rows only),
-        then phase 2 in a second pass with the new locations and the kept weights.
+        One pass: the E-step of each chunk (Q(z^(i)) depends on row i only) and its weighted
+        statistics. Scales (phase 2) need the new locations: their statistics are taken about
+        the old location and shifted to the new one (:func:`ppl_em.families.location_moments`),
+        or, where the location varies per data point, gathered in a second pass.
         """
         phase1, phase2 = self._phases(list(self._plan))
-        sums, objective, kept = self._sums(phase1), 0.0, []
+        shift = self._chunks.shift
+        sums, moments, objective, kept = self._sums(phase1), _Moments(phase2), 0.0, []
         for c_args, c_kwargs in chunks:
             post = exact_posterior(self.model, self.structure, c_args, c_kwargs, mode=self.posterior)
             _check_observations(post)
             objective += float(post.objective)
             sums.add(post.trace, post.leaves, post.weights)
-            kept.append({s: post.weights[s] for s in self._phase2_sites})
+            if phase2 and shift:
+                moments.add(post.trace, post.leaves, post.weights)
+            elif phase2:
+                kept.append({s: post.weights[s] for s in self._phase2_sites})
             del post
         saved = self._snapshot()
         try:
             self._write(sums.finish())
-            if phase2:
+            if phase2 and shift:
+                one_row = self._chunks.take(*chunks[0], slice(0, 1))
+                trace, leaves = trace_model(self.model, self.structure, *one_row, log_prob="none")
+                self._write(moments.finish(trace, leaves, self._sums(phase2)))
+            elif phase2:
                 sums = self._sums(phase2)
                 for (c_args, c_kwargs), weights in zip(chunks, kept):
                     trace, leaves = trace_model(self.model, self.structure, c_args, c_kwargs, log_prob="none")
@@ -464,6 +507,13 @@ class _Sums:
             self.old.setdefault(p, leaves[p].detach())
         return self
 
+    def add_stats(self, name: str, rule: families.Rule, old: torch.Tensor, num, den) -> None:
+        _accumulate(self.num, name, num)
+        if den is not None:
+            _accumulate(self.den, name, den)
+        self.rule[name] = rule
+        self.old.setdefault(name, old)
+
     def finish(self) -> Dict[str, torch.Tensor]:
         out = {}
         for p in self.names:
@@ -471,6 +521,52 @@ class _Sums:
             value = self.rule[p].finish(self.num[p], self.den.get(p), old.to(self.num[p].dtype))
             out[p] = value.to(old.dtype).detach()
         return out
+
+
+class _Moments:
+    """Running sums over chunks of (M2, S, N) about the old location, per use of each scale parameter."""
+
+    def __init__(self, names: List[str]) -> None:
+        self.names = names
+        self.sums: Dict[tuple, tuple] = {}
+        self.loc: Dict[tuple, torch.Tensor] = {}
+
+    def add(self, trace, leaves, weights) -> "_Moments":
+        uses = EM._find_closed_forms(trace, leaves, weights)
+        for p in self.names:
+            for i, use in enumerate(uses[p]):
+                moments, loc = families.location_moments(use, trace.nodes[use.site], weights[use.site])
+                moments = tuple(m.double() if m.dtype == torch.float32 else m for m in moments)
+                key = (p, i)
+                self.loc.setdefault(key, loc)
+                self.sums[key] = moments if key not in self.sums else tuple(
+                    a + b for a, b in zip(self.sums[key], moments))
+        return self
+
+    def finish(self, trace, leaves, sums: _Sums) -> Dict[str, torch.Tensor]:
+        """The scale updates at the new locations, read from ``trace`` (a trace at the new parameters)."""
+        uses = EM._find_closed_forms(trace, leaves, {s["name"]: torch.ones(()) for s in sample_sites(trace)})
+        for p in self.names:
+            for i, use in enumerate(uses[p]):
+                fn, _ = families.unwrap(trace.nodes[use.site]["fn"], torch.ones(()))
+                old = self.loc[(p, i)]
+                new = families.compact(fn.loc).detach()
+                num, den = families.shifted_stats(use, self.sums[(p, i)], old, new, sums.reg)
+                sums.add_stats(p, use.rule, leaves[p].detach(), num, den)
+        return sums.finish()
+
+
+def _location_shapes(em: "EM", args: tuple, kwargs: dict) -> list:
+    """(site, location shape, parameter view shape) of every use of a scale parameter."""
+    trace, leaves = trace_model(em.model, em.structure, args, kwargs, log_prob="none")
+    weights = {s["name"]: torch.ones(()) for s in sample_sites(trace)}
+    uses = EM._find_closed_forms(trace, leaves, weights)
+    out = []
+    for p in em._phases([q for q, how in em._plan.items() if how == "closed"])[1]:
+        for use in uses[p]:
+            fn, _ = families.unwrap(trace.nodes[use.site]["fn"], torch.ones(()))
+            out.append((use.site, tuple(families.compact(fn.loc).shape), tuple(use.selection.shape)))
+    return out
 
 
 def _accumulate(sums: Dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
@@ -488,6 +584,7 @@ class _Chunking:
     n: int = 0
     positions: Tuple = ()
     why: str = ""
+    shift: Optional[bool] = None  # phase-2 statistics by shifting moments (see EM._streaming_step)
 
     def take(self, args: tuple, kwargs: dict, rows: slice):
         return (tuple(a[rows] if i in self.positions else a for i, a in enumerate(args)),

@@ -111,8 +111,8 @@ def _mvn_cov_stats(fn, w, x, reg, shape):
     eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
     w = w[..., None, None]
     den = reduce_product([w], shape)
-    loc = _compact(fn.loc)
-    if _overlap(loc.shape[:-1], _compact(x).shape[:-1]):
+    loc = compact(fn.loc)
+    if _overlap(loc.shape[:-1], compact(x).shape[:-1]):
         diff = x - loc  # the location varies with the data point itself
         num = reduce_product([w, diff.unsqueeze(-1), diff.unsqueeze(-2)], shape)
     else:
@@ -184,7 +184,7 @@ def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
     full = [1] * ndim
     subscripts, squeezed = [], []
     for t in operands:
-        t = _compact(t)
+        t = compact(t)
         sizes = (1,) * (ndim - t.dim()) + tuple(t.shape)
         letters = [i for i in range(ndim) if sizes[i] != 1]
         for i in letters:
@@ -206,7 +206,7 @@ def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
     return out.reshape(out.shape[ndim - len(shape):]).expand(shape)
 
 
-def _compact(t: torch.Tensor) -> torch.Tensor:
+def compact(t: torch.Tensor) -> torch.Tensor:
     """``t`` with every expanded (stride-0) dimension narrowed to size 1: a view, no copy."""
     index = tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
                   for size, stride in zip(t.shape, t.stride()))
@@ -332,6 +332,61 @@ def scatter_stats(use: Use, site: dict, weights: torch.Tensor, reg: float):
         return use.selection.vjp(num), (None if den is None else use.selection.vjp(den))
 
 
+# -- phase 2 while streaming: statistics about the old location, shifted to the new one -------------
+# For a location m that is the same for every data point i (mu_z), with sums over i,
+#     sum w (x - m')(x - m')^T = M2 - S delta^T - delta S^T + N delta delta^T,    delta = m' - m,
+# where M2 = sum w (x - m)(x - m)^T, S = sum w (x - m), N = sum w about the old m. So one pass over
+# the data (the E-step's) gives the scale statistics at the new location of the same M-step.
+def location_moments(use: Use, site: dict, weights: torch.Tensor):
+    """(M2, S, N) of a phase-2 use about its current location m, summed over every dimension along
+    which neither m nor the parameter varies; and m. Exact to shift only if m does not vary with the
+    data point (the caller checks that the shapes do not change with the number of rows)."""
+    with torch.no_grad():
+        fn, w = unwrap(site["fn"], weights)
+        x, loc = site["value"], compact(fn.loc)
+        event = 2 if use.rule.family is dist.MultivariateNormal else 0
+        target = use.selection.shape
+        inner = broadcast_shape(loc.shape[:loc.dim() - (event > 0)], target[:len(target) - event])
+        batch_dims = tuple(range(x.dim() - (event > 0)))
+        c = x.mean(batch_dims, keepdim=True) if batch_dims else x  # a reference point, for accuracy
+        xc, lc = x - c, loc - c
+        if event:
+            w2, w1 = w[..., None, None], w[..., None]
+            shape = inner + loc.shape[-1:] * 2
+            m2 = (reduce_product([w2, xc.unsqueeze(-1), xc.unsqueeze(-2)], shape)
+                  - reduce_product([w2, xc.unsqueeze(-1), lc.unsqueeze(-2)], shape)
+                  - reduce_product([w2, lc.unsqueeze(-1), xc.unsqueeze(-2)], shape)
+                  + reduce_product([w2, lc.unsqueeze(-1), lc.unsqueeze(-2)], shape))
+            s1 = reduce_product([w1, xc], shape[:-1]) - reduce_product([w1, lc], shape[:-1])
+        else:
+            m2 = (reduce_product([w, xc * xc], inner) - 2 * reduce_product([w, xc, lc], inner)
+                  + reduce_product([w, lc * lc], inner))
+            s1 = reduce_product([w, xc], inner) - reduce_product([w, lc], inner)
+        return (m2, s1, reduce_product([w], inner)), loc.detach()
+
+
+def shifted_stats(use: Use, moments, old_loc: torch.Tensor, new_loc: torch.Tensor, reg: float):
+    """S^T(numerator), S^T(denominator) of a phase-2 use at the new location, from its moments."""
+    with torch.no_grad():
+        m2, s1, n = moments
+        delta = new_loc.to(m2.dtype) - old_loc.to(m2.dtype)
+        if use.rule.family is dist.MultivariateNormal:
+            d = delta.shape[-1]
+            delta = delta.expand(s1.shape)
+            outer = s1.unsqueeze(-1) * delta.unsqueeze(-2)
+            eye = torch.eye(d, dtype=m2.dtype, device=m2.device)
+            n = n[..., None, None]
+            num = m2 - outer - outer.transpose(-1, -2) + n * delta.unsqueeze(-1) * delta.unsqueeze(-2) + reg * n * eye
+            den = n.expand(num.shape)
+        else:
+            num = m2 - 2 * delta * s1 + n * delta * delta + reg * n
+            den = n.expand(num.shape)
+        shape = use.selection.shape
+        num, den = reduce_product([num], shape), reduce_product([den], shape)
+        dtype = use.selection.tensor.dtype  # the selection's backward runs in the parameter's dtype
+        return use.selection.vjp(num.to(dtype)), use.selection.vjp(den.to(dtype))
+
+
 # -- fast log-densities --------------------------------------------------------------------------
 def log_prob(fn, value: torch.Tensor) -> torch.Tensor:
     """``fn.log_prob(value)``, through a GEMM fast path for a multivariate normal under enumeration.
@@ -350,8 +405,8 @@ def log_prob(fn, value: torch.Tensor) -> torch.Tensor:
 
 
 def _mvn_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:
-    loc, tril = _compact(fn.loc), fn._unbroadcasted_scale_tril
-    x = _compact(value)
+    loc, tril = compact(fn.loc), fn._unbroadcasted_scale_tril
+    x = compact(value)
     d = loc.shape[-1]
     params = broadcast_shape(loc.shape[:-1], tril.shape[:-2])
     ndim = max(len(params), x.dim() - 1)

@@ -307,7 +307,7 @@ def exact_log_px(model: Callable, args: tuple, kwargs: dict, n_data: int) -> Opt
     """(1/n) log p(x; theta) at the parameters in the store, by one exact E-step; None if intractable."""
     try:
         with poutine.block():
-            return float(EM(model).e_step(*args, **kwargs).log_evidence) / n_data
+            return EM(model).log_likelihood(*args, **kwargs) / n_data
     except ExactInferenceError:
         return None
 
