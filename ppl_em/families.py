@@ -248,6 +248,8 @@ class Selection:
         return grad
 
     def _leaf(self) -> torch.Tensor:
+        if self.tensor.grad_fn is None:
+            return self.tensor
         node = self.tensor.grad_fn
         while type(node).__name__ != "AccumulateGrad":
             node = next(n for n, _ in node.next_functions if n is not None)

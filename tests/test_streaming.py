@@ -1,0 +1,226 @@
+"""Streaming EM and the fast paths, against the unstreamed engine and brute force.
+
+Oracles: ``prod(...).sum_to_size`` for the einsum reduction, ``torch.distributions``' own
+MultivariateNormal.log_prob for the GEMM fast path, torch autograd for the selection vjp, and
+EM on the whole data (``chunk_size=None``) for EM on chunks: the M-step statistics are sums over
+data points, so both must give the same parameters after every step.
+"""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.distributions import constraints
+
+import ppl_em
+from ppl_em import families
+from ppl_em.models import REGISTRY, gmm
+from ppl_em.posterior import exact_posterior, inspect_model
+
+D = torch.float64
+
+
+# -- reduce_product --------------------------------------------------------------------------------
+@pytest.mark.parametrize("shapes, target", [
+    ([(4, 7, 1), (7, 3)], (4, 1, 3)),                 # sum_i w_j^(i) x^(i): a GEMM
+    ([(4, 7, 1, 1), (7, 3, 1), (7, 1, 3)], (4, 1, 3, 3)),  # sum_i w x x^T
+    ([(4, 7, 1, 1), (7, 3, 1), (7, 1, 3)], (3, 3)),        # tied: summed over components too
+    ([(4, 7, 1)], (4, 1, 5)),                          # the target is larger: expanded
+    ([(2, 1, 3), (1, 5, 3)], (2, 5, 3)),               # nothing summed
+    ([(6,), (6,)], ()),                                # a dot product
+])
+def test_reduce_product_equals_the_broadcast_product_summed(shapes, target):
+    g = torch.Generator().manual_seed(0)
+    ops = [torch.randn(s, generator=g, dtype=D) for s in shapes]
+    full = ops[0]
+    for t in ops[1:]:
+        full = full * t
+    expected = full.expand(torch.broadcast_shapes(full.shape, target)).sum_to_size(target)
+    assert torch.allclose(families.reduce_product(ops, target), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reduce_product_reads_expanded_operands_without_copying_them():
+    w = torch.rand(3, 1, dtype=D).expand(3, 10**7)  # 240 MB if it were materialised
+    x = torch.ones(10**7, dtype=D)
+    assert torch.allclose(families.reduce_product([w, x], (3, 1)), w[:, :1] * 10**7)
+
+
+# -- MultivariateNormal fast path -----------------------------------------------------------------
+@pytest.mark.parametrize("loc_shape, cov_shape, x_shape", [
+    ((4, 1, 3), (4, 1, 3, 3), (7, 3)),       # enumerated mu_z, Sigma_z against data rows
+    ((4, 1, 3), (3, 3), (7, 3)),             # tied Sigma
+    ((3,), (3, 3), (5, 3)),                  # one Gaussian
+    ((2, 1, 1, 3), (1, 1, 3, 3), (6, 1, 3)),  # several plates
+    ((5, 3), (5, 3, 3), (5, 3)),             # parameters vary per row: torch's own log_prob
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mvn_log_prob_fast_path_equals_torch(loc_shape, cov_shape, x_shape, dtype):
+    g = torch.Generator().manual_seed(1)
+    loc = torch.randn(loc_shape, generator=g, dtype=D)
+    b = torch.randn(cov_shape, generator=g, dtype=D)
+    cov = b @ b.transpose(-1, -2) + torch.eye(3, dtype=D)
+    fn = dist.MultivariateNormal(loc.to(dtype), cov.to(dtype))
+    x = torch.randn(x_shape, generator=g, dtype=D).to(dtype)
+    fast, slow = families.log_prob(fn, x), fn.log_prob(x)
+    assert fast.shape == slow.shape and fast.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(fast, slow, rtol=tol, atol=tol)
+
+
+# -- selection vjp ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("covariance_type", gmm.COVARIANCE_TYPES)
+def test_selection_vjp_equals_autograd(covariance_type):
+    x = REGISTRY["gmm"]["make_data"](0)[0][0]
+    model_args = (x, 3, None, covariance_type)
+    post = exact_posterior(gmm.model, inspect_model(gmm.model, model_args, {}), model_args, {})
+    by_id = {id(leaf): name for name, leaf in post.leaves.items()}
+    found = 0
+    for site in post.trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        for use in families.find_uses(site, post.weights[site["name"]], by_id):
+            u = torch.randn(use.selection.shape, dtype=D)
+            assert torch.allclose(use.selection.vjp(u), use.selection._vjp_by_autograd(u), rtol=1e-12, atol=1e-12)
+            found += 1
+    assert found == 3  # phi at z; mu and Sigma at x
+
+
+# -- streaming EM equals EM on the whole data ------------------------------------------------------
+def _run(model, args, kwargs, chunk_size, steps=4, **options):
+    pyro.clear_param_store()
+    em = ppl_em.EM(model, chunk_size=chunk_size, **options)
+    losses = [em.step(*args, **kwargs) for _ in range(steps)]
+    return em, losses, em.params
+
+
+def _assert_same_fit(model, args, kwargs, chunk_size, **options):
+    whole, whole_losses, whole_params = _run(model, args, kwargs, None, **options)
+    em, losses, params = _run(model, args, kwargs, chunk_size, **options)
+    assert em.chunking.startswith("streams"), em.chunking
+    assert torch.allclose(torch.tensor(losses), torch.tensor(whole_losses), rtol=1e-12, atol=1e-9)
+    assert params.keys() == whole_params.keys()
+    for name in params:
+        assert torch.allclose(params[name], whole_params[name], rtol=1e-10, atol=1e-12), name
+    return em
+
+
+@pytest.mark.parametrize("covariance_type", gmm.COVARIANCE_TYPES)
+def test_streaming_gmm_equals_whole_data(covariance_type):
+    x = REGISTRY["gmm"]["make_data"](0)[0][0]
+    em = _assert_same_fit(gmm.model, (x, 3), {"covariance_type": covariance_type}, chunk_size=40)
+    assert em._chunks.shift  # mu_z is shared by all rows: Sigma's statistics are shifted, one pass
+
+
+def test_streaming_semi_supervised_gmm_splits_labels_too():
+    x = REGISTRY["gmm"]["make_data"](1)[0][0]
+    labels = (x[:, 0] > 0).long() + (x[:, 1] > 1.5).long()
+    mask = torch.arange(len(x)) % 3 == 0
+    _assert_same_fit(gmm.model, (x, 3), {"labels": labels, "labels_mask": mask}, chunk_size=50)
+
+
+@pytest.mark.parametrize("name", ["bernoulli_mixture", "poisson_mixture", "topic", "hmm"])
+def test_streaming_other_models_equals_whole_data(name):
+    entry = REGISTRY[name]
+    args, kwargs = entry["make_data"](0)
+    chunk = 2 if name == "hmm" else 40  # the HMM streams whole sequences: 4 of them
+    _assert_same_fit(entry["model"], args, kwargs, chunk_size=chunk)
+
+
+def test_streaming_hard_em_equals_whole_data():
+    x = REGISTRY["kmeans"]["make_data"](0)[0][0]
+    _assert_same_fit(REGISTRY["kmeans"]["model"], (x, 3), {}, chunk_size=32, posterior="hard")
+
+
+def group_means(x, group, k=2, groups=2):
+    """x^(i) ~ N(mu[z, g_i], sigma_z): the location varies with the data point's group."""
+    phi = pyro.param("phi", torch.ones(k, dtype=D) / k, constraint=constraints.simplex)
+    mu = pyro.param("mu", torch.tensor([[-1.0, 0.0], [1.0, 2.0]], dtype=D))
+    sigma = pyro.param("sigma", torch.ones(k, dtype=D), constraint=constraints.positive)
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(phi))
+        pyro.sample("x", dist.Normal(mu[z, group], sigma[z]), obs=x)
+
+
+def test_streaming_with_a_per_row_location_takes_a_second_pass():
+    g = torch.Generator().manual_seed(3)
+    group = torch.randint(0, 2, (300,), generator=g)
+    z = torch.randint(0, 2, (300,), generator=g)
+    truth = torch.tensor([[-2.0, 0.5], [2.0, 3.0]], dtype=D)
+    x = truth[z, group] + 0.5 * torch.randn(300, generator=g, dtype=D)
+    em = _assert_same_fit(group_means, (x, group), {}, chunk_size=64)
+    assert em._chunks.shift is False
+
+
+def test_log_likelihood_streams_and_equals_the_e_step():
+    x = REGISTRY["gmm"]["make_data"](0)[0][0]
+    em = ppl_em.EM(gmm.model, chunk_size=32)
+    em.step(x, 3)
+    assert em.log_likelihood(x, 3) == pytest.approx(float(em.e_step(x, 3).log_evidence), rel=1e-12)
+
+
+def test_float32_data_streams_with_float64_statistics():
+    x = REGISTRY["gmm"]["make_data"](0)[0][0]
+    _, _, p64 = _run(gmm.model, (x, 3), {}, 40, steps=10)
+    em, _, p32 = _run(gmm.model, (x.float(), 3), {}, 40, steps=10)
+    assert all(v.dtype == torch.float32 for v in p32.values())
+    for name in p64:
+        assert torch.allclose(p32[name].double(), p64[name], rtol=1e-4, atol=1e-4), name
+
+
+# -- what cannot stream says why ------------------------------------------------------------------
+def normalised(x, k=2):
+    """Standardises its data as a whole: rows are not independent of each other."""
+    x = (x - x.mean(0)) / x.std(0)
+    phi = pyro.param("phi", torch.ones(k, dtype=D) / k, constraint=constraints.simplex)
+    mu = pyro.param("mu", torch.tensor([-1.0, 1.0], dtype=D))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(phi))
+        pyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+
+
+def shared_scale(x, k=2):
+    """A transformed scale has no closed form: its M-step is by gradient."""
+    phi = pyro.param("phi", torch.ones(k, dtype=D) / k, constraint=constraints.simplex)
+    mu = pyro.param("mu", torch.tensor([-1.0, 1.0], dtype=D))
+    log_s = pyro.param("log_s", torch.tensor(0.0, dtype=D))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(phi))
+        pyro.sample("x", dist.Normal(mu[z], log_s.exp()), obs=x)
+
+
+@pytest.mark.parametrize("model, expected", [
+    (normalised, "differs from the sum over two halves"),
+    (shared_scale, "gradient M-step"),
+])
+def test_a_model_that_cannot_stream_refuses_an_explicit_chunk_size(model, expected):
+    x = torch.cat([torch.randn(100, dtype=D) - 2, torch.randn(100, dtype=D) + 2])
+    with pytest.raises(ValueError, match=expected):
+        ppl_em.EM(model, chunk_size=50).step(x)
+    pyro.clear_param_store()
+    em = ppl_em.EM(model, chunk_size="auto")
+    em.step(x)
+    assert em.chunking.startswith("no streaming") or "one chunk" in em.chunking
+
+
+def test_hmm_chain_cannot_be_split_inside_a_sequence():
+    x = REGISTRY["hmm"]["make_data"](0)[0][0][0]  # one sequence (8, 2): the chain couples its rows
+    with pytest.raises(ValueError, match="cannot be streamed exactly"):
+        ppl_em.EM(REGISTRY["hmm"]["model"], chunk_size=4).step(x, 2)
+
+
+def test_auto_chunking_streams_large_data_only(monkeypatch):
+    monkeypatch.setattr(ppl_em.em, "CHUNK_ELEMENTS", 2**12)  # chunks of 1024 rows, the least
+    x_small = REGISTRY["gmm"]["make_data"](0)[0][0]
+    em = ppl_em.EM(gmm.model)
+    em.step(x_small, 3)
+    assert "fit in one chunk" in em.chunking
+    x_large = x_small.repeat(40, 1)  # 6000 rows of 2-d data, 3 components: several chunks
+    pyro.clear_param_store()
+    em = ppl_em.EM(gmm.model)
+    em.step(x_large, 3)
+    assert em.chunking.startswith("streams") and em._chunks.rows < len(x_large)
+
+
+def test_invalid_chunk_size_is_rejected():
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        ppl_em.EM(gmm.model, chunk_size=0)
