@@ -43,7 +43,7 @@ __all__ = ["EM", "NonFiniteParameterError"]
 # whitened data of a Gaussian mixture's E-step) has about this many elements, 16 MB in float64.
 # Larger blocks measured slower here: each fresh allocation above glibc's mmap threshold (32 MB
 # at most) is mapped and page-faulted anew.
-CHUNK_ELEMENTS = 2**21
+CHUNK_ELEMENTS = 2**22
 
 
 class NonFiniteParameterError(FloatingPointError):

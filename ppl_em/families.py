@@ -116,17 +116,61 @@ def _mvn_cov_stats(fn, w, x, reg, shape):
         diff = x - loc  # the location varies with the data point itself
         num = reduce_product([w, diff.unsqueeze(-1), diff.unsqueeze(-2)], shape)
     else:
-        # mu_z is the same for every data point: expand (x - mu)(x - mu)^T about a reference c (the
-        # data mean, for accuracy) so that the data enter only through sum_i w (x - c)(x - c)^T, one
-        # GEMM, and no (k, n, d) difference tensor is formed.
-        batch_dims = tuple(range(x.dim() - 1))
-        c = x.mean(batch_dims, keepdim=True) if batch_dims else x
-        xc, lc = x - c, loc - c
-        num = (reduce_product([w, xc.unsqueeze(-1), xc.unsqueeze(-2)], shape)
-               - reduce_product([w, xc.unsqueeze(-1), lc.unsqueeze(-2)], shape)
-               - reduce_product([w, lc.unsqueeze(-1), xc.unsqueeze(-2)], shape)
-               + reduce_product([w, lc.unsqueeze(-1), lc.unsqueeze(-2)], shape))
+        num = second_moment(w, x, loc, shape).to(x.dtype)
     return num + reg * den * eye, den
+
+
+def second_moment(w: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, shape) -> torch.Tensor:
+    """sum over the summed dims of w (x - m)(x - m)^T, for a location m shared by all data points.
+
+    Expanded about the data mean c (for accuracy) as
+    sum w (x-c)(x-c)^T - sum w (x-c)(m-c)^T - its transpose + sum w (m-c)(m-c)^T, so the data
+    enter only through the packed products (x-c)_a (x-c)_b, a <= b, in one GEMM with the weights
+    (the exponential family's sufficient statistic T(x)); no (k, n, d) difference is formed.
+    ``w`` has trailing dims (1, 1); float32 data give float64 sums.
+    """
+    c, xc, products = centred_features(x)[:3]
+    d = xc.shape[-1]
+    w, lc = w.to(xc.dtype), loc.to(xc.dtype) - c
+    packed = reduce_product([w[..., 0], products], tuple(shape[:-2]) + (products.shape[-1],))
+    m_xl = reduce_product([w, xc.unsqueeze(-1), lc.unsqueeze(-2)], shape)
+    m_ll = reduce_product([w, lc.unsqueeze(-1), lc.unsqueeze(-2)], shape)
+    return _unpack_symmetric(packed, d) - m_xl - m_xl.transpose(-1, -2) + m_ll
+
+
+_FEATURES: list = []  # the last (data tensor, its version, features): E-step and M-step share them
+
+
+def centred_features(x: torch.Tensor):
+    """(c, x - c, packed (x - c)_a (x - c)_b for a <= b) of data rows x (..., d), c their mean,
+    and the last two flattened and transposed: (d, N) and (d(d+1)/2, N) for N rows.
+
+    Computed in float64 for float32 data. Cached for the last data tensor seen (by identity and
+    in-place version), since a chunk's E-step and M-step use the same rows.
+    """
+    x = compact(x)
+    if _FEATURES and _FEATURES[0][0] is x and _FEATURES[0][1] == x._version:
+        return _FEATURES[0][2]
+    xx = x.double() if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x
+    batch_dims = tuple(range(xx.dim() - 1))
+    c = xx.mean(batch_dims, keepdim=True) if batch_dims else xx
+    xc = xx - c
+    d = xc.shape[-1]
+    # Built as (d(d+1)/2, rows) from contiguous columns (a gather on the last dim is many times
+    # slower), in the order of torch.triu_indices; returned as a (..., d(d+1)/2) view.
+    cols = xc.reshape(-1, d).T.contiguous()  # (d, N)
+    packed_t = torch.cat([cols[a:a + 1] * cols[a:] for a in range(d)])  # (d(d+1)/2, N)
+    features = (c, xc, packed_t.T.reshape(xc.shape[:-1] + (-1,)), cols, packed_t)
+    _FEATURES[:] = [(x, x._version, features)]
+    return features
+
+
+def _unpack_symmetric(packed: torch.Tensor, d: int) -> torch.Tensor:
+    rows, cols = torch.triu_indices(d, d, device=packed.device)
+    out = packed.new_zeros(packed.shape[:-1] + (d, d))
+    out[..., rows, cols] = packed
+    out[..., cols, rows] = packed
+    return out
 
 
 def _overlap(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
@@ -346,25 +390,21 @@ def location_moments(use: Use, site: dict, weights: torch.Tensor):
     with torch.no_grad():
         fn, w = unwrap(site["fn"], weights)
         x, loc = site["value"], compact(fn.loc)
-        event = 2 if use.rule.family is dist.MultivariateNormal else 0
         target = use.selection.shape
-        inner = broadcast_shape(loc.shape[:loc.dim() - (event > 0)], target[:len(target) - event])
-        batch_dims = tuple(range(x.dim() - (event > 0)))
-        c = x.mean(batch_dims, keepdim=True) if batch_dims else x  # a reference point, for accuracy
-        xc, lc = x - c, loc - c
-        if event:
-            w2, w1 = w[..., None, None], w[..., None]
+        if use.rule.family is dist.MultivariateNormal:
+            inner = broadcast_shape(loc.shape[:-1], target[:-2])
             shape = inner + loc.shape[-1:] * 2
-            m2 = (reduce_product([w2, xc.unsqueeze(-1), xc.unsqueeze(-2)], shape)
-                  - reduce_product([w2, xc.unsqueeze(-1), lc.unsqueeze(-2)], shape)
-                  - reduce_product([w2, lc.unsqueeze(-1), xc.unsqueeze(-2)], shape)
-                  + reduce_product([w2, lc.unsqueeze(-1), lc.unsqueeze(-2)], shape))
-            s1 = reduce_product([w1, xc], shape[:-1]) - reduce_product([w1, lc], shape[:-1])
-        else:
+            m2 = second_moment(w[..., None, None], x, loc, shape)
+            w1, x, loc = w[..., None].to(m2.dtype), x.to(m2.dtype), loc.to(m2.dtype)
+            s1 = reduce_product([w1, x], shape[:-1]) - reduce_product([w1, loc], shape[:-1])
+        else:  # an elementwise family (Normal): every dimension is a batch dimension
+            inner = broadcast_shape(loc.shape, target)
+            c = x.mean(tuple(range(x.dim())), keepdim=True)  # a reference point, for accuracy
+            xc, lc = x - c, loc - c
             m2 = (reduce_product([w, xc * xc], inner) - 2 * reduce_product([w, xc, lc], inner)
                   + reduce_product([w, lc * lc], inner))
             s1 = reduce_product([w, xc], inner) - reduce_product([w, lc], inner)
-        return (m2, s1, reduce_product([w], inner)), loc.detach()
+        return (m2, s1, reduce_product([w.to(m2.dtype)], inner)), loc.detach()
 
 
 def shifted_stats(use: Use, moments, old_loc: torch.Tensor, new_loc: torch.Tensor, reg: float):
@@ -418,18 +458,44 @@ def _mvn_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:
         return None  # parameters and data vary along a common dimension: no shared GEMM
     p_dims = [i for i in range(ndim) if p_sizes[i] != 1]
     x_dims = [i for i in range(ndim) if x_sizes[i] != 1]
-    # A_z = L_z^{-1} stacked side by side: (d, K d); y = x A^T - L^{-1} mu for every (x row, z) at once.
     eye = torch.eye(d, dtype=tril.dtype, device=tril.device)
     inv = torch.linalg.solve_triangular(tril.expand(params + (d, d)), eye, upper=False).reshape(-1, d, d)
-    shift = (inv @ loc.expand(params + (d,)).reshape(-1, d, 1)).reshape(1, -1)  # (1, K d)
-    rows = x.reshape(-1, d)  # (N, d)
-    white = torch.addmm(shift, rows, inv.transpose(-1, -2).permute(1, 0, 2).reshape(d, -1), alpha=1, beta=-1)
-    maha = torch.linalg.vector_norm(white.view(rows.shape[0], -1, d), dim=-1).square()  # (N, K)
-    half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1).expand(params).reshape(1, -1)
-    out = -0.5 * (d * math.log(2 * math.pi) + maha) - half_log_det  # (N, K)
-    # Back to the broadcast layout: data dims and parameter dims interleaved as in ndim.
-    out = out.reshape([x_sizes[i] for i in x_dims] + [p_sizes[i] for i in p_dims])
-    order = x_dims + p_dims
+    mu = loc.expand(params + (d,)).reshape(-1, d)  # (K, d)
+    maha = _maha_by_features(x, inv, mu)
+    if maha is None:
+        maha = _maha_by_whitening(x.reshape(-1, d), inv, mu).T
+    half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1).expand(params).reshape(-1, 1)
+    out = -0.5 * (d * math.log(2 * math.pi) + maha.to(half_log_det.dtype)) - half_log_det  # (K, N)
+    # Back to the broadcast layout: parameter dims and data dims interleaved as in ndim.
+    out = out.reshape([p_sizes[i] for i in p_dims] + [x_sizes[i] for i in x_dims])
+    order = p_dims + x_dims
     out = out.permute([order.index(i) for i in sorted(order)])
     out = out.reshape([max(p_sizes[i], x_sizes[i]) for i in range(ndim)])
     return out.expand(broadcast_shape(out.shape, broadcast_shape(fn.batch_shape, value.shape[:-1])))
+
+
+def _maha_by_whitening(rows: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """||L_z^{-1} x - L_z^{-1} mu_z||^2 for all (row, z): one (N, d) x (d, K d) product. (N, K)."""
+    d = rows.shape[-1]
+    shift = (inv @ mu.unsqueeze(-1)).reshape(1, -1)  # (1, K d)
+    white = torch.addmm(shift, rows, inv.transpose(-1, -2).permute(1, 0, 2).reshape(d, -1), beta=-1)
+    return torch.linalg.vector_norm(white.view(rows.shape[0], -1, d), dim=-1).square()
+
+
+def _maha_by_features(x: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor) -> Optional[torch.Tensor]:
+    """(x - mu_z)^T P_z (x - mu_z) = <T(x - c), eta_z> for all (z, row), P_z = Sigma_z^{-1}: the
+    exponential-family form, one (K, d(d+1)/2) x (d(d+1)/2, N) product on the packed products of
+    the centred rows (shared with the M-step). None where cancellation could cost accuracy:
+    |x - c|^2 ||P_z|| must stay below 1e6 (the whitened form is used there instead)."""
+    c, xc, _, cols, rows = centred_features(x)
+    d = xc.shape[-1]
+    inv = inv.to(xc.dtype)
+    if float(xc.square().sum(-1).max()) * float(inv.detach().square().sum((-1, -2)).max()) > 1e6:
+        return None
+    precision = inv.transpose(-1, -2) @ inv  # (K, d, d)
+    lc = mu.to(xc.dtype) - c.reshape(1, d)  # (K, d)
+    i, j = torch.triu_indices(d, d, device=xc.device)
+    quad = precision[:, i, j] * torch.where(i == j, 1.0, 2.0).to(xc.dtype)  # (K, q)
+    plc = (precision @ lc.unsqueeze(-1)).squeeze(-1)  # (K, d)
+    maha = torch.addmm((plc * lc).sum(-1, keepdim=True), quad, rows)  # (K, N)
+    return maha.addmm_(plc, cols, alpha=-2)
