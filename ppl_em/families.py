@@ -115,27 +115,32 @@ def _mvn_cov_stats(fn, w, x, reg, shape):
     if _overlap(loc.shape[:-1], compact(x).shape[:-1]):
         diff = x - loc  # the location varies with the data point itself
         num = reduce_product([w, diff.unsqueeze(-1), diff.unsqueeze(-2)], shape)
-    else:
-        num = second_moment(w, x, loc, shape).to(x.dtype)
+    else:  # mu_z shared by every data point: moments through the sufficient statistics, then summed
+        inner = broadcast_shape(loc.shape[:-1], shape[:-2])
+        num = reduce_product([gaussian_moments(w[..., 0, 0], x, loc, inner)[0]], shape).to(x.dtype)
     return num + reg * den * eye, den
 
 
-def second_moment(w: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, shape) -> torch.Tensor:
-    """sum over the summed dims of w (x - m)(x - m)^T, for a location m shared by all data points.
+def gaussian_moments(w: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, inner):
+    """M2 = sum w (x - m)(x - m)^T, S = sum w (x - m), N = sum w, summed to batch shape ``inner``,
+    for a location m (``loc``, (..., d)) shared by all data points, that varies only along dims
+    that ``inner`` keeps. Returns (M2 (inner, d, d), S (inner, d), N (inner)); float64 for float32 data.
 
-    Expanded about the data mean c (for accuracy) as
-    sum w (x-c)(x-c)^T - sum w (x-c)(m-c)^T - its transpose + sum w (m-c)(m-c)^T, so the data
-    enter only through the packed products (x-c)_a (x-c)_b, a <= b, in one GEMM with the weights
-    (the exponential family's sufficient statistic T(x)); no (k, n, d) difference is formed.
-    ``w`` has trailing dims (1, 1); float32 data give float64 sums.
+    The data enter only through sum w (x - c) and the packed products sum w (x - c)_a (x - c)_b,
+    a <= b (the Gaussian's sufficient statistic T(x) about the data mean c, for accuracy): two
+    GEMMs with the weights, no (k, n, d) difference; the location comes in afterwards, as
+    x - m = (x - c) - (m - c).
     """
     c, xc, products = centred_features(x)[:3]
-    d = xc.shape[-1]
-    w, lc = w.to(xc.dtype), loc.to(xc.dtype) - c
-    packed = reduce_product([w[..., 0], products], tuple(shape[:-2]) + (products.shape[-1],))
-    m_xl = reduce_product([w, xc.unsqueeze(-1), lc.unsqueeze(-2)], shape)
-    m_ll = reduce_product([w, lc.unsqueeze(-1), lc.unsqueeze(-2)], shape)
-    return _unpack_symmetric(packed, d) - m_xl - m_xl.transpose(-1, -2) + m_ll
+    d, inner = xc.shape[-1], tuple(inner)
+    w = w.to(xc.dtype)
+    n = reduce_product([w], inner)
+    s_c = reduce_product([w.unsqueeze(-1), xc], inner + (d,))
+    m_c = _unpack_symmetric(reduce_product([w.unsqueeze(-1), products], inner + (products.shape[-1],)), d)
+    lc = (loc.to(xc.dtype) - c).expand(inner + (d,))
+    n1, outer = n.unsqueeze(-1), s_c.unsqueeze(-1) * lc.unsqueeze(-2)
+    m2 = m_c - outer - outer.transpose(-1, -2) + n1.unsqueeze(-1) * lc.unsqueeze(-1) * lc.unsqueeze(-2)
+    return m2, s_c - n1 * lc, n
 
 
 _FEATURES: list = []  # the last (data tensor, its version, features): E-step and M-step share them
@@ -392,19 +397,15 @@ def location_moments(use: Use, site: dict, weights: torch.Tensor):
         x, loc = site["value"], compact(fn.loc)
         target = use.selection.shape
         if use.rule.family is dist.MultivariateNormal:
-            inner = broadcast_shape(loc.shape[:-1], target[:-2])
-            shape = inner + loc.shape[-1:] * 2
-            m2 = second_moment(w[..., None, None], x, loc, shape)
-            w1, x, loc = w[..., None].to(m2.dtype), x.to(m2.dtype), loc.to(m2.dtype)
-            s1 = reduce_product([w1, x], shape[:-1]) - reduce_product([w1, loc], shape[:-1])
-        else:  # an elementwise family (Normal): every dimension is a batch dimension
-            inner = broadcast_shape(loc.shape, target)
-            c = x.mean(tuple(range(x.dim())), keepdim=True)  # a reference point, for accuracy
-            xc, lc = x - c, loc - c
-            m2 = (reduce_product([w, xc * xc], inner) - 2 * reduce_product([w, xc, lc], inner)
-                  + reduce_product([w, lc * lc], inner))
-            s1 = reduce_product([w, xc], inner) - reduce_product([w, lc], inner)
-        return (m2, s1, reduce_product([w.to(m2.dtype)], inner)), loc.detach()
+            return gaussian_moments(w, x, loc, broadcast_shape(loc.shape[:-1], target[:-2])), loc.detach()
+        # An elementwise family (Normal): every dimension is a batch dimension.
+        inner = broadcast_shape(loc.shape, target)
+        c = x.mean(tuple(range(x.dim())), keepdim=True)  # a reference point, for accuracy
+        xc, lc = x - c, loc - c
+        m2 = (reduce_product([w, xc * xc], inner) - 2 * reduce_product([w, xc, lc], inner)
+              + reduce_product([w, lc * lc], inner))
+        s1 = reduce_product([w, xc], inner) - reduce_product([w, lc], inner)
+        return (m2, s1, reduce_product([w], inner)), loc.detach()
 
 
 def shifted_stats(use: Use, moments, old_loc: torch.Tensor, new_loc: torch.Tensor, reg: float):
