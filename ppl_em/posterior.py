@@ -176,6 +176,8 @@ def _compute_log_prob(tr: Trace) -> None:
     for site in sample_sites(tr):
         if "log_prob" not in site and not site["args"] and not site["kwargs"]:
             log_p = families.log_prob(site["fn"], site["value"])
+            if not torch.is_grad_enabled():  # Pyro's Categorical returns a view of its (graph-carrying) logits
+                log_p = log_p.detach()
             site["unscaled_log_prob"] = log_p
             site["log_prob"] = scale_and_mask(log_p, site["scale"], site["mask"])
             site["log_prob_sum"] = site["log_prob"].sum()
@@ -243,6 +245,35 @@ def _contract(tr: Trace, probes: Dict[str, torch.Tensor], ring) -> torch.Tensor:
     if not tree:
         return torch.zeros(())
     return contract_to_tensor(tree, sum_dims, target_ordinal=frozenset(), ring=ring)
+
+
+def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+    """The probe gradients in closed form, for the commonest structure: one enumerated latent z^(i)
+    per data point and every site in the same plates (a mixture). Then
+
+        log p(x) = sum_i log sum_j exp(sum_s log p_s(x^(i), z^(i) = j)),
+        w_j^(i) = exp(sum_s log p_s(x^(i), j) - log p(x^(i)))   (the responsibilities),
+
+    which is what the general contraction and its backward pass compute, in a few passes over
+    the (k, n) table instead of a log-einsum and autograd. None for any other structure.
+    """
+    sites = [s for s in sample_sites(tr) if not s["infer"].get("_map_site")]
+    latents = [s for s in sites if s["infer"].get("_enumerate_dim") is not None]
+    if len(latents) != 1 or len({_ordinal(tr, s) for s in sites}) != 1:
+        return None
+    dim = latents[0]["infer"]["_enumerate_dim"]
+    terms = {s["name"]: masked_log_prob(s, fill=_masked_fill_value(s, LogRing())) for s in sites}
+    total = sum(terms.values())
+    lse = torch.logsumexp(total, dim=dim, keepdim=True)
+    post = torch.exp(total - lse)
+    if scale != 1.0:
+        post = post * scale
+    weights = {s["name"]: torch.ones_like(masked_log_prob(s)) for s in sample_sites(tr)}
+    for site in sites:
+        w = post.sum_to_size(terms[site["name"]].shape).to(terms[site["name"]].dtype)
+        # A masked position has no factor, so its probe has no gradient (see masked_log_prob).
+        weights[site["name"]] = masked_log_prob(dict(site, unscaled_log_prob=w))
+    return lse.sum() * scale, weights
 
 
 @dataclass
@@ -364,19 +395,24 @@ def exact_posterior(
     """
     tr, leaves = trace_model(model, structure, args, kwargs, log_prob="value")
     sites = sample_sites(tr)
-    probes = {s["name"]: torch.zeros_like(masked_log_prob(s)).requires_grad_() for s in sites}
     scale = _common_scale(tr)
-    log_z = _contract(tr, probes, LogRing()) * scale
-    objective = log_z
-    ring_probes = probes
-    if mode == "hard":
-        ring_probes = {k: torch.zeros_like(v).requires_grad_() for k, v in probes.items()}
-        objective = _contract(tr, ring_probes, MapRing()) * scale
-    names = list(ring_probes)
-    grads = torch.autograd.grad(objective, [ring_probes[k] for k in names], allow_unused=True) \
-        if objective.requires_grad else [None] * len(names)
-    weights = {k: (torch.ones_like(ring_probes[k]) if g is None else g.detach())
-               for k, g in zip(names, grads)}
+    single = _one_latent_posterior(tr, scale) if mode == "exact" else None
+    if single is not None:
+        log_z, weights = single
+        objective = log_z
+    else:
+        probes = {s["name"]: torch.zeros_like(masked_log_prob(s)).requires_grad_() for s in sites}
+        log_z = _contract(tr, probes, LogRing()) * scale
+        objective = log_z
+        ring_probes = probes
+        if mode == "hard":
+            ring_probes = {k: torch.zeros_like(v).requires_grad_() for k, v in probes.items()}
+            objective = _contract(tr, ring_probes, MapRing()) * scale
+        names = list(ring_probes)
+        grads = torch.autograd.grad(objective, [ring_probes[k] for k in names], allow_unused=True) \
+            if objective.requires_grad else [None] * len(names)
+        weights = {k: (torch.ones_like(ring_probes[k]) if g is None else g.detach())
+                   for k, g in zip(names, grads)}
     log_prior = sum((masked_log_prob(s).sum() for s in sites if s["infer"].get("_map_site")), torch.zeros(()))
     return Posterior(
         log_evidence=log_z.detach(),

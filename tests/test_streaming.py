@@ -224,3 +224,26 @@ def test_auto_chunking_streams_large_data_only(monkeypatch):
 def test_invalid_chunk_size_is_rejected():
     with pytest.raises(ValueError, match="chunk_size must be"):
         ppl_em.EM(gmm.model, chunk_size=0)
+
+
+# -- the one-latent closed form of the probe gradients -------------------------------------------
+@pytest.mark.parametrize("name", ["gmm", "gmm_semi_supervised", "poisson_mixture", "bernoulli_mixture", "topic"])
+def test_one_latent_posterior_equals_the_general_contraction(name, monkeypatch):
+    from ppl_em import posterior
+    if name == "gmm_semi_supervised":
+        x = REGISTRY["gmm"]["make_data"](0)[0][0]
+        model, args = gmm.model, (x, 3)
+        kwargs = {"labels": (x[:, 0] > 0).long(), "labels_mask": torch.arange(len(x)) % 4 == 0}
+    else:
+        model = REGISTRY[name]["model"]
+        args, kwargs = REGISTRY[name]["make_data"](0)
+    structure = inspect_model(model, args, kwargs)
+    fast = exact_posterior(model, structure, args, kwargs)
+    assert posterior._one_latent_posterior(fast.trace, 1.0) is not None  # the fast path applies here
+    monkeypatch.setattr(posterior, "_one_latent_posterior", lambda tr, scale: None)
+    general = exact_posterior(model, structure, args, kwargs)
+    assert torch.allclose(fast.log_evidence, general.log_evidence, rtol=1e-13)
+    assert fast.weights.keys() == general.weights.keys()
+    for site, w in general.weights.items():
+        assert fast.weights[site].shape == w.shape, site
+        assert torch.allclose(fast.weights[site], w, rtol=1e-10, atol=1e-13), site
