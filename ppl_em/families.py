@@ -131,13 +131,13 @@ def gaussian_moments(w: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, inner)
     GEMMs with the weights, no (k, n, d) difference; the location comes in afterwards, as
     x - m = (x - c) - (m - c).
     """
-    c, xc, products = centred_features(x)[:3]
-    d, inner = xc.shape[-1], tuple(inner)
-    w = w.to(xc.dtype)
+    c, stats = centred_features(x)[:2]
+    d, inner = c.shape[-1], tuple(inner)
+    w = w.to(c.dtype)
     n = reduce_product([w], inner)
-    s_c = reduce_product([w.unsqueeze(-1), xc], inner + (d,))
-    m_c = _unpack_symmetric(reduce_product([w.unsqueeze(-1), products], inner + (products.shape[-1],)), d)
-    lc = (loc.to(xc.dtype) - c).expand(inner + (d,))
+    sums = reduce_product([w.unsqueeze(-1), stats], inner + (stats.shape[-1],))  # one GEMM
+    m_c, s_c = _unpack_symmetric(sums[..., :-d], d), sums[..., -d:]
+    lc = (loc.to(c.dtype) - c).expand(inner + (d,))
     n1, outer = n.unsqueeze(-1), s_c.unsqueeze(-1) * lc.unsqueeze(-2)
     m2 = m_c - outer - outer.transpose(-1, -2) + n1.unsqueeze(-1) * lc.unsqueeze(-1) * lc.unsqueeze(-2)
     return m2, s_c - n1 * lc, n
@@ -147,8 +147,9 @@ _FEATURES: list = []  # the last (data tensor, its version, features): E-step an
 
 
 def centred_features(x: torch.Tensor):
-    """(c, x - c, packed (x - c)_a (x - c)_b for a <= b) of data rows x (..., d), c their mean,
-    and the last two flattened and transposed: (d, N) and (d(d+1)/2, N) for N rows.
+    """The Gaussian's sufficient statistic T(x - c) = [packed (x - c)_a (x - c)_b for a <= b, x - c]
+    of data rows x (..., d) about their mean c: returns (c, T (..., q + d), T^T (q + d, N)) for
+    N rows, q = d(d+1)/2.
 
     Computed in float64 for float32 data. Cached for the last data tensor seen (by identity and
     in-place version), since a chunk's E-step and M-step use the same rows.
@@ -161,11 +162,11 @@ def centred_features(x: torch.Tensor):
     c = xx.mean(batch_dims, keepdim=True) if batch_dims else xx
     xc = xx - c
     d = xc.shape[-1]
-    # Built as (d(d+1)/2, rows) from contiguous columns (a gather on the last dim is many times
-    # slower), in the order of torch.triu_indices; returned as a (..., d(d+1)/2) view.
+    # Built as (q + d, N) from contiguous columns (a gather on the last dim is many times
+    # slower), the products in the order of torch.triu_indices.
     cols = xc.reshape(-1, d).T.contiguous()  # (d, N)
-    packed_t = torch.cat([cols[a:a + 1] * cols[a:] for a in range(d)])  # (d(d+1)/2, N)
-    features = (c, xc, packed_t.T.reshape(xc.shape[:-1] + (-1,)), cols, packed_t)
+    stats_t = torch.cat([cols[a:a + 1] * cols[a:] for a in range(d)] + [cols])  # (q + d, N)
+    features = (c, stats_t.T.reshape(xc.shape[:-1] + (-1,)), stats_t)
     _FEATURES[:] = [(x, x._version, features)]
     return features
 
@@ -488,15 +489,16 @@ def _maha_by_features(x: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor) -> O
     exponential-family form, one (K, d(d+1)/2) x (d(d+1)/2, N) product on the packed products of
     the centred rows (shared with the M-step). None where cancellation could cost accuracy:
     |x - c|^2 ||P_z|| must stay below 1e6 (the whitened form is used there instead)."""
-    c, xc, _, cols, rows = centred_features(x)
-    d = xc.shape[-1]
-    inv = inv.to(xc.dtype)
-    if float(xc.square().sum(-1).max()) * float(inv.detach().square().sum((-1, -2)).max()) > 1e6:
+    c, _, stats_t = centred_features(x)
+    d = c.shape[-1]
+    rows, cols = stats_t[:-d], stats_t[-d:]  # (q, N), (d, N)
+    inv = inv.to(c.dtype)
+    if float(cols.square().sum(0).max()) * float(inv.detach().square().sum((-1, -2)).max()) > 1e6:
         return None
     precision = inv.transpose(-1, -2) @ inv  # (K, d, d)
-    lc = mu.to(xc.dtype) - c.reshape(1, d)  # (K, d)
-    i, j = torch.triu_indices(d, d, device=xc.device)
-    quad = precision[:, i, j] * torch.where(i == j, 1.0, 2.0).to(xc.dtype)  # (K, q)
+    lc = mu.to(c.dtype) - c.reshape(1, d)  # (K, d)
+    i, j = torch.triu_indices(d, d, device=c.device)
+    quad = precision[:, i, j] * torch.where(i == j, 1.0, 2.0).to(c.dtype)  # (K, q)
     plc = (precision @ lc.unsqueeze(-1)).squeeze(-1)  # (K, d)
     maha = torch.addmm((plc * lc).sum(-1, keepdim=True), quad, rows)  # (K, N)
     return maha.addmm_(plc, cols, alpha=-2)
