@@ -634,11 +634,17 @@ def _first_bad(value: torch.Tensor, bad: Optional[torch.Tensor] = None) -> str:
     return f"{int(bad.sum())} non-finite value(s) (NaN or inf); the first is at index {first}: {value[first].item()}"
 
 
+def _all_finite(value: torch.Tensor) -> bool:
+    """No NaN or inf in ``value``: one sum (finite unless some entry is not, or it overflows), and
+    the elementwise test only when the sum is not finite."""
+    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+
+
 def _check_arguments(args: tuple, kwargs: dict) -> None:
     """Raise a ValueError naming the argument and index of the first NaN or inf in the data."""
     named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"argument '{k}'", v) for k, v in kwargs.items()]
     for label, value in named:
-        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+        if torch.is_tensor(value) and value.is_floating_point() and not _all_finite(value):
             raise ValueError(
                 f"The data in {label} (shape {tuple(value.shape)}) has {_first_bad(value)}. "
                 "Remove or impute those rows before fitting, or mask them with obs_mask / poutine.mask "
@@ -652,7 +658,7 @@ def _check_observations(post: Posterior) -> None:
         if not site["is_observed"] or site["infer"].get("_map_site"):
             continue
         value = site["value"]
-        if not torch.is_tensor(value) or not value.is_floating_point():
+        if not torch.is_tensor(value) or not value.is_floating_point() or _all_finite(value):
             continue
         bad = ~torch.isfinite(value)
         fn_mask = getattr(site["fn"], "_mask", None)
