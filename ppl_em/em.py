@@ -74,7 +74,7 @@ class EM:
         M-step are sums over data points, so a step can stream the data through the E-step
         in chunks and add up their statistics: memory stays O(chunk) instead of
         O(n * k * d). ``"auto"`` picks a chunk that keeps the largest per-chunk tensor near
-        ``CHUNK_ELEMENTS`` and streams only where that is exact (see :meth:`explain`): every
+        ``CHUNK_ELEMENTS`` and streams only where that is exact (see :attr:`chunking`): every
         parameter has a closed-form update, there are no point-estimated global latents, all
         sites lie in one data plate, and splitting leaves log p(x) unchanged on a sample.
         ``None`` never streams; an int asks for that chunk (an error if streaming is not exact).
