@@ -268,7 +268,7 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
     post = torch.exp(total - lse)
     if scale != 1.0:
         post = post * scale
-    weights = {s["name"]: torch.ones_like(masked_log_prob(s)) for s in sample_sites(tr)}
+    weights = {s["name"]: torch.ones_like(masked_log_prob(s)) for s in sample_sites(tr) if s["infer"].get("_map_site")}
     for site in sites:
         w = post.sum_to_size(terms[site["name"]].shape).to(terms[site["name"]].dtype)
         # A masked position has no factor, so its probe has no gradient (see masked_log_prob).
