@@ -247,3 +247,17 @@ def test_one_latent_posterior_equals_the_general_contraction(name, monkeypatch):
     for site, w in general.weights.items():
         assert fast.weights[site].shape == w.shape, site
         assert torch.allclose(fast.weights[site], w, rtol=1e-10, atol=1e-13), site
+
+
+def test_mvn_fast_path_stays_accurate_for_tight_far_apart_clusters():
+    """|x - c|^2 ||Sigma^{-1}|| = 1e12 here: the sufficient-statistic form would cancel away
+    every digit, so the whitened form must be used, and agree with torch."""
+    g = torch.Generator().manual_seed(2)
+    loc = torch.tensor([[[-1e3, 0.0]], [[1e3, 5.0]]], dtype=D)  # (2, 1, 2)
+    cov = torch.eye(2, dtype=D) * 1e-6
+    x = torch.cat([loc[0, 0] + 1e-3 * torch.randn(5, 2, generator=g, dtype=D),
+                   loc[1, 0] + 1e-3 * torch.randn(5, 2, generator=g, dtype=D)])
+    fn = dist.MultivariateNormal(loc, cov)
+    assert families._maha_by_features(x, torch.eye(2, dtype=D).expand(2, 2, 2) * 1e3, loc[:, 0]) is None
+    fast, slow = families.log_prob(fn, x), fn.log_prob(x)
+    assert torch.allclose(fast, slow, rtol=1e-10)
