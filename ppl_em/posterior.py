@@ -24,6 +24,7 @@ Eisner, "Inside-Outside and Forward-Backward Algorithms Are Just Backprop", 2016
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -263,7 +264,7 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
         return None
     dim = latents[0]["infer"]["_enumerate_dim"]
     terms = {s["name"]: masked_log_prob(s, fill=_masked_fill_value(s, LogRing())) for s in sites}
-    total = sum(terms.values())
+    total = functools.reduce(torch.add, terms.values())
     lse = torch.logsumexp(total, dim=dim, keepdim=True)
     post = torch.exp(total - lse)
     if scale != 1.0:
