@@ -24,12 +24,14 @@ References: lecture notes, M-step for the GMM; Bishop, PRML, sections 9.2-9.3.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import pyro.distributions as dist
 from torch.distributions import Independent
+
+from . import chains
 
 __all__ = ["Use", "Rule", "RULES", "Selection", "find_uses", "log_prob", "reduce_product", "unwrap"]
 
@@ -50,7 +52,8 @@ class Rule:
     ``stats(fn, w, x, reg)`` returns (numerator, denominator) per element of the attribute,
     both broadcastable to its shape; ``finish(num, den, old)`` turns their scatter-added sums
     into the new parameter value. ``phase`` 1 updates locations (means, probabilities, rates);
-    phase 2 updates scales given the new locations.
+    phase 2 updates scales given the new locations. ``log``: the attribute is log v of a selection v
+    of the parameter (logits of a parameter on the simplex), not the selection itself.
     """
 
     family: type
@@ -58,6 +61,7 @@ class Rule:
     phase: int
     stats: Callable
     finish: Callable
+    log: bool = False
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -129,6 +133,16 @@ def _mvn_cov_stats(fn, w, x, reg, shape):
     return num + reg * den * eye, den
 
 
+# A chain's transition (or initial) logits: Q is already a table over (w_{t-1}, w_t) of the same shape
+# (see ppl_em.chains), and for log A_ij the weighted MLE is A_ij = sum_t Q_t(i, j) / sum_{t,j} Q_t(i, j).
+def _initial_stats(fn, w, x, reg, shape):
+    return reduce_product([w.initial], shape), None
+
+
+def _transition_stats(fn, w, x, reg, shape):
+    return reduce_product([w.transition], shape), None
+
+
 def _overlap(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
     """Whether two batch shapes both exceed 1 in some (right-aligned) dimension."""
     return any(p != 1 and q != 1 for p, q in zip(reversed(a), reversed(b)))
@@ -142,6 +156,8 @@ RULES: List[Rule] = [
     Rule(dist.MultivariateNormal, "loc", 1, _mvn_loc_stats, _ratio),
     Rule(dist.Normal, "scale", 2, _normal_scale_stats, _sqrt_ratio),
     Rule(dist.MultivariateNormal, "covariance_matrix", 2, _mvn_cov_stats, _cov_ratio),
+    Rule(dist.DiscreteHMM, "initial_logits", 1, _initial_stats, _normalise, log=True),
+    Rule(dist.DiscreteHMM, "transition_logits", 1, _transition_stats, _normalise, log=True),
 ]
 
 
@@ -221,6 +237,7 @@ class Selection:
     distribution's own ``expand`` broadcast A over the data): statistics are summed to it.
     ``vjp(u)`` computes S^T u, scatter-adding ``u`` (of that ``shape``) onto v's elements,
     by applying the backward functions of the selection chain between A and v in turn.
+    ``inputs[i]`` is the input of ``nodes[i]`` that leads to v (a ``cat`` has several).
     """
 
     param: str
@@ -228,17 +245,19 @@ class Selection:
     nodes: List  # autograd nodes from just below the broadcast down to (excluding) v's AccumulateGrad
     leaf_shape: torch.Size
     tensor: torch.Tensor  # A itself, for torch builds whose autograd nodes do not expose input shapes
+    inputs: List[int] = field(default_factory=list)
 
     def vjp(self, u: torch.Tensor) -> torch.Tensor:
         if self.nodes and not hasattr(self.nodes[0], "_input_metadata"):
             return self._vjp_by_autograd(u)
-        for node in self.nodes:
+        for i, node in enumerate(self.nodes):
             out = node(u)
             out = out if isinstance(out, tuple) else (out,)
             # Keep the gradient of the input that leads to v (a 0/1 mask is a constant), summed to
             # that input's shape: a node called directly leaves broadcasting to its caller.
-            (grad, (nxt, nr)), = [(g, f) for g, f in zip(out, node.next_functions) if f[0] is not None]
-            u = grad.sum_to_size(nxt._input_metadata[nr].shape)
+            k = self.inputs[i] if self.inputs else next(j for j, f in enumerate(node.next_functions) if f[0] is not None)
+            nxt, nr = node.next_functions[k]
+            u = out[k].sum_to_size(nxt._input_metadata[nr].shape)
         return u.reshape(self.leaf_shape)
 
     def _vjp_by_autograd(self, u: torch.Tensor) -> torch.Tensor:
@@ -257,31 +276,71 @@ class Selection:
 
 
 def selection_source(tensor: torch.Tensor, leaves: Dict[int, str]) -> Optional[Selection]:
-    """If ``tensor`` is a pure selection of a param leaf, describe it (see :class:`Selection`).
+    """If ``tensor`` is a pure selection of one param leaf, describe it (see :class:`Selection`).
 
     A top-level normalisation ``p / p.sum(-1, keepdim=True)`` (how torch stores Categorical
     probabilities) is looked through: the parameter is already on the simplex.
     """
+    found = selection_sources(tensor, leaves)
+    return found[0] if len(found) == 1 else None
+
+
+def selection_sources(tensor: torch.Tensor, leaves: Dict[int, str], log: bool = False) -> List[Selection]:
+    """Every param leaf that ``tensor`` selects elements of, one :class:`Selection` per path to it.
+
+    Empty unless every element of ``tensor`` is a selection (a ``cat`` joins several parameters,
+    or constants, along a dimension). With ``log``, ``tensor`` must be log v of a selection v,
+    logits: one ``log`` on each path, and a top-level normalisation ``l - l.logsumexp(-1,
+    keepdim=True)`` (how Pyro stores logits) is looked through.
+    """
     if tensor.grad_fn is None:
         leaf = leaves.get(id(tensor))
-        return None if leaf is None else Selection(leaf, tensor.shape, [], tensor.shape, tensor)
+        return [] if leaf is None or log else [Selection(leaf, tensor.shape, [], tensor.shape, tensor)]
     node, shape = _below_broadcast(tensor.grad_fn, tensor.shape)
-    if type(node).__name__ == "DivBackward0" and node.next_functions[1][0] is not None:
+    if not log and type(node).__name__ == "DivBackward0" and node.next_functions[1][0] is not None:
         # Statistics are summed to the shape of the numerator p, then scattered through p's chain.
         tensor = node._saved_self
         node, shape = _below_broadcast(node.next_functions[0][0], tensor.shape)
-    chain = []
-    while node is not None:
+    if log and _is_log_normalisation(node):
+        node = node.next_functions[0][0]
+    found: List[Selection] = []
+    paths = [(node, [], [], False)]  # (node, chain, inputs, a log passed)
+    while paths:
+        node, chain, inputs, logged = paths.pop()
         name = type(node).__name__
         if name == "AccumulateGrad":
             leaf = leaves.get(id(node.variable))
-            return None if leaf is None else Selection(leaf, torch.Size(shape), chain, node.variable.shape, tensor)
-        inputs = [n for n, _ in node.next_functions if n is not None]
-        if len(inputs) != 1 or not (name in SELECTION_OPS or _is_01_mask(node)):
-            return None
-        chain.append(node)
-        node = inputs[0]
-    return None
+            if leaf is None or logged != log or ((log or _through_cat(chain)) and not _has_shapes(chain)):
+                return []
+            found.append(Selection(leaf, torch.Size(shape), chain, node.variable.shape, tensor, inputs))
+        elif name == "LogBackward0" and log and not logged:
+            paths.append((node.next_functions[0][0], chain, inputs, True))  # S^T u passes log unchanged
+        elif name in SELECTION_OPS or _is_01_mask(node) or name == "CatBackward0":
+            nxt = [(k, n) for k, (n, _) in enumerate(node.next_functions) if n is not None]
+            if not nxt or (len(nxt) > 1 and name != "CatBackward0"):
+                return []
+            paths.extend((n, chain + [node], inputs + [k], logged) for k, n in nxt)
+        else:
+            return []
+    return found
+
+
+def _through_cat(chain: List) -> bool:
+    return any(type(node).__name__ == "CatBackward0" for node in chain)
+
+
+def _has_shapes(chain: List) -> bool:
+    # Without input shapes on autograd nodes, Selection.vjp falls back to autograd from A, which
+    # would differentiate a log too and could not pick one input of a cat.
+    return all(hasattr(node, "_input_metadata") for node in chain)
+
+
+def _is_log_normalisation(node) -> bool:
+    """``l - l.logsumexp(-1, keepdim=True)``: a SubBackward0 whose second input is a logsumexp of its first."""
+    if type(node).__name__ != "SubBackward0" or node.next_functions[1][0] is None:
+        return False
+    other = node.next_functions[1][0]
+    return type(other).__name__ == "LogsumexpBackward0" and other.next_functions[0][0] is node.next_functions[0][0]
 
 
 def _below_broadcast(node, shape):
@@ -307,30 +366,55 @@ class Use:
     site: str
     rule: Rule
     selection: Selection
+    part: str = ""  # "emission": the observation distribution of a chain site (ppl_em.chains)
 
     @property
     def param(self) -> str:
         return self.selection.param
 
 
-def find_uses(site: dict, weights: torch.Tensor, leaves: Dict[int, str]) -> List[Use]:
-    """Every (attribute, parameter) pair of ``site`` that a closed-form rule can update."""
-    fn, _ = unwrap(site["fn"], weights)
+def find_uses(site: dict, weights, leaves: Dict[int, str]) -> List[Use]:
+    """Every (attribute, parameter) pair of ``site`` that a closed-form rule can update.
+
+    A chain site (``DiscreteHMM``) has two parts: its own transition and initial logits, and
+    its observation distribution, whose statistics are weighted by Q(w_t) (``part="emission"``).
+    """
+    parts = [("", site["fn"])]
+    if chains.is_chain(site["fn"]):
+        parts.append(("emission", site["fn"].observation_dist))
     uses = []
-    for rule in RULES:
-        if type(fn) is not rule.family or rule.attr not in fn.__dict__:
-            continue
-        found = selection_source(fn.__dict__[rule.attr], leaves)
-        if found is not None:
-            uses.append(Use(site["name"], rule, found))
+    for part, fn in parts:
+        fn, _ = unwrap(fn, torch.ones(()))
+        for rule in RULES:
+            if type(fn) is not rule.family or rule.attr not in fn.__dict__:
+                continue
+            for found in selection_sources(fn.__dict__[rule.attr], leaves, log=rule.log):
+                uses.append(Use(site["name"], rule, found, part))
     return uses
 
 
-def scatter_stats(use: Use, site: dict, weights: torch.Tensor, reg: float):
+def use_distribution(use: Use, site: dict):
+    """The distribution (wrappers stripped) whose attribute ``use`` updates."""
+    fn = site["fn"].observation_dist if use.part == "emission" else site["fn"]
+    return unwrap(fn, torch.ones(()))[0]
+
+
+def _view(use: Use, site: dict, weights):
+    """(distribution, value, Q) over which ``use``'s statistics are taken; Q broadcast to the batch shape."""
+    if use.part == "emission":
+        fn, w = unwrap(site["fn"].observation_dist, weights.emission)
+        return fn, chains.emission_value(site["fn"], site["value"]), w
+    if isinstance(weights, chains.ChainTerms):
+        return site["fn"], site["value"], weights  # the chain's own tables
+    fn, w = unwrap(site["fn"], weights)
+    return fn, site["value"], w
+
+
+def scatter_stats(use: Use, site: dict, weights, reg: float):
     """S^T(numerator), S^T(denominator): the use's weighted statistics summed per param element."""
     with torch.no_grad():
-        fn, w = unwrap(site["fn"], weights)
-        num, den = use.rule.stats(fn, w, site["value"], reg, use.selection.shape)
+        fn, x, w = _view(use, site, weights)
+        num, den = use.rule.stats(fn, w, x, reg, use.selection.shape)
         return use.selection.vjp(num), (None if den is None else use.selection.vjp(den))
 
 
@@ -339,13 +423,13 @@ def scatter_stats(use: Use, site: dict, weights: torch.Tensor, reg: float):
 #     sum w (x - m')(x - m')^T = M2 - S delta^T - delta S^T + N delta delta^T,    delta = m' - m,
 # where M2 = sum w (x - m)(x - m)^T, S = sum w (x - m), N = sum w about the old m. So one pass over
 # the data (the E-step's) gives the scale statistics at the new location of the same M-step.
-def location_moments(use: Use, site: dict, weights: torch.Tensor):
+def location_moments(use: Use, site: dict, weights):
     """(M2, S, N) of a phase-2 use about its current location m, summed over every dimension along
     which neither m nor the parameter varies; and m. Exact to shift only if m does not vary with the
     data point (the caller checks that the shapes do not change with the number of rows)."""
     with torch.no_grad():
-        fn, w = unwrap(site["fn"], weights)
-        x, loc = site["value"], compact(fn.loc)
+        fn, x, w = _view(use, site, weights)
+        loc = compact(fn.loc)
         event = 2 if use.rule.family is dist.MultivariateNormal else 0
         target = use.selection.shape
         inner = broadcast_shape(loc.shape[:loc.dim() - (event > 0)], target[:len(target) - event])
