@@ -106,9 +106,17 @@ def _mvn_loc_stats(fn, w, x, reg, shape):
 
 
 def _normal_scale_stats(fn, w, x, reg, shape):
-    diff = x - fn.loc
     den = reduce_product([w], shape)
-    return reduce_product([w, diff * diff], shape) + reg * den, den
+    loc = compact(fn.loc)
+    if _overlap(loc.shape, compact(x).shape):
+        diff = x - fn.loc  # the location varies with the data point itself
+        return reduce_product([w, diff * diff], shape) + reg * den, den
+    # mu_z is the same for every data point: expand (x - mu)^2 about the data mean c, so that no
+    # (n, k, d) difference tensor is formed (as for the multivariate normal below).
+    c = x.mean(tuple(range(x.dim())), keepdim=True) if x.dim() else x
+    xc, lc = x - c, loc - c
+    num = reduce_product([w, xc * xc], shape) - 2 * reduce_product([w, xc, lc], shape) + reduce_product([w, lc * lc], shape)
+    return num + reg * den, den
 
 
 def _mvn_cov_stats(fn, w, x, reg, shape):
@@ -487,7 +495,45 @@ def log_prob(fn, value: torch.Tensor) -> torch.Tensor:
         fast = _mvn_log_prob(fn, value)
         if fast is not None:
             return fast
+    if (type(fn) is dist.Independent and type(fn.base_dist) is dist.Normal and fn.reinterpreted_batch_ndims == 1
+            and value.dim() >= 1):
+        fast = _diag_normal_log_prob(fn.base_dist, value)
+        if fast is not None:
+            return fast
     return fn.log_prob(value)
+
+
+def _diag_normal_log_prob(base, value: torch.Tensor) -> Optional[torch.Tensor]:
+    """``Normal(loc, scale).to_event(1).log_prob(value)`` as two GEMMs of the data with 1 / sigma_z^2 and
+    mu_z / sigma_z^2 (sums over the d coordinates), when parameters and data vary along different dimensions
+    (mu_z, sigma_z for the k states; x^(i) for the data points): no (n, k, d) tensor.
+
+    The squares are expanded about the data mean c, sum_d ((x - c)^2 - 2 (x - c)(mu - c) + (mu - c)^2) / sigma^2,
+    so that their cancellation loses no more than the spread of the data relative to sigma.
+    """
+    loc, scale, x = compact(base.loc), compact(base.scale), compact(value)
+    d = x.shape[-1]
+    params = broadcast_shape(loc.shape[:-1], scale.shape[:-1])
+    ndim = max(len(params), x.dim() - 1)
+    p_sizes = (1,) * (ndim - len(params)) + tuple(params)
+    x_sizes = (1,) * (ndim - x.dim() + 1) + tuple(x.shape[:-1])
+    if loc.shape[-1] not in (1, d) or scale.shape[-1] not in (1, d) or _overlap(p_sizes, x_sizes):
+        return None
+    rows = x.reshape(-1, d)  # (N, d)
+    c = rows.mean(0)
+    prec = scale.expand(params + (d,)).reshape(-1, d).pow(-2)  # (P, d)
+    mc = loc.expand(params + (d,)).reshape(-1, d) - c
+    xc = rows - c
+    maha = (xc * xc) @ prec.T - 2 * (xc @ (mc * prec).T) + (mc * mc * prec).sum(-1)  # (N, P)
+    log_norm = scale.expand(params + (d,)).reshape(-1, d).log().sum(-1) + 0.5 * d * math.log(2 * math.pi)
+    out = -0.5 * maha - log_norm  # (N, P)
+    p_dims = [i for i in range(ndim) if p_sizes[i] != 1]
+    x_dims = [i for i in range(ndim) if x_sizes[i] != 1]
+    out = out.reshape([x_sizes[i] for i in x_dims] + [p_sizes[i] for i in p_dims])
+    order = x_dims + p_dims
+    out = out.permute([order.index(i) for i in sorted(order)])
+    out = out.reshape([max(p_sizes[i], x_sizes[i]) for i in range(ndim)])
+    return out.expand(broadcast_shape(out.shape, broadcast_shape(base.batch_shape[:-1], value.shape[:-1])))
 
 
 def _mvn_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:
