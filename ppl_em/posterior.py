@@ -320,8 +320,11 @@ class Posterior:
     def marginal(self, name: str) -> torch.Tensor:
         """Posterior probabilities of one enumerated site, shape ``plate_shape + (num_values,)``.
 
-        For a mixture's z this is the matrix of responsibilities w_j^(i), shape (n, k).
+        For a mixture's z this is the matrix of responsibilities w_j^(i), shape (n, k). For a
+        chain site (``DiscreteHMM``), p(w_t = j | x) of its hidden states, plate_shape + (T, K).
         """
+        if isinstance(self.weights.get(name), ChainTerms):
+            return self.chain(name)[0]
         site = self._enumerated(name)
         return self._factor_view(site, self.weights[name], [site["infer"]["_enumerate_dim"]])
 
