@@ -216,93 +216,90 @@ class _Chain:
         self.log_shift = m_e.sum((-1, -2)) + m_a.sum((-1, -2, -3)) * (T if Tt == 1 else 1)  # (N,) or (1,)
         self.b_full = b
         self.b = b[:, :main].reshape(N, nb, L, K).permute(2, 0, 1, 3).contiguous()  # (L, N, nb, K)
-        self.b_tail = b[:, main:].transpose(0, 1)  # (r, N, K)
+        # Per-step views as Python lists: the loops below index them thousands of times.
+        self.b_main = list(self.b.unbind(0))  # L x (N, nb, K)
+        self.b_tail = list(b[:, main:].unbind(1))  # r x (N, K)
+        self.A_full = A[0, 0] if lay.homogeneous and lay.shared else A  # (K, K), (N, 1, K, K) or (1|N, T, K, K)
         if lay.homogeneous:
-            self.A_full = self._A = A[0, 0] if lay.shared else A  # (K, K), or (N, 1, K, K): broadcasts over blocks
+            self.A_main = [self.A_full] * L  # broadcasts over the blocks
+            self.A_tail = [self.A_full if lay.shared else A[:, 0]] * (T - main)
         else:
-            self.A_full = A  # (1|N, T, K, K)
-            self._A_main = A[:, :main].reshape(A.shape[0], nb, L, K, K).permute(2, 0, 1, 3, 4)
-            self._A_tail = A[:, main:].transpose(0, 1)
-
-    def A_main(self, l: int) -> torch.Tensor:
-        return self._A if self.lay.homogeneous else self._A_main[l]
-
-    def A_tail(self, s: int) -> torch.Tensor:
-        if not self.lay.homogeneous:
-            return self._A_tail[s]
-        return self.A_full if self.lay.shared else self.A_full[:, 0]
+            self.A_main = list(A[:, :main].reshape(A.shape[0], nb, L, K, K).unbind(2))  # L x (1|N, nb, K, K)
+            self.A_tail = list(A[:, main:].unbind(1))  # r x (1|N, K, K)
 
     # -- the passes: each step is a product with A_t, a product with b_t, a sum and a division ----
-    def block_products(self):
-        """Row-normalised P_c = M_{cL} ... M_{cL+L-1}, (N, nb, K, K), and the log of each row's scale (N, nb, K).
+    def block_products(self) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """P_c = M_{cL} ... M_{cL+L-1} of every block c, scaled: a list of nb (N, K, K), and the log scale (N, nb).
 
-        Rows are scaled separately: a start state that the block's observations make very
-        unlikely keeps its row instead of underflowing next to the others.
+        Rows are normalised separately at every step, so that a start state the block's
+        observations make very unlikely keeps its row instead of underflowing next to the others;
+        their scales are put back at the end, relative to the largest.
         """
         lay = self.lay
-        P = (self.A_main(0) * self.b[0].unsqueeze(-2)).expand(lay.N, lay.nb, lay.K, lay.K).contiguous()
+        P = (self.A_main[0] * self.b_main[0].unsqueeze(-2)).expand(lay.N, lay.nb, lay.K, lay.K).contiguous()
         Q = torch.empty_like(P)
         sums = P.new_empty((lay.L,) + P.shape[:-1] + (1,))
-        torch.sum(P, -1, keepdim=True, out=sums[0])
-        P.div_(sums[0].clamp_min_(_TINY))  # a row of zeros (a start state the data rule out) stays zero
-        for l in range(1, lay.L):
-            torch.matmul(P, self.A_main(l), out=Q)
-            Q.mul_(self.b[l].unsqueeze(-2))
-            torch.sum(Q, -1, keepdim=True, out=sums[l])
-            Q.div_(sums[l].clamp_min_(_TINY))
-            P, Q = Q, P
-        return P, sums.log_().sum(0).squeeze(-1)
+        for l in range(lay.L):
+            if l:
+                torch.matmul(P, self.A_main[l], out=Q)
+                Q.mul_(self.b_main[l].unsqueeze(-2))
+                P, Q = Q, P
+            torch.sum(P, -1, keepdim=True, out=sums[l])
+            P.div_(sums[l].clamp_min_(_TINY))  # a row of zeros (a start state the data rule out) stays zero
+        row_log = sums.log_().sum(0)  # (N, nb, K, 1)
+        row_max = row_log.amax(-2, keepdim=True)
+        P.mul_((row_log - row_max).exp_())
+        return list(P.unbind(1)), row_max.reshape(lay.N, lay.nb)
 
-    def backward_messages(self, P, row_log):
-        """beta_t up to scale: tail (r, N, K), block ends (nb + 1, N, K) (index c: beta at step cL - 1),
-        and the log of the chain's total scale (N,)."""
+    def backward_messages(self, P: List[torch.Tensor], block_log: torch.Tensor):
+        """beta_t up to scale at the tail steps (r, N, K) and at the block ends (nb + 1, N, K) (index c:
+        beta at step cL - 1; index 0 is beta_{-1}), and the log of the chain's total scale (N,)."""
         lay = self.lay
         r = lay.T - lay.main
-        tail = self.b_full.new_empty(r + 1, lay.N, lay.K)
-        tail[r] = 1.0
-        sums = self.b_full.new_empty(r + lay.nb, lay.N, 1)
-        for s in range(r - 1, -1, -1):  # beta_{t-1} = A_t (b_t * beta_t)
-            _matvec(self.A_tail(s), self.b_tail[s] * tail[s + 1], out=tail[s])
-            tail[s].div_(torch.sum(tail[s], -1, keepdim=True, out=sums[s]))
-        R, row_max = _row_scales(row_log)  # (N, nb, K), (N, nb)
-        ends = self.b_full.new_empty(lay.nb + 1, lay.N, lay.K)
-        ends[lay.nb] = tail[0]
-        for c in range(lay.nb - 1, -1, -1):  # beta_{cL-1} = P_c beta_{cL+L-1}
-            _matvec(P[:, c], ends[c + 1], out=ends[c]).mul_(R[:, c])
-            ends[c].div_(torch.sum(ends[c], -1, keepdim=True, out=sums[r + c]))
-        log_scale = sums.log().sum(0).squeeze(-1) + row_max.sum(-1)
-        return tail[1:], ends, log_scale
+        ends = self.b_full.new_empty(lay.nb + r + 1, lay.N, lay.K)  # block ends, then the tail steps
+        vs, sums = list(ends.unbind(0)), self.b_full.new_empty(lay.nb + r, lay.N, 1)
+        vs[-1].fill_(1.0)
+        for s in range(r - 1, -1, -1):  # the tail: beta_{t-1} = A_t (b_t * beta_t)
+            _matvec(self.A_tail[s], self.b_tail[s] * vs[lay.nb + s + 1], out=vs[lay.nb + s])
+            vs[lay.nb + s].div_(torch.sum(vs[lay.nb + s], -1, keepdim=True, out=sums[lay.nb + s]))
+        for c in range(lay.nb - 1, -1, -1):  # the blocks: beta_{cL-1} = P_c beta_{cL+L-1}
+            _matvec(P[c], vs[c + 1], out=vs[c])
+            vs[c].div_(torch.sum(vs[c], -1, keepdim=True, out=sums[c]))
+        log_scale = sums.log().sum(0).squeeze(-1) + block_log.sum(-1)
+        return ends[lay.nb + 1:], ends[:lay.nb + 1], log_scale
 
     def betas(self, tail, ends) -> torch.Tensor:
         """beta_t for every t, each normalised: (N, T, K)."""
         lay = self.lay
         buf = self.b.new_empty(self.b.shape)  # (L, N, nb, K)
-        buf[lay.L - 1] = ends[1:].transpose(0, 1)  # beta at the last step of each block
+        vs, tmp = list(buf.unbind(0)), buf[0].clone()
+        vs[-1].copy_(ends[1:].transpose(0, 1))  # beta at the last step of each block
         for l in range(lay.L - 1, 0, -1):
-            _matvec(self.A_main(l), self.b[l] * buf[l], out=buf[l - 1])
-            buf[l - 1].div_(buf[l - 1].sum(-1, keepdim=True))
+            _matvec(self.A_main[l], torch.mul(self.b_main[l], vs[l], out=tmp), out=vs[l - 1])
+            vs[l - 1].div_(vs[l - 1].sum(-1, keepdim=True))
         main = buf.permute(1, 2, 0, 3).reshape(lay.N, lay.main, lay.K)
         return torch.cat([main, tail.transpose(0, 1)], 1)
 
-    def alphas(self, a: torch.Tensor, P, row_log) -> torch.Tensor:
+    def alphas(self, a: torch.Tensor, P: List[torch.Tensor]) -> torch.Tensor:
         """alpha_t for every t from alpha_{-1} = ``a`` (N, K), each normalised: (N, T, K)."""
         lay = self.lay
-        R, _ = _row_scales(row_log)
         starts = a.new_empty(lay.nb + 1, lay.N, lay.K)  # alpha at step cL - 1
-        starts[0] = a
+        vs = list(starts.unbind(0))
+        vs[0].copy_(a)
         for c in range(lay.nb):  # alpha_{cL+L-1} = alpha_{cL-1} P_c
-            _vecmat(starts[c] * R[:, c], P[:, c], out=starts[c + 1])
-            starts[c + 1].div_(starts[c + 1].sum(-1, keepdim=True))
+            _vecmat(vs[c], P[c], out=vs[c + 1])
+            vs[c + 1].div_(vs[c + 1].sum(-1, keepdim=True))
         buf = self.b.new_empty(self.b.shape)  # (L, N, nb, K)
         V = starts[:-1].transpose(0, 1)
-        for l in range(lay.L):  # alpha_t = (alpha_{t-1} A_t) * b_t
-            V = _vecmat(V, self.A_main(l), out=buf[l]).mul_(self.b[l])
+        for l, out in enumerate(buf.unbind(0)):  # alpha_t = (alpha_{t-1} A_t) * b_t
+            V = _vecmat(V, self.A_main[l], out=out).mul_(self.b_main[l])
             V.div_(V.sum(-1, keepdim=True))
         tail = a.new_empty(lay.T - lay.main + 1, lay.N, lay.K)
-        tail[0] = starts[lay.nb]
+        ts = list(tail.unbind(0))
+        ts[0].copy_(vs[lay.nb])
         for s in range(lay.T - lay.main):
-            _vecmat(tail[s], self.A_tail(s), out=tail[s + 1]).mul_(self.b_tail[s])
-            tail[s + 1].div_(tail[s + 1].sum(-1, keepdim=True))
+            _vecmat(ts[s], self.A_tail[s], out=ts[s + 1]).mul_(self.b_tail[s])
+            ts[s + 1].div_(ts[s + 1].sum(-1, keepdim=True))
         main = buf.permute(1, 2, 0, 3).reshape(lay.N, lay.main, lay.K)
         return torch.cat([main, tail[1:].transpose(0, 1)], 1)
 
@@ -331,11 +328,6 @@ _TINY = torch.finfo(torch.float64).tiny
 def _finite_max(t: torch.Tensor, dims) -> torch.Tensor:
     m = t.amax(dims, keepdim=True)
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-
-
-def _row_scales(row_log: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    row_max = row_log.amax(-1)
-    return (row_log - row_max.unsqueeze(-1)).exp(), row_max
 
 
 def _vecmat(v: torch.Tensor, A: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -371,8 +363,8 @@ class _ChainLogProb(torch.autograd.Function):
     def forward(ctx, initial, transition, emission):
         lay = _layout(initial, transition, emission)
         chain = _Chain(transition, emission, lay)
-        P, row_log = chain.block_products()
-        tail, ends, log_scale = chain.backward_messages(P, row_log)
+        P, block_log = chain.block_products()
+        tail, ends, log_scale = chain.backward_messages(P, block_log)
         log_beta0 = ends[0].log().reshape(lay.batch + (lay.K,))  # beta_{-1}
         init = initial.detach().to(torch.float64)
         log_p = torch.logsumexp(init + log_beta0, -1) + (log_scale + chain.log_shift).reshape(lay.batch)
@@ -381,7 +373,7 @@ class _ChainLogProb(torch.autograd.Function):
             with torch.no_grad():
                 log_p = _log_space(initial, transition, emission, _logsumexp).double()
         ctx.save_for_backward(initial, transition, emission)
-        ctx.state = (lay, chain, P, row_log, tail, ends, log_beta0, log_p)
+        ctx.state = (lay, chain, P, tail, ends, log_beta0, log_p)
         return log_p.to(emission.dtype).expand(lay.full).clone()
 
     @staticmethod
@@ -402,7 +394,7 @@ def _tables(state, initial, g: torch.Tensor):
     if bool((g < 0).any()):  # the recursions assume nonnegative weights: split g = g+ - g- (linear)
         pos, neg = _tables(state, initial, g.clamp_min(0)), _tables(state, initial, (-g).clamp_min(0))
         return None if pos is None or neg is None else tuple(p - n for p, n in zip(pos, neg))
-    lay, chain, P, row_log, tail, ends, log_beta0, log_p = state
+    lay, chain, P, tail, ends, log_beta0, log_p = state
     init = initial.detach().to(torch.float64)
     # p(w_{-1} = j | x) per batch element, and alpha_{-1} = sum over initial-only dims of g p0 / p.
     lp_scaled = torch.logsumexp(init + log_beta0, -1, keepdim=True)  # (full, 1)
@@ -412,7 +404,7 @@ def _tables(state, initial, g: torch.Tensor):
     live = G.unsqueeze(-1) > 0  # a chain of weight 0 (masked out) gets tables of 0, whatever its messages
     a_hat = torch.where(live, a / a.sum(-1, keepdim=True), torch.full_like(a, 1.0 / lay.K))
     beta = chain.betas(tail, ends)  # (N, T, K)
-    alpha = chain.alphas(a_hat, P, row_log)  # (N, T, K)
+    alpha = chain.alphas(a_hat, P)  # (N, T, K)
     gamma = alpha * beta
     norm = gamma.sum(-1, keepdim=True)
     prev = torch.cat([a_hat.unsqueeze(1), alpha[:, :-1]], 1)  # alpha_{t-1}

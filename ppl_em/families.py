@@ -108,7 +108,7 @@ def _mvn_loc_stats(fn, w, x, reg, shape):
 def _normal_scale_stats(fn, w, x, reg, shape):
     den = reduce_product([w], shape)
     loc = compact(fn.loc)
-    if _overlap(loc.shape, compact(x).shape):
+    if not _constant_over_sums(loc.shape, shape):
         diff = x - fn.loc  # the location varies with the data point itself
         return reduce_product([w, diff * diff], shape) + reg * den, den
     # mu_z is the same for every data point: expand (x - mu)^2 about the data mean c, so that no
@@ -149,6 +149,14 @@ def _initial_stats(fn, w, x, reg, shape):
 
 def _transition_stats(fn, w, x, reg, shape):
     return reduce_product([w.transition], shape), None
+
+
+def _constant_over_sums(loc: Tuple[int, ...], shape: Tuple[int, ...]) -> bool:
+    """Whether a location of (compact) shape ``loc`` is constant along every dimension that statistics of
+    shape ``shape`` sum over: one mu per parameter element (mu_z), not one per data point."""
+    n = max(len(loc), len(shape))
+    loc, shape = (1,) * (n - len(loc)) + tuple(loc), (1,) * (n - len(shape)) + tuple(shape)
+    return all(a == 1 or b != 1 for a, b in zip(loc, shape))
 
 
 def _overlap(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
