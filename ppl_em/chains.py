@@ -1,4 +1,4 @@
-"""The exact E-step of a hidden Markov chain: a ``DiscreteHMM`` site, in time O(T K^2) without a Python loop over T.
+"""The exact E-step of a hidden Markov chain, a ``DiscreteHMM`` site, without a Python loop over time.
 
 A site ``x ~ DiscreteHMM(initial_logits, transition_logits, observation_dist)`` (Pyro's
 convention) holds a whole chain of hidden states w_{-1}, w_0, ..., w_{T-1} with K values each:
@@ -24,8 +24,8 @@ b_t[j] = p(x_t | w_t = j), is sequential in t; a Python loop over T = 1e5 steps 
 The chain is cut into about sqrt(T) blocks of about sqrt(T) steps: one pass over the steps of a
 block, for all blocks at once, gives each block's transfer matrix P_c = M_{cL} ... M_{cL+L-1}
 (M_t = A_t diag(b_t)); one pass over the blocks chains them. So the recursions take about
-3 sqrt(T) + 2 sqrt(T) vectorised steps, and for a homogeneous A each step is one GEMM over all
-blocks. Sums run in probability space, float64, rescaled at every step (Rabiner's scaling);
+5 sqrt(T) vectorised steps (O(T K^3) work), and for a homogeneous A each step is one GEMM over
+all blocks. Sums run in probability space, float64, rescaled at every step (Rabiner's scaling);
 :class:`_ChainLogProb`'s backward runs the backward and forward recursions the same way and
 returns the tables above. If a rescaled quantity underflows to 0 (a 700-nat outlier that only
 transitions of probability 0 could explain), the same quantities are computed in log space
@@ -130,19 +130,31 @@ def log_evidence(initial: torch.Tensor, transition: torch.Tensor, emission: torc
         The batch shape (all three broadcast), in the emission's dtype. Its gradients with
         respect to the three tables are the posterior tables of :class:`ChainTerms` (times the
         incoming gradient); for ``"max"``, the 0/1 indicators of the most probable path.
+
+    Examples
+    --------
+    >>> import torch
+    >>> initial = torch.tensor([0.5, 0.5]).log()
+    >>> transition = torch.tensor([[0.9, 0.1], [0.2, 0.8]]).log()
+    >>> emission = torch.tensor([[0.0, -2.0], [-1.0, 0.0], [-3.0, 0.0]], requires_grad=True)  # log p(x_t | w_t)
+    >>> log_p = log_evidence(initial, transition, emission)
+    >>> gamma, = torch.autograd.grad(log_p, emission)  # p(w_t = j | x)
+    >>> gamma.shape, bool(torch.allclose(gamma.sum(-1), torch.ones(3)))
+    (torch.Size([3, 2]), True)
     """
     _check_tables(initial, transition, emission)
     if semiring == "sum":
         return _ChainLogProb.apply(initial, transition, emission)
     if semiring == "max":
-        return _log_space(initial, transition, emission, _max)
+        return _log_space(initial, transition, emission, _max).to(emission.dtype)
     raise ValueError(f"semiring must be 'sum' or 'max', got {semiring!r}.")
 
 
 def _check_tables(initial, transition, emission) -> None:
     k = emission.shape[-1]
+    steps = transition.shape[-3] if transition.dim() > 2 else 1
     if (emission.dim() < 2 or emission.shape[-2] < 1 or initial.shape[-1:] != (k,) or transition.dim() < 2
-            or transition.shape[-2:] != (k, k) or (transition.dim() > 2 and transition.shape[-3] not in (1, emission.shape[-2]))):
+            or transition.shape[-2:] != (k, k) or steps not in (1, emission.shape[-2])):
         raise ValueError(
             f"Expected chain tables initial (..., K), transition (..., T, K, K) or (K, K) and emission (..., T, K) "
             f"with one K and one T; got initial {tuple(initial.shape)}, transition {tuple(transition.shape)}, "
@@ -195,10 +207,12 @@ def _block_length(T: int) -> int:
 class _Chain:
     """Scaled probability-space tables of one chain computation, laid out by block.
 
-    ``b`` are the emission probabilities b_t[j] = exp(emission - max_j emission), main part as
-    (L, N, nb, K) (step l of every block contiguous), tail as (r, N, K); ``A`` the transition
-    probabilities, (K, K) or (N, 1, K, K) when homogeneous, else per step. ``log_shift`` (N,) is
-    what was taken out of the tables to scale them.
+    ``b_full`` (N, T, K) are the emission probabilities b_t[j] = exp(emission - max_j emission);
+    ``b`` the same for the nb * L steps of the blocks as (L, N, nb, K), step l of every block
+    contiguous; ``b_main`` and ``b_tail`` lists of the per-step views (blocks, then the r remaining
+    steps). ``A_full`` the transition probabilities, (K, K), (N, 1, K, K) or (1|N, T, K, K);
+    ``A_main`` and ``A_tail`` per step likewise. ``log_shift`` (N,) is what was taken out of the
+    tables to scale them.
     """
 
     def __init__(self, transition: torch.Tensor, emission: torch.Tensor, lay: _Layout) -> None:
@@ -373,7 +387,7 @@ class _ChainLogProb(torch.autograd.Function):
             with torch.no_grad():
                 log_p = _log_space(initial, transition, emission, _logsumexp).double()
         ctx.save_for_backward(initial, transition, emission)
-        ctx.state = (lay, chain, P, tail, ends, log_beta0, log_p)
+        ctx.state = (lay, chain, P, tail, ends, log_beta0)
         return log_p.to(emission.dtype).expand(lay.full).clone()
 
     @staticmethod
@@ -394,7 +408,7 @@ def _tables(state, initial, g: torch.Tensor):
     if bool((g < 0).any()):  # the recursions assume nonnegative weights: split g = g+ - g- (linear)
         pos, neg = _tables(state, initial, g.clamp_min(0)), _tables(state, initial, (-g).clamp_min(0))
         return None if pos is None or neg is None else tuple(p - n for p, n in zip(pos, neg))
-    lay, chain, P, tail, ends, log_beta0, log_p = state
+    lay, chain, P, tail, ends, log_beta0 = state
     init = initial.detach().to(torch.float64)
     # p(w_{-1} = j | x) per batch element, and alpha_{-1} = sum over initial-only dims of g p0 / p.
     lp_scaled = torch.logsumexp(init + log_beta0, -1, keepdim=True)  # (full, 1)

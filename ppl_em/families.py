@@ -115,7 +115,8 @@ def _normal_scale_stats(fn, w, x, reg, shape):
     # (n, k, d) difference tensor is formed (as for the multivariate normal below).
     c = x.mean(tuple(range(x.dim())), keepdim=True) if x.dim() else x
     xc, lc = x - c, loc - c
-    num = reduce_product([w, xc * xc], shape) - 2 * reduce_product([w, xc, lc], shape) + reduce_product([w, lc * lc], shape)
+    num = (reduce_product([w, xc * xc], shape) - 2 * reduce_product([w, xc, lc], shape)
+           + reduce_product([w, lc * lc], shape))
     return num + reg * den, den
 
 
@@ -271,7 +272,7 @@ class Selection:
             out = out if isinstance(out, tuple) else (out,)
             # Keep the gradient of the input that leads to v (a 0/1 mask is a constant), summed to
             # that input's shape: a node called directly leaves broadcasting to its caller.
-            k = self.inputs[i] if self.inputs else next(j for j, f in enumerate(node.next_functions) if f[0] is not None)
+            k = self.inputs[i] if self.inputs else next(j for j, (f, _) in enumerate(node.next_functions) if f is not None)
             nxt, nr = node.next_functions[k]
             u = out[k].sum_to_size(nxt._input_metadata[nr].shape)
         return u.reshape(self.leaf_shape)
