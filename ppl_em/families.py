@@ -272,7 +272,8 @@ class Selection:
             out = out if isinstance(out, tuple) else (out,)
             # Keep the gradient of the input that leads to v (a 0/1 mask is a constant), summed to
             # that input's shape: a node called directly leaves broadcasting to its caller.
-            k = self.inputs[i] if self.inputs else next(j for j, (f, _) in enumerate(node.next_functions) if f is not None)
+            inputs = [j for j, (f, _) in enumerate(node.next_functions) if f is not None]
+            k = self.inputs[i] if self.inputs else inputs[0]
             nxt, nr = node.next_functions[k]
             u = out[k].sum_to_size(nxt._input_metadata[nr].shape)
         return u.reshape(self.leaf_shape)
