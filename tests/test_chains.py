@@ -266,3 +266,41 @@ def test_a_single_time_step_is_a_mixture_and_a_bad_shape_a_clear_error():
     assert "x_rest" not in post.weights and post.marginal("z_0").shape == (5, 3)
     with pytest.raises(ValueError, match=r"x must have shape \(T, d\).*got \(5,\).*x\[:, None\]"):
         ppl_em.EM(hmm.vectorized_model).step(torch.zeros(5, dtype=D), 2)
+
+
+def _categorical_hmm(x, init, mask=None):
+    """A discrete-emission HMM written the same way: B_jv = p(x_t = v | z_t = j)."""
+    pi = pyro.param("pi", init["pi"].clone(), constraint=constraints.simplex)
+    A = pyro.param("A", init["A"].clone(), constraint=constraints.simplex)
+    B = pyro.param("B", init["B"].clone(), constraint=constraints.simplex)
+    k = len(init["pi"])
+    with pyro.plate("sequences", x.shape[0]), pyro.poutine.mask(mask=True if mask is None else mask):
+        z0 = pyro.sample("z_0", dist.Categorical(pi), infer={"enumerate": "parallel"})
+        pyro.sample("x_0", dist.Categorical(B[z0]), obs=x[:, 0])
+        chain = dist.DiscreteHMM(torch.eye(k, dtype=D).log()[z0], A.log(), dist.Categorical(B), duration=x.shape[1] - 1)
+        pyro.sample("x_rest", chain, obs=x[:, 1:])
+
+
+def test_other_emission_families_reuse_their_rules_against_hmmlearn_and_masks_drop_sequences():
+    from hmmlearn.hmm import CategoricalHMM
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(5, (3, 40), generator=g)
+    B = torch.rand(3, 5, generator=g, dtype=D)
+    init = {"pi": _truth()["pi"], "A": _truth()["A"], "B": B / B.sum(-1, keepdim=True)}
+    ref = CategoricalHMM(3, init_params="", params="ste", n_iter=1, n_features=5)
+    ref.startprob_, ref.transmat_, ref.emissionprob_ = (v.numpy() for v in init.values())
+    em = ppl_em.EM(_categorical_hmm)
+    for _ in range(4):
+        loss = em.step(x, init)
+        ref.fit(x.reshape(-1, 1).numpy(), [40] * 3)
+        np.testing.assert_allclose(-loss, ref.monitor_.history[-1], rtol=1e-10)
+        np.testing.assert_allclose(em.params["B"].numpy(), ref.emissionprob_, rtol=1e-8)
+        np.testing.assert_allclose(em.params["A"].numpy(), ref.transmat_, rtol=1e-8)
+    assert em.explain()["B"] == "closed form: Categorical.probs at site x_0"
+    pyro.clear_param_store()
+    masked = ppl_em.EM(_categorical_hmm)
+    with_mask = [masked.step(x, init, torch.tensor([True, True, False])) for _ in range(3)]
+    pyro.clear_param_store()
+    dropped = ppl_em.EM(_categorical_hmm)
+    np.testing.assert_allclose(with_mask, [dropped.step(x[:2], init) for _ in range(3)], rtol=1e-12)
