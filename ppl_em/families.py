@@ -76,6 +76,13 @@ def _normalise(num: torch.Tensor, den: torch.Tensor, old: torch.Tensor) -> torch
     return torch.where(safe, num / total.clamp_min(torch.finfo(num.dtype).tiny), old)
 
 
+def _normalise_logits(num: torch.Tensor, den: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    # The parameter enters as log v: a count of 0 gives v = 0 and log v = -inf, whose gradient 1 / 0
+    # times a weight of 0 is NaN. The smallest normal float keeps log v finite and changes p(x) by
+    # less than 1e-300 (float64) relative.
+    return _normalise(num, den, old).clamp_min(torch.finfo(num.dtype).tiny)
+
+
 def _sqrt_ratio(num, den, old):
     return _ratio(num, den, old * old).sqrt()
 
@@ -112,12 +119,15 @@ def _normal_scale_stats(fn, w, x, reg, shape):
         diff = x - fn.loc  # the location varies with the data point itself
         return reduce_product([w, diff * diff], shape) + reg * den, den
     # mu_z is the same for every data point: expand (x - mu)^2 about the data mean c, so that no
-    # (n, k, d) difference tensor is formed (as for the multivariate normal below).
+    # (n, k, d) difference tensor is formed (as for the multivariate normal below). The three sums
+    # cancel: float32 inputs are summed in float64.
+    dt = torch.promote_types(x.dtype, torch.float64)
+    w, x, loc = compact(w).to(dt), compact(x).to(dt), loc.to(dt)
     c = x.mean(tuple(range(x.dim())), keepdim=True) if x.dim() else x
     xc, lc = x - c, loc - c
     num = (reduce_product([w, xc * xc], shape) - 2 * reduce_product([w, xc, lc], shape)
            + reduce_product([w, lc * lc], shape))
-    return num + reg * den, den
+    return (num + reg * den).to(den.dtype), den
 
 
 def _mvn_cov_stats(fn, w, x, reg, shape):
@@ -173,8 +183,8 @@ RULES: List[Rule] = [
     Rule(dist.MultivariateNormal, "loc", 1, _mvn_loc_stats, _ratio),
     Rule(dist.Normal, "scale", 2, _normal_scale_stats, _sqrt_ratio),
     Rule(dist.MultivariateNormal, "covariance_matrix", 2, _mvn_cov_stats, _cov_ratio),
-    Rule(dist.DiscreteHMM, "initial_logits", 1, _initial_stats, _normalise, log=True),
-    Rule(dist.DiscreteHMM, "transition_logits", 1, _transition_stats, _normalise, log=True),
+    Rule(dist.DiscreteHMM, "initial_logits", 1, _initial_stats, _normalise_logits, log=True),
+    Rule(dist.DiscreteHMM, "transition_logits", 1, _transition_stats, _normalise_logits, log=True),
 ]
 
 
@@ -418,10 +428,17 @@ def use_distribution(use: Use, site: dict):
 
 
 def _view(use: Use, site: dict, weights):
-    """(distribution, value, Q) over which ``use``'s statistics are taken; Q broadcast to the batch shape."""
+    """(distribution, value, Q) over which ``use``'s statistics are taken; Q broadcast to the batch shape.
+
+    A chain's statistics are sums over all its time steps at once (a chain is never split into
+    chunks, whose sums are added in float64): lower-precision weights and values are summed in float64.
+    """
     if use.part == "emission":
         fn, w = unwrap(site["fn"].observation_dist, weights.emission)
-        return fn, chains.emission_value(site["fn"], site["value"]), w
+        x = chains.emission_value(site["fn"], site["value"])
+        if w.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            w, x = compact(w).double(), (x.double() if x.is_floating_point() else x)  # (.., T, K, 1), not (.., T, K, d)
+        return fn, x, w
     if isinstance(weights, chains.ChainTerms):
         return site["fn"], site["value"], weights  # the chain's own tables
     fn, w = unwrap(site["fn"], weights)
@@ -433,7 +450,8 @@ def scatter_stats(use: Use, site: dict, weights, reg: float):
     with torch.no_grad():
         fn, x, w = _view(use, site, weights)
         num, den = use.rule.stats(fn, w, x, reg, use.selection.shape)
-        return use.selection.vjp(num), (None if den is None else use.selection.vjp(den))
+        dtype = use.selection.tensor.dtype  # the selection's backward runs in the parameter's dtype
+        return use.selection.vjp(num.to(dtype)), (None if den is None else use.selection.vjp(den.to(dtype)))
 
 
 # -- phase 2 while streaming: statistics about the old location, shifted to the new one -------------
@@ -519,9 +537,12 @@ def _diag_normal_log_prob(base, value: torch.Tensor) -> Optional[torch.Tensor]:
     (mu_z, sigma_z for the k states; x^(i) for the data points): no (n, k, d) tensor.
 
     The squares are expanded about the data mean c, sum_d ((x - c)^2 - 2 (x - c)(mu - c) + (mu - c)^2) / sigma^2,
-    so that their cancellation loses no more than the spread of the data relative to sigma.
+    so that their cancellation loses no more than the spread of the data relative to sigma; float32
+    inputs are expanded in float64 (and the result, and its gradients, rounded back).
     """
-    loc, scale, x = compact(base.loc), compact(base.scale), compact(value)
+    dtype = torch.promote_types(base.loc.dtype, value.dtype)
+    dt = torch.promote_types(dtype, torch.float64)
+    loc, scale, x = compact(base.loc).to(dt), compact(base.scale).to(dt), compact(value).to(dt)
     d = x.shape[-1]
     params = broadcast_shape(loc.shape[:-1], scale.shape[:-1])
     ndim = max(len(params), x.dim() - 1)
@@ -536,7 +557,7 @@ def _diag_normal_log_prob(base, value: torch.Tensor) -> Optional[torch.Tensor]:
     xc = rows - c
     maha = (xc * xc) @ prec.T - 2 * (xc @ (mc * prec).T) + (mc * mc * prec).sum(-1)  # (N, P)
     log_norm = scale.expand(params + (d,)).reshape(-1, d).log().sum(-1) + 0.5 * d * math.log(2 * math.pi)
-    out = -0.5 * maha - log_norm  # (N, P)
+    out = (-0.5 * maha - log_norm).to(dtype)  # (N, P)
     p_dims = [i for i in range(ndim) if p_sizes[i] != 1]
     x_dims = [i for i in range(ndim) if x_sizes[i] != 1]
     out = out.reshape([x_sizes[i] for i in x_dims] + [p_sizes[i] for i in p_dims])

@@ -304,3 +304,27 @@ def test_other_emission_families_reuse_their_rules_against_hmmlearn_and_masks_dr
     pyro.clear_param_store()
     dropped = ppl_em.EM(_categorical_hmm)
     np.testing.assert_allclose(with_mask, [dropped.step(x[:2], init) for _ in range(3)], rtol=1e-12)
+
+
+def test_hard_em_keeps_its_closed_forms_when_a_transition_never_occurs():
+    x, _ = hmm.generate(12, **_truth(), num_sequences=2, seed=11)  # 22 transitions on the Viterbi paths
+    em = ppl_em.EM(hmm.vectorized_model, posterior="hard")
+    objective = [-em.step(x, 3, init=_truth()) for _ in range(4)]
+    _, counts = em.e_step(x, 3, init=_truth()).chain("x_rest")
+    assert bool((counts == 0).any())  # an A_ij estimated as 0: log A_ij must not poison the check
+    assert all(how.startswith("closed form") for how in em.explain().values()), em.explain()
+    assert all(b >= a - 1e-9 * abs(a) for a, b in zip(objective, objective[1:])), objective
+
+
+def test_float32_closed_forms_survive_their_check_on_a_long_chain():
+    # One sequence of 1e5 steps: its statistics are single sums over all of them (no chunks).
+    g = torch.Generator().manual_seed(0)
+    T, k, d = 100_000, 8, 4
+    segment = (torch.rand(T, generator=g) < 0.1).cumsum(0)  # a sticky chain: a new state every ~10 steps
+    z = torch.randint(k, (int(segment[-1]) + 1,), generator=g)[segment]
+    mu = 2 * torch.randn(k, d, generator=g)
+    x = (mu[z] + torch.randn(T, d, generator=g)).float()
+    em = ppl_em.EM(hmm.vectorized_model, reg_covar=0.0)
+    em.step(x, k)
+    assert all(how.startswith("closed form") for how in em.explain().values()), em.explain()
+    assert all(v.dtype == torch.float32 for v in em.params.values())
