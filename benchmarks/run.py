@@ -183,11 +183,9 @@ def bench_b3(cfg: dict) -> Tuple[List[Row], List[Target]]:
     init = wl.hmm_init(x, cfg["K"], seed=SEED)
     size = f"T={cfg['T']} K={cfg['K']} D={cfg['D']}, {cfg['iters']} iters"
     rows, fits = _run_peers("B3", size, HMM_PEERS, (x, cfg["K"], init, cfg["iters"]))
-    # Target: as fast as hmmlearn. ppl_em's pyro.markov loop costs ~1 ms per time step, so it is not.
+    # Target: at least as fast as hmmlearn, on the vectorised model file (the chain as one DiscreteHMM site).
     targets = _compare(rows, rows[0], 1.0)
-    for t in targets:
-        t.source = "ours (as fast as hmmlearn)"
-    rows[0].note += f"; {rows[0].sec_per_iter / cfg['T'] * 1e3:.2f} ms per time step"
+    rows[0].note += f"; {rows[0].sec_per_iter / cfg['T'] * 1e6:.3g} µs per time step"
     targets.append(_agreement("B3", fits, "hmmlearn"))
     return rows, targets
 

@@ -155,9 +155,10 @@ def ppl_em_gmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
 
 
 def ppl_em_hmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
-    """Gaussian HMM (``ppl_em.models.hmm``); reg_covar = 0 because hmmlearn's M-step adds nothing."""
+    """Gaussian HMM (``ppl_em.models.hmm.vectorized_model``: the chain as one ``DiscreteHMM`` site);
+    reg_covar = 0 because hmmlearn's M-step adds nothing."""
     xt = torch.from_numpy(x)
-    return ppl_em_fit(hmm.model, (xt, k, _torch_init(init, xt.dtype)), len(x), iters, reg_covar=0.0)
+    return ppl_em_fit(hmm.vectorized_model, (xt, k, _torch_init(init, xt.dtype)), len(x), iters, reg_covar=0.0)
 
 
 def ppl_em_until(x: np.ndarray, k: int, init: Init, max_iters: int, tol: float) -> Fit:

@@ -7,7 +7,8 @@ synthetic data set drawn from the model itself, which the test matrix
 ``module``
     The model's module (its docstring tells the generative story).
 ``model``
-    The Pyro model function, ``module.model``.
+    The Pyro model function, ``module.model``; an entry named ``<module>_<variant>`` registers
+    another function of the same file (``hmm_vectorized``: ``hmm.vectorized_model``).
 ``methods``
     Tuple drawn from ``"em"`` (exact EM), ``"hard_em"`` (classification EM: Q one-hot at the
     posterior mode), ``"svi"`` (SVI with the mean-field ``AutoCategorical`` guide) and
@@ -86,9 +87,9 @@ def _vae_data(seed: int) -> Tuple[tuple, Dict[str, Any]]:
     return (tr.nodes["x"]["value"].detach(), decoder), {}
 
 
-def _entry(module, methods: Tuple[str, ...], make_data, description: str) -> Dict[str, Any]:
-    return {"module": module, "model": module.model, "methods": methods, "make_data": make_data,
-            "description": description}
+def _entry(module, methods: Tuple[str, ...], make_data, description: str, model=None) -> Dict[str, Any]:
+    return {"module": module, "model": module.model if model is None else model, "methods": methods,
+            "make_data": make_data, "description": description}
 
 
 REGISTRY: Dict[str, Dict[str, Any]] = {
@@ -103,6 +104,9 @@ REGISTRY: Dict[str, Dict[str, Any]] = {
     # No "vae": an HMM's z_t depends on the whole sequence, not on its own x_t alone.
     "hmm": _entry(hmm, ("em", "hard_em", "svi"), _hmm_data,
                   "Hidden Markov model with diagonal Gaussian emissions (Baum-Welch under EM)."),
+    "hmm_vectorized": _entry(hmm, ("em", "hard_em", "svi"), _hmm_data,
+                             "The same HMM with the chain as one DiscreteHMM site: no loop over time.",
+                             model=hmm.vectorized_model),
     # No "vae": a word id is a poor encoder input; the posterior of z_{d,m} needs theta_d too.
     "topic": _entry(topic, ("em", "svi"), _topic_data,
                     "Topic model (PLSA): per-document topic weights, per-topic word distributions."),

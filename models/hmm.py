@@ -13,9 +13,14 @@ algorithm. EM on this file is Baum-Welch: pi from p(z_0 | x), A_ij from the expe
 counts sum_t p(z_{t-1} = i, z_t = j | x) (normalised per row), mu_j and sigma_j^2 from the
 responsibility-weighted means and variances.
 
-The model is a ``pyro.markov`` loop over time (each z_t depends only on z_{t-1}, so
-enumeration needs two dimensions, not T), vectorised over sequences with a plate. Its cost is
-a Python loop of T steps (about 1 ms each): fine for short chains, slow for long ones.
+Two model functions tell this same story:
+
+* :func:`model` is a ``pyro.markov`` loop over time (each z_t depends only on z_{t-1}, so
+  enumeration needs two dimensions, not T), vectorised over sequences with a plate. Its cost is
+  a Python loop of T steps (about 1 ms each): fine for short chains, slow for long ones.
+* :func:`vectorized_model` writes the chain z_1, ..., z_{T-1} as one ``DiscreteHMM`` site, whose
+  log-probability sums the states out inside the distribution; no Python loop over time. Under
+  EM, ppl_em computes that site's posterior by a blocked forward-backward (:mod:`ppl_em.chains`).
 
 Parameters: ``pi`` (k,) and the rows of ``A`` (k, k) on the simplex, ``mu`` (k, d), ``sigma``
 (k, d) positive standard deviations.
@@ -88,6 +93,36 @@ def model(x: torch.Tensor, k: int = 2, init: Optional[Dict[str, torch.Tensor]] =
             probs = pi if z is None else Vindex(A)[..., z, :]  # row A_{z_{t-1}}
             z = pyro.sample(f"z_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"})
             pyro.sample(f"x_{t}", dist.Normal(mu[z], sigma[z]).to_event(1), obs=xs[:, t])
+
+
+def vectorized_model(x: torch.Tensor, k: int = 2, init: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """The Gaussian HMM of :func:`model` (same parameters, same p(x)), with the chain as one ``DiscreteHMM`` site.
+
+    Pyro's ``DiscreteHMM(initial_logits, transition_logits, observation_dist)`` applies a
+    transition *before* its first observation: its initial distribution is that of the state
+    one step earlier. So z_0 ~ pi and x_0 | z_0 stay ordinary sites (z_0 enumerated), and the
+    chain of x_1, ..., x_{T-1} starts from the point mass on z_0, log e_{z_0} (0 at z_0, -inf
+    elsewhere), with the homogeneous transition logits log A. Putting pi in a first transition
+    matrix instead (one (K, K) matrix per time step) would give the same p(x) but make every
+    step's logits a (T, K, K) tensor, which ``DiscreteHMM`` normalises at each model run.
+
+    ``x`` has shape (T, d) or (S, T, d); ``init`` as in :func:`model`.
+    """
+    xs = _as_batch(x)  # (S, T, d)
+    defaults = partial(init_params, xs, k)
+    pi = pyro.param("pi", lambda: _start("pi", init, defaults), constraint=constraints.simplex)  # (k,)
+    A = pyro.param("A", lambda: _start("A", init, defaults), constraint=constraints.simplex)  # (k, k)
+    mu = pyro.param("mu", lambda: _start("mu", init, defaults))  # (k, d)
+    sigma = pyro.param("sigma", lambda: _start("sigma", init, defaults), constraint=constraints.positive)  # (k, d)
+    T = xs.shape[1]
+    with pyro.plate("sequences", xs.shape[0], dim=-1):
+        z0 = pyro.sample("z_0", dist.Categorical(pi), infer={"enumerate": "parallel"})
+        pyro.sample("x_0", dist.Normal(mu[z0], sigma[z0]).to_event(1), obs=xs[:, 0])
+        if T > 1:
+            start = torch.eye(k, dtype=xs.dtype, device=xs.device).log()[z0]  # (..., k): log e_{z_0}
+            emission = dist.Normal(mu, sigma).to_event(1)  # p(x_t | z_t = j) for every j: batch (k,)
+            chain = dist.DiscreteHMM(start, A.log(), emission, duration=T - 1)
+            pyro.sample("x_rest", chain, obs=xs[:, 1:])  # x_1 .. x_{T-1}, (S, T - 1, d)
 
 
 def generate(T: int, pi: torch.Tensor, A: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,

@@ -31,8 +31,8 @@ from .posterior import (
     ModelStructure,
     Posterior,
     exact_posterior,
+    expected_log_prob,
     inspect_model,
-    masked_log_prob,
     sample_sites,
     trace_model,
 )
@@ -299,7 +299,7 @@ class EM:
     def expected_log_joint(self, post: Posterior, *args, **kwargs) -> torch.Tensor:
         """E_Q[log p(x, z; theta)] + log p(theta) at the current parameters, differentiable in them."""
         tr, _ = trace_model(self.model, self.structure, args, kwargs, leaf_params=False)
-        return sum((post.weights[s["name"]] * masked_log_prob(s)).sum() for s in sample_sites(tr))
+        return sum(expected_log_prob(s, post.weights[s["name"]]) for s in sample_sites(tr))
 
     # -- M-step internals --------------------------------------------------------------------
     def _make_plan(self, post: Posterior, args, kwargs) -> None:
@@ -554,7 +554,7 @@ class _Moments:
         uses = EM._find_closed_forms(trace, leaves, {s["name"]: torch.ones(()) for s in sample_sites(trace)})
         for p in self.names:
             for i, use in enumerate(uses[p]):
-                fn, _ = families.unwrap(trace.nodes[use.site]["fn"], torch.ones(()))
+                fn = families.use_distribution(use, trace.nodes[use.site])
                 old = self.loc[(p, i)]
                 new = families.compact(fn.loc).detach()
                 num, den = families.shifted_stats(use, self.sums[(p, i)], old, new, sums.reg)
@@ -570,7 +570,7 @@ def _location_shapes(em: "EM", args: tuple, kwargs: dict) -> list:
     out = []
     for p in em._phases([q for q, how in em._plan.items() if how == "closed"])[1]:
         for use in uses[p]:
-            fn, _ = families.unwrap(trace.nodes[use.site]["fn"], torch.ones(()))
+            fn = families.use_distribution(use, trace.nodes[use.site])
             out.append((use.site, tuple(families.compact(fn.loc).shape), tuple(use.selection.shape)))
     return out
 

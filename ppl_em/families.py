@@ -24,12 +24,14 @@ References: lecture notes, M-step for the GMM; Bishop, PRML, sections 9.2-9.3.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import pyro.distributions as dist
 from torch.distributions import Independent
+
+from . import chains
 
 __all__ = ["Use", "Rule", "RULES", "Selection", "find_uses", "log_prob", "reduce_product", "unwrap"]
 
@@ -50,7 +52,8 @@ class Rule:
     ``stats(fn, w, x, reg)`` returns (numerator, denominator) per element of the attribute,
     both broadcastable to its shape; ``finish(num, den, old)`` turns their scatter-added sums
     into the new parameter value. ``phase`` 1 updates locations (means, probabilities, rates);
-    phase 2 updates scales given the new locations.
+    phase 2 updates scales given the new locations. ``log``: the attribute is log v of a selection v
+    of the parameter (logits of a parameter on the simplex), not the selection itself.
     """
 
     family: type
@@ -58,6 +61,7 @@ class Rule:
     phase: int
     stats: Callable
     finish: Callable
+    log: bool = False
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -70,6 +74,13 @@ def _normalise(num: torch.Tensor, den: torch.Tensor, old: torch.Tensor) -> torch
     total = num.sum(-1, keepdim=True)
     safe = total > torch.finfo(num.dtype).tiny
     return torch.where(safe, num / total.clamp_min(torch.finfo(num.dtype).tiny), old)
+
+
+def _normalise_logits(num: torch.Tensor, den: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    # The parameter enters as log v: a count of 0 gives v = 0 and log v = -inf, whose gradient 1 / 0
+    # times a weight of 0 is NaN. The smallest normal float keeps log v finite and changes p(x) by
+    # less than 1e-300 (float64) relative.
+    return _normalise(num, den, old).clamp_min(torch.finfo(num.dtype).tiny)
 
 
 def _sqrt_ratio(num, den, old):
@@ -102,9 +113,21 @@ def _mvn_loc_stats(fn, w, x, reg, shape):
 
 
 def _normal_scale_stats(fn, w, x, reg, shape):
-    diff = x - fn.loc
     den = reduce_product([w], shape)
-    return reduce_product([w, diff * diff], shape) + reg * den, den
+    loc = compact(fn.loc)
+    if not _constant_over_sums(loc.shape, shape):
+        diff = x - fn.loc  # the location varies with the data point itself
+        return reduce_product([w, diff * diff], shape) + reg * den, den
+    # mu_z is the same for every data point: expand (x - mu)^2 about the data mean c, so that no
+    # (n, k, d) difference tensor is formed (as for the multivariate normal below). The three sums
+    # cancel: float32 inputs are summed in float64.
+    dt = torch.promote_types(x.dtype, torch.float64)
+    w, x, loc = compact(w).to(dt), compact(x).to(dt), loc.to(dt)
+    c = x.mean(tuple(range(x.dim())), keepdim=True) if x.dim() else x
+    xc, lc = x - c, loc - c
+    num = (reduce_product([w, xc * xc], shape) - 2 * reduce_product([w, xc, lc], shape)
+           + reduce_product([w, lc * lc], shape))
+    return (num + reg * den).to(den.dtype), den
 
 
 def _mvn_cov_stats(fn, w, x, reg, shape):
@@ -179,6 +202,24 @@ def _unpack_symmetric(packed: torch.Tensor, d: int) -> torch.Tensor:
     return out
 
 
+# A chain's transition (or initial) logits: Q is already a table over (w_{t-1}, w_t) of the same shape
+# (see ppl_em.chains), and for log A_ij the weighted MLE is A_ij = sum_t Q_t(i, j) / sum_{t,j} Q_t(i, j).
+def _initial_stats(fn, w, x, reg, shape):
+    return reduce_product([w.initial], shape), None
+
+
+def _transition_stats(fn, w, x, reg, shape):
+    return reduce_product([w.transition], shape), None
+
+
+def _constant_over_sums(loc: Tuple[int, ...], shape: Tuple[int, ...]) -> bool:
+    """Whether a location of (compact) shape ``loc`` is constant along every dimension that statistics of
+    shape ``shape`` sum over: one mu per parameter element (mu_z), not one per data point."""
+    n = max(len(loc), len(shape))
+    loc, shape = (1,) * (n - len(loc)) + tuple(loc), (1,) * (n - len(shape)) + tuple(shape)
+    return all(a == 1 or b != 1 for a, b in zip(loc, shape))
+
+
 def _overlap(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
     """Whether two batch shapes both exceed 1 in some (right-aligned) dimension."""
     return any(p != 1 and q != 1 for p, q in zip(reversed(a), reversed(b)))
@@ -192,6 +233,8 @@ RULES: List[Rule] = [
     Rule(dist.MultivariateNormal, "loc", 1, _mvn_loc_stats, _ratio),
     Rule(dist.Normal, "scale", 2, _normal_scale_stats, _sqrt_ratio),
     Rule(dist.MultivariateNormal, "covariance_matrix", 2, _mvn_cov_stats, _cov_ratio),
+    Rule(dist.DiscreteHMM, "initial_logits", 1, _initial_stats, _normalise_logits, log=True),
+    Rule(dist.DiscreteHMM, "transition_logits", 1, _transition_stats, _normalise_logits, log=True),
 ]
 
 
@@ -271,6 +314,7 @@ class Selection:
     distribution's own ``expand`` broadcast A over the data): statistics are summed to it.
     ``vjp(u)`` computes S^T u, scatter-adding ``u`` (of that ``shape``) onto v's elements,
     by applying the backward functions of the selection chain between A and v in turn.
+    ``inputs[i]`` is the input of ``nodes[i]`` that leads to v (a ``cat`` has several).
     """
 
     param: str
@@ -278,17 +322,20 @@ class Selection:
     nodes: List  # autograd nodes from just below the broadcast down to (excluding) v's AccumulateGrad
     leaf_shape: torch.Size
     tensor: torch.Tensor  # A itself, for torch builds whose autograd nodes do not expose input shapes
+    inputs: List[int] = field(default_factory=list)
 
     def vjp(self, u: torch.Tensor) -> torch.Tensor:
         if self.nodes and not hasattr(self.nodes[0], "_input_metadata"):
             return self._vjp_by_autograd(u)
-        for node in self.nodes:
+        for i, node in enumerate(self.nodes):
             out = node(u)
             out = out if isinstance(out, tuple) else (out,)
             # Keep the gradient of the input that leads to v (a 0/1 mask is a constant), summed to
             # that input's shape: a node called directly leaves broadcasting to its caller.
-            (grad, (nxt, nr)), = [(g, f) for g, f in zip(out, node.next_functions) if f[0] is not None]
-            u = grad.sum_to_size(nxt._input_metadata[nr].shape)
+            inputs = [j for j, (f, _) in enumerate(node.next_functions) if f is not None]
+            k = self.inputs[i] if self.inputs else inputs[0]
+            nxt, nr = node.next_functions[k]
+            u = out[k].sum_to_size(nxt._input_metadata[nr].shape)
         return u.reshape(self.leaf_shape)
 
     def _vjp_by_autograd(self, u: torch.Tensor) -> torch.Tensor:
@@ -307,31 +354,71 @@ class Selection:
 
 
 def selection_source(tensor: torch.Tensor, leaves: Dict[int, str]) -> Optional[Selection]:
-    """If ``tensor`` is a pure selection of a param leaf, describe it (see :class:`Selection`).
+    """If ``tensor`` is a pure selection of one param leaf, describe it (see :class:`Selection`).
 
     A top-level normalisation ``p / p.sum(-1, keepdim=True)`` (how torch stores Categorical
     probabilities) is looked through: the parameter is already on the simplex.
     """
+    found = selection_sources(tensor, leaves)
+    return found[0] if len(found) == 1 else None
+
+
+def selection_sources(tensor: torch.Tensor, leaves: Dict[int, str], log: bool = False) -> List[Selection]:
+    """Every param leaf that ``tensor`` selects elements of, one :class:`Selection` per path to it.
+
+    Empty unless every element of ``tensor`` is a selection (a ``cat`` joins several parameters,
+    or constants, along a dimension). With ``log``, ``tensor`` must be log v of a selection v,
+    logits: one ``log`` on each path, and a top-level normalisation ``l - l.logsumexp(-1,
+    keepdim=True)`` (how Pyro stores logits) is looked through.
+    """
     if tensor.grad_fn is None:
         leaf = leaves.get(id(tensor))
-        return None if leaf is None else Selection(leaf, tensor.shape, [], tensor.shape, tensor)
+        return [] if leaf is None or log else [Selection(leaf, tensor.shape, [], tensor.shape, tensor)]
     node, shape = _below_broadcast(tensor.grad_fn, tensor.shape)
-    if type(node).__name__ == "DivBackward0" and node.next_functions[1][0] is not None:
+    if not log and type(node).__name__ == "DivBackward0" and node.next_functions[1][0] is not None:
         # Statistics are summed to the shape of the numerator p, then scattered through p's chain.
         tensor = node._saved_self
         node, shape = _below_broadcast(node.next_functions[0][0], tensor.shape)
-    chain = []
-    while node is not None:
+    if log and _is_log_normalisation(node):
+        node = node.next_functions[0][0]
+    found: List[Selection] = []
+    paths = [(node, [], [], False)]  # (node, chain, inputs, a log passed)
+    while paths:
+        node, chain, inputs, logged = paths.pop()
         name = type(node).__name__
         if name == "AccumulateGrad":
             leaf = leaves.get(id(node.variable))
-            return None if leaf is None else Selection(leaf, torch.Size(shape), chain, node.variable.shape, tensor)
-        inputs = [n for n, _ in node.next_functions if n is not None]
-        if len(inputs) != 1 or not (name in SELECTION_OPS or _is_01_mask(node)):
-            return None
-        chain.append(node)
-        node = inputs[0]
-    return None
+            if leaf is None or logged != log or ((log or _through_cat(chain)) and not _has_shapes(chain)):
+                return []
+            found.append(Selection(leaf, torch.Size(shape), chain, node.variable.shape, tensor, inputs))
+        elif name == "LogBackward0" and log and not logged:
+            paths.append((node.next_functions[0][0], chain, inputs, True))  # S^T u passes log unchanged
+        elif name in SELECTION_OPS or _is_01_mask(node) or name == "CatBackward0":
+            nxt = [(k, n) for k, (n, _) in enumerate(node.next_functions) if n is not None]
+            if not nxt or (len(nxt) > 1 and name != "CatBackward0"):
+                return []
+            paths.extend((n, chain + [node], inputs + [k], logged) for k, n in nxt)
+        else:
+            return []
+    return found
+
+
+def _through_cat(chain: List) -> bool:
+    return any(type(node).__name__ == "CatBackward0" for node in chain)
+
+
+def _has_shapes(chain: List) -> bool:
+    # Without input shapes on autograd nodes, Selection.vjp falls back to autograd from A, which
+    # would differentiate a log too and could not pick one input of a cat.
+    return all(hasattr(node, "_input_metadata") for node in chain)
+
+
+def _is_log_normalisation(node) -> bool:
+    """``l - l.logsumexp(-1, keepdim=True)``: a SubBackward0 whose second input is a logsumexp of its first."""
+    if type(node).__name__ != "SubBackward0" or node.next_functions[1][0] is None:
+        return False
+    other = node.next_functions[1][0]
+    return type(other).__name__ == "LogsumexpBackward0" and other.next_functions[0][0] is node.next_functions[0][0]
 
 
 def _below_broadcast(node, shape):
@@ -357,31 +444,64 @@ class Use:
     site: str
     rule: Rule
     selection: Selection
+    part: str = ""  # "emission": the observation distribution of a chain site (ppl_em.chains)
 
     @property
     def param(self) -> str:
         return self.selection.param
 
 
-def find_uses(site: dict, weights: torch.Tensor, leaves: Dict[int, str]) -> List[Use]:
-    """Every (attribute, parameter) pair of ``site`` that a closed-form rule can update."""
-    fn, _ = unwrap(site["fn"], weights)
+def find_uses(site: dict, weights, leaves: Dict[int, str]) -> List[Use]:
+    """Every (attribute, parameter) pair of ``site`` that a closed-form rule can update.
+
+    A chain site (``DiscreteHMM``) has two parts: its own transition and initial logits, and
+    its observation distribution, whose statistics are weighted by Q(w_t) (``part="emission"``).
+    """
+    parts = [("", site["fn"])]
+    if chains.is_chain(site["fn"]):
+        parts.append(("emission", site["fn"].observation_dist))
     uses = []
-    for rule in RULES:
-        if type(fn) is not rule.family or rule.attr not in fn.__dict__:
-            continue
-        found = selection_source(fn.__dict__[rule.attr], leaves)
-        if found is not None:
-            uses.append(Use(site["name"], rule, found))
+    for part, fn in parts:
+        fn, _ = unwrap(fn, torch.ones(()))
+        for rule in RULES:
+            if type(fn) is not rule.family or rule.attr not in fn.__dict__:
+                continue
+            for found in selection_sources(fn.__dict__[rule.attr], leaves, log=rule.log):
+                uses.append(Use(site["name"], rule, found, part))
     return uses
 
 
-def scatter_stats(use: Use, site: dict, weights: torch.Tensor, reg: float):
+def use_distribution(use: Use, site: dict):
+    """The distribution (wrappers stripped) whose attribute ``use`` updates."""
+    fn = site["fn"].observation_dist if use.part == "emission" else site["fn"]
+    return unwrap(fn, torch.ones(()))[0]
+
+
+def _view(use: Use, site: dict, weights):
+    """(distribution, value, Q) over which ``use``'s statistics are taken; Q broadcast to the batch shape.
+
+    A chain's statistics are sums over all its time steps at once (a chain is never split into
+    chunks, whose sums are added in float64): lower-precision weights and values are summed in float64.
+    """
+    if use.part == "emission":
+        fn, w = unwrap(site["fn"].observation_dist, weights.emission)
+        x = chains.emission_value(site["fn"], site["value"])
+        if w.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            w, x = compact(w).double(), (x.double() if x.is_floating_point() else x)  # (.., T, K, 1), not (.., T, K, d)
+        return fn, x, w
+    if isinstance(weights, chains.ChainTerms):
+        return site["fn"], site["value"], weights  # the chain's own tables
+    fn, w = unwrap(site["fn"], weights)
+    return fn, site["value"], w
+
+
+def scatter_stats(use: Use, site: dict, weights, reg: float):
     """S^T(numerator), S^T(denominator): the use's weighted statistics summed per param element."""
     with torch.no_grad():
-        fn, w = unwrap(site["fn"], weights)
-        num, den = use.rule.stats(fn, w, site["value"], reg, use.selection.shape)
-        return use.selection.vjp(num), (None if den is None else use.selection.vjp(den))
+        fn, x, w = _view(use, site, weights)
+        num, den = use.rule.stats(fn, w, x, reg, use.selection.shape)
+        dtype = use.selection.tensor.dtype  # the selection's backward runs in the parameter's dtype
+        return use.selection.vjp(num.to(dtype)), (None if den is None else use.selection.vjp(den.to(dtype)))
 
 
 # -- phase 2 while streaming: statistics about the old location, shifted to the new one -------------
@@ -389,13 +509,13 @@ def scatter_stats(use: Use, site: dict, weights: torch.Tensor, reg: float):
 #     sum w (x - m')(x - m')^T = M2 - S delta^T - delta S^T + N delta delta^T,    delta = m' - m,
 # where M2 = sum w (x - m)(x - m)^T, S = sum w (x - m), N = sum w about the old m. So one pass over
 # the data (the E-step's) gives the scale statistics at the new location of the same M-step.
-def location_moments(use: Use, site: dict, weights: torch.Tensor):
+def location_moments(use: Use, site: dict, weights):
     """(M2, S, N) of a phase-2 use about its current location m, summed over every dimension along
     which neither m nor the parameter varies; and m. Exact to shift only if m does not vary with the
     data point (the caller checks that the shapes do not change with the number of rows)."""
     with torch.no_grad():
-        fn, w = unwrap(site["fn"], weights)
-        x, loc = site["value"], compact(fn.loc)
+        fn, x, w = _view(use, site, weights)
+        loc = compact(fn.loc)
         target = use.selection.shape
         if use.rule.family is dist.MultivariateNormal:
             return gaussian_moments(w, x, loc, broadcast_shape(loc.shape[:-1], target[:-2])), loc.detach()
@@ -445,7 +565,48 @@ def log_prob(fn, value: torch.Tensor) -> torch.Tensor:
         fast = _mvn_log_prob(fn, value)
         if fast is not None:
             return fast
+    if (type(fn) is dist.Independent and type(fn.base_dist) is dist.Normal and fn.reinterpreted_batch_ndims == 1
+            and value.dim() >= 1):
+        fast = _diag_normal_log_prob(fn.base_dist, value)
+        if fast is not None:
+            return fast
     return fn.log_prob(value)
+
+
+def _diag_normal_log_prob(base, value: torch.Tensor) -> Optional[torch.Tensor]:
+    """``Normal(loc, scale).to_event(1).log_prob(value)`` as two GEMMs of the data with 1 / sigma_z^2 and
+    mu_z / sigma_z^2 (sums over the d coordinates), when parameters and data vary along different dimensions
+    (mu_z, sigma_z for the k states; x^(i) for the data points): no (n, k, d) tensor.
+
+    The squares are expanded about the data mean c, sum_d ((x - c)^2 - 2 (x - c)(mu - c) + (mu - c)^2) / sigma^2,
+    so that their cancellation loses no more than the spread of the data relative to sigma; float32
+    inputs are expanded in float64 (and the result, and its gradients, rounded back).
+    """
+    dtype = torch.promote_types(base.loc.dtype, value.dtype)
+    dt = torch.promote_types(dtype, torch.float64)
+    loc, scale, x = compact(base.loc).to(dt), compact(base.scale).to(dt), compact(value).to(dt)
+    d = x.shape[-1]
+    params = broadcast_shape(loc.shape[:-1], scale.shape[:-1])
+    ndim = max(len(params), x.dim() - 1)
+    p_sizes = (1,) * (ndim - len(params)) + tuple(params)
+    x_sizes = (1,) * (ndim - x.dim() + 1) + tuple(x.shape[:-1])
+    if loc.shape[-1] not in (1, d) or scale.shape[-1] not in (1, d) or _overlap(p_sizes, x_sizes):
+        return None
+    rows = x.reshape(-1, d)  # (N, d)
+    c = rows.mean(0)
+    prec = scale.expand(params + (d,)).reshape(-1, d).pow(-2)  # (P, d)
+    mc = loc.expand(params + (d,)).reshape(-1, d) - c
+    xc = rows - c
+    maha = (xc * xc) @ prec.T - 2 * (xc @ (mc * prec).T) + (mc * mc * prec).sum(-1)  # (N, P)
+    log_norm = scale.expand(params + (d,)).reshape(-1, d).log().sum(-1) + 0.5 * d * math.log(2 * math.pi)
+    out = (-0.5 * maha - log_norm).to(dtype)  # (N, P)
+    p_dims = [i for i in range(ndim) if p_sizes[i] != 1]
+    x_dims = [i for i in range(ndim) if x_sizes[i] != 1]
+    out = out.reshape([x_sizes[i] for i in x_dims] + [p_sizes[i] for i in p_dims])
+    order = x_dims + p_dims
+    out = out.permute([order.index(i) for i in sorted(order)])
+    out = out.reshape([max(p_sizes[i], x_sizes[i]) for i in range(ndim)])
+    return out.expand(broadcast_shape(out.shape, broadcast_shape(base.batch_shape[:-1], value.shape[:-1])))
 
 
 def _mvn_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:

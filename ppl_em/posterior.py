@@ -17,6 +17,12 @@ w_j^(i) of a mixture, the pairwise p(z_{t-1}, z_t | x) of an HMM, the joint post
 two latents that one site depends on. Replacing log-sum-exp by max (Pyro's ``MapRing``)
 turns the same gradient into the one-hot indicator of the posterior mode: hard EM.
 
+A ``DiscreteHMM`` site integrates a whole chain of hidden states inside its log-probability.
+Its term is computed by :mod:`ppl_em.chains` from three tables of log-potentials (initial,
+transition, emission) that stand in as the chain's probes: the gradient of log p(x) with
+respect to them is the chain's posterior (pairwise and per state), and the chain's term
+combines with every other site of the model as any factor does.
+
 References: lecture notes on EM (E-step w_j^(i) := p(z^(i) = j | x^(i); phi, mu, Sigma));
 Obermeyer et al., "Tensor Variable Elimination for Plated Factor Graphs", ICML 2019;
 Eisner, "Inside-Outside and Forward-Backward Algorithms Are Just Backprop", 2016.
@@ -42,7 +48,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
-from . import families
+from . import chains, families
+from .chains import ChainTerms
 
 __all__ = ["Posterior", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
 
@@ -156,6 +163,9 @@ def trace_model(
     computed and their tensors packed: ``"grad"`` (differentiable in the parameters),
     ``"value"`` (values only: the E-step needs no parameter gradient of log p, which saves
     the memory of its autograd graph) or ``"none"`` (distributions and values only).
+    A chain site (``DiscreteHMM``) also gets ``site["chain_terms"]``, its tables of
+    log-potentials (:class:`ppl_em.chains.ChainTerms`); with ``"value"`` they are fresh leaves
+    that its log-probability is differentiable in (the E-step's probes).
     """
     leaves = _LeafParams() if leaf_params else poutine.messenger.Messenger()
     enum_model = poutine.enum(
@@ -167,22 +177,35 @@ def trace_model(
     tr = prune_subsample_sites(tr)
     if log_prob != "none":
         with torch.set_grad_enabled(log_prob == "grad" and torch.is_grad_enabled()):
-            _compute_log_prob(tr)
+            _compute_log_prob(tr, probes=log_prob == "value")
         tr.pack_tensors()
     return tr, getattr(leaves, "leaves", {})
 
 
-def _compute_log_prob(tr: Trace) -> None:
-    """``Trace.compute_log_prob``, with the fast paths of :func:`ppl_em.families.log_prob`."""
+def _compute_log_prob(tr: Trace, probes: bool = False) -> None:
+    """``Trace.compute_log_prob``, with the fast paths of :func:`ppl_em.families.log_prob` and
+    :mod:`ppl_em.chains` (with ``probes``, a chain's tables become leaves it is differentiable in)."""
     for site in sample_sites(tr):
         if "log_prob" not in site and not site["args"] and not site["kwargs"]:
-            log_p = families.log_prob(site["fn"], site["value"])
-            if not torch.is_grad_enabled():  # Pyro's Categorical returns a view of its (graph-carrying) logits
-                log_p = log_p.detach()
+            if chains.is_chain(site["fn"]):
+                log_p = _chain_log_prob(site, probes)
+            else:
+                log_p = families.log_prob(site["fn"], site["value"])
+                if not torch.is_grad_enabled():  # Pyro's Categorical returns a view of its (graph-carrying) logits
+                    log_p = log_p.detach()
             site["unscaled_log_prob"] = log_p
             site["log_prob"] = scale_and_mask(log_p, site["scale"], site["mask"])
             site["log_prob_sum"] = site["log_prob"].sum()
     tr.compute_log_prob()  # whatever is left (sites with extra log_prob arguments)
+
+
+def _chain_log_prob(site: dict, probes: bool) -> torch.Tensor:
+    terms = chains.chain_terms(site["fn"], site["value"], families.log_prob)
+    if probes:
+        terms = ChainTerms(*(t.detach().requires_grad_() for t in terms.tensors()))
+    site["chain_terms"] = terms
+    with torch.set_grad_enabled(probes or torch.is_grad_enabled()):
+        return chains.log_evidence(*terms.tensors())
 
 
 def sample_sites(tr: Trace) -> List[dict]:
@@ -212,6 +235,14 @@ def _masked_fill_value(site: dict, ring) -> float:
     return -math.log(site["value"].shape[dim])
 
 
+def expected_log_prob(site: dict, weights) -> torch.Tensor:
+    """E_Q[log p_s]: a site's weights times its log-probability, summed; for a chain site, each
+    table of its posterior times the matching log-potentials (the states inside it are latent too)."""
+    if isinstance(weights, ChainTerms):
+        return chains.expected_log_potential(site["chain_terms"], weights)
+    return (weights * masked_log_prob(site)).sum()
+
+
 def log_joint_terms(tr: Trace) -> Dict[str, torch.Tensor]:
     """Every site's masked log-probability, keyed by site name (unpacked layout)."""
     return {s["name"]: masked_log_prob(s) for s in sample_sites(tr)}
@@ -238,7 +269,10 @@ def _contract(tr: Trace, probes: Dict[str, torch.Tensor], ring) -> torch.Tensor:
     for site in sample_sites(tr):
         if site["infer"].get("_map_site"):
             continue
-        log_p = masked_log_prob(site, probes[site["name"]], _masked_fill_value(site, ring))
+        probe = probes[site["name"]]
+        if "chain_terms" in site and isinstance(ring, MapRing):  # the chain's best path, not its sum
+            site = dict(site, unscaled_log_prob=chains.log_evidence(*site["chain_terms"].tensors(), semiring="max"))
+        log_p = masked_log_prob(site, probe, _masked_fill_value(site, ring))
         term = packed.pack(log_p, site["infer"]["_dim_to_symbol"])
         tree.setdefault(_ordinal(tr, site), []).append(term)
         if site["infer"].get("_enumerate_symbol") is not None:
@@ -260,7 +294,7 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
     """
     sites = [s for s in sample_sites(tr) if not s["infer"].get("_map_site")]
     latents = [s for s in sites if s["infer"].get("_enumerate_dim") is not None]
-    if len(latents) != 1 or len({_ordinal(tr, s) for s in sites}) != 1:
+    if len(latents) != 1 or len({_ordinal(tr, s) for s in sites}) != 1 or any("chain_terms" in s for s in sites):
         return None
     dim = latents[0]["infer"]["_enumerate_dim"]
     terms = {s["name"]: masked_log_prob(s, fill=_masked_fill_value(s, LogRing())) for s in sites}
@@ -293,7 +327,9 @@ class Posterior:
     weights : dict of str to torch.Tensor
         For each sample site s, Q over the configurations of the latents its factor depends
         on, in the layout of that site's log-probability (Pyro's enumeration layout).
-        For a mixture's observation site this is w_j^(i) with shape (k, n).
+        For a mixture's observation site this is w_j^(i) with shape (k, n). For a chain site
+        (``DiscreteHMM``), a :class:`ppl_em.chains.ChainTerms` of the chain's posterior tables,
+        whose ``weight`` is that site-level Q (see :meth:`chain`).
     trace : pyro.poutine.Trace
         The enumerated model trace the posterior was computed from.
     mode : str
@@ -316,8 +352,11 @@ class Posterior:
     def marginal(self, name: str) -> torch.Tensor:
         """Posterior probabilities of one enumerated site, shape ``plate_shape + (num_values,)``.
 
-        For a mixture's z this is the matrix of responsibilities w_j^(i), shape (n, k).
+        For a mixture's z this is the matrix of responsibilities w_j^(i), shape (n, k). For a
+        chain site (``DiscreteHMM``), p(w_t = j | x) of its hidden states, plate_shape + (T, K).
         """
+        if isinstance(self.weights.get(name), ChainTerms):
+            return self.chain(name)[0]
         site = self._enumerated(name)
         return self._factor_view(site, self.weights[name], [site["infer"]["_enumerate_dim"]])
 
@@ -333,7 +372,27 @@ class Posterior:
         site = self.trace.nodes[name]
         latents = self._factor_latents(site)
         dims = [s["infer"]["_enumerate_dim"] for s in latents]
-        return self._factor_view(site, self.weights[name], dims), [s["name"] for s in latents]
+        w = self.weights[name]
+        w = w.weight if isinstance(w, ChainTerms) else w
+        return self._factor_view(site, w, dims), [s["name"] for s in latents]
+
+    def chain(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The posterior of the hidden states inside a chain site (``DiscreteHMM``).
+
+        Returns p(w_t = j | x), shape plate_shape + (T, K), and the posterior of consecutive
+        states p(w_{t-1} = i, w_t = j | x) in the layout of the site's transition logits:
+        (..., T, K, K) for one matrix per step; for a homogeneous (K, K) matrix, its sum over t
+        (and over the batch): the expected transition counts.
+        """
+        w = self.weights.get(name)
+        if not isinstance(w, ChainTerms):
+            chained = [k for k, v in self.weights.items() if isinstance(v, ChainTerms)]
+            raise KeyError(f"'{name}' is not a chain (DiscreteHMM) site; chain sites are {chained}.")
+        site = self.trace.nodes[name]
+        nplate = len([f for f in site["cond_indep_stack"] if f.vectorized])
+        states = w.emission
+        extra = states.dim() - 2 - nplate  # enumeration dimensions, left of the plates
+        return (states.sum(tuple(range(extra))) if extra > 0 else states), w.transition
 
     # -- helpers -----------------------------------------------------------------------------
     def _nplate(self) -> int:
@@ -410,10 +469,16 @@ def exact_posterior(
             ring_probes = {k: torch.zeros_like(v).requires_grad_() for k, v in probes.items()}
             objective = _contract(tr, ring_probes, MapRing()) * scale
         names = list(ring_probes)
-        grads = torch.autograd.grad(objective, [ring_probes[k] for k in names], allow_unused=True) \
-            if objective.requires_grad else [None] * len(names)
+        tables = {s["name"]: s["chain_terms"].tensors() for s in sites if "chain_terms" in s}
+        inputs = [ring_probes[k] for k in names] + [t for ts in tables.values() for t in ts]
+        grads = torch.autograd.grad(objective, inputs, allow_unused=True) \
+            if objective.requires_grad else [None] * len(inputs)
         weights = {k: (torch.ones_like(ring_probes[k]) if g is None else g.detach())
                    for k, g in zip(names, grads)}
+        rest = iter(grads[len(names):])
+        for name, ts in tables.items():  # a chain's tables: its posterior (zero where nothing depends on them)
+            weights[name] = ChainTerms(*(torch.zeros_like(t) if g is None else g.detach() for t, g in zip(ts, rest)),
+                                       weight=weights[name])
     log_prior = sum((masked_log_prob(s).sum() for s in sites if s["infer"].get("_map_site")), torch.zeros(()))
     return Posterior(
         log_evidence=log_z.detach(),

@@ -40,6 +40,7 @@ import pyro.util
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import transform_to
 
+from .chains import is_chain
 from .em import EM
 from .posterior import ExactInferenceError, inspect_model
 from .svi import default_loss
@@ -194,17 +195,24 @@ def count_observations(model: Callable, args: tuple, kwargs: dict) -> int:
     """n: the number of observed values, summed over the model's observed sites.
 
     Each batch element of an observed site's distribution is one observation: an (n, d) data
-    set under a MultivariateNormal counts n, an HMM with T observed steps counts T. This is
-    the n of the mean log-likelihood (1/n) log p(x) and of BIC's log n.
+    set under a MultivariateNormal counts n, an HMM with T observed steps counts T (a chain site,
+    ``DiscreteHMM``, counts each of its steps). This is the n of the mean log-likelihood
+    (1/n) log p(x) and of BIC's log n.
     """
     store = pyro.get_param_store()
     with poutine.block(), _fresh_rng(), store.scope(store.get_state()):  # parameters it creates are dropped
         tr = poutine.trace(model).get_trace(*args, **kwargs)
-    n = sum(math.prod(s["fn"].batch_shape) for s in tr.nodes.values()
+    n = sum(math.prod(s["fn"].batch_shape) * _steps(s) for s in tr.nodes.values()
             if s["type"] == "sample" and s["is_observed"])
     if n == 0:
         raise ValueError("The model has no observed sample site (no pyro.sample(..., obs=x)); nothing to fit.")
     return n
+
+
+def _steps(site: dict) -> int:
+    """Observations per batch element: the time steps of a chain site, else 1."""
+    fn = site["fn"]
+    return site["value"].shape[-1 - fn.observation_dist.event_dim] if is_chain(fn) else 1
 
 
 @contextlib.contextmanager

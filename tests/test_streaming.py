@@ -118,11 +118,11 @@ def test_streaming_semi_supervised_gmm_splits_labels_too():
     _assert_same_fit(gmm.model, (x, 3), {"labels": labels, "labels_mask": mask}, chunk_size=50)
 
 
-@pytest.mark.parametrize("name", ["bernoulli_mixture", "poisson_mixture", "topic", "hmm"])
+@pytest.mark.parametrize("name", ["bernoulli_mixture", "poisson_mixture", "topic", "hmm", "hmm_vectorized"])
 def test_streaming_other_models_equals_whole_data(name):
     entry = REGISTRY[name]
     args, kwargs = entry["make_data"](0)
-    chunk = 2 if name == "hmm" else 40  # the HMM streams whole sequences: 4 of them
+    chunk = 2 if name.startswith("hmm") else 40  # the HMM streams whole sequences: 4 of them
     _assert_same_fit(entry["model"], args, kwargs, chunk_size=chunk)
 
 

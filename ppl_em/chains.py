@@ -1,0 +1,487 @@
+"""The exact E-step of a hidden Markov chain, a ``DiscreteHMM`` site, without a Python loop over time.
+
+A site ``x ~ DiscreteHMM(initial_logits, transition_logits, observation_dist)`` (Pyro's
+convention) holds a whole chain of hidden states w_{-1}, w_0, ..., w_{T-1} with K values each:
+
+    p(x) = sum_w p(w_{-1}) prod_{t=0}^{T-1} A_t[w_{t-1}, w_t] p(x_t | w_t)
+
+(w_{-1} is the state *before* the first observation: the first transition comes before x_0).
+The site's factor is given by three tables of log-potentials, kept together as :class:`ChainTerms`:
+
+    initial     (..., K)           log p(w_{-1} = j)
+    transition  (..., T|1, K, K)   log A_t[i, j] = log p(w_t = j | w_{t-1} = i)
+    emission    (..., T, K)        log p(x_t | w_t = j)
+
+log p(x) is a log-sum-exp of sums of these entries, so the engine's probe trick applies to the
+tables themselves: d log p(x) / d transition[t, i, j] = p(w_{t-1} = i, w_t = j | x) (Baum-Welch's
+xi), d log p(x) / d emission[t, j] = p(w_t = j | x) (gamma) and d log p(x) / d initial[j] =
+p(w_{-1} = j | x). A homogeneous (K, K) transition table gets sum_t xi_t, the expected transition
+counts. Replacing sum by max gives, as everywhere in the engine, the 0/1 indicators of the most
+probable path: the Viterbi path.
+
+How log p(x) is computed. The forward recursion alpha_t = (alpha_{t-1} A_t) * b_t, with
+b_t[j] = p(x_t | w_t = j), is sequential in t; a Python loop over T = 1e5 steps costs seconds.
+The chain is cut into about sqrt(T) blocks of about sqrt(T) steps: one pass over the steps of a
+block, for all blocks at once, gives each block's transfer matrix P_c = M_{cL} ... M_{cL+L-1}
+(M_t = A_t diag(b_t)); one pass over the blocks chains them. So the recursions take about
+5 sqrt(T) vectorised steps (O(T K^3) work), and for a homogeneous A each step is one GEMM over
+all blocks. Sums run in probability space, float64, rescaled at every step (Rabiner's scaling);
+:class:`_ChainLogProb`'s backward runs the backward and forward recursions the same way and
+returns the tables above. If a rescaled quantity underflows to 0 (a 700-nat outlier that only
+transitions of probability 0 could explain), the same quantities are computed in log space
+instead (:func:`_log_space`, slower, memory O(T K^3)); max-sum (Viterbi) always runs there.
+
+References: Rabiner, "A tutorial on hidden Markov models", Proc. IEEE 1989 (scaling);
+Eisner, "Inside-Outside and Forward-Backward Algorithms Are Just Backprop", 2016;
+Sarkka & Garcia-Fernandez, "Temporal Parallelization of Bayesian Smoothers", 2021 (blocks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import pyro.distributions as dist
+from pyro.ops.special import safe_log
+
+__all__ = ["ChainTerms", "is_chain", "chain_terms", "log_evidence", "expected_log_potential"]
+
+
+@dataclass
+class ChainTerms:
+    """The three tables of a chain site, as log-potentials or as their posterior weights.
+
+    Attributes
+    ----------
+    initial : torch.Tensor
+        (..., K): log p(w_{-1} = j), or Q(w_{-1} = j).
+    transition : torch.Tensor
+        (..., T, K, K) or (K, K) for a homogeneous chain: log A_t[i, j], or
+        Q(w_{t-1} = i, w_t = j) (summed over t for a homogeneous chain: expected counts).
+    emission : torch.Tensor
+        (..., T, K): log p(x_t | w_t = j), or Q(w_t = j).
+    weight : torch.Tensor, optional
+        For posterior weights only: Q over the configurations of the enumerated latents the chain
+        depends on, in the layout of the site's log-probability, like any other site's weights.
+    """
+
+    initial: torch.Tensor
+    transition: torch.Tensor
+    emission: torch.Tensor
+    weight: Optional[torch.Tensor] = None
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.initial, self.transition, self.emission]
+
+    def sum(self) -> torch.Tensor:
+        """Total posterior weight of the site, as ``Tensor.sum`` of an ordinary site's weights."""
+        return self.weight.sum()
+
+
+def is_chain(fn) -> bool:
+    """Whether a site's distribution is a hidden Markov chain this module handles."""
+    return type(fn) is dist.DiscreteHMM
+
+
+def emission_value(fn, value: torch.Tensor) -> torch.Tensor:
+    """x_t with a state dimension, (..., T, 1, *event), against the observation batch (..., T|1, K)."""
+    return value.unsqueeze(-1 - fn.observation_dist.event_dim)
+
+
+def chain_terms(fn, value: torch.Tensor, log_prob: Callable) -> ChainTerms:
+    """A ``DiscreteHMM``'s log-potentials at observations ``value`` (..., T, *event).
+
+    ``log_prob(distribution, value)`` computes the emission table (the engine passes its fast path).
+    """
+    return ChainTerms(fn.initial_logits, fn.transition_logits,
+                      log_prob(fn.observation_dist, emission_value(fn, value)))
+
+
+def expected_log_potential(terms: ChainTerms, weights: ChainTerms) -> torch.Tensor:
+    """E_Q[log p(x, w)] over the chain's states: each table of weights times its log-potentials, summed.
+
+    0 log 0 = 0: an entry of probability 0 (a one-hot initial state, say) that Q never takes adds nothing.
+    """
+    total = torch.zeros((), dtype=terms.emission.dtype)
+    for w, t in zip(weights.tensors(), terms.tensors()):
+        wt = w * t
+        total = total + torch.where(w == 0, torch.zeros_like(wt), wt).sum()
+    return total
+
+
+def log_evidence(initial: torch.Tensor, transition: torch.Tensor, emission: torch.Tensor,
+                 semiring: str = "sum") -> torch.Tensor:
+    """log p(x) of a chain (``semiring="sum"``) or max_w log p(x, w) (``"max"``), batch shape.
+
+    Parameters
+    ----------
+    initial : torch.Tensor
+        (..., K) log p(w_{-1}).
+    transition : torch.Tensor
+        (..., T, K, K), (..., 1, K, K) or (K, K): log A_t[i, j], i = w_{t-1}, j = w_t.
+    emission : torch.Tensor
+        (..., T, K) log p(x_t | w_t).
+
+    Returns
+    -------
+    torch.Tensor
+        The batch shape (all three broadcast), in the emission's dtype. Its gradients with
+        respect to the three tables are the posterior tables of :class:`ChainTerms` (times the
+        incoming gradient); for ``"max"``, the 0/1 indicators of the most probable path.
+
+    Examples
+    --------
+    >>> import torch
+    >>> initial = torch.tensor([0.5, 0.5]).log()
+    >>> transition = torch.tensor([[0.9, 0.1], [0.2, 0.8]]).log()
+    >>> emission = torch.tensor([[0.0, -2.0], [-1.0, 0.0], [-3.0, 0.0]], requires_grad=True)  # log p(x_t | w_t)
+    >>> log_p = log_evidence(initial, transition, emission)
+    >>> gamma, = torch.autograd.grad(log_p, emission)  # p(w_t = j | x)
+    >>> gamma.shape, bool(torch.allclose(gamma.sum(-1), torch.ones(3)))
+    (torch.Size([3, 2]), True)
+    """
+    _check_tables(initial, transition, emission)
+    if semiring == "sum":
+        return _ChainLogProb.apply(initial, transition, emission)
+    if semiring == "max":
+        return _log_space(initial, transition, emission, _max).to(emission.dtype)
+    raise ValueError(f"semiring must be 'sum' or 'max', got {semiring!r}.")
+
+
+def _check_tables(initial, transition, emission) -> None:
+    k = emission.shape[-1]
+    steps = transition.shape[-3] if transition.dim() > 2 else 1
+    if (emission.dim() < 2 or emission.shape[-2] < 1 or initial.shape[-1:] != (k,) or transition.dim() < 2
+            or transition.shape[-2:] != (k, k) or steps not in (1, emission.shape[-2])):
+        raise ValueError(
+            f"Expected chain tables initial (..., K), transition (..., T, K, K) or (K, K) and emission (..., T, K) "
+            f"with one K and one T; got initial {tuple(initial.shape)}, transition {tuple(transition.shape)}, "
+            f"emission {tuple(emission.shape)}. Check the DiscreteHMM's initial_logits, transition_logits and "
+            "observation_dist batch shapes.")
+
+
+# -- layout: batch flattened to N, time cut into blocks ----------------------------------------------
+@dataclass
+class _Layout:
+    """Shapes of one chain computation. ``batch`` = broadcast of the transition and emission batch
+    shapes (flattened to N); ``full`` adds the dimensions only ``initial`` has (an enumerated latent
+    that picks the first state, say): by linearity they never multiply the work over T."""
+
+    batch: torch.Size
+    full: torch.Size
+    T: int
+    K: int
+    L: int  # steps per block
+    nb: int  # number of blocks; steps nb * L .. T - 1 form the tail
+    homogeneous: bool  # one transition matrix for every t
+    shared: bool  # one transition table for every chain of the batch
+
+    @property
+    def N(self) -> int:
+        return self.batch.numel()
+
+    @property
+    def main(self) -> int:
+        return self.nb * self.L
+
+
+def _layout(initial, transition, emission) -> _Layout:
+    T, K = emission.shape[-2:]
+    t_batch = transition.shape[:-3] if transition.dim() > 2 else torch.Size()
+    batch = torch.broadcast_shapes(t_batch, emission.shape[:-2])
+    full = torch.broadcast_shapes(initial.shape[:-1], batch)
+    L = _block_length(T)
+    return _Layout(batch, full, T, K, L, T // L, transition.dim() == 2 or transition.shape[-3] == 1,
+                   len(t_batch) == 0 or t_batch.numel() == 1)
+
+
+def _block_length(T: int) -> int:
+    """Steps per block, about sqrt(T): the passes run 3 loops over the L steps of a block, 2 over the
+    T // L blocks and 2 over the T % L remaining steps."""
+    root = max(1, math.isqrt(T))
+    return min(range(max(1, root // 2), 2 * root + 1), key=lambda L: 3 * L + 2 * (T // L) + 2 * (T % L))
+
+
+class _Chain:
+    """Scaled probability-space tables of one chain computation, laid out by block.
+
+    ``b_full`` (N, T, K) are the emission probabilities b_t[j] = exp(emission - max_j emission);
+    ``b`` the same for the nb * L steps of the blocks as (L, N, nb, K), step l of every block
+    contiguous; ``b_main`` and ``b_tail`` lists of the per-step views (blocks, then the r remaining
+    steps). ``A_full`` the transition probabilities, (K, K), (N, 1, K, K) or (1|N, T, K, K);
+    ``A_main`` and ``A_tail`` per step likewise. ``log_shift`` (N,) is what was taken out of the
+    tables to scale them.
+    """
+
+    def __init__(self, transition: torch.Tensor, emission: torch.Tensor, lay: _Layout) -> None:
+        self.lay = lay
+        N, T, K, L, nb, main = lay.N, lay.T, lay.K, lay.L, lay.nb, lay.main
+        e = emission.detach().to(torch.float64).expand(lay.batch + (T, K)).reshape(N, T, K)
+        m_e = _finite_max(e, (-1,))  # (N, T, 1)
+        b = (e - m_e).exp()  # (N, T, K)
+        tr = transition.detach().to(torch.float64)
+        tr = tr.reshape((1,) * (3 - tr.dim()) + tr.shape) if tr.dim() < 3 else tr
+        Tt = tr.shape[-3]
+        tr = tr.reshape(1, Tt, K, K) if lay.shared else tr.expand(lay.batch + (Tt, K, K)).reshape(N, Tt, K, K)
+        m_a = _finite_max(tr, (-1, -2))  # (1|N, Tt, 1, 1)
+        A = (tr - m_a).exp()
+        self.log_shift = m_e.sum((-1, -2)) + m_a.sum((-1, -2, -3)) * (T if Tt == 1 else 1)  # (N,) or (1,)
+        self.b_full = b
+        self.b = b[:, :main].reshape(N, nb, L, K).permute(2, 0, 1, 3).contiguous()  # (L, N, nb, K)
+        # Per-step views as Python lists: the loops below index them thousands of times.
+        self.b_main = list(self.b.unbind(0))  # L x (N, nb, K)
+        self.b_tail = list(b[:, main:].unbind(1))  # r x (N, K)
+        self.A_full = A[0, 0] if lay.homogeneous and lay.shared else A  # (K, K), (N, 1, K, K) or (1|N, T, K, K)
+        if lay.homogeneous:
+            self.A_main = [self.A_full] * L  # broadcasts over the blocks
+            self.A_tail = [self.A_full if lay.shared else A[:, 0]] * (T - main)
+        else:
+            self.A_main = list(A[:, :main].reshape(A.shape[0], nb, L, K, K).unbind(2))  # L x (1|N, nb, K, K)
+            self.A_tail = list(A[:, main:].unbind(1))  # r x (1|N, K, K)
+
+    # -- the passes: each step is a product with A_t, a product with b_t, a sum and a division ----
+    def block_products(self) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """P_c = M_{cL} ... M_{cL+L-1} of every block c, scaled: a list of nb (N, K, K), and the log scale (N, nb).
+
+        Rows are normalised separately at every step, so that a start state the block's
+        observations make very unlikely keeps its row instead of underflowing next to the others;
+        their scales are put back at the end, relative to the largest.
+        """
+        lay = self.lay
+        P = (self.A_main[0] * self.b_main[0].unsqueeze(-2)).expand(lay.N, lay.nb, lay.K, lay.K).contiguous()
+        Q = torch.empty_like(P)
+        sums = P.new_empty((lay.L,) + P.shape[:-1] + (1,))
+        for l in range(lay.L):
+            if l:
+                torch.matmul(P, self.A_main[l], out=Q)
+                Q.mul_(self.b_main[l].unsqueeze(-2))
+                P, Q = Q, P
+            torch.sum(P, -1, keepdim=True, out=sums[l])
+            P.div_(sums[l].clamp_min_(_TINY))  # a row of zeros (a start state the data rule out) stays zero
+        row_log = sums.log_().sum(0)  # (N, nb, K, 1)
+        row_max = row_log.amax(-2, keepdim=True)
+        P.mul_((row_log - row_max).exp_())
+        return list(P.unbind(1)), row_max.reshape(lay.N, lay.nb)
+
+    def backward_messages(self, P: List[torch.Tensor], block_log: torch.Tensor):
+        """beta_t up to scale at the tail steps (r, N, K) and at the block ends (nb + 1, N, K) (index c:
+        beta at step cL - 1; index 0 is beta_{-1}), and the log of the chain's total scale (N,)."""
+        lay = self.lay
+        r = lay.T - lay.main
+        ends = self.b_full.new_empty(lay.nb + r + 1, lay.N, lay.K)  # block ends, then the tail steps
+        vs, sums = list(ends.unbind(0)), self.b_full.new_empty(lay.nb + r, lay.N, 1)
+        vs[-1].fill_(1.0)
+        for s in range(r - 1, -1, -1):  # the tail: beta_{t-1} = A_t (b_t * beta_t)
+            _matvec(self.A_tail[s], self.b_tail[s] * vs[lay.nb + s + 1], out=vs[lay.nb + s])
+            vs[lay.nb + s].div_(torch.sum(vs[lay.nb + s], -1, keepdim=True, out=sums[lay.nb + s]))
+        for c in range(lay.nb - 1, -1, -1):  # the blocks: beta_{cL-1} = P_c beta_{cL+L-1}
+            _matvec(P[c], vs[c + 1], out=vs[c])
+            vs[c].div_(torch.sum(vs[c], -1, keepdim=True, out=sums[c]))
+        log_scale = sums.log().sum(0).squeeze(-1) + block_log.sum(-1)
+        return ends[lay.nb + 1:], ends[:lay.nb + 1], log_scale
+
+    def betas(self, tail, ends) -> torch.Tensor:
+        """beta_t for every t, each normalised: (N, T, K)."""
+        lay = self.lay
+        buf = self.b.new_empty(self.b.shape)  # (L, N, nb, K)
+        vs, tmp = list(buf.unbind(0)), buf[0].clone()
+        vs[-1].copy_(ends[1:].transpose(0, 1))  # beta at the last step of each block
+        for l in range(lay.L - 1, 0, -1):
+            _matvec(self.A_main[l], torch.mul(self.b_main[l], vs[l], out=tmp), out=vs[l - 1])
+            vs[l - 1].div_(vs[l - 1].sum(-1, keepdim=True))
+        main = buf.permute(1, 2, 0, 3).reshape(lay.N, lay.main, lay.K)
+        return torch.cat([main, tail.transpose(0, 1)], 1)
+
+    def alphas(self, a: torch.Tensor, P: List[torch.Tensor]) -> torch.Tensor:
+        """alpha_t for every t from alpha_{-1} = ``a`` (N, K), each normalised: (N, T, K)."""
+        lay = self.lay
+        starts = a.new_empty(lay.nb + 1, lay.N, lay.K)  # alpha at step cL - 1
+        vs = list(starts.unbind(0))
+        vs[0].copy_(a)
+        for c in range(lay.nb):  # alpha_{cL+L-1} = alpha_{cL-1} P_c
+            _vecmat(vs[c], P[c], out=vs[c + 1])
+            vs[c + 1].div_(vs[c + 1].sum(-1, keepdim=True))
+        buf = self.b.new_empty(self.b.shape)  # (L, N, nb, K)
+        V = starts[:-1].transpose(0, 1)
+        for l, out in enumerate(buf.unbind(0)):  # alpha_t = (alpha_{t-1} A_t) * b_t
+            V = _vecmat(V, self.A_main[l], out=out).mul_(self.b_main[l])
+            V.div_(V.sum(-1, keepdim=True))
+        tail = a.new_empty(lay.T - lay.main + 1, lay.N, lay.K)
+        ts = list(tail.unbind(0))
+        ts[0].copy_(vs[lay.nb])
+        for s in range(lay.T - lay.main):
+            _vecmat(ts[s], self.A_tail[s], out=ts[s + 1]).mul_(self.b_tail[s])
+            ts[s + 1].div_(ts[s + 1].sum(-1, keepdim=True))
+        main = buf.permute(1, 2, 0, 3).reshape(lay.N, lay.main, lay.K)
+        return torch.cat([main, tail[1:].transpose(0, 1)], 1)
+
+    def pairwise(self, prev: torch.Tensor, beta: torch.Tensor, G: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Q(w_{t-1}, w_t) from alpha_{t-1} (``prev``) and beta_t, scaled so that each t sums to G (N,).
+
+        Returns the table (summed over t, and over the batch if shared, for a homogeneous chain)
+        and Z_t = sum_ij alpha_{t-1}[i] A_t[i, j] b_t[j] beta_t[j] (N, T), the normaliser.
+        """
+        u = self.b_full * beta  # (N, T, K)
+        A = self.A_full
+        pred = _vecmat(prev, A) if self.lay.homogeneous and self.lay.shared else (prev.unsqueeze(-2) @ A).squeeze(-2)
+        Z = (pred * u).sum(-1)  # (N, T)
+        coef = G.unsqueeze(-1) / Z
+        if not self.lay.homogeneous:
+            return coef[..., None, None] * prev.unsqueeze(-1) * A * u.unsqueeze(-2), Z  # (N, T, K, K)
+        w = prev * coef.unsqueeze(-1)
+        if self.lay.shared:
+            return A * torch.einsum("nti,ntj->ij", w, u), Z  # (K, K)
+        return A * torch.einsum("nti,ntj->nij", w, u).unsqueeze(1), Z  # (N, 1, K, K)
+
+
+_TINY = torch.finfo(torch.float64).tiny
+
+
+def _finite_max(t: torch.Tensor, dims) -> torch.Tensor:
+    m = t.amax(dims, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _vecmat(v: torch.Tensor, A: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """v A for row vectors v (..., K) and A (K, K) (one GEMM) or a batch (..., K, K)."""
+    if A.dim() == 2:
+        return torch.matmul(v, A, out=out)
+    if out is None:
+        return (v.unsqueeze(-2) @ A).squeeze(-2)
+    torch.matmul(v.unsqueeze(-2), A, out=out.unsqueeze(-2))
+    return out
+
+
+def _matvec(A: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A v for column vectors v (..., K)."""
+    if A.dim() == 2:
+        return torch.matmul(v, A.t(), out=out)
+    if out is None:
+        return (A @ v.unsqueeze(-1)).squeeze(-1)
+    torch.matmul(A, v.unsqueeze(-1), out=out.unsqueeze(-1))
+    return out
+
+
+# -- log p(x) and its gradient -------------------------------------------------------------------
+class _ChainLogProb(torch.autograd.Function):
+    """log p(x) by scaled backward recursions; the backward pass returns the posterior tables.
+
+    By linearity of the recursions in the first state's distribution, batch dimensions that only
+    ``initial`` has (``_Layout.full``) cost nothing over T: their gradients are folded into one
+    alpha_{-1} per chain before the forward recursion.
+    """
+
+    @staticmethod
+    def forward(ctx, initial, transition, emission):
+        lay = _layout(initial, transition, emission)
+        chain = _Chain(transition, emission, lay)
+        P, block_log = chain.block_products()
+        tail, ends, log_scale = chain.backward_messages(P, block_log)
+        log_beta0 = ends[0].log().reshape(lay.batch + (lay.K,))  # beta_{-1}
+        init = initial.detach().to(torch.float64)
+        log_p = torch.logsumexp(init + log_beta0, -1) + (log_scale + chain.log_shift).reshape(lay.batch)
+        ctx.fallback = not bool(torch.isfinite(log_p).all())
+        if ctx.fallback:  # a scaled quantity underflowed: recompute in log space
+            with torch.no_grad():
+                log_p = _log_space(initial, transition, emission, _logsumexp).double()
+        ctx.save_for_backward(initial, transition, emission)
+        ctx.state = (lay, chain, P, tail, ends, log_beta0)
+        return log_p.to(emission.dtype).expand(lay.full).clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        initial, transition, emission = ctx.saved_tensors
+        if not ctx.fallback:
+            grads = _tables(ctx.state, initial, g.double())
+            if grads is not None:
+                return tuple(_to_input(gr, x) for gr, x in zip(grads, (initial, transition, emission)))
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (initial, transition, emission)]
+            out = _log_space(*leaves, _logsumexp)
+            return torch.autograd.grad(out, leaves, g.to(out.dtype))
+
+
+def _tables(state, initial, g: torch.Tensor):
+    """The gradient tables for incoming gradient g (shape ``full``), or None if a normaliser underflowed."""
+    if bool((g < 0).any()):  # the recursions assume nonnegative weights: split g = g+ - g- (linear)
+        pos, neg = _tables(state, initial, g.clamp_min(0)), _tables(state, initial, (-g).clamp_min(0))
+        return None if pos is None or neg is None else tuple(p - n for p, n in zip(pos, neg))
+    lay, chain, P, tail, ends, log_beta0 = state
+    init = initial.detach().to(torch.float64)
+    # p(w_{-1} = j | x) per batch element, and alpha_{-1} = sum over initial-only dims of g p0 / p.
+    lp_scaled = torch.logsumexp(init + log_beta0, -1, keepdim=True)  # (full, 1)
+    q0 = (init + log_beta0 - lp_scaled).exp() * g.unsqueeze(-1)  # (full, K)
+    a = ((init - lp_scaled).exp() * g.unsqueeze(-1)).sum_to_size(lay.batch + (lay.K,)).reshape(lay.N, lay.K)
+    G = g.sum_to_size(lay.batch).reshape(lay.N)
+    live = G.unsqueeze(-1) > 0  # a chain of weight 0 (masked out) gets tables of 0, whatever its messages
+    a_hat = torch.where(live, a / a.sum(-1, keepdim=True), torch.full_like(a, 1.0 / lay.K))
+    beta = chain.betas(tail, ends)  # (N, T, K)
+    alpha = chain.alphas(a_hat, P)  # (N, T, K)
+    gamma = alpha * beta
+    norm = gamma.sum(-1, keepdim=True)
+    prev = torch.cat([a_hat.unsqueeze(1), alpha[:, :-1]], 1)  # alpha_{t-1}
+    xi, Z = chain.pairwise(prev, beta, G)
+    if not bool(((Z > 0) & (norm.squeeze(-1) > 0) | ~live).all()):
+        return None  # a scaled message underflowed
+    gamma = gamma * (G[:, None, None] / norm.clamp_min(_TINY))
+    if xi.dim() == 4:  # one table per chain of the batch
+        xi = xi.reshape(lay.batch + xi.shape[1:])
+    return q0, xi, gamma.reshape(lay.batch + (lay.T, lay.K))
+
+
+def _to_input(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A gradient computed over the broadcast shape, summed to the input's shape and dtype."""
+    if grad.dim() > x.dim():
+        grad = grad.sum(tuple(range(grad.dim() - x.dim())))
+    grad = grad.reshape((1,) * (x.dim() - grad.dim()) + grad.shape)
+    return grad.sum_to_size(x.shape).to(x.dtype)
+
+
+# -- log space: max-sum (Viterbi), and the fallback for sums ---------------------------------------
+def _logsumexp(t: torch.Tensor, dim: int) -> torch.Tensor:
+    # torch.logsumexp's gradient is NaN where every term is -inf (states that cannot follow each
+    # other); this one is 0 there.
+    m = t.detach().amax(dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return safe_log((t - m).exp().sum(dim)) + m.squeeze(dim)
+
+
+def _max(t: torch.Tensor, dim: int) -> torch.Tensor:
+    # .max(dim) routes the gradient to one index even under ties: a single 0/1 path
+    return t.max(dim).values
+
+
+def _log_space(initial, transition, emission, reduce: Callable) -> torch.Tensor:
+    """The chain's log p(x) (or max) with ``reduce`` in place of the sum, differentiable by autograd.
+
+    beta_{t-1}[i] = reduce_j (log A_t[i, j] + emission_t[j] + beta_t[j]), blocked as in
+    :class:`_Chain`: the block products are log-space matrix products, K^3 terms per step.
+    """
+    lay = _layout(initial, transition, emission)
+    dtype = torch.promote_types(emission.dtype, torch.float64)
+    e, init = emission.to(dtype), initial.to(dtype)
+    tr = transition.to(dtype)
+    tr = tr.unsqueeze(0) if tr.dim() == 2 else tr  # (..., T|1, K, K)
+    T, K, L, nb, main = lay.T, lay.K, lay.L, lay.nb, lay.main
+    homogeneous = tr.shape[-3] == 1
+
+    def log_m(t: int) -> torch.Tensor:  # log M_t = log A_t + emission_t, (..., K, K)
+        return tr[..., 0 if homogeneous else t, :, :] + e[..., t, None, :]
+
+    beta = e.new_zeros(lay.batch + (K,))
+    for t in range(T - 1, main - 1, -1):  # the tail
+        beta = reduce(log_m(t) + beta.unsqueeze(-2), -1)
+    e_main = e[..., :main, :].reshape(e.shape[:-2] + (nb, L, K))
+    tr_main = tr if homogeneous else tr[..., :main, :, :].reshape(tr.shape[:-3] + (nb, L, K, K))
+
+    def log_m_blocks(l: int) -> torch.Tensor:  # log M at step l of every block, (..., nb, K, K)
+        return (tr_main if homogeneous else tr_main[..., l, :, :]) + e_main[..., l, None, :]
+
+    blocks = log_m_blocks(0)
+    for l in range(1, L):
+        blocks = reduce(blocks.unsqueeze(-1) + log_m_blocks(l).unsqueeze(-3), -2)
+    for c in range(nb - 1, -1, -1):
+        beta = reduce(blocks[..., c, :, :] + beta.unsqueeze(-2), -1)
+    return reduce(init + beta, -1)
