@@ -18,6 +18,8 @@ from ppl_em import chains
 from ppl_em.models import hmm
 from ppl_em.result import count_observations
 
+from test_models_hmm import assert_params_equal_hmmlearns
+
 D = torch.float64
 
 
@@ -171,11 +173,7 @@ def test_em_is_baum_welch_step_by_step_against_hmmlearn():
         loss = em.step(x, 3, init=init)
         ref.fit(x.reshape(-1, 2).numpy(), [60] * 3)  # one Baum-Welch iteration from where the last one stopped
         np.testing.assert_allclose(-loss, ref.monitor_.history[-1], rtol=1e-10)
-        p = em.params
-        np.testing.assert_allclose(p["pi"].numpy(), ref.startprob_, rtol=1e-8, atol=1e-14)
-        np.testing.assert_allclose(p["A"].numpy(), ref.transmat_, rtol=1e-8)
-        np.testing.assert_allclose(p["mu"].numpy(), ref.means_, rtol=1e-8)
-        np.testing.assert_allclose((p["sigma"] ** 2).numpy(), ref._covars_, rtol=1e-8)
+        assert_params_equal_hmmlearns(em.params, ref)
     assert em.explain() == {"pi": "closed form: Categorical.probs at site z_0",
                             "A": "closed form: DiscreteHMM.transition_logits at site x_rest",
                             "mu": "closed form: Normal.loc at site x_0",

@@ -35,15 +35,19 @@ def test_em_is_baum_welch_step_by_step_against_hmmlearn():
         loss = em.step(x, 3, init=init)
         ref.fit(flat, lengths)  # one Baum-Welch iteration from where the last one stopped
         np.testing.assert_allclose(-loss, ref.monitor_.history[-1], rtol=1e-10)
-        p = em.params
-        np.testing.assert_allclose(p["pi"].numpy(), ref.startprob_, rtol=1e-8, atol=1e-14)
-        np.testing.assert_allclose(p["A"].numpy(), ref.transmat_, rtol=1e-8)
-        np.testing.assert_allclose(p["mu"].numpy(), ref.means_, rtol=1e-8)
-        np.testing.assert_allclose((p["sigma"] ** 2).numpy(), ref._covars_, rtol=1e-8)
+        assert_params_equal_hmmlearns(em.params, ref)
     assert em.explain() == {"pi": "closed form: Categorical.probs at site z_0",
                             "A": "closed form: Categorical.probs at site z_1",
                             "mu": "closed form: Normal.loc at site x_0",
                             "sigma": "closed form: Normal.scale at site x_0"}
+
+
+def assert_params_equal_hmmlearns(p, ref):
+    """pi, A, mu, sigma^2 equal to a fitted hmmlearn GaussianHMM's (diagonal covariances)."""
+    np.testing.assert_allclose(p["pi"].numpy(), ref.startprob_, rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose(p["A"].numpy(), ref.transmat_, rtol=1e-8)
+    np.testing.assert_allclose(p["mu"].numpy(), ref.means_, rtol=1e-8)
+    np.testing.assert_allclose((p["sigma"] ** 2).numpy(), ref._covars_, rtol=1e-8)
 
 
 def _brute_force(x, p):
