@@ -326,14 +326,15 @@ class EM:
                 self._why.setdefault(p, "gradient (L-BFGS on E_Q[log p(x, z; theta)])")
 
     @staticmethod
-    def _find_closed_forms(trace, leaves, weights) -> Dict[str, List[families.Use]]:
-        """Per parameter, its uses in the trace that a closed-form rule covers."""
+    def _find_closed_forms(trace, leaves, weights=None) -> Dict[str, List[families.Use]]:
+        """Per parameter, its uses in the trace that a closed-form rule covers; with ``weights``,
+        only at the sites they are given for (a pass that kept only the weights it needs)."""
         by_id = {id(leaf): name for name, leaf in leaves.items()}
         uses: Dict[str, List[families.Use]] = {}
         for site in sample_sites(trace):
-            if site["name"] not in weights:  # a pass that kept only the weights it needs
+            if weights is not None and site["name"] not in weights:
                 continue
-            for use in families.find_uses(site, weights[site["name"]], by_id):
+            for use in families.find_uses(site, by_id):
                 uses.setdefault(use.param, []).append(use)
         # A parameter qualifies only if every detected use follows the same update rule.
         return {p: us for p, us in uses.items() if len({(u.rule.family, u.rule.attr) for u in us}) == 1}
@@ -397,9 +398,10 @@ class EM:
             post = exact_posterior(self.model, self.structure, c_args, c_kwargs, mode=self.posterior)
             _check_observations(post)
             objective += float(post.objective)
-            sums.add(post.trace, post.leaves, post.weights)
+            uses = self._find_closed_forms(post.trace, post.leaves, post.weights)  # once per chunk
+            sums.add(post.trace, post.leaves, post.weights, uses)
             if phase2 and shift:
-                moments.add(post.trace, post.leaves, post.weights)
+                moments.add(post.trace, post.weights, uses)
             elif phase2:
                 kept.append({s: post.weights[s] for s in self._phase2_sites})
             del post
@@ -501,16 +503,13 @@ class _Sums:
         self.rule: Dict[str, families.Rule] = {}
         self.old: Dict[str, torch.Tensor] = {}
 
-    def add(self, trace, leaves, weights) -> "_Sums":
-        uses = EM._find_closed_forms(trace, leaves, weights)
+    def add(self, trace, leaves, weights, uses=None) -> "_Sums":
+        """Add one trace's statistics; ``uses``: its closed-form uses, if already found."""
+        uses = EM._find_closed_forms(trace, leaves, weights) if uses is None else uses
         for p in self.names:
             for use in uses[p]:
                 num, den = families.scatter_stats(use, trace.nodes[use.site], weights[use.site], self.reg)
-                _accumulate(self.num, p, num)
-                if den is not None:
-                    _accumulate(self.den, p, den)
-            self.rule[p] = uses[p][0].rule
-            self.old.setdefault(p, leaves[p].detach())
+                self.add_stats(p, use.rule, leaves[p].detach(), num, den)
         return self
 
     def add_stats(self, name: str, rule: families.Rule, old: torch.Tensor, num, den) -> None:
@@ -537,12 +536,12 @@ class _Moments:
         self.sums: Dict[tuple, tuple] = {}
         self.loc: Dict[tuple, torch.Tensor] = {}
 
-    def add(self, trace, leaves, weights) -> "_Moments":
-        uses = EM._find_closed_forms(trace, leaves, weights)
+    def add(self, trace, weights, uses) -> "_Moments":
+        """Add one trace's moments; ``uses``: its closed-form uses."""
         for p in self.names:
             for i, use in enumerate(uses[p]):
                 moments, loc = families.location_moments(use, trace.nodes[use.site], weights[use.site])
-                moments = tuple(m.double() if m.dtype == torch.float32 else m for m in moments)
+                moments = tuple(_wide(m) for m in moments)
                 key = (p, i)
                 self.loc.setdefault(key, loc)
                 self.sums[key] = moments if key not in self.sums else tuple(
@@ -551,7 +550,7 @@ class _Moments:
 
     def finish(self, trace, leaves, sums: _Sums) -> Dict[str, torch.Tensor]:
         """The scale updates at the new locations, read from ``trace`` (a trace at the new parameters)."""
-        uses = EM._find_closed_forms(trace, leaves, {s["name"]: torch.ones(()) for s in sample_sites(trace)})
+        uses = EM._find_closed_forms(trace, leaves)
         for p in self.names:
             for i, use in enumerate(uses[p]):
                 fn = families.use_distribution(use, trace.nodes[use.site])
@@ -565,8 +564,7 @@ class _Moments:
 def _location_shapes(em: "EM", args: tuple, kwargs: dict) -> list:
     """(site, location shape, parameter view shape) of every use of a scale parameter."""
     trace, leaves = trace_model(em.model, em.structure, args, kwargs, log_prob="none")
-    weights = {s["name"]: torch.ones(()) for s in sample_sites(trace)}
-    uses = EM._find_closed_forms(trace, leaves, weights)
+    uses = EM._find_closed_forms(trace, leaves)
     out = []
     for p in em._phases([q for q, how in em._plan.items() if how == "closed"])[1]:
         for use in uses[p]:
@@ -575,8 +573,13 @@ def _location_shapes(em: "EM", args: tuple, kwargs: dict) -> list:
     return out
 
 
+def _wide(value: torch.Tensor) -> torch.Tensor:
+    """Statistics of lower precision, in float64 for summing."""
+    return value.double() if value.dtype in (torch.float16, torch.bfloat16, torch.float32) else value
+
+
 def _accumulate(sums: Dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    value = value.double() if value.dtype in (torch.float16, torch.bfloat16, torch.float32) else value
+    value = _wide(value)
     sums[name] = value if name not in sums else sums[name] + value
 
 

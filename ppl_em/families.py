@@ -118,16 +118,9 @@ def _normal_scale_stats(fn, w, x, reg, shape):
     if not _constant_over_sums(loc.shape, shape):
         diff = x - fn.loc  # the location varies with the data point itself
         return reduce_product([w, diff * diff], shape) + reg * den, den
-    # mu_z is the same for every data point: expand (x - mu)^2 about the data mean c, so that no
-    # (n, k, d) difference tensor is formed (as for the multivariate normal below). The three sums
-    # cancel: float32 inputs are summed in float64.
-    dt = torch.promote_types(x.dtype, torch.float64)
-    w, x, loc = compact(w).to(dt), compact(x).to(dt), loc.to(dt)
-    c = x.mean(tuple(range(x.dim())), keepdim=True) if x.dim() else x
-    xc, lc = x - c, loc - c
-    num = (reduce_product([w, xc * xc], shape) - 2 * reduce_product([w, xc, lc], shape)
-           + reduce_product([w, lc * lc], shape))
-    return (num + reg * den).to(den.dtype), den
+    # mu_z is the same for every data point: no (n, k, d) difference tensor (see normal_moments).
+    m2 = reduce_product([normal_moments(w, x, loc, broadcast_shape(loc.shape, shape))[0]], shape)
+    return (m2 + reg * den).to(den.dtype), den
 
 
 def _mvn_cov_stats(fn, w, x, reg, shape):
@@ -142,6 +135,22 @@ def _mvn_cov_stats(fn, w, x, reg, shape):
         inner = broadcast_shape(loc.shape[:-1], shape[:-2])
         num = reduce_product([gaussian_moments(w[..., 0, 0], x, loc, inner)[0]], shape).to(x.dtype)
     return num + reg * den * eye, den
+
+
+def normal_moments(w: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, inner):
+    """The elementwise (Normal) twin of :func:`gaussian_moments`: M2 = sum w (x - m)^2,
+    S = sum w (x - m), N = sum w, summed to ``inner``, for a location m that varies only along
+    dims that ``inner`` keeps. Expanded about the data mean c, so that no (n, k, d) difference
+    is formed; the sums cancel, so float32 inputs are summed in float64.
+    """
+    dt = torch.promote_types(x.dtype, torch.float64)
+    w, x, loc = compact(w).to(dt), compact(x).to(dt), loc.to(dt)
+    c = x.mean(tuple(range(x.dim())), keepdim=True) if x.dim() else x
+    xc, lc = x - c, loc - c
+    m2 = (reduce_product([w, xc * xc], inner) - 2 * reduce_product([w, xc, lc], inner)
+          + reduce_product([w, lc * lc], inner))
+    s1 = reduce_product([w, xc], inner) - reduce_product([w, lc], inner)
+    return m2, s1, reduce_product([w], inner)
 
 
 def gaussian_moments(w: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, inner):
@@ -451,7 +460,7 @@ class Use:
         return self.selection.param
 
 
-def find_uses(site: dict, weights, leaves: Dict[int, str]) -> List[Use]:
+def find_uses(site: dict, leaves: Dict[int, str]) -> List[Use]:
     """Every (attribute, parameter) pair of ``site`` that a closed-form rule can update.
 
     A chain site (``DiscreteHMM``) has two parts: its own transition and initial logits, and
@@ -520,13 +529,7 @@ def location_moments(use: Use, site: dict, weights):
         if use.rule.family is dist.MultivariateNormal:
             return gaussian_moments(w, x, loc, broadcast_shape(loc.shape[:-1], target[:-2])), loc.detach()
         # An elementwise family (Normal): every dimension is a batch dimension.
-        inner = broadcast_shape(loc.shape, target)
-        c = x.mean(tuple(range(x.dim())), keepdim=True)  # a reference point, for accuracy
-        xc, lc = x - c, loc - c
-        m2 = (reduce_product([w, xc * xc], inner) - 2 * reduce_product([w, xc, lc], inner)
-              + reduce_product([w, lc * lc], inner))
-        s1 = reduce_product([w, xc], inner) - reduce_product([w, lc], inner)
-        return (m2, s1, reduce_product([w], inner)), loc.detach()
+        return normal_moments(w, x, loc, broadcast_shape(loc.shape, target)), loc.detach()
 
 
 def shifted_stats(use: Use, moments, old_loc: torch.Tensor, new_loc: torch.Tensor, reg: float):
