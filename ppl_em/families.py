@@ -590,10 +590,7 @@ def _diag_normal_log_prob(base, value: torch.Tensor) -> Optional[torch.Tensor]:
     loc, scale, x = compact(base.loc).to(dt), compact(base.scale).to(dt), compact(value).to(dt)
     d = x.shape[-1]
     params = broadcast_shape(loc.shape[:-1], scale.shape[:-1])
-    ndim = max(len(params), x.dim() - 1)
-    p_sizes = (1,) * (ndim - len(params)) + tuple(params)
-    x_sizes = (1,) * (ndim - x.dim() + 1) + tuple(x.shape[:-1])
-    if loc.shape[-1] not in (1, d) or scale.shape[-1] not in (1, d) or _overlap(p_sizes, x_sizes):
+    if loc.shape[-1] not in (1, d) or scale.shape[-1] not in (1, d) or _overlap(params, x.shape[:-1]):
         return None
     rows = x.reshape(-1, d)  # (N, d)
     c = rows.mean(0)
@@ -603,13 +600,7 @@ def _diag_normal_log_prob(base, value: torch.Tensor) -> Optional[torch.Tensor]:
     maha = (xc * xc) @ prec.T - 2 * (xc @ (mc * prec).T) + (mc * mc * prec).sum(-1)  # (N, P)
     log_norm = scale.expand(params + (d,)).reshape(-1, d).log().sum(-1) + 0.5 * d * math.log(2 * math.pi)
     out = (-0.5 * maha - log_norm).to(dtype)  # (N, P)
-    p_dims = [i for i in range(ndim) if p_sizes[i] != 1]
-    x_dims = [i for i in range(ndim) if x_sizes[i] != 1]
-    out = out.reshape([x_sizes[i] for i in x_dims] + [p_sizes[i] for i in p_dims])
-    order = x_dims + p_dims
-    out = out.permute([order.index(i) for i in sorted(order)])
-    out = out.reshape([max(p_sizes[i], x_sizes[i]) for i in range(ndim)])
-    return out.expand(broadcast_shape(out.shape, broadcast_shape(base.batch_shape[:-1], value.shape[:-1])))
+    return _broadcast_layout(out.T, params, x.shape[:-1], broadcast_shape(base.batch_shape[:-1], value.shape[:-1]))
 
 
 def _mvn_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:
@@ -617,13 +608,8 @@ def _mvn_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:
     x = compact(value)
     d = loc.shape[-1]
     params = broadcast_shape(loc.shape[:-1], tril.shape[:-2])
-    ndim = max(len(params), x.dim() - 1)
-    p_sizes = (1,) * (ndim - len(params)) + tuple(params)
-    x_sizes = (1,) * (ndim - x.dim() + 1) + tuple(x.shape[:-1])
-    if x.shape[-1] != d or _overlap(p_sizes, x_sizes):
+    if x.shape[-1] != d or _overlap(params, x.shape[:-1]):
         return None  # parameters and data vary along a common dimension: no shared GEMM
-    p_dims = [i for i in range(ndim) if p_sizes[i] != 1]
-    x_dims = [i for i in range(ndim) if x_sizes[i] != 1]
     eye = torch.eye(d, dtype=tril.dtype, device=tril.device)
     inv = torch.linalg.solve_triangular(tril.expand(params + (d, d)), eye, upper=False).reshape(-1, d, d)
     mu = loc.expand(params + (d,)).reshape(-1, d)  # (K, d)
@@ -632,12 +618,23 @@ def _mvn_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:
         maha = _maha_by_whitening(x.reshape(-1, d), inv, mu).T
     half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1).expand(params).reshape(-1, 1)
     out = -0.5 * (d * math.log(2 * math.pi) + maha.to(half_log_det.dtype)) - half_log_det  # (K, N)
-    # Back to the broadcast layout: parameter dims and data dims interleaved as in ndim.
-    out = out.reshape([p_sizes[i] for i in p_dims] + [x_sizes[i] for i in x_dims])
+    return _broadcast_layout(out, params, x.shape[:-1], broadcast_shape(fn.batch_shape, value.shape[:-1]))
+
+
+def _broadcast_layout(table: torch.Tensor, params, data, batch_shape) -> torch.Tensor:
+    """A (P, N) table, one value per (parameter batch element, data batch element), laid out in
+    the broadcast shape: parameter dims and data dims interleaved as they stand (they never
+    share a dim), then expanded to ``batch_shape``."""
+    ndim = max(len(params), len(data))
+    p_sizes = (1,) * (ndim - len(params)) + tuple(params)
+    x_sizes = (1,) * (ndim - len(data)) + tuple(data)
+    p_dims = [i for i in range(ndim) if p_sizes[i] != 1]
+    x_dims = [i for i in range(ndim) if x_sizes[i] != 1]
+    out = table.reshape([p_sizes[i] for i in p_dims] + [x_sizes[i] for i in x_dims])
     order = p_dims + x_dims
     out = out.permute([order.index(i) for i in sorted(order)])
     out = out.reshape([max(p_sizes[i], x_sizes[i]) for i in range(ndim)])
-    return out.expand(broadcast_shape(out.shape, broadcast_shape(fn.batch_shape, value.shape[:-1])))
+    return out.expand(broadcast_shape(out.shape, batch_shape))
 
 
 def _maha_by_whitening(rows: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:

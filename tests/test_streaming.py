@@ -67,6 +67,25 @@ def test_mvn_log_prob_fast_path_equals_torch(loc_shape, cov_shape, x_shape, dtyp
     assert torch.allclose(fast, slow, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("loc_shape, scale_shape, x_shape", [
+    ((4, 1, 3), (4, 1, 3), (7, 3)),        # enumerated mu_z, sigma_z against data rows
+    ((4, 1, 3), (3,), (7, 3)),             # one sigma for every state
+    ((2, 1, 1, 3), (1, 1, 1), (6, 1, 3)),  # several plates, a scalar sigma
+    ((5, 3), (5, 3), (5, 3)),              # parameters vary per row: torch's own log_prob
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_diagonal_normal_log_prob_fast_path_equals_torch(loc_shape, scale_shape, x_shape, dtype):
+    g = torch.Generator().manual_seed(4)
+    loc = torch.randn(loc_shape, generator=g, dtype=D).to(dtype)
+    scale = (0.5 + torch.rand(scale_shape, generator=g, dtype=D)).to(dtype)
+    fn = dist.Normal(loc, scale).to_event(1)
+    x = torch.randn(x_shape, generator=g, dtype=D).to(dtype)
+    fast, slow = families.log_prob(fn, x), fn.log_prob(x)
+    assert fast.shape == slow.shape and fast.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(fast, slow, rtol=tol, atol=tol)
+
+
 # -- selection vjp ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("covariance_type", gmm.COVARIANCE_TYPES)
 def test_selection_vjp_equals_autograd(covariance_type):
