@@ -18,17 +18,9 @@ from ppl_em import chains
 from ppl_em.models import hmm
 from ppl_em.result import count_observations
 
-from test_models_hmm import assert_params_equal_hmmlearns
+from test_models_hmm import _truth, assert_params_equal_hmmlearns
 
 D = torch.float64
-
-
-def _truth():
-    pi = torch.tensor([0.6, 0.3, 0.1], dtype=D)
-    A = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]], dtype=D)
-    mu = torch.tensor([[-2.0, 0.0], [0.0, 2.0], [2.0, 0.0]], dtype=D)
-    sigma = torch.tensor([[0.7, 0.5], [0.6, 0.9], [1.0, 0.4]], dtype=D)
-    return {"pi": pi, "A": A, "mu": mu, "sigma": sigma}
 
 
 def _random_tables(batch, T, K, time_dependent, seed):
