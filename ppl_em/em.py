@@ -168,6 +168,7 @@ class EM:
             post = exact_posterior(self.model, self.structure, c_args, c_kwargs)
             _check_observations(post)
             total += float(post.log_evidence)
+        families.release_features()
         return total
 
     def m_step(self, post: Posterior, *args, **kwargs) -> None:
@@ -187,6 +188,8 @@ class EM:
         except BaseException:
             self._restore(saved)
             raise
+        finally:
+            families.release_features()
 
     # -- streaming the data in chunks --------------------------------------------------------
     def _prepare(self, args, kwargs) -> None:
@@ -422,6 +425,8 @@ class EM:
         except BaseException:
             self._restore(saved)
             raise
+        finally:
+            families.release_features()
         return -objective
 
     def _phases(self, names: List[str]):

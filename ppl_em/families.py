@@ -178,6 +178,11 @@ def gaussian_moments(w: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, inner)
 _FEATURES: list = []  # the last (data tensor, its version, features): E-step and M-step share them
 
 
+def release_features() -> None:
+    """Drop the cached features (they can be as large as the data): called when a step is done."""
+    _FEATURES.clear()
+
+
 def centred_features(x: torch.Tensor):
     """The Gaussian's sufficient statistic T(x - c) = [packed (x - c)_a (x - c)_b for a <= b, x - c]
     of data rows x (..., d) about their mean c: returns (c, T (..., q + d), T^T (q + d, N)) for
