@@ -108,6 +108,13 @@ def _categorical_stats(fn, w, x, reg, shape):
 
 
 def _mvn_loc_stats(fn, w, x, reg, shape):
+    d = x.shape[-1] if x.dim() else 0
+    if d and shape[-1] == d and cached_features(x) is not None:
+        # The E-step's fast path left the features of these rows: sum w x = sum w (x - c) + c sum w
+        # comes out of the GEMM that the covariance's moments need too (weighted_features).
+        c, n, sums = weighted_features(w, x, shape[:-1])
+        n = n.unsqueeze(-1)
+        return sums[..., -d:] + n * c.reshape(d), n.expand(shape)
     w = w.unsqueeze(-1)
     return reduce_product([w, x], shape), reduce_product([w], shape)
 
@@ -159,28 +166,55 @@ def gaussian_moments(w: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, inner)
     that ``inner`` keeps. Returns (M2 (inner, d, d), S (inner, d), N (inner)); float64 for float32 data.
 
     The data enter only through sum w (x - c) and the packed products sum w (x - c)_a (x - c)_b,
-    a <= b (the Gaussian's sufficient statistic T(x) about the data mean c, for accuracy): two
-    GEMMs with the weights, no (k, n, d) difference; the location comes in afterwards, as
-    x - m = (x - c) - (m - c).
+    a <= b (the Gaussian's sufficient statistic T(x) about the data mean c, for accuracy): one
+    GEMM with the weights (:func:`weighted_features`), no (k, n, d) difference; the location
+    comes in afterwards, as x - m = (x - c) - (m - c).
     """
-    c, stats = centred_features(x)[:2]
-    d, inner = c.shape[-1], tuple(inner)
-    w = w.to(c.dtype)
-    n = reduce_product([w], inner)
-    sums = reduce_product([w.unsqueeze(-1), stats], inner + (stats.shape[-1],))  # one GEMM
+    c, n, sums = weighted_features(w, x, inner)
+    d = c.shape[-1]
     m_c, s_c = _unpack_symmetric(sums[..., :-d], d), sums[..., -d:]
-    lc = (loc.to(c.dtype) - c).expand(inner + (d,))
+    lc = (loc.to(c.dtype) - c).expand(tuple(inner) + (d,))
     n1, outer = n.unsqueeze(-1), s_c.unsqueeze(-1) * lc.unsqueeze(-2)
     m2 = m_c - outer - outer.transpose(-1, -2) + n1.unsqueeze(-1) * lc.unsqueeze(-1) * lc.unsqueeze(-2)
     return m2, s_c - n1 * lc, n
+
+
+_SUMS: list = []  # the last (weights key, weights, features, result) of weighted_features
+
+
+def weighted_features(w: torch.Tensor, x: torch.Tensor, inner):
+    """(c, N = sum w, sum w T(x - c)) summed to batch shape ``inner``: the weighted sufficient
+    statistics of a Gaussian about the data mean c, (inner) and (inner, q + d), in one GEMM of the
+    weights with :func:`centred_features`. Both Gaussian rules of an M-step (mu_z, then Sigma_z)
+    need this product for the same weights and rows, so the last one is kept until
+    :func:`release_features`."""
+    c, stats = centred_features(x)[:2]
+    inner = tuple(inner)
+    key = (w.data_ptr(), tuple(w.shape), w.stride(), w._version, w.dtype, inner)
+    if _SUMS and _SUMS[0][0] == key and _SUMS[0][2] is stats:
+        return _SUMS[0][3]
+    result = (c, reduce_product([w.to(c.dtype)], inner),
+              reduce_product([w.to(c.dtype).unsqueeze(-1), stats], inner + (stats.shape[-1],)))
+    _SUMS[:] = [(key, w, stats, result)]  # holding w and stats: their memory cannot be reused while keyed
+    return result
 
 
 _FEATURES: list = []  # the last (data tensor, its version, features): E-step and M-step share them
 
 
 def release_features() -> None:
-    """Drop the cached features (they can be as large as the data): called when a step is done."""
+    """Drop the cached features and weighted sums (they can be as large as the data): called when a
+    step is done."""
     _FEATURES.clear()
+    _SUMS.clear()
+
+
+def cached_features(x: torch.Tensor):
+    """The features of ``x`` if :func:`centred_features` has them at hand, else None."""
+    x = compact(x)
+    if _FEATURES and _FEATURES[0][0] is x and _FEATURES[0][1] == x._version:
+        return _FEATURES[0][2]
+    return None
 
 
 def centred_features(x: torch.Tensor):
@@ -191,19 +225,25 @@ def centred_features(x: torch.Tensor):
     Computed in float64 for float32 data. Cached for the last data tensor seen (by identity and
     in-place version), since a chunk's E-step and M-step use the same rows.
     """
+    cached = cached_features(x)
+    if cached is not None:
+        return cached
     x = compact(x)
-    if _FEATURES and _FEATURES[0][0] is x and _FEATURES[0][1] == x._version:
-        return _FEATURES[0][2]
     xx = x.double() if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x
     batch_dims = tuple(range(xx.dim() - 1))
     c = xx.mean(batch_dims, keepdim=True) if batch_dims else xx
-    xc = xx - c
-    d = xc.shape[-1]
-    # Built as (q + d, N) from contiguous columns (a gather on the last dim is many times
-    # slower), the products in the order of torch.triu_indices.
-    cols = xc.reshape(-1, d).T.contiguous()  # (d, N)
-    stats_t = torch.cat([cols[a:a + 1] * cols[a:] for a in range(d)] + [cols])  # (q + d, N)
-    features = (c, stats_t.T.reshape(xc.shape[:-1] + (-1,)), stats_t)
+    d = xx.shape[-1]
+    q = d * (d + 1) // 2
+    # Written as (q + d, N) rows, each product straight into its place (a gather on the last dim,
+    # or products joined by cat, are several times slower), in the order of torch.triu_indices.
+    stats_t = torch.empty((q + d, xx.numel() // max(d, 1)), dtype=xx.dtype, device=xx.device)
+    cols = stats_t[q:]  # (d, N): the centred rows x - c, transposed
+    torch.sub(xx.reshape(-1, d).T, c.reshape(d, 1), out=cols)
+    start = 0
+    for a in range(d):
+        torch.mul(cols[a:a + 1], cols[a:], out=stats_t[start:start + d - a])
+        start += d - a
+    features = (c, stats_t.T.reshape(xx.shape[:-1] + (-1,)), stats_t)
     _FEATURES[:] = [(x, x._version, features)]
     return features
 
@@ -569,6 +609,8 @@ def log_prob(fn, value: torch.Tensor) -> torch.Tensor:
     data with the k stacked (d, d) matrices L_z^{-1}, instead of k * n triangular solves.
     Anything else goes to the distribution's own ``log_prob``.
     """
+    if type(fn) is dist.Categorical:
+        return _categorical_log_prob(fn, value)
     if type(fn) is dist.MultivariateNormal and value.dim() >= 1:
         fast = _mvn_log_prob(fn, value)
         if fast is not None:
@@ -579,6 +621,21 @@ def log_prob(fn, value: torch.Tensor) -> torch.Tensor:
         if fast is not None:
             return fast
     return fn.log_prob(value)
+
+
+def _categorical_log_prob(fn, value: torch.Tensor) -> torch.Tensor:
+    """``Categorical.log_prob`` from the unexpanded probabilities: log phi_z for the k enumerated
+    values is a (k, 1) table broadcast over the data plate, where the distribution's own log_prob
+    would take the log of phi expanded to (n, k) and gather from it."""
+    if fn._validate_args:
+        fn._validate_sample(value)
+    if "probs" in fn.__dict__ and "logits" not in fn.__dict__:
+        logits = torch.distributions.utils.probs_to_logits(compact(fn.probs))  # what fn.logits would hold
+    else:
+        logits = compact(fn.logits)
+    index = value.long().unsqueeze(-1)
+    index, logits = torch.broadcast_tensors(compact(index), logits)
+    return logits.gather(-1, index[..., :1]).squeeze(-1).expand(broadcast_shape(fn.batch_shape, value.shape))
 
 
 def _diag_normal_log_prob(base, value: torch.Tensor) -> Optional[torch.Tensor]:
@@ -618,11 +675,11 @@ def _mvn_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:
     eye = torch.eye(d, dtype=tril.dtype, device=tril.device)
     inv = torch.linalg.solve_triangular(tril.expand(params + (d, d)), eye, upper=False).reshape(-1, d, d)
     mu = loc.expand(params + (d,)).reshape(-1, d)  # (K, d)
-    maha = _maha_by_features(x, inv, mu)
-    if maha is None:
-        maha = _maha_by_whitening(x.reshape(-1, d), inv, mu).T
     half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1).expand(params).reshape(-1, 1)
-    out = -0.5 * (d * math.log(2 * math.pi) + maha.to(half_log_det.dtype)) - half_log_det  # (K, N)
+    log_norm = 0.5 * d * math.log(2 * math.pi) + half_log_det  # (K, 1)
+    out = _log_density_by_features(x, inv, mu, log_norm)
+    if out is None:
+        out = -0.5 * _maha_by_whitening(x.reshape(-1, d), inv, mu).T.to(log_norm.dtype) - log_norm  # (K, N)
     return _broadcast_layout(out, params, x.shape[:-1], broadcast_shape(fn.batch_shape, value.shape[:-1]))
 
 
@@ -650,21 +707,23 @@ def _maha_by_whitening(rows: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor) 
     return torch.linalg.vector_norm(white.view(rows.shape[0], -1, d), dim=-1).square()
 
 
-def _maha_by_features(x: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor) -> Optional[torch.Tensor]:
-    """(x - mu_z)^T P_z (x - mu_z) = <T(x - c), eta_z> for all (z, row), P_z = Sigma_z^{-1}: the
-    exponential-family form, one (K, d(d+1)/2) x (d(d+1)/2, N) product on the packed products of
-    the centred rows (shared with the M-step). None where cancellation could cost accuracy:
-    |x - c|^2 ||P_z|| must stay below 1e6 (the whitened form is used there instead)."""
+def _log_density_by_features(x: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor,
+                             log_norm: torch.Tensor) -> Optional[torch.Tensor]:
+    """log N(x | mu_z, Sigma_z) = -(1/2) (x - mu_z)^T P_z (x - mu_z) - log_norm_z for all (z, row),
+    P_z = Sigma_z^{-1}, as <T(x - c), eta_z> + const_z: the exponential-family form, one
+    (K, q + d) x (q + d, N) product with the packed products of the centred rows (shared with
+    the M-step, see :func:`centred_features`). (K, N). None where cancellation could cost
+    accuracy: |x - c|^2 ||P_z|| must stay below 1e6 (the whitened form is used there instead)."""
     c, _, stats_t = centred_features(x)
     d = c.shape[-1]
-    rows, cols = stats_t[:-d], stats_t[-d:]  # (q, N), (d, N)
+    cols = stats_t[-d:]  # (d, N)
     inv = inv.to(c.dtype)
     if float(cols.square().sum(0).max()) * float(inv.detach().square().sum((-1, -2)).max()) > 1e6:
         return None
     precision = inv.transpose(-1, -2) @ inv  # (K, d, d)
     lc = mu.to(c.dtype) - c.reshape(1, d)  # (K, d)
     i, j = torch.triu_indices(d, d, device=c.device)
-    quad = precision[:, i, j] * torch.where(i == j, 1.0, 2.0).to(c.dtype)  # (K, q)
-    plc = (precision @ lc.unsqueeze(-1)).squeeze(-1)  # (K, d)
-    maha = torch.addmm((plc * lc).sum(-1, keepdim=True), quad, rows)  # (K, N)
-    return maha.addmm_(plc, cols, alpha=-2)
+    quad = precision[:, i, j] * torch.where(i == j, -0.5, -1.0).to(c.dtype)  # (K, q): -(1/2) x^T P x, packed
+    plc = (precision @ lc.unsqueeze(-1)).squeeze(-1)  # (K, d): the linear term x^T P (mu - c)
+    const = -0.5 * (plc * lc).sum(-1, keepdim=True) - log_norm.to(c.dtype)  # (K, 1)
+    return torch.addmm(const, torch.cat([quad, plc], -1), stats_t).to(log_norm.dtype)  # (K, N)

@@ -299,8 +299,7 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
     dim = latents[0]["infer"]["_enumerate_dim"]
     terms = {s["name"]: masked_log_prob(s, fill=_masked_fill_value(s, LogRing())) for s in sites}
     total = functools.reduce(torch.add, terms.values())
-    lse = torch.logsumexp(total, dim=dim, keepdim=True)
-    post = torch.exp(total - lse)
+    post, lse = _normalise_exp(total, dim)
     if scale != 1.0:
         post = post * scale
     weights = {s["name"]: torch.ones_like(masked_log_prob(s)) for s in sample_sites(tr) if s["infer"].get("_map_site")}
@@ -309,6 +308,17 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
         # A masked position has no factor, so its probe has no gradient (see masked_log_prob).
         weights[site["name"]] = masked_log_prob(dict(site, unscaled_log_prob=w))
     return lse.sum() * scale, weights
+
+
+def _normalise_exp(total: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(exp(total - lse), lse) with lse = log sum_j exp(total_j) along ``dim`` (kept), as
+    ``torch.logsumexp`` computes it (about the maximum), in three passes over the table: the
+    maximum, one exponential that serves both, and the division in place."""
+    top = total.amax(dim, keepdim=True)
+    top = top.masked_fill(~torch.isfinite(top), 0.0)  # all -inf (or an inf): as logsumexp does
+    post = torch.sub(total, top).exp_()
+    norm = post.sum(dim, keepdim=True)
+    return post.div_(norm), norm.log_().add_(top)
 
 
 @dataclass
