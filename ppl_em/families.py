@@ -713,12 +713,13 @@ def _log_density_by_features(x: torch.Tensor, inv: torch.Tensor, mu: torch.Tenso
     P_z = Sigma_z^{-1}, as <T(x - c), eta_z> + const_z: the exponential-family form, one
     (K, q + d) x (q + d, N) product with the packed products of the centred rows (shared with
     the M-step, see :func:`centred_features`). (K, N). None where cancellation could cost
-    accuracy: |x - c|^2 ||P_z|| must stay below 1e6 (the whitened form is used there instead)."""
+    accuracy: a bound on |x - c|^2 ||P_z|| must stay below 1e6 (the whitened form is used there instead)."""
     c, _, stats_t = centred_features(x)
     d = c.shape[-1]
     cols = stats_t[-d:]  # (d, N)
     inv = inv.to(c.dtype)
-    if float(cols.square().sum(0).max()) * float(inv.detach().square().sum((-1, -2)).max()) > 1e6:
+    spread = torch.maximum(cols.amax(1), -cols.amin(1))  # max_i |x - c|^2 <= sum_a max_i (x_a - c_a)^2
+    if float(spread.square().sum()) * float(inv.detach().square().sum((-1, -2)).max()) > 1e6:
         return None
     precision = inv.transpose(-1, -2) @ inv  # (K, d, d)
     lc = mu.to(c.dtype) - c.reshape(1, d)  # (K, d)

@@ -195,7 +195,8 @@ def _compute_log_prob(tr: Trace, probes: bool = False) -> None:
                     log_p = log_p.detach()
             site["unscaled_log_prob"] = log_p
             site["log_prob"] = scale_and_mask(log_p, site["scale"], site["mask"])
-            site["log_prob_sum"] = site["log_prob"].sum()
+            if not probes:  # an E-step's trace never reads it (Trace.log_prob_sum recomputes it on demand)
+                site["log_prob_sum"] = site["log_prob"].sum()
     tr.compute_log_prob()  # whatever is left (sites with extra log_prob arguments)
 
 
@@ -299,7 +300,7 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
     dim = latents[0]["infer"]["_enumerate_dim"]
     terms = {s["name"]: masked_log_prob(s, fill=_masked_fill_value(s, LogRing())) for s in sites}
     total = functools.reduce(torch.add, terms.values())
-    post, lse = _normalise_exp(total, dim)
+    post, lse = _normalise_exp(total, dim, in_place=len(terms) > 1)  # a sum of several terms is ours to overwrite
     if scale != 1.0:
         post = post * scale
     weights = {s["name"]: torch.ones_like(masked_log_prob(s)) for s in sample_sites(tr) if s["infer"].get("_map_site")}
@@ -310,13 +311,14 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
     return lse.sum() * scale, weights
 
 
-def _normalise_exp(total: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _normalise_exp(total: torch.Tensor, dim: int, in_place: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """(exp(total - lse), lse) with lse = log sum_j exp(total_j) along ``dim`` (kept), as
     ``torch.logsumexp`` computes it (about the maximum), in three passes over the table: the
-    maximum, one exponential that serves both, and the division in place."""
+    maximum, one exponential that serves both, and the division in place. ``in_place``: the
+    result overwrites ``total``."""
     top = total.amax(dim, keepdim=True)
     top = top.masked_fill(~torch.isfinite(top), 0.0)  # all -inf (or an inf): as logsumexp does
-    post = torch.sub(total, top).exp_()
+    post = (total.sub_(top) if in_place else torch.sub(total, top)).exp_()
     norm = post.sum(dim, keepdim=True)
     return post.div_(norm), norm.log_().add_(top)
 
