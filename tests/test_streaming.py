@@ -13,7 +13,7 @@ import torch
 from torch.distributions import constraints
 
 import ppl_em
-from ppl_em import families
+from ppl_em import families, posterior
 from ppl_em.models import REGISTRY, gmm
 from ppl_em.posterior import exact_posterior, inspect_model
 
@@ -87,6 +87,76 @@ def test_diagonal_normal_log_prob_fast_path_equals_torch(loc_shape, scale_shape,
 
 
 # -- selection vjp ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda p: dist.Categorical(p).expand([7]),              # a mixture's phi, broadcast over a plate of 7
+    lambda p: dist.Categorical(logits=p.log() + 3.0).expand([7]),  # given as (unnormalised) logits
+    lambda p: dist.Categorical(p.expand(7, 4)),             # one probability vector per data point
+])
+@pytest.mark.parametrize("value", ["enumerated", "observed"])
+def test_categorical_log_prob_fast_path_equals_torch(make, value):
+    g = torch.Generator().manual_seed(3)
+    fn = make(torch.rand(4, generator=g, dtype=D) + 0.1)
+    x = fn.enumerate_support(expand=False) if value == "enumerated" else torch.randint(4, (7,), generator=g)
+    fast = families.log_prob(fn, x)
+    slow = make(torch.rand(4, generator=torch.Generator().manual_seed(3), dtype=D) + 0.1).log_prob(x)
+    assert fast.shape == slow.shape == ((4, 7) if value == "enumerated" else (7,))
+    assert torch.allclose(fast, slow, rtol=1e-14, atol=0)
+
+
+def test_categorical_log_prob_fast_path_validates_values():
+    with pytest.raises(ValueError, match="support"):
+        families.log_prob(dist.Categorical(torch.ones(3, dtype=D) / 3, validate_args=True), torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("fill", [None, "some -inf", "all -inf"])
+def test_posterior_normalisation_equals_logsumexp(fill):
+    g = torch.Generator().manual_seed(4)
+    total = torch.randn(5, 9, generator=g, dtype=D) * 30
+    if fill == "some -inf":
+        total[1:4, 2] = -torch.inf
+    if fill == "all -inf":
+        total[:, 3] = -torch.inf
+    for in_place in (False, True):
+        post, lse = posterior._normalise_exp(total.clone(), 0, in_place=in_place)
+        expected = torch.logsumexp(total, 0, keepdim=True)
+        assert torch.equal(torch.isfinite(lse), torch.isfinite(expected))
+        assert torch.allclose(lse, expected, rtol=1e-14, atol=0, equal_nan=True)
+        assert torch.allclose(post, torch.exp(total - expected), rtol=1e-13, atol=1e-300, equal_nan=True)
+
+
+def test_mean_statistics_share_the_covariance_gemm():
+    """sum_j w x from the cached features (sum w (x - c) + c sum w) equals the direct product,
+    and the covariance's moments reuse that GEMM rather than computing it again."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(50, 3, generator=g, dtype=D) * 4 + 100
+    w = torch.rand(2, 50, generator=g, dtype=D)
+    loc = torch.randn(2, 1, 3, generator=g, dtype=D)
+    fn = dist.MultivariateNormal(loc, torch.eye(3, dtype=D))
+    families.release_features()
+    direct = families._mvn_loc_stats(fn, w, x, 0.0, (2, 1, 3))
+    families.centred_features(x)
+    shared = families._mvn_loc_stats(fn, w, x, 0.0, (2, 1, 3))
+    assert torch.allclose(shared[0], direct[0], rtol=1e-12) and torch.allclose(shared[1], direct[1], rtol=1e-14)
+    product = families._SUMS[0][3][2]
+    assert families.weighted_features(w, x, (2, 1))[2] is product  # reused, not recomputed
+    m2, s1, n = families.gaussian_moments(w, x, loc, (2, 1))
+    diff = x - loc  # (2, 50, 3)
+    assert torch.allclose(m2, torch.einsum("ji,jia,jib->jab", w, diff, diff).unsqueeze(1), rtol=1e-10)
+    families.release_features()
+    assert not families._SUMS and not families._FEATURES
+
+
+def test_an_e_step_trace_still_gives_its_log_prob_sum():
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(6), dtype=D)
+    structure = inspect_model(gmm.model, (x, 2), {})
+    pyro.clear_param_store()
+    post = exact_posterior(gmm.model, structure, (x, 2), {})
+    with torch.no_grad():
+        expected = sum(float(s["fn"].log_prob(s["value"]).sum()) for s in post.trace.nodes.values()
+                       if s["type"] == "sample")
+        assert abs(float(post.trace.log_prob_sum()) - expected) < 1e-9 * abs(expected)
+
+
 @pytest.mark.parametrize("covariance_type", gmm.COVARIANCE_TYPES)
 def test_selection_vjp_equals_autograd(covariance_type):
     x = REGISTRY["gmm"]["make_data"](0)[0][0]
