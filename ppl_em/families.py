@@ -109,9 +109,9 @@ def _categorical_stats(fn, w, x, reg, shape):
 
 def _mvn_loc_stats(fn, w, x, reg, shape):
     d = x.shape[-1] if x.dim() else 0
-    if d and shape[-1] == d and cached_features(x) is not None:
-        # The E-step's fast path left the features of these rows: sum w x = sum w (x - c) + c sum w
-        # comes out of the GEMM that the covariance's moments need too (weighted_features).
+    if d and shape[-1] == d and _seen(compact(x)) is not None:
+        # The E-step's Gaussian fast path ran on these rows: sum w x = sum w (x - c) + c sum w comes
+        # out of the GEMM that the covariance's moments need too (weighted_features).
         c, n, sums = weighted_features(w, x, shape[:-1])
         n = n.unsqueeze(-1)
         return sums[..., -d:] + n * c.reshape(d), n.expand(shape)
@@ -179,73 +179,88 @@ def gaussian_moments(w: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, inner)
     return m2, s_c - n1 * lc, n
 
 
-_SUMS: list = []  # the last (weights key, weights, features, result) of weighted_features
+# The Gaussian's sufficient statistics T(x - c) are built block by block, about this many elements
+# (4 MB in float64) at a time, and each block goes into its GEMM while it is still in cache: written
+# for a whole chunk they would travel to memory and back (measured 2x slower per EM iteration).
+FEATURE_ELEMENTS = 2**19
+
+_SEEN: list = []  # (data tensor, its version, its centre c) of the last Gaussian E-step fast path
+_SUMS: list = []  # the last (key, weights, data, result) of weighted_features
+
+
+def release_features() -> None:
+    """Forget the data and weighted sums that the Gaussian fast path keeps between an E-step and
+    its M-step (they can hold the last chunk alive): called when a step is done."""
+    _SEEN.clear()
+    _SUMS.clear()
+
+
+def _seen(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The centre c of ``x`` if the Gaussian E-step fast path ran on these very rows, else None."""
+    if _SEEN and _SEEN[0][0] is x and _SEEN[0][1] == x._version:
+        return _SEEN[0][2]
+    return None
+
+
+def _centre(rows: torch.Tensor) -> torch.Tensor:
+    """The mean c (d,) of rows (N, d), in float64 for lower-precision data."""
+    low = rows.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return rows.mean(0, dtype=torch.float64 if low else rows.dtype)
+
+
+def _feature_rows(d: int) -> int:
+    """Rows per block of sufficient statistics for data of dimension d."""
+    return max(64, FEATURE_ELEMENTS // (d * (d + 1) // 2 + d))
+
+
+def sufficient_stats(rows: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """T(x - c)^T = [packed (x - c)_a (x - c)_b for a <= b, x - c] of rows x (B, d) about c (d,):
+    (q + d, B), q = d(d+1)/2, in c's dtype (float64 for float32 data).
+
+    Each product is written straight into its place as a contiguous row (a gather on the last
+    dim, or products joined by cat, are several times slower), in the order of torch.triu_indices.
+    """
+    d = rows.shape[-1]
+    q = d * (d + 1) // 2
+    out = torch.empty((q + d, rows.shape[0]), dtype=c.dtype, device=c.device)
+    cols = out[q:]  # (d, B): the centred rows, transposed
+    torch.sub(rows.T, c.reshape(d, 1), out=cols)
+    start = 0
+    for a in range(d):
+        torch.mul(cols[a:a + 1], cols[a:], out=out[start:start + d - a])
+        start += d - a
+    return out
 
 
 def weighted_features(w: torch.Tensor, x: torch.Tensor, inner):
     """(c, N = sum w, sum w T(x - c)) summed to batch shape ``inner``: the weighted sufficient
-    statistics of a Gaussian about the data mean c, (inner) and (inner, q + d), in one GEMM of the
-    weights with :func:`centred_features`. Both Gaussian rules of an M-step (mu_z, then Sigma_z)
-    need this product for the same weights and rows, so the last one is kept until
-    :func:`release_features`."""
-    c, stats = centred_features(x)[:2]
-    inner = tuple(inner)
-    key = (w.data_ptr(), tuple(w.shape), w.stride(), w._version, w.dtype, inner)
-    if _SUMS and _SUMS[0][0] == key and _SUMS[0][2] is stats:
+    statistics of a Gaussian about the data mean c, (d,), (inner) and (inner, q + d), as one GEMM
+    of the weights with :func:`sufficient_stats` per block of rows. Both Gaussian rules of an
+    M-step (mu_z, then Sigma_z) need this product for the same weights and rows, so the last one
+    is kept until :func:`release_features`."""
+    x, inner = compact(x), tuple(inner)
+    key = (w.data_ptr(), tuple(w.shape), w.stride(), w._version, w.dtype, x._version, inner)
+    if _SUMS and _SUMS[0][0] == key and _SUMS[0][2] is x:
         return _SUMS[0][3]
-    result = (c, reduce_product([w.to(c.dtype)], inner),
-              reduce_product([w.to(c.dtype).unsqueeze(-1), stats], inner + (stats.shape[-1],)))
-    _SUMS[:] = [(key, w, stats, result)]  # holding w and stats: their memory cannot be reused while keyed
+    d = x.shape[-1]
+    c = _seen(x)
+    if c is None:
+        c = _centre(x.reshape(-1, d))
+    wc = w.to(c.dtype).unsqueeze(-1)  # aligned with T: its last batch dim runs along x's rows (dim -2)
+    m = x.shape[-2] if x.dim() >= 2 else 1
+    # Blocks along the rows are summed, so the rows' dim must be one that the result sums over.
+    blocked = x.dim() >= 2 and (len(inner) == 0 or inner[-1] == 1)
+    step = max(1, _feature_rows(d) // max(1, x[..., 0, 0].numel())) if blocked else m
+    sums = None
+    for start in range(0, m, step):
+        xb = x[..., start:start + step, :] if blocked else x
+        stats = sufficient_stats(xb.reshape(-1, d), c).T.reshape(xb.shape[:-1] + (-1,))
+        wb = wc[..., start:start + step, :] if blocked and wc.dim() >= 2 and wc.shape[-2] == m else wc
+        part = reduce_product([wb, stats], inner + (stats.shape[-1],))
+        sums = part if sums is None else sums + part
+    result = (c, reduce_product([w.to(c.dtype)], inner), sums)
+    _SUMS[:] = [(key, w, x, result)]  # holding w and x: their memory cannot be reused while keyed
     return result
-
-
-_FEATURES: list = []  # the last (data tensor, its version, features): E-step and M-step share them
-
-
-def release_features() -> None:
-    """Drop the cached features and weighted sums (they can be as large as the data): called when a
-    step is done."""
-    _FEATURES.clear()
-    _SUMS.clear()
-
-
-def cached_features(x: torch.Tensor):
-    """The features of ``x`` if :func:`centred_features` has them at hand, else None."""
-    x = compact(x)
-    if _FEATURES and _FEATURES[0][0] is x and _FEATURES[0][1] == x._version:
-        return _FEATURES[0][2]
-    return None
-
-
-def centred_features(x: torch.Tensor):
-    """The Gaussian's sufficient statistic T(x - c) = [packed (x - c)_a (x - c)_b for a <= b, x - c]
-    of data rows x (..., d) about their mean c: returns (c, T (..., q + d), T^T (q + d, N)) for
-    N rows, q = d(d+1)/2.
-
-    Computed in float64 for float32 data. Cached for the last data tensor seen (by identity and
-    in-place version), since a chunk's E-step and M-step use the same rows.
-    """
-    cached = cached_features(x)
-    if cached is not None:
-        return cached
-    x = compact(x)
-    xx = x.double() if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x
-    batch_dims = tuple(range(xx.dim() - 1))
-    c = xx.mean(batch_dims, keepdim=True) if batch_dims else xx
-    d = xx.shape[-1]
-    q = d * (d + 1) // 2
-    # Written as (q + d, N) rows, each product straight into its place (a gather on the last dim,
-    # or products joined by cat, are several times slower), in the order of torch.triu_indices.
-    stats_t = torch.empty((q + d, xx.numel() // max(d, 1)), dtype=xx.dtype, device=xx.device)
-    cols = stats_t[q:]  # (d, N): the centred rows x - c, transposed
-    torch.sub(xx.reshape(-1, d).T, c.reshape(d, 1), out=cols)
-    start = 0
-    for a in range(d):
-        torch.mul(cols[a:a + 1], cols[a:], out=stats_t[start:start + d - a])
-        start += d - a
-    features = (c, stats_t.T.reshape(xx.shape[:-1] + (-1,)), stats_t)
-    _FEATURES[:] = [(x, x._version, features)]
-    return features
 
 
 def _unpack_symmetric(packed: torch.Tensor, d: int) -> torch.Tensor:
@@ -700,31 +715,57 @@ def _broadcast_layout(table: torch.Tensor, params, data, batch_shape) -> torch.T
 
 
 def _maha_by_whitening(rows: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """||L_z^{-1} x - L_z^{-1} mu_z||^2 for all (row, z): one (N, d) x (d, K d) product. (N, K)."""
+    """||L_z^{-1} x - L_z^{-1} mu_z||^2 for all (row, z): an (N, d) x (d, K d) product, block by
+    block of rows so that the whitened (B, K d) block stays about ``FEATURE_ELEMENTS``. (N, K)."""
     d = rows.shape[-1]
     shift = (inv @ mu.unsqueeze(-1)).reshape(1, -1)  # (1, K d)
-    white = torch.addmm(shift, rows, inv.transpose(-1, -2).permute(1, 0, 2).reshape(d, -1), beta=-1)
-    return torch.linalg.vector_norm(white.view(rows.shape[0], -1, d), dim=-1).square()
+    stacked = inv.transpose(-1, -2).permute(1, 0, 2).reshape(d, -1)  # (d, K d)
+    step = max(1, FEATURE_ELEMENTS // max(1, stacked.shape[-1]))
+    parts = []
+    for start in range(0, rows.shape[0], step):
+        white = torch.addmm(shift, rows[start:start + step], stacked, beta=-1)
+        parts.append(torch.linalg.vector_norm(white.view(white.shape[0], -1, d), dim=-1).square())
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def has_gemm_path(fn) -> bool:
+    """Whether :func:`log_prob` computes ``fn``'s log-density by a GEMM fast path that never forms a
+    temporary of the event's size per (parameter, data point) pair (a multivariate normal; a
+    diagonal normal), so that the cost per data row is the log-probability's own size."""
+    return type(fn) is dist.MultivariateNormal or (
+        type(fn) is dist.Independent and type(fn.base_dist) is dist.Normal and fn.reinterpreted_batch_ndims == 1)
 
 
 def _log_density_by_features(x: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor,
                              log_norm: torch.Tensor) -> Optional[torch.Tensor]:
     """log N(x | mu_z, Sigma_z) = -(1/2) (x - mu_z)^T P_z (x - mu_z) - log_norm_z for all (z, row),
     P_z = Sigma_z^{-1}, as <T(x - c), eta_z> + const_z: the exponential-family form, one
-    (K, q + d) x (q + d, N) product with the packed products of the centred rows (shared with
-    the M-step, see :func:`centred_features`). (K, N). None where cancellation could cost
+    (K, q + d) x (q + d, B) product per block of B rows with their sufficient statistics about
+    the data mean c (:func:`sufficient_stats`). (K, N). None where cancellation could cost
     accuracy: a bound on |x - c|^2 ||P_z|| must stay below 1e6 (the whitened form is used there instead)."""
-    c, _, stats_t = centred_features(x)
-    d = c.shape[-1]
-    cols = stats_t[-d:]  # (d, N)
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)
+    c = _centre(rows)
     inv = inv.to(c.dtype)
-    spread = torch.maximum(cols.amax(1), -cols.amin(1))  # max_i |x - c|^2 <= sum_a max_i (x_a - c_a)^2
-    if float(spread.square().sum()) * float(inv.detach().square().sum((-1, -2)).max()) > 1e6:
-        return None
+    p_norm = float(inv.detach().square().sum((-1, -2)).max())
     precision = inv.transpose(-1, -2) @ inv  # (K, d, d)
     lc = mu.to(c.dtype) - c.reshape(1, d)  # (K, d)
     i, j = torch.triu_indices(d, d, device=c.device)
     quad = precision[:, i, j] * torch.where(i == j, -0.5, -1.0).to(c.dtype)  # (K, q): -(1/2) x^T P x, packed
     plc = (precision @ lc.unsqueeze(-1)).squeeze(-1)  # (K, d): the linear term x^T P (mu - c)
     const = -0.5 * (plc * lc).sum(-1, keepdim=True) - log_norm.to(c.dtype)  # (K, 1)
-    return torch.addmm(const, torch.cat([quad, plc], -1), stats_t).to(log_norm.dtype)  # (K, N)
+    coef = torch.cat([quad, plc], -1)  # (K, q + d)
+    grad = torch.is_grad_enabled() and (coef.requires_grad or const.requires_grad)
+    out = None if grad else torch.empty((coef.shape[0], rows.shape[0]), dtype=c.dtype, device=c.device)
+    step, parts = _feature_rows(d), []
+    for start in range(0, rows.shape[0], step):
+        stats = sufficient_stats(rows[start:start + step], c)
+        cols = stats[-d:]  # max_i |x - c|^2 <= sum_a max_i (x_a - c_a)^2
+        if float(torch.maximum(cols.amax(1), -cols.amin(1)).square().sum()) * p_norm > 1e6:
+            return None
+        if grad:  # a gradient M-step differentiates through the blocks (out= cannot)
+            parts.append(torch.addmm(const, coef, stats))
+        else:
+            torch.addmm(const, coef, stats, out=out[:, start:start + step])
+    _SEEN[:] = [(x, x._version, c)]
+    return (torch.cat(parts, 1) if grad else out).to(log_norm.dtype)

@@ -124,9 +124,11 @@ def test_posterior_normalisation_equals_logsumexp(fill):
         assert torch.allclose(post, torch.exp(total - expected), rtol=1e-13, atol=1e-300, equal_nan=True)
 
 
-def test_mean_statistics_share_the_covariance_gemm():
-    """sum_j w x from the cached features (sum w (x - c) + c sum w) equals the direct product,
-    and the covariance's moments reuse that GEMM rather than computing it again."""
+def test_mean_statistics_share_the_covariance_gemm(monkeypatch):
+    """After the Gaussian E-step fast path, sum_j w x comes out of the covariance's GEMM
+    (sum w (x - c) + c sum w) and equals the direct product; the moments reuse that GEMM, and
+    blocks of rows (here of 8) sum to the same statistics as one block."""
+    monkeypatch.setattr(families, "FEATURE_ELEMENTS", 8 * 9)  # d = 3: q + d = 9 features, 8 rows a block
     g = torch.Generator().manual_seed(5)
     x = torch.randn(50, 3, generator=g, dtype=D) * 4 + 100
     w = torch.rand(2, 50, generator=g, dtype=D)
@@ -134,7 +136,8 @@ def test_mean_statistics_share_the_covariance_gemm():
     fn = dist.MultivariateNormal(loc, torch.eye(3, dtype=D))
     families.release_features()
     direct = families._mvn_loc_stats(fn, w, x, 0.0, (2, 1, 3))
-    families.centred_features(x)
+    assert not families._SUMS  # no E-step ran on x: the plain product, no sufficient statistics
+    assert torch.allclose(families.log_prob(fn, x), fn.log_prob(x), rtol=1e-12)
     shared = families._mvn_loc_stats(fn, w, x, 0.0, (2, 1, 3))
     assert torch.allclose(shared[0], direct[0], rtol=1e-12) and torch.allclose(shared[1], direct[1], rtol=1e-14)
     product = families._SUMS[0][3][2]
@@ -142,8 +145,9 @@ def test_mean_statistics_share_the_covariance_gemm():
     m2, s1, n = families.gaussian_moments(w, x, loc, (2, 1))
     diff = x - loc  # (2, 50, 3)
     assert torch.allclose(m2, torch.einsum("ji,jia,jib->jab", w, diff, diff).unsqueeze(1), rtol=1e-10)
+    assert torch.allclose(s1, torch.einsum("ji,jia->ja", w, diff).unsqueeze(1), rtol=1e-10)
     families.release_features()
-    assert not families._SUMS and not families._FEATURES
+    assert not families._SUMS and not families._SEEN
 
 
 def test_an_e_step_trace_still_gives_its_log_prob_sum():
