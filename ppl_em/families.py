@@ -246,7 +246,9 @@ def weighted_features(w: torch.Tensor, x: torch.Tensor, inner):
     c = _seen(x)
     if c is None:
         c = _centre(x.reshape(-1, d))
-    wc = w.to(c.dtype).unsqueeze(-1)  # aligned with T: its last batch dim runs along x's rows (dim -2)
+    wc = w.to(c.dtype)
+    n = reduce_product([wc], inner)
+    wc = wc.unsqueeze(-1)  # aligned with T: its last batch dim runs along x's rows (dim -2)
     m = x.shape[-2] if x.dim() >= 2 else 1
     # Blocks along the rows are summed, so the rows' dim must be one that the result sums over.
     blocked = x.dim() >= 2 and (len(inner) == 0 or inner[-1] == 1)
@@ -258,7 +260,7 @@ def weighted_features(w: torch.Tensor, x: torch.Tensor, inner):
         wb = wc[..., start:start + step, :] if blocked and wc.dim() >= 2 and wc.shape[-2] == m else wc
         part = reduce_product([wb, stats], inner + (stats.shape[-1],))
         sums = part if sums is None else sums + part
-    result = (c, reduce_product([w.to(c.dtype)], inner), sums)
+    result = (c, n, sums)
     _SUMS[:] = [(key, w, x, result)]  # holding w and x: their memory cannot be reused while keyed
     return result
 
