@@ -246,20 +246,18 @@ def weighted_features(w: torch.Tensor, x: torch.Tensor, inner):
     c = _seen(x)
     if c is None:
         c = _centre(x.reshape(-1, d))
-    wc = w.to(c.dtype)
-    n = reduce_product([wc], inner)
-    wc = wc.unsqueeze(-1)  # aligned with T: its last batch dim runs along x's rows (dim -2)
     m = x.shape[-2] if x.dim() >= 2 else 1
     # Blocks along the rows are summed, so the rows' dim must be one that the result sums over.
     blocked = x.dim() >= 2 and (len(inner) == 0 or inner[-1] == 1)
     step = max(1, _feature_rows(d) // max(1, x[..., 0, 0].numel())) if blocked else m
-    sums = None
+    sliced = blocked and w.dim() >= 1 and w.shape[-1] == m  # w's last dim runs along x's rows (dim -2)
+    n = sums = None
     for start in range(0, m, step):
         xb = x[..., start:start + step, :] if blocked else x
         stats = sufficient_stats(xb.reshape(-1, d), c).T.reshape(xb.shape[:-1] + (-1,))
-        wb = wc[..., start:start + step, :] if blocked and wc.dim() >= 2 and wc.shape[-2] == m else wc
-        part = reduce_product([wb, stats], inner + (stats.shape[-1],))
-        sums = part if sums is None else sums + part
+        wb = (w[..., start:start + step] if sliced else w).to(c.dtype)  # float32 weights: converted block by block
+        part_n, part = reduce_product([wb], inner), reduce_product([wb.unsqueeze(-1), stats], inner + (stats.shape[-1],))
+        n, sums = (part_n, part) if sums is None else (n + part_n, sums + part)
     result = (c, n, sums)
     _SUMS[:] = [(key, w, x, result)]  # holding w and x: their memory cannot be reused while keyed
     return result
@@ -758,7 +756,7 @@ def _log_density_by_features(x: torch.Tensor, inv: torch.Tensor, mu: torch.Tenso
     const = -0.5 * (plc * lc).sum(-1, keepdim=True) - log_norm.to(c.dtype)  # (K, 1)
     coef = torch.cat([quad, plc], -1)  # (K, q + d)
     grad = torch.is_grad_enabled() and (coef.requires_grad or const.requires_grad)
-    out = None if grad else torch.empty((coef.shape[0], rows.shape[0]), dtype=c.dtype, device=c.device)
+    out = None if grad else torch.empty((coef.shape[0], rows.shape[0]), dtype=log_norm.dtype, device=c.device)
     step, parts = _feature_rows(d), []
     for start in range(0, rows.shape[0], step):
         stats = sufficient_stats(rows[start:start + step], c)
@@ -767,7 +765,9 @@ def _log_density_by_features(x: torch.Tensor, inv: torch.Tensor, mu: torch.Tenso
             return None
         if grad:  # a gradient M-step differentiates through the blocks (out= cannot)
             parts.append(torch.addmm(const, coef, stats))
-        else:
+        elif out.dtype == c.dtype:
             torch.addmm(const, coef, stats, out=out[:, start:start + step])
+        else:  # float32 data: the float64 block is rounded while still in cache
+            out[:, start:start + step].copy_(torch.addmm(const, coef, stats))
     _SEEN[:] = [(x, x._version, c)]
-    return (torch.cat(parts, 1) if grad else out).to(log_norm.dtype)
+    return torch.cat(parts, 1).to(log_norm.dtype) if grad else out
