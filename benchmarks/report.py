@@ -74,6 +74,8 @@ def machine() -> Dict[str, object]:
         "pyro": pyro.__version__,
         "numpy": np.__version__,
     }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
     for name, module in (("scikit-learn", "sklearn"), ("hmmlearn", "hmmlearn"), ("pomegranate", "pomegranate")):
         try:
             info[name] = __import__(module).__version__

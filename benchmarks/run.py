@@ -6,6 +6,7 @@ Usage (from the repository root)::
     python -m benchmarks.run --quick --threads 1   # tiny sizes, seconds: the smoke test runs this
     python -m benchmarks.run --only B1,B2,B5 --set B1.n=100000 --set "B5.ns=[10000,100000]"
     python -m benchmarks.run --out some/dir --title "my machine"
+    python -m benchmarks.run --only B1 --device cuda   # ppl_em's B1 on a GPU, the peers on the CPU
 
 Workloads (sizes in :data:`FULL`, overridable with ``--set WORKLOAD.KEY=VALUE``):
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import functools
 import gc
 import json
 import shlex
@@ -47,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 
 FULL: Dict[str, dict] = {
-    "B1": {"n": 1_000_000, "d": 10, "k": 16, "iters": 20},
+    "B1": {"n": 1_000_000, "d": 10, "k": 16, "iters": 20, "device": "cpu"},
     # B1's sizes; one library at a time, so that big peaks do not add up on a shared machine
     "B2": {"libraries": ["ppl_em", "scikit-learn", "pomegranate"], "parallel": False},
     "B3": {"T": 100_000, "K": 8, "D": 4, "iters": 3},
@@ -57,7 +59,7 @@ FULL: Dict[str, dict] = {
     "B6": {"n": 1_000_000, "d": 10, "k": 16, "iters": 5},
 }
 QUICK: Dict[str, dict] = {
-    "B1": {"n": 1000, "d": 2, "k": 2, "iters": 3},
+    "B1": {"n": 1000, "d": 2, "k": 2, "iters": 3, "device": "cpu"},
     "B2": {"libraries": ["ppl_em", "scikit-learn"], "parallel": True},  # pomegranate's import (numba) is slow
     "B3": {"T": 20, "K": 2, "D": 2, "iters": 2},
     "B4": {"n": 600, "d": 2, "k": 3, "tol": 1e-3, "em_tol": 1e-7, "max_em_iters": 300,
@@ -140,7 +142,11 @@ def bench_b1(cfg: dict) -> Tuple[List[Row], List[Target]]:
     """GMM, full covariances: s / iter and log-lik trajectories vs scikit-learn and pomegranate."""
     x, init = _gmm_problem(cfg)
     size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, {cfg['iters']} iters"
-    rows, fits = _run_peers("B1", size, GMM_PEERS, (x, cfg["k"], init, cfg["iters"]))
+    peers = dict(GMM_PEERS)
+    if cfg["device"] != "cpu":  # ppl_em on the accelerator (data and parameters there); the peers on the CPU
+        peers["ppl_em"] = functools.partial(wl.ppl_em_gmm, device=cfg["device"])
+        size += f" (ppl_em on {cfg['device']})"
+    rows, fits = _run_peers("B1", size, peers, (x, cfg["k"], init, cfg["iters"]))
     targets = _compare(rows, rows[0], 10.0)
     targets.append(_agreement("B1", fits, "scikit-learn"))
     if "pomegranate" in fits:  # no reg_covar in pomegranate: close, not equal
@@ -349,6 +355,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch and BLAS threads for every library (default: torch's default, all cores); "
                              "1 keeps tiny sizes fast on a busy machine")
+    parser.add_argument("--device", default=None,
+                        help="torch device for ppl_em in B1, e.g. cuda (the peers stay on the CPU); "
+                             "the same as --set B1.device=\"'cuda'\"")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -362,6 +371,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]]:
     """Run the selected workloads in order; B2 uses B1's sizes."""
     sizes = sizes_for(args.quick, args.set)
+    if args.device:
+        sizes["B1"]["device"] = args.device
     benches = {"B1": lambda: bench_b1(sizes["B1"]),
                "B2": lambda: bench_b2(sizes["B1"], sizes["B2"], MemoryProbe(args.threads)),
                "B3": lambda: bench_b3(sizes["B3"]), "B4": lambda: bench_b4(sizes["B4"]),

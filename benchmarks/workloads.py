@@ -148,10 +148,13 @@ def ppl_em_fit(model: Callable, args: tuple, n: int, iters: int, **em_options) -
     return Fit(sum(times) / iters, [-loss / n for loss in losses], final, times, _m_step_note(em))
 
 
-def ppl_em_gmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
-    """GMM with full covariances (``ppl_em.models.gmm``); the dtype of ``x`` is the dtype of the fit."""
-    xt = torch.from_numpy(x)  # shares memory with x
-    return ppl_em_fit(gmm.model, (xt, k, _torch_init(init, xt.dtype)), len(x), iters, reg_covar=REG_COVAR)
+def ppl_em_gmm(x: np.ndarray, k: int, init: Init, iters: int, device: str = "cpu") -> Fit:
+    """GMM with full covariances (``ppl_em.models.gmm``); the dtype of ``x`` is the dtype of the fit, and
+    ``device`` where data and parameters live (each timed step ends with the loss as a Python float,
+    so an accelerator's queue is drained inside the timing)."""
+    xt = torch.from_numpy(x).to(device)  # on the CPU: shares memory with x
+    init_t = {name: value.to(device) for name, value in _torch_init(init, xt.dtype).items()}
+    return ppl_em_fit(gmm.model, (xt, k, init_t), len(x), iters, reg_covar=REG_COVAR)
 
 
 def ppl_em_hmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:

@@ -104,7 +104,7 @@ def expected_log_potential(terms: ChainTerms, weights: ChainTerms) -> torch.Tens
 
     0 log 0 = 0: an entry of probability 0 (a one-hot initial state, say) that Q never takes adds nothing.
     """
-    total = torch.zeros((), dtype=terms.emission.dtype)
+    total = torch.zeros((), dtype=terms.emission.dtype, device=terms.emission.device)
     for w, t in zip(weights.tensors(), terms.tensors()):
         wt = w * t
         total = total + torch.where(w == 0, torch.zeros_like(wt), wt).sum()

@@ -251,13 +251,23 @@ def weighted_features(w: torch.Tensor, x: torch.Tensor, inner):
     blocked = x.dim() >= 2 and (len(inner) == 0 or inner[-1] == 1)
     step = max(1, _feature_rows(d) // max(1, x[..., 0, 0].numel())) if blocked else m
     sliced = blocked and w.dim() >= 1 and w.shape[-1] == m  # w's last dim runs along x's rows (dim -2)
+    # The common case, rows x (m, d) and weights (..., m) summed over the rows only: a plain matrix
+    # product per block, without reduce_product's general bookkeeping each time.
+    matrix = sliced and x.dim() == 2 and inner == tuple(w.shape[:-1]) + (1,)
     n = sums = None
     for start in range(0, m, step):
         xb = x[..., start:start + step, :] if blocked else x
-        stats = sufficient_stats(xb.reshape(-1, d), c).T.reshape(xb.shape[:-1] + (-1,))
+        stats_t = sufficient_stats(xb.reshape(-1, d), c)
         wb = (w[..., start:start + step] if sliced else w).to(c.dtype)  # float32 weights: converted block by block
-        part_n, part = reduce_product([wb], inner), reduce_product([wb.unsqueeze(-1), stats], inner + (stats.shape[-1],))
+        if matrix:
+            wb = wb.reshape(-1, wb.shape[-1])
+            part_n, part = wb.sum(-1), torch.mm(wb, stats_t.T)
+        else:
+            stats = stats_t.T.reshape(xb.shape[:-1] + (-1,))
+            part_n, part = reduce_product([wb], inner), reduce_product([wb.unsqueeze(-1), stats], inner + (stats.shape[-1],))
         n, sums = (part_n, part) if sums is None else (n + part_n, sums + part)
+    if matrix:
+        n, sums = n.reshape(inner), sums.reshape(inner + (sums.shape[-1],))
     result = (c, n, sums)
     _SUMS[:] = [(key, w, x, result)]  # holding w and x: their memory cannot be reused while keyed
     return result

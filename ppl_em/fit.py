@@ -399,8 +399,9 @@ def location_parameters(post) -> Dict[str, tuple]:
 
 
 def kmeans_plus_plus(rows: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of k rows chosen by D^2 sampling (k-means++ seeding), shape (k,)."""
-    flat = rows.reshape(rows.shape[0], -1)  # (m, p)
+    """Indices of k rows chosen by D^2 sampling (k-means++ seeding), shape (k,), on the CPU (the
+    generator's device; CPU indices select rows of a tensor on any device)."""
+    flat = rows.reshape(rows.shape[0], -1).detach().cpu()  # (m, p)
     first = torch.randint(flat.shape[0], (1,), generator=generator)
     chosen = [int(first)]
     d2 = ((flat - flat[first]) ** 2).sum(-1)  # (m,) squared distance to the nearest chosen row

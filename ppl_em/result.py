@@ -398,7 +398,7 @@ class FitResult:
             raise ValueError("sample() needs the data tensor among the model arguments to know the row shape; "
                              "pass it, e.g. result.sample(100, x, k).")
         x = args[position]
-        args = args[:position] + (torch.ones((n,) + tuple(x.shape[1:]), dtype=x.dtype),) + args[position + 1:]
+        args = args[:position] + (torch.ones((n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device),) + args[position + 1:]
         if seed is not None:
             pyro.set_rng_seed(seed)
         with self._active(), torch.no_grad():

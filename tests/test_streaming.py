@@ -150,6 +150,29 @@ def test_mean_statistics_share_the_covariance_gemm(monkeypatch):
     assert not families._SUMS and not families._SEEN
 
 
+@pytest.mark.parametrize("x_shape, w_shape, inner", [
+    ((50, 3), (2, 50), (2, 1)),          # a mixture: one matrix product per block
+    ((50, 3), (2, 50), ()),              # tied: summed over the components too
+    ((4, 50, 3), (2, 4, 50), (2, 1, 1)), # a batch of sequences: the general contraction per block
+    ((4, 50, 3), (2, 1, 50), (2, 4, 1)), # the weights broadcast over a dim that the result keeps
+])
+def test_weighted_features_in_blocks_equal_the_brute_force_sums(x_shape, w_shape, inner, monkeypatch):
+    monkeypatch.setattr(families, "FEATURE_ELEMENTS", 8 * 9)  # 8 rows a block
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(x_shape, generator=g, dtype=D) + 5
+    w = torch.rand(w_shape, generator=g, dtype=D)
+    families.release_features()
+    c, n, sums = families.weighted_features(w, x, inner)
+    assert torch.allclose(c, x.reshape(-1, 3).mean(0), rtol=1e-14)
+    xc = x - c
+    i, j = torch.triu_indices(3, 3)
+    features = torch.cat([xc[..., i] * xc[..., j], xc], -1)  # T(x - c), (..., 9)
+    full = (w.unsqueeze(-1) * features).sum_to_size(tuple(inner) + (9,))
+    assert torch.allclose(n, (w * torch.ones(x_shape[:-1], dtype=D)).sum_to_size(inner), rtol=1e-13)
+    assert torch.allclose(sums, full, rtol=1e-12, atol=1e-12)
+    families.release_features()
+
+
 def test_an_e_step_trace_still_gives_its_log_prob_sum():
     x = torch.randn(40, 2, generator=torch.Generator().manual_seed(6), dtype=D)
     structure = inspect_model(gmm.model, (x, 2), {})
