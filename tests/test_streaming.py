@@ -325,7 +325,7 @@ def test_hmm_chain_cannot_be_split_inside_a_sequence():
 
 
 def test_auto_chunking_streams_large_data_only(monkeypatch):
-    monkeypatch.setattr(ppl_em.em, "CHUNK_ELEMENTS", 2**12)  # chunks of 1024 rows, the least
+    monkeypatch.setattr(ppl_em.em, "CHUNK_BYTES", 2**12)  # chunks of about 1024 rows, the least
     x_small = REGISTRY["gmm"]["make_data"](0)[0][0]
     em = ppl_em.EM(gmm.model)
     em.step(x_small, 3)
@@ -334,7 +334,7 @@ def test_auto_chunking_streams_large_data_only(monkeypatch):
     pyro.clear_param_store()
     em = ppl_em.EM(gmm.model)
     em.step(x_large, 3)
-    assert em.chunking.startswith("streams") and em._chunks.rows < len(x_large)
+    assert em.chunking.startswith("streams") and em._chunks.rows == 1000  # 6 even chunks, not 5 and a rest
 
 
 def test_invalid_chunk_size_is_rejected():
