@@ -42,9 +42,10 @@ __all__ = ["EM", "NonFiniteParameterError"]
 # chunk_size="auto": rows per chunk such that the largest per-chunk tensor (a site's (k, rows)
 # log-density; (k, rows, d) where a family's log_prob forms the event's terms) stays under 31 MiB.
 # Fewer, larger chunks pay the model's per-trace cost fewer times (a Gaussian mixture with
-# n = 1e6, k = 16 streams in 4 chunks, measured 10% faster per iteration than in 8), but a fresh
-# allocation above glibc's largest mmap threshold (32 MiB) is mapped and page-faulted anew each
-# time (measured 15-30% slower). The chunks are then evened out: 4 of 250000 rows, not 3 and a rest.
+# n = 1e6, k = 16 streams in 4 chunks). The fast paths' chunk-sized tables come from a pool
+# (families.TablePool); any other tensor of that size is allocated per chunk, and above glibc's
+# largest mmap threshold (32 MiB) every such allocation is page-faulted anew (measured 15-30%
+# slower). The chunks are then evened out: 4 of 250000 rows, not 3 and a rest.
 CHUNK_BYTES = 31 * 2**20
 # The M-step plan (which closed forms apply, verified by a gradient) is made on at most this many
 # rows of the first chunk: its check runs with autograd, whose graph would otherwise scale with the chunk.
@@ -130,6 +131,7 @@ class EM:
         self.max_grad_iter = max_grad_iter
         self.chunk_size = chunk_size
         self._chunks: Optional[_Chunking] = None  # how step() splits the data, once decided
+        self._tables = families.TablePool()  # chunk-sized tables, handed from chunk to chunk
         self.structure: Optional[ModelStructure] = None
         self._plan: Optional[Dict[str, str]] = None  # param -> "closed" | "gradient"
         self._uses: Dict[str, List[families.Use]] = {}
@@ -169,10 +171,14 @@ class EM:
         self._prepare(args, kwargs)
         pieces = self._chunks.split(args, kwargs) if self._chunks.rows is not None else [(args, kwargs)]
         total = 0.0
-        for c_args, c_kwargs in pieces:
-            post = exact_posterior(self.model, self.structure, c_args, c_kwargs)
-            _check_observations(post)
-            total += float(post.log_evidence)
+        with families.pooled_tables(self._tables if len(pieces) > 1 else None) as pool:
+            for c_args, c_kwargs in pieces:
+                post = exact_posterior(self.model, self.structure, c_args, c_kwargs)
+                _check_observations(post)
+                total += float(post.log_evidence)
+                del post
+                if pool is not None:
+                    pool.recycle()
         families.release_features()
         return total
 
@@ -407,17 +413,22 @@ class EM:
         phase1, phase2 = self._phases(list(self._plan))
         shift = self._chunks.shift
         sums, moments, objective, kept = self._sums(phase1), _Moments(phase2), 0.0, []
-        for c_args, c_kwargs in chunks:
-            post = exact_posterior(self.model, self.structure, c_args, c_kwargs, mode=self.posterior)
-            _check_observations(post)
-            objective += float(post.objective)
-            uses = self._find_closed_forms(post.trace, post.leaves, post.weights)  # once per chunk
-            sums.add(post.trace, post.leaves, post.weights, uses)
-            if phase2 and shift:
-                moments.add(post.trace, post.weights, uses)
-            elif phase2:
-                kept.append({s: post.weights[s] for s in self._phase2_sites})
-            del post
+        # A chunk's tables are free once its statistics are summed, unless its weights are kept.
+        pool = self._tables if shift or not phase2 else None
+        with families.pooled_tables(pool):
+            for c_args, c_kwargs in chunks:
+                post = exact_posterior(self.model, self.structure, c_args, c_kwargs, mode=self.posterior)
+                _check_observations(post)
+                objective += float(post.objective)
+                uses = self._find_closed_forms(post.trace, post.leaves, post.weights)  # once per chunk
+                sums.add(post.trace, post.leaves, post.weights, uses)
+                if phase2 and shift:
+                    moments.add(post.trace, post.weights, uses)
+                elif phase2:
+                    kept.append({s: post.weights[s] for s in self._phase2_sites})
+                del post, uses
+                if pool is not None:
+                    pool.recycle()
         saved = self._snapshot()
         try:
             self._write(sums.finish())

@@ -299,9 +299,7 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
         return None
     dim = latents[0]["infer"]["_enumerate_dim"]
     terms = {s["name"]: masked_log_prob(s, fill=_masked_fill_value(s, LogRing())) for s in sites}
-    # Densest term first: adding a broadcast (k, 1) table to an (k, n) one is several times faster
-    # that way round (torch vectorises along the first operand's layout).
-    total = functools.reduce(torch.add, sorted(terms.values(), key=lambda t: -families.compact(t).numel()))
+    total = _sum_terms(list(terms.values()))
     post, lse = _normalise_exp(total, dim, in_place=len(terms) > 1)  # a sum of several terms is ours to overwrite
     if scale != 1.0:
         post = post * scale
@@ -311,6 +309,27 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
         # A masked position has no factor, so its probe has no gradient (see masked_log_prob).
         weights[site["name"]] = masked_log_prob(dict(site, unscaled_log_prob=w))
     return lse.sum() * scale, weights
+
+
+def _sum_terms(terms: List[torch.Tensor]) -> torch.Tensor:
+    """The broadcast sum of the sites' log-probability tables, in a table of its own (from the
+    streaming pass's pool, see :func:`ppl_em.families.new_table`); the term itself if only one.
+    Densest term first: adding a broadcast (k, 1) table to a (k, n) one is several times faster
+    that way round (torch vectorises along the first operand's layout)."""
+    if len(terms) == 1:
+        return terms[0]
+    terms = sorted(terms, key=lambda t: -families.compact(t).numel())
+    if any(t.requires_grad for t in terms) and torch.is_grad_enabled():
+        return functools.reduce(torch.add, terms)
+    shape = torch.broadcast_shapes(*(t.shape for t in terms))
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in terms))
+    # In the densest term's layout, as torch.add would choose: the sums that follow keep their order.
+    stride = torch.empty_like(terms[0], device="meta").stride() if terms[0].shape == shape else None
+    out = families.new_table(shape, dtype, terms[0].device, stride)
+    total = torch.add(terms[0], terms[1], out=out)
+    for t in terms[2:]:
+        total.add_(t)
+    return total
 
 
 def _normalise_exp(total: torch.Tensor, dim: int, in_place: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -173,6 +173,37 @@ def test_weighted_features_in_blocks_equal_the_brute_force_sums(x_shape, w_shape
     families.release_features()
 
 
+def test_table_pool_hands_a_table_to_the_next_chunk_only_after_recycle():
+    pool = families.TablePool()
+    with families.pooled_tables(pool):
+        a = families.new_table((3, 5), D, "cpu")
+        b = families.new_table((3, 5), D, "cpu")
+        assert a.data_ptr() != b.data_ptr()  # both in use in this chunk
+        pool.recycle()
+        c = families.new_table((3, 5), D, "cpu")
+        assert c.data_ptr() in (a.data_ptr(), b.data_ptr())  # the next chunk reuses one
+        t = families.new_table((5, 3), D, "cpu", stride=(1, 5))
+        assert t.stride() == (1, 5) and t.data_ptr() not in (a.data_ptr(), b.data_ptr())
+    fresh = families.new_table((3, 5), D, "cpu")  # no pool active: a new tensor
+    assert fresh.data_ptr() not in (a.data_ptr(), b.data_ptr())
+
+
+def test_streaming_with_pooled_tables_equals_whole_data_step_after_step():
+    """Several steps and a log-likelihood: the pooled tables of one chunk never leak into the next."""
+    x = torch.cat([torch.randn(700, 3, generator=torch.Generator().manual_seed(s), dtype=D) + 4 * s
+                   for s in range(3)])
+    results = []
+    for chunk_size in (None, 256):
+        pyro.clear_param_store()
+        em = ppl_em.EM(gmm.model, chunk_size=chunk_size)
+        losses = [em.step(x, 3) for _ in range(4)]
+        results.append((losses, em.log_likelihood(x, 3), em.params))
+    (l1, ll1, p1), (l2, ll2, p2) = results
+    assert torch.allclose(torch.tensor(l1), torch.tensor(l2), rtol=1e-12) and abs(ll1 - ll2) < 1e-9 * abs(ll1)
+    for name in p1:
+        assert torch.allclose(p1[name], p2[name], rtol=1e-10, atol=1e-12), name
+
+
 def test_an_e_step_trace_still_gives_its_log_prob_sum():
     x = torch.randn(40, 2, generator=torch.Generator().manual_seed(6), dtype=D)
     structure = inspect_model(gmm.model, (x, 2), {})
