@@ -167,7 +167,7 @@ def gaussian_moments(w: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, inner)
     that ``inner`` keeps. Returns (M2 (inner, d, d), S (inner, d), N (inner)); float64 for float32 data.
 
     The data enter only through sum w (x - c) and the packed products sum w (x - c)_a (x - c)_b,
-    a <= b (the Gaussian's sufficient statistic T(x) about the data mean c, for accuracy): one
+    a <= b (the Gaussian's sufficient statistic T(x) about a centre c amid the data, for accuracy): one
     GEMM with the weights (:func:`weighted_features`), no (k, n, d) difference; the location
     comes in afterwards, as x - m = (x - c) - (m - c).
     """
@@ -266,9 +266,13 @@ def _seen(x: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _centre(rows: torch.Tensor) -> torch.Tensor:
-    """The mean c (d,) of rows (N, d), in float64 for lower-precision data."""
+    """A centre c (d,) for rows (N, d): the mean of at most about 8192 evenly spaced rows, in float64
+    for lower-precision data. Any c gives the same statistics (it cancels); one amid the data keeps
+    the products (x - c)_a (x - c)_b small. The mean of all rows would cost a pass over them (and
+    a float64 copy of float32 data) for no gain in accuracy."""
     low = rows.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    return rows.mean(0, dtype=torch.float64 if low else rows.dtype)
+    sample = rows[::max(1, rows.shape[0] // 8192)]
+    return sample.mean(0, dtype=torch.float64 if low else rows.dtype)
 
 
 def _feature_rows(d: int) -> int:
@@ -297,7 +301,7 @@ def sufficient_stats(rows: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def weighted_features(w: torch.Tensor, x: torch.Tensor, inner):
     """(c, N = sum w, sum w T(x - c)) summed to batch shape ``inner``: the weighted sufficient
-    statistics of a Gaussian about the data mean c, (d,), (inner) and (inner, q + d), as one GEMM
+    statistics of a Gaussian about a centre c amid the data (:func:`_centre`), (d,), (inner) and (inner, q + d), as one GEMM
     of the weights with :func:`sufficient_stats` per block of rows. Both Gaussian rules of an
     M-step (mu_z, then Sigma_z) need this product for the same weights and rows, so the last one
     is kept until :func:`release_features`."""
@@ -814,7 +818,7 @@ def _log_density_by_features(x: torch.Tensor, inv: torch.Tensor, mu: torch.Tenso
     """log N(x | mu_z, Sigma_z) = -(1/2) (x - mu_z)^T P_z (x - mu_z) - log_norm_z for all (z, row),
     P_z = Sigma_z^{-1}, as <T(x - c), eta_z> + const_z: the exponential-family form, one
     (K, q + d) x (q + d, B) product per block of B rows with their sufficient statistics about
-    the data mean c (:func:`sufficient_stats`). (K, N). None where cancellation could cost
+    a centre c amid the data (:func:`sufficient_stats`). (K, N). None where cancellation could cost
     accuracy: a bound on |x - c|^2 ||P_z|| must stay below 1e6 (the whitened form is used there instead)."""
     d = x.shape[-1]
     rows = x.reshape(-1, d)

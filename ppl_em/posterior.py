@@ -339,7 +339,12 @@ def _normalise_exp(total: torch.Tensor, dim: int, in_place: bool = False) -> Tup
     result overwrites ``total``."""
     top = total.amax(dim, keepdim=True)
     top = top.masked_fill(~torch.isfinite(top), 0.0)  # all -inf (or an inf): as logsumexp does
-    post = (total.sub_(top) if in_place else torch.sub(total, top)).exp_()
+    shifted = total.sub_(top) if in_place else torch.sub(total, top)
+    if torch.finfo(shifted.dtype).bits < 64:
+        # exp below log(tiny) (-87.3 in float32, common once clusters are tight) would be a subnormal
+        # number, which the CPU handles many times slower: flush those weights (< 1.2e-38) to 0.
+        shifted.masked_fill_(shifted < math.log(torch.finfo(shifted.dtype).tiny), -math.inf)
+    post = shifted.exp_()
     norm = post.sum(dim, keepdim=True)
     return post.div_(norm), norm.log_().add_(top)
 

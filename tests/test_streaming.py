@@ -163,7 +163,7 @@ def test_weighted_features_in_blocks_equal_the_brute_force_sums(x_shape, w_shape
     w = torch.rand(w_shape, generator=g, dtype=D)
     families.release_features()
     c, n, sums = families.weighted_features(w, x, inner)
-    assert torch.allclose(c, x.reshape(-1, 3).mean(0), rtol=1e-14)
+    assert torch.allclose(c, x.reshape(-1, 3).mean(0), rtol=1e-14)  # fewer than 8192 rows: the mean of all
     xc = x - c
     i, j = torch.triu_indices(3, 3)
     features = torch.cat([xc[..., i] * xc[..., j], xc], -1)  # T(x - c), (..., 9)
