@@ -109,9 +109,11 @@ def test_categorical_log_prob_fast_path_validates_values():
 
 
 @pytest.mark.parametrize("fill", [None, "some -inf", "all -inf"])
-def test_posterior_normalisation_equals_logsumexp(fill):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_posterior_normalisation_equals_logsumexp(fill, dtype):
+    """Also in float32, where weights below the smallest normal number (exp(-87.3)) are flushed to 0."""
     g = torch.Generator().manual_seed(4)
-    total = torch.randn(5, 9, generator=g, dtype=D) * 30
+    total = (torch.randn(5, 9, generator=g, dtype=D) * 30).to(dtype)
     if fill == "some -inf":
         total[1:4, 2] = -torch.inf
     if fill == "all -inf":
@@ -120,8 +122,11 @@ def test_posterior_normalisation_equals_logsumexp(fill):
         post, lse = posterior._normalise_exp(total.clone(), 0, in_place=in_place)
         expected = torch.logsumexp(total, 0, keepdim=True)
         assert torch.equal(torch.isfinite(lse), torch.isfinite(expected))
-        assert torch.allclose(lse, expected, rtol=1e-14, atol=0, equal_nan=True)
-        assert torch.allclose(post, torch.exp(total - expected), rtol=1e-13, atol=1e-300, equal_nan=True)
+        tiny = torch.finfo(dtype).tiny
+        assert torch.allclose(lse, expected, rtol=10 * torch.finfo(dtype).eps, atol=0, equal_nan=True)
+        assert torch.allclose(post, torch.exp(total - expected), rtol=100 * torch.finfo(dtype).eps, atol=tiny,
+                              equal_nan=True)
+        assert not ((post > 0) & (post < tiny)).any()  # no subnormal weights
 
 
 def test_mean_statistics_share_the_covariance_gemm(monkeypatch):
