@@ -20,6 +20,8 @@ Rubin, JRSS-B 1977; Neal & Hinton, "A view of the EM algorithm", 1998.
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -475,8 +477,16 @@ class EM:
 
         before = [u.detach().clone() for u in unconstrained]
         start = closure().item()
-        optim.step(closure)
-        end = closure().item()
+        try:
+            optim.step(closure)
+            end = closure().item()
+        except (ValueError, RuntimeError) as error:
+            # A line search can try a point outside the model's support (a covariance that is not
+            # positive definite, say), which the model's distributions reject: keep the start.
+            warnings.warn(f"The gradient M-step for {names} tried parameters that the model rejects "
+                          f"({str(error).splitlines()[0][:200]}); the previous values were kept for this step. "
+                          "If this repeats, try a larger reg_covar or another initialisation.", RuntimeWarning)
+            end = math.inf
         if not end <= start or not all(torch.isfinite(u).all() for u in unconstrained):
             # Generalised EM must not decrease the objective: keep the better point.
             with torch.no_grad():

@@ -137,6 +137,32 @@ def test_elbo_touches_log_px_after_the_e_step_and_is_below_it_otherwise():
     assert post2.log_evidence >= elbo(em, post2, exact, x) - 1e-9
 
 
+def test_a_gradient_m_step_that_steps_outside_the_support_keeps_the_previous_values(monkeypatch):
+    """L-BFGS's line search may try parameters the model rejects (a Sigma that is not positive
+    definite raises in Pyro's validation): that step keeps its start, with a warning, and EM goes on."""
+    x = torch.cat([torch.randn(30, generator=torch.Generator().manual_seed(8), dtype=D) - 2,
+                   torch.randn(30, generator=torch.Generator().manual_seed(9), dtype=D) + 2])
+    em = ppl_em.EM(mixture, m_step="gradient")
+    post = em.e_step(x)
+    before = em.params
+    calls = {"n": 0}
+    real = ppl_em.EM.expected_log_joint
+
+    def rejecting(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the start is valid; every trial point is "outside the support"
+            raise ValueError("Expected parameter scale to satisfy the constraint GreaterThan(lower_bound=0.0)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ppl_em.EM, "expected_log_joint", rejecting)
+    with pytest.warns(RuntimeWarning, match="tried parameters that the model rejects"):
+        em.m_step(post, x)
+    for name, value in em.params.items():
+        assert torch.equal(value, before[name]), name
+    monkeypatch.setattr(ppl_em.EM, "expected_log_joint", real)
+    em.step(x)  # and the fit goes on
+
+
 def test_closed_form_and_gradient_m_steps_reach_the_same_fixed_point():
     torch.manual_seed(3)
     x = torch.cat([torch.randn(40, dtype=D) * 0.7 - 2, torch.randn(60, dtype=D) + 1.5])
