@@ -258,6 +258,29 @@ def test_empty_component_never_produces_nan():
     for name, value in em.params.items():
         assert torch.isfinite(value).all(), name
     assert torch.equal(em.params["mu"][2], init["mu"][2])  # no mass: kept, not 0/0
+    # A component with one point makes the unregularised Sigma update near-singular; its gradient is
+    # rounding, and the regularised check still recognises every closed form.
+    assert all(how.startswith("closed form") for how in em.explain().values()), em.explain()
+
+
+def test_a_weak_prior_on_a_location_still_rules_out_its_closed_form():
+    """The second, regularised stationarity check must not let a location's prior through."""
+    def weak_prior_mixture(x):
+        phi = pyro.param("phi", torch.tensor([0.5, 0.5], dtype=D), constraint=constraints.simplex)
+        sigma = pyro.param("sigma", torch.tensor([1.0, 1.0], dtype=D), constraint=constraints.positive)
+        with pyro.plate("components", 2):
+            locs = pyro.sample("locs", dist.Normal(torch.zeros((), dtype=D), 30.0))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(phi))
+            pyro.sample("x", dist.Normal(locs[z], sigma[z]), obs=x)
+
+    x = torch.cat([torch.randn(40, generator=torch.Generator().manual_seed(4), dtype=D) - 3,
+                   torch.randn(40, generator=torch.Generator().manual_seed(5), dtype=D) + 3])
+    pyro.param("locs", torch.tensor([-1.0, 1.0], dtype=D))
+    em = ppl_em.EM(weak_prior_mixture)
+    em.step(x)
+    assert em.explain()["locs"].startswith("gradient")
+    assert em.explain()["sigma"].startswith("closed form") and em.explain()["phi"].startswith("closed form")
 
 
 def test_constructor_rejects_unknown_options():
