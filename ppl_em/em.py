@@ -220,6 +220,7 @@ class EM:
         trace, _ = trace_model(self.model, self.structure, args, kwargs, log_prob="none")
         if self._chunks is None or self._chunks.signature != signature:
             self._chunks = self._decide_chunking(trace, args, kwargs, signature)
+            self._tables.clear()  # tables sized for other data
 
     def _decide_chunking(self, trace, args, kwargs, signature) -> "_Chunking":
         off = _Chunking(signature)
