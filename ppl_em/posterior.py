@@ -299,8 +299,7 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
         return None
     dim = latents[0]["infer"]["_enumerate_dim"]
     terms = {s["name"]: masked_log_prob(s, fill=_masked_fill_value(s, LogRing())) for s in sites}
-    total = _sum_terms(list(terms.values()))
-    post, lse = _normalise_exp(total, dim, in_place=len(terms) > 1)  # a sum of several terms is ours to overwrite
+    post, lse = _sum_and_normalise(list(terms.values()), dim)
     if scale != 1.0:
         post = post * scale
     weights = {s["name"]: torch.ones_like(masked_log_prob(s)) for s in sample_sites(tr) if s["infer"].get("_map_site")}
@@ -311,25 +310,48 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
     return lse.sum() * scale, weights
 
 
-def _sum_terms(terms: List[torch.Tensor]) -> torch.Tensor:
-    """The broadcast sum of the sites' log-probability tables, in a table of its own (from the
-    streaming pass's pool, see :func:`ppl_em.families.new_table`); the term itself if only one.
+# Columns per block when the posterior table is summed and normalised: a block of about 2 MB stays in
+# cache through its six passes (add, max, subtract, exp, sum, divide), where a whole chunk's table
+# (tens of MB) would go to memory and back for each.
+BLOCK_ELEMENTS = 2**18
+
+
+def _sum_and_normalise(terms: List[torch.Tensor], dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Q, lse): the sites' log-probability tables summed (broadcast) into log p(x, z), then
+    normalised along the enumerated ``dim`` (:func:`_normalise_exp`). The sum goes into a table of
+    its own (from the streaming pass's pool, see :func:`ppl_em.families.new_table`), block by block
+    of columns where the normalised dim is not the last; every column's arithmetic is the same either way.
+
     Densest term first: adding a broadcast (k, 1) table to a (k, n) one is several times faster
-    that way round (torch vectorises along the first operand's layout)."""
+    that way round (torch vectorises along the first operand's layout), and the table takes the
+    densest term's layout, as torch.add would.
+    """
     if len(terms) == 1:
-        return terms[0]
+        return _normalise_exp(terms[0], dim)
     terms = sorted(terms, key=lambda t: -families.compact(t).numel())
     if any(t.requires_grad for t in terms) and torch.is_grad_enabled():
-        return functools.reduce(torch.add, terms)
+        return _normalise_exp(functools.reduce(torch.add, terms), dim, in_place=True)
     shape = torch.broadcast_shapes(*(t.shape for t in terms))
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in terms))
-    # In the densest term's layout, as torch.add would choose: the sums that follow keep their order.
     stride = torch.empty_like(terms[0], device="meta").stride() if terms[0].shape == shape else None
-    out = families.new_table(shape, dtype, terms[0].device, stride)
-    total = torch.add(terms[0], terms[1], out=out)
+    total = families.new_table(shape, dtype, terms[0].device, stride)
+    n = shape[-1] if shape else 1
+    step = max(1, BLOCK_ELEMENTS // max(1, total.numel() // max(1, n)))
+    if dim % len(shape) == len(shape) - 1 or total.stride(-1) != 1 or step >= n:
+        return _normalise_exp(_add_into(terms, total), dim, in_place=True)
+    lse = torch.empty(shape[:dim % len(shape)] + (1,) + shape[dim % len(shape) + 1:], dtype=dtype, device=total.device)
+    for start in range(0, n, step):
+        cols = slice(start, start + step)
+        block = _add_into([t[..., cols] if t.dim() and t.shape[-1] == n else t for t in terms], total[..., cols])
+        lse[..., cols] = _normalise_exp(block, dim, in_place=True)[1]
+    return total, lse
+
+
+def _add_into(terms: List[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    torch.add(terms[0], terms[1], out=out)
     for t in terms[2:]:
-        total.add_(t)
-    return total
+        out.add_(t)
+    return out
 
 
 def _normalise_exp(total: torch.Tensor, dim: int, in_place: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
