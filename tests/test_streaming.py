@@ -379,9 +379,8 @@ def test_invalid_chunk_size_is_rejected():
 
 
 # -- the one-latent closed form of the probe gradients -------------------------------------------
-@pytest.mark.parametrize("name", ["gmm", "gmm_semi_supervised", "poisson_mixture", "bernoulli_mixture", "topic"])
-def test_one_latent_posterior_equals_the_general_contraction(name, monkeypatch):
-    from ppl_em import posterior
+def _one_latent_problem(name):
+    """(model, args, kwargs, structure) of a registered mixture, or the GMM with a quarter of its labels."""
     if name == "gmm_semi_supervised":
         x = REGISTRY["gmm"]["make_data"](0)[0][0]
         model, args = gmm.model, (x, 3)
@@ -389,7 +388,12 @@ def test_one_latent_posterior_equals_the_general_contraction(name, monkeypatch):
     else:
         model = REGISTRY[name]["model"]
         args, kwargs = REGISTRY[name]["make_data"](0)
-    structure = inspect_model(model, args, kwargs)
+    return model, args, kwargs, inspect_model(model, args, kwargs)
+
+
+@pytest.mark.parametrize("name", ["gmm", "gmm_semi_supervised", "poisson_mixture", "bernoulli_mixture", "topic"])
+def test_one_latent_posterior_equals_the_general_contraction(name, monkeypatch):
+    model, args, kwargs, structure = _one_latent_problem(name)
     fast = exact_posterior(model, structure, args, kwargs)
     assert posterior._one_latent_posterior(fast.trace, 1.0) is not None  # the fast path applies here
     monkeypatch.setattr(posterior, "_one_latent_posterior", lambda tr, scale: None)
@@ -405,14 +409,7 @@ def test_one_latent_posterior_equals_the_general_contraction(name, monkeypatch):
 def test_posterior_in_blocks_of_columns_equals_the_whole_table(name, monkeypatch):
     """Summing and normalising the posterior block by block (here 3 columns) is the same arithmetic
     per column: bit for bit the same weights and log-evidence."""
-    if name == "gmm_semi_supervised":
-        model, (args, kwargs) = gmm.model, ((REGISTRY["gmm"]["make_data"](0)[0][0], 3), {})
-        x = args[0]
-        kwargs = {"labels": (x[:, 0] > 0).long(), "labels_mask": torch.arange(len(x)) % 4 == 0}
-    else:
-        model = REGISTRY[name]["model"]
-        args, kwargs = REGISTRY[name]["make_data"](0)
-    structure = inspect_model(model, args, kwargs)
+    model, args, kwargs, structure = _one_latent_problem(name)
     whole = exact_posterior(model, structure, args, kwargs)
     monkeypatch.setattr(posterior, "BLOCK_ELEMENTS", 9)
     blocked = exact_posterior(model, structure, args, kwargs)
