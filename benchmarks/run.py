@@ -139,13 +139,16 @@ def _run_peers(workload: str, size: str, peers: Dict[str, Callable], args: tuple
     if bracket:
         first = next(iter(peers))
         print(f"  {workload} {first} (again, after its peers) ...", flush=True)
-        again = peers[first](*args)
-        fit = fits[first]
-        fit.times = fit.times + again.times
-        fit.sec_per_iter = sum(fit.times) / len(fit.times)
-        fit.note = (fit.note + "; " if fit.note else "") + "timed before and after its peers: the mean of both runs"
-        rows[0] = _row(workload, first, size, fit)
+        _merge_runs(fits[first], peers[first](*args), "timed before and after its peers: the mean of both runs")
+        rows[0] = _row(workload, first, size, fits[first])
     return rows, fits
+
+
+def _merge_runs(fit: wl.Fit, again: wl.Fit, note: str) -> None:
+    """``fit`` becomes the mean over its own timed iterations and ``again``'s (a second run of the same fit)."""
+    fit.times = fit.times + again.times
+    fit.sec_per_iter = sum(fit.times) / len(fit.times)
+    fit.note = (fit.note + "; " if fit.note else "") + note
 
 
 # -- workloads -------------------------------------------------------------------------------
@@ -287,9 +290,7 @@ def bench_b6(cfg: dict) -> Tuple[List[Row], List[Target]]:
         cast = {key: value.astype(dtype) for key, value in init.items()}
         fit = wl.ppl_em_gmm(x.astype(dtype), cfg["k"], cast, cfg["iters"])
         if name in fits:
-            fits[name].times += fit.times
-            fits[name].sec_per_iter = sum(fits[name].times) / len(fits[name].times)
-            fits[name].note += "; timed before and after float32: the mean of both runs"
+            _merge_runs(fits[name], fit, "timed before and after float32: the mean of both runs")
         else:
             fits[name] = fit
     rows = [_row("B6", name, size, fit) for name, fit in fits.items()]

@@ -174,14 +174,10 @@ class EM:
         self._prepare(args, kwargs)
         pieces = self._chunks.split(args, kwargs) if self._chunks.rows is not None else [(args, kwargs)]
         total = 0.0
-        with families.pooled_tables(self._tables if len(pieces) > 1 else None) as pool:
-            for c_args, c_kwargs in pieces:
-                post = exact_posterior(self.model, self.structure, c_args, c_kwargs)
-                _check_observations(post)
-                total += float(post.log_evidence)
-                del post
-                if pool is not None:
-                    pool.recycle()
+        for c_args, c_kwargs in families.recycling(self._tables if len(pieces) > 1 else None, pieces):
+            post = exact_posterior(self.model, self.structure, c_args, c_kwargs)
+            _check_observations(post)
+            total += float(post.log_evidence)
         families.release_features()
         return total
 
@@ -321,8 +317,7 @@ class EM:
 
     def expected_log_joint(self, post: Posterior, *args, **kwargs) -> torch.Tensor:
         """E_Q[log p(x, z; theta)] + log p(theta) at the current parameters, differentiable in them."""
-        tr, _ = trace_model(self.model, self.structure, args, kwargs, leaf_params=False)
-        return sum(expected_log_prob(s, post.weights[s["name"]]) for s in sample_sites(tr))
+        return self._objective(post, args, kwargs)
 
     # -- M-step internals --------------------------------------------------------------------
     def _make_plan(self, post: Posterior, args, kwargs) -> None:
@@ -368,7 +363,7 @@ class EM:
         The check runs with reg_covar = 0, where the closed forms are exact maximisers. Where that
         update is singular, or near-singular (a component with one data point, whose gradient is
         then all rounding), it runs again with reg_covar, whose update is the exact maximiser of
-        E_Q[log p] - (reg/2) sum_z N_z tr(Sigma_z^{-1}) (see :meth:`_regularised_objective`).
+        E_Q[log p] - (reg/2) sum_z N_z tr(Sigma_z^{-1}) (see :meth:`_objective`).
         """
         before = self._snapshot()
         reg, failed = self.reg_covar, list(candidates)
@@ -399,13 +394,14 @@ class EM:
             self._why[p] = ("gradient (a closed form was detected but E_Q[log p(x, z; theta)] "
                             "is not stationary at it, e.g. the parameter has a prior or other uses)")
 
-    def _regularised_objective(self, post: Posterior, args, kwargs) -> torch.Tensor:
+    def _objective(self, post: Posterior, args, kwargs, reg: float = 0.0) -> torch.Tensor:
         """E_Q[log p(x, z; theta)] + log p(theta) - (reg/2) sum over the weighted elements of every
-        Gaussian site of tr(Sigma^{-1}) (1 / sigma^2 for a Normal): the objective whose exact
-        maximiser is the closed form with reg_covar added to every covariance (variance)."""
+        Gaussian site of tr(Sigma^{-1}) (1 / sigma^2 for a Normal): with reg = reg_covar, the
+        objective whose exact maximiser is the closed form that adds reg_covar to every covariance
+        (variance)."""
         tr, _ = trace_model(self.model, self.structure, args, kwargs, leaf_params=False)
         total = sum(expected_log_prob(s, post.weights[s["name"]]) for s in sample_sites(tr))
-        if self.reg_covar == 0:
+        if reg == 0:
             return total
         for site in sample_sites(tr):
             weights = post.weights[site["name"]]
@@ -413,15 +409,15 @@ class EM:
                 continue  # a chain's tables: its emissions are not regularised here
             fn, w = families.unwrap(site["fn"], weights)
             if isinstance(fn, dist.MultivariateNormal):
-                total = total - 0.5 * self.reg_covar * (w * fn.precision_matrix.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()
+                total = total - 0.5 * reg * (w * fn.precision_matrix.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()
             elif isinstance(fn, dist.Normal):
-                total = total - 0.5 * self.reg_covar * (w / fn.scale.square()).sum()
+                total = total - 0.5 * reg * (w / fn.scale.square()).sum()
         return total
 
     def _unconstrained_grads(self, post, names, args, kwargs) -> Dict[str, torch.Tensor]:
         store = pyro.get_param_store()
         leaves = [store[n].unconstrained() for n in names]
-        grads = torch.autograd.grad(self._regularised_objective(post, args, kwargs), leaves, allow_unused=True)
+        grads = torch.autograd.grad(self._objective(post, args, kwargs, self.reg_covar), leaves, allow_unused=True)
         return {n: (torch.zeros_like(l) if g is None else g) for n, l, g in zip(names, leaves, grads)}
 
     def _closed_form(self, post: Posterior, names: List[str], args, kwargs) -> Dict[str, torch.Tensor]:
@@ -446,21 +442,17 @@ class EM:
         shift = self._chunks.shift
         sums, moments, objective, kept = self._sums(phase1), _Moments(phase2), 0.0, []
         # A chunk's tables are free once its statistics are summed, unless its weights are kept.
-        pool = self._tables if shift or not phase2 else None
-        with families.pooled_tables(pool):
-            for c_args, c_kwargs in chunks:
-                post = exact_posterior(self.model, self.structure, c_args, c_kwargs, mode=self.posterior)
-                _check_observations(post)
-                objective += float(post.objective)
-                uses = self._find_closed_forms(post.trace, post.leaves, post.weights)  # once per chunk
-                sums.add(post.trace, post.leaves, post.weights, uses)
-                if phase2 and shift:
-                    moments.add(post.trace, post.weights, uses)
-                elif phase2:
-                    kept.append({s: post.weights[s] for s in self._phase2_sites})
-                del post, uses
-                if pool is not None:
-                    pool.recycle()
+        for c_args, c_kwargs in families.recycling(self._tables if shift or not phase2 else None, chunks):
+            post = exact_posterior(self.model, self.structure, c_args, c_kwargs, mode=self.posterior)
+            _check_observations(post)
+            objective += float(post.objective)
+            uses = self._find_closed_forms(post.trace, post.leaves, post.weights)  # once per chunk
+            sums.add(post.trace, post.leaves, post.weights, uses)
+            if phase2 and shift:
+                moments.add(post.trace, post.weights, uses)
+            elif phase2:
+                kept.append({s: post.weights[s] for s in self._phase2_sites})
+            del post, uses  # nothing of the chunk outlives its body: its tables are recycled
         saved = self._snapshot()
         try:
             self._write(sums.finish())

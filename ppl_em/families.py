@@ -23,7 +23,6 @@ References: lecture notes, M-step for the GMM; Bishop, PRML, sections 9.2-9.3.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -203,8 +202,8 @@ class TablePool:
     A table of tens of MB freed and allocated again every chunk can be handed back to the
     operating system by glibc in between (depending on what else the process has allocated),
     and then every page of it is faulted in anew: measured 15-30% of an EM iteration. Tables are
-    taken with :func:`new_table` while the pool is active (:func:`pooled_tables`) and become
-    free again at :meth:`recycle`, which the caller calls once nothing from the chunk is held.
+    taken with :func:`new_table` while the pool is active (:func:`recycling`) and become
+    free again at :meth:`recycle`, once nothing from the chunk is held.
     """
 
     def __init__(self) -> None:
@@ -232,15 +231,18 @@ class TablePool:
 _POOLS: List[TablePool] = []  # the active pool (innermost last)
 
 
-@contextlib.contextmanager
-def pooled_tables(pool: Optional[TablePool]):
-    """Within the block, :func:`new_table` takes from ``pool`` (None: allocate as usual)."""
+def recycling(pool: Optional[TablePool], chunks):
+    """Yield the chunks with ``pool`` active, so that :func:`new_table` takes from it, and recycle
+    its tables after each chunk's loop body: the body must keep nothing of them (pool None:
+    allocate as usual, e.g. where a pass keeps every chunk's weights)."""
     if pool is None:
-        yield None
+        yield from chunks
         return
     _POOLS.append(pool)
     try:
-        yield pool
+        for chunk in chunks:
+            yield chunk
+            pool.recycle()
     finally:
         _POOLS.remove(pool)
         pool.recycle()

@@ -179,16 +179,19 @@ def test_weighted_features_in_blocks_equal_the_brute_force_sums(x_shape, w_shape
 
 
 def test_table_pool_hands_a_table_to_the_next_chunk_only_after_recycle():
-    pool = families.TablePool()
-    with families.pooled_tables(pool):
-        a = families.new_table((3, 5), D, "cpu")
-        b = families.new_table((3, 5), D, "cpu")
-        assert a.data_ptr() != b.data_ptr()  # both in use in this chunk
-        pool.recycle()
-        c = families.new_table((3, 5), D, "cpu")
-        assert c.data_ptr() in (a.data_ptr(), b.data_ptr())  # the next chunk reuses one
-        t = families.new_table((5, 3), D, "cpu", stride=(1, 5))
-        assert t.stride() == (1, 5) and t.data_ptr() not in (a.data_ptr(), b.data_ptr())
+    pool, taken = families.TablePool(), []
+    for chunk in families.recycling(pool, ["first", "second"]):
+        if chunk == "first":
+            a = families.new_table((3, 5), D, "cpu")
+            b = families.new_table((3, 5), D, "cpu")
+            assert a.data_ptr() != b.data_ptr()  # both in use in this chunk
+        else:  # recycled after the first chunk's body
+            c = families.new_table((3, 5), D, "cpu")
+            assert c.data_ptr() in (a.data_ptr(), b.data_ptr())  # the next chunk reuses one
+            t = families.new_table((5, 3), D, "cpu", stride=(1, 5))
+            assert t.stride() == (1, 5) and t.data_ptr() not in (a.data_ptr(), b.data_ptr())
+        taken.append(chunk)
+    assert taken == ["first", "second"]
     fresh = families.new_table((3, 5), D, "cpu")  # no pool active: a new tensor
     assert fresh.data_ptr() not in (a.data_ptr(), b.data_ptr())
 
