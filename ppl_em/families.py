@@ -705,13 +705,8 @@ def log_prob(fn, value: torch.Tensor) -> torch.Tensor:
     """
     if type(fn) is dist.Categorical:
         return _categorical_log_prob(fn, value)
-    if type(fn) is dist.MultivariateNormal and value.dim() >= 1:
-        fast = _mvn_log_prob(fn, value)
-        if fast is not None:
-            return fast
-    if (type(fn) is dist.Independent and type(fn.base_dist) is dist.Normal and fn.reinterpreted_batch_ndims == 1
-            and value.dim() >= 1):
-        fast = _diag_normal_log_prob(fn.base_dist, value)
+    if has_gemm_path(fn) and value.dim() >= 1:
+        fast = _mvn_log_prob(fn, value) if type(fn) is dist.MultivariateNormal else _diag_normal_log_prob(fn.base_dist, value)
         if fast is not None:
             return fast
     return fn.log_prob(value)
