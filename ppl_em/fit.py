@@ -54,6 +54,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 
 from .em import EM, NonFiniteParameterError
+from .plan import find_uses
 from .guides import AutoAmortized, AutoCategorical
 from .posterior import ExactInferenceError
 from .result import FitResult, capture_store, count_observations, replace_store
@@ -378,7 +379,15 @@ def location_parameters(post) -> Dict[str, tuple]:
     of shape (k, *row) and attr is "loc", "probs" or "rate".
     """
     found = {}
-    for name, uses in EM._find_closed_forms(post.trace, post.leaves, post.weights).items():
+    by_id = {id(leaf): name for name, leaf in post.leaves.items()}
+    uses_of: Dict[str, list] = {}
+    for site in post.trace.nodes.values():
+        if site["type"] == "sample":
+            for use in find_uses(site, by_id)[0]:
+                uses_of.setdefault(use.param, []).append(use)
+    for name, uses in uses_of.items():
+        if len({(u.rule.family, u.rule.attr) for u in uses}) != 1 or uses[0].selection.transforms:
+            continue
         rule, shape = uses[0].rule, post.leaves[name].shape
         if rule.attr not in ("loc", "probs", "rate") or rule.family is dist.Categorical or len(shape) < 1:
             continue
