@@ -82,10 +82,7 @@ def decide(model: Callable, structure: ModelStructure, trace, args, kwargs, chun
         return _refuse(off, chunk_size, why)
     n = plate[1]
     positions = row_arguments(args, kwargs, n)
-    off.n, off.positions, off.plate = n, positions, plate[0]
-    if chunk_size is None:
-        off.why = "no streaming: chunk_size=None"
-        return off
+    off.n, off.plate = n, plate[0]
     if not positions:
         return _refuse(off, chunk_size, f"no argument has the data plate's size {n} as its first dimension")
     if n < 2:
@@ -94,6 +91,10 @@ def decide(model: Callable, structure: ModelStructure, trace, args, kwargs, chun
     per_row, why = check_split(model, structure, on, args, kwargs)
     if why:
         return _refuse(off, chunk_size, why)
+    off.positions = positions  # rows can be taken (for the M-step plan), even where a step does not stream
+    if chunk_size is None:
+        off.why = "no streaming: chunk_size=None"
+        return off
     if isinstance(chunk_size, int):
         on.rows = chunk_size
     else:

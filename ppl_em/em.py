@@ -31,13 +31,12 @@ from typing import Callable, Dict, List, Optional
 import torch
 import pyro
 
-from . import chunking as chunks_
+from . import chunking as chunks_, closed_form
 from .checks import check_arguments, check_observations
-from .families import GaussianSums, to_attribute, view
-from .fast import Workspace, reduce_product
+from .fast import Workspace
 from .gradient import (StalledError, expected_log_joint, gradient_m_step, stalled_message, stationary,
                        unconstrained_grads)
-from .plan import Plan, find_uses, make_plan, matrix_layout
+from .plan import Plan, make_plan
 from .posterior import ModelStructure, Posterior, exact_posterior, inspect_model, trace_model
 from .statistics import Statistics
 
@@ -165,8 +164,8 @@ class EM:
         Raises :class:`NonFiniteParameterError` (keeping the previous parameters) if an update is not finite.
         """
         plan = self._plan_or_raise()
-        new = self._closed_forms(stats, [p for p in plan.closed if p not in plan.second_pass])
-        self._write(new)
+        self._write(closed_form.maximize(plan, stats, [p for p in plan.closed if p not in plan.second_pass],
+                                         self._current(), self.reg_covar))
 
     def e_step(self, *args, **kwargs) -> Posterior:
         """Q(z) := p(z | x; theta) (or its mode), and log p(x; theta). See :class:`Posterior`."""
@@ -185,7 +184,7 @@ class EM:
             self._make_plan(post, args, kwargs)
         saved = self._snapshot()
         try:
-            self._m_step_from(self._statistics(post), [(args, kwargs)], [post.weights])
+            self._m_step_from(closed_form.summarize(self.plan, post), [(args, kwargs)], [post.weights])
             moved = any(not torch.equal(v, saved[n]) for n, v in self._snapshot().items())
             stalled = gradient_m_step(lambda: self.expected_log_joint(post, *args, **kwargs), self.plan.gradient,
                                       max(1.0, _total_weight(post)), self.max_grad_iter)
@@ -208,58 +207,17 @@ class EM:
             total += float(post.log_evidence)
         return total
 
-    # -- E-step into statistics --------------------------------------------------------------
+    # -- E-step and M-step over chunks -------------------------------------------------------
     def _summarize_chunk(self, args, kwargs, kept: Optional[list]) -> Statistics:
         post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior, workspace=self._workspace)
         check_observations(post)
         self._log_prior = float(post.log_prior)
-        stats = self._statistics(post, rows=self._chunks.rows_of(args, kwargs))
+        stats = closed_form.summarize(self.plan, post, rows=self._chunks.rows_of(args, kwargs))
         if kept is not None and self.plan.second_pass:
             sites = {u.site for p in self.plan.second_pass for u in self.plan.uses[p]}
             kept.append({s: _keep(post.weights[s]) for s in sites})  # the chunk's tables are recycled
         return stats
 
-    def _statistics(self, post: Posterior, rows: int = 1) -> Statistics:
-        """Every closed-form use's statistics from one posterior: the Gaussian groups' sums per cell,
-        the other uses' sums scattered onto their parameters (S^T applied)."""
-        sums: Dict[str, torch.Tensor] = {}
-        for key, group in self.plan.groups.items():
-            fn, x, w = view(post.trace.nodes[group.loc.site], post.weights[group.loc.site], group.loc.part)
-            for name, value in zip("NSM", group.sums.summarize(fn, x, w, group.cells, group.centre)):
-                sums[f"{key}.{name}"] = value
-        fresh = {}
-        for p in self.plan.closed:
-            if p in self.plan.second_pass:
-                continue
-            for use in self.plan.uses[p]:
-                if self.plan.in_group(use) is None:
-                    self._add_use(sums, use, post.trace, post.weights, fresh, post.leaves)
-        return Statistics(sums, {k: g.centre for k, g in self.plan.groups.items()}, post.log_evidence, rows,
-                          post.objective)
-
-    def _add_use(self, sums, use, trace, weights, fresh, leaves) -> None:
-        """Add one use's (numerator, denominator) statistics, scattered onto its parameter."""
-        selection = use.selection if use.stable else self._reselect(use, trace, fresh, leaves)
-        with torch.no_grad():
-            fn, x, w = view(trace.nodes[use.site], weights[use.site], use.part)
-            num, den = use.rule.stats(fn, x, w, selection.shape)
-            dtype = selection.tensor.dtype  # the selection's backward runs in the parameter's dtype
-            _accumulate(sums, f"{use.param}.num", selection.vjp(num.to(dtype)))
-            if den is not None:
-                _accumulate(sums, f"{use.param}.den", selection.vjp(den.to(dtype)))
-            if use.rule.kind in ("variance", "covariance"):  # where reg_covar goes: sum w on the diagonal
-                eye = _eye_like(den) if use.rule.kind == "covariance" else 1.0
-                _accumulate(sums, f"{use.param}.eye", selection.vjp((den * eye).to(dtype)))
-
-    @staticmethod
-    def _reselect(use, trace, fresh, leaves):
-        """A per-row selection (theta[doc_i]) read again from this trace's autograd graph."""
-        if use.site not in fresh:
-            by_id = {id(leaf): name for name, leaf in leaves.items()}
-            fresh[use.site] = {u.key: u.selection for u in find_uses(trace.nodes[use.site], by_id)[0]}
-        return fresh[use.site][use.key]
-
-    # -- M-step from statistics ---------------------------------------------------------------
     def _m_step_from(self, stats: Statistics, pieces, kept) -> None:
         """The closed forms from ``stats``; then, for scales whose location varies per data point, a
         second pass: their statistics about the new locations (read from a trace at the new parameters,
@@ -269,56 +227,20 @@ class EM:
             self.maximize(stats)
             if self.plan.second_pass:
                 sums: Dict[str, torch.Tensor] = {}
+                uses = [u for p in self.plan.second_pass for u in self.plan.uses[p]]
                 for (c_args, c_kwargs), weights in zip(pieces, kept):
                     trace, leaves = trace_model(self.model, self.structure, c_args, c_kwargs, log_prob="none")
-                    fresh = {}
-                    for p in self.plan.second_pass:
-                        for use in self.plan.uses[p]:
-                            self._add_use(sums, use, trace, weights, fresh, leaves)
-                self._write(self._closed_forms(Statistics(sums), sorted(self.plan.second_pass)))
+                    closed_form.use_statistics(sums, uses, trace, weights, leaves)
+                self._write(closed_form.maximize(self.plan, Statistics(sums), sorted(self.plan.second_pass),
+                                                 self._current(), self.reg_covar))
         except BaseException:
             self._restore(saved)
             raise
 
-    def _closed_forms(self, stats: Statistics, names: List[str]) -> Dict[str, torch.Tensor]:
-        """The new value of each parameter in ``names``: phase 1 (locations, probabilities, rates), then
-        phase 2 (scales) about the new locations."""
-        new: Dict[str, torch.Tensor] = {}
-        for phase in (1, 2):
-            for p in names:
-                if self.plan.phase(p) == phase:
-                    new[p] = self._closed_form(p, stats, new)
-        return new
-
-    def _closed_form(self, p: str, stats: Statistics, new: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """One parameter's update: its numerator and denominator in its own layout (scattered sums, plus the
-        Gaussian groups' contributions), the family's formula, then the maps back to the ``pyro.param``."""
-        store = pyro.get_param_store()
-        old = store[p].detach()
-        num, den = stats.sums.get(f"{p}.num"), stats.sums.get(f"{p}.den")
-        if f"{p}.eye" in stats.sums:
-            num = num + self.reg_covar * stats.sums[f"{p}.eye"]
-        for use in self.plan.uses[p]:
-            group = self.plan.in_group(use)
-            if group is None:
-                continue
-            n, s, m = (stats.sums[f"{group.key}.{k}"] for k in "NSM")
-            c = stats.centres[group.key]
-            if use is group.loc:
-                cell_num, cell_den = GaussianSums.mean(n, s, c)
-                cell_den = cell_den.unsqueeze(-1) if cell_num.dim() > cell_den.dim() else cell_den
-            else:
-                loc = group.loc.param
-                mu = group.loc.selection.forward(new[loc] if loc in new else store[loc].detach())
-                cell_num, cell_den = group.sums.covariance(n, s, m, c, mu, self.reg_covar)
-            shape, dtype = use.selection.shape, use.selection.tensor.dtype
-            num = _plus(num, use.selection.vjp(reduce_product([cell_num], shape).to(dtype)))
-            den = _plus(den, use.selection.vjp(reduce_product([cell_den], shape).to(dtype)))
-        return to_param(self.plan.uses[p][0], num, den, old)
-
     # -- the plan and the data's chunking ------------------------------------------------------
     def _prepare(self, args, kwargs, plan: bool = True) -> chunks_.Chunking:
-        """Inspect the model once; decide (once per data shape) how step() chunks the data; make the plan."""
+        """Inspect the model once; decide (once per data shape) how step() chunks the data; make the plan
+        (once per model and parameter shapes: it holds for data of any number of rows)."""
         check_arguments(args, kwargs)
         if self.structure is None:
             self.structure = inspect_model(self.model, args, kwargs)
@@ -333,10 +255,8 @@ class EM:
             if self._chunks is None or self._chunks.signature != sig:
                 self._chunks = chunks_.decide(self.model, self.structure, trace, args, kwargs, self.chunk_size)
                 self._workspace.clear()  # tables sized for other data
-                self.plan = None  # the plan's cells and selections are those of this data's shape
-        if plan and self.plan is None:
-            first = self._chunks.take(args, kwargs, slice(0, min(self._chunks.rows or PLAN_ROWS, PLAN_ROWS))) \
-                if self._chunks.positions else (args, kwargs)
+        if plan and (self.plan is None or self.plan.shapes != _shapes(self._param_names)):
+            first = self._chunks.take(args, kwargs, slice(0, PLAN_ROWS)) if self._chunks.positions else (args, kwargs)
             self._make_plan(self.e_step(*first[0], **first[1]), *first)
         if plan and self.plan.gradient and self._chunks.rows is not None:
             why = f"parameters {self.plan.gradient} have a gradient M-step, which needs Q(z) of all the data at once"
@@ -348,12 +268,13 @@ class EM:
 
     def _make_plan(self, post: Posterior, args, kwargs) -> None:
         """Decide, once, which parameters get a closed form; verify each by stationarity."""
-        one_row = None
-        if self._chunks is not None and self._chunks.rows is not None:
+        one_row = None  # the model on one row tells selections that grow with the data from those that do not
+        if self._chunks is not None and self._chunks.positions:
             one_row = trace_model(self.model, self.structure, *self._chunks.take(args, kwargs, slice(0, 1)),
                                   log_prob="none")
         self._param_names = list(post.leaves)
         self.plan = make_plan(self._param_names, post.trace, post.leaves, post.weights, self.m_step_mode, one_row)
+        self.plan.shapes = _shapes(self._param_names)
         if self.plan.closed:
             self._verify(post, args, kwargs)
         if self.m_step_mode == "closed_form" and self.plan.gradient:
@@ -375,7 +296,7 @@ class EM:
                 objective = lambda: expected_log_joint(self.model, self.structure, post, args, kwargs, self.reg_covar)
                 try:
                     g_old = unconstrained_grads(objective, failed)
-                    self._m_step_from(self._statistics(post), [(args, kwargs)], [post.weights])
+                    self._m_step_from(closed_form.summarize(self.plan, post), [(args, kwargs)], [post.weights])
                     g_new = unconstrained_grads(objective, failed)
                 except (RuntimeError, ValueError, FloatingPointError):
                     if self.reg_covar == reg:
@@ -428,6 +349,10 @@ class EM:
         return expected_log_joint(self.model, self.structure, post, args, kwargs)
 
     # -- parameter store helpers -------------------------------------------------------------
+    def _current(self) -> Dict[str, torch.Tensor]:
+        store = pyro.get_param_store()
+        return {n: store[n].detach() for n in self._param_names if n in store}
+
     def _write(self, values: Dict[str, torch.Tensor]) -> None:
         for name, value in values.items():
             if not torch.isfinite(value).all():
@@ -457,34 +382,9 @@ class EM:
                     "were kept. Try a larger reg_covar or scaling the data.")
 
 
-def to_param(use, num: torch.Tensor, den: Optional[torch.Tensor], old: torch.Tensor) -> torch.Tensor:
-    """The family's formula on the summed statistics (the canonical parameter: probabilities, mean,
-    covariance), then its map to the attribute (log, Cholesky, inverse, sqrt) and the inverse of the
-    model's own maps (exp, softplus, ...), in the parameter's layout and dtype. An element with no
-    posterior mass keeps its previous value."""
-    rule, dt = use.rule, num.dtype
-    value, empty = rule.finish(num, den)
-    layout = matrix_layout(use.selection) if rule.kind == "covariance" else ""
-    if layout == "whole":  # an empty component's placeholder must be a valid covariance
-        empty = empty.any(-1, keepdim=True).any(-2, keepdim=True).expand(value.shape)
-        value = torch.where(empty, torch.eye(value.shape[-1], dtype=dt, device=value.device), value)
-    value = to_attribute(rule.to_attr, value, diagonal=layout == "diagonal")
-    for transform in use.selection.transforms:
-        value = transform.inverse(value, old.to(dt))
-    return torch.where(empty, old.to(dt), value).to(old.dtype).detach()
-
-
-def _eye_like(den: torch.Tensor) -> torch.Tensor:
-    return torch.eye(den.shape[-1], dtype=den.dtype, device=den.device)
-
-
-def _plus(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
-    return b if a is None else a + b
-
-
-def _accumulate(sums: Dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    value = value.double() if value.is_floating_point() and value.dtype != torch.float64 else value
-    sums[name] = value if name not in sums else sums[name] + value
+def _shapes(names: List[str]) -> Dict[str, tuple]:
+    store = pyro.get_param_store()
+    return {n: tuple(store[n].shape) for n in names if n in store}
 
 
 def _keep(weights):

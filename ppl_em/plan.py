@@ -124,6 +124,7 @@ class Plan:
     groups: Dict[str, GaussianGroup] = field(default_factory=dict)
     second_pass: set = field(default_factory=set)
     why: Dict[str, str] = field(default_factory=dict)
+    shapes: Dict[str, tuple] = field(default_factory=dict)  # the parameters' shapes it was made for
 
     @property
     def closed(self) -> List[str]:

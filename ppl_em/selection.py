@@ -19,7 +19,6 @@ of a covariance needs each component's new mean mu_z, which is S applied to the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 

@@ -14,7 +14,7 @@ still in cache: written for a whole chunk it would travel to memory and back (me
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
