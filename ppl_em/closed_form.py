@@ -48,7 +48,7 @@ def use_statistics(sums: Dict[str, torch.Tensor], uses: List[Use], trace, weight
         selection = use.selection if use.stable else _reselect(use, trace, fresh, leaves)
         with torch.no_grad():
             fn, x, w = view(trace.nodes[use.site], weights[use.site], use.part)
-            num, den = use.rule.stats(fn, x, w, selection.shape)
+            num, den = (precision_weighted_mean if use.weighted else use.rule.stats)(fn, x, w, selection.shape)
             dtype = selection.tensor.dtype  # the selection's backward runs in the parameter's dtype
             _accumulate(sums, f"{use.param}.num", selection.vjp(num.to(dtype)))
             if den is not None:
@@ -56,6 +56,13 @@ def use_statistics(sums: Dict[str, torch.Tensor], uses: List[Use], trace, weight
             if use.rule.kind in ("variance", "covariance"):
                 eye = torch.eye(den.shape[-1], dtype=den.dtype, device=den.device) if use.rule.kind == "covariance" else 1.0
                 _accumulate(sums, f"{use.param}.eye", selection.vjp((den * eye).to(dtype)))
+
+
+def precision_weighted_mean(fn, x, w, shape):
+    """(sum_i w^(i) x^(i) / sigma^2, sum_i w^(i) / sigma^2) at the site's current sigma: a Normal location's
+    statistics under a Normal prior (an ECM step given sigma)."""
+    precision = fn.scale.to(torch.promote_types(fn.scale.dtype, torch.float64)) ** -2
+    return reduce_product([w, x, precision], shape), reduce_product([w, precision], shape)
 
 
 def _reselect(use: Use, trace, fresh: Dict[str, dict], leaves):
@@ -67,19 +74,21 @@ def _reselect(use: Use, trace, fresh: Dict[str, dict], leaves):
 
 
 def maximize(plan: Plan, stats: Statistics, names: List[str], current: Dict[str, torch.Tensor],
-             reg: float) -> Dict[str, torch.Tensor]:
+             reg: float, basis: str = "constrained") -> Dict[str, torch.Tensor]:
     """The new value of each parameter in ``names`` from ``stats``: phase 1 (locations, probabilities,
     rates), then phase 2 (scales) about the new locations. ``current``: the parameters' values now
-    (constrained); ``reg``: added to every covariance's (variance's) diagonal."""
+    (constrained); ``reg``: added to every covariance's (variance's) diagonal; ``basis``: where a MAP
+    with a conjugate prior is taken (:mod:`ppl_em.priors`)."""
     new: Dict[str, torch.Tensor] = {}
     for phase in (1, 2):
         for p in names:
             if plan.phase(p) == phase:
-                new[p] = _update(plan, p, stats, {**current, **new}, reg)
+                new[p] = _update(plan, p, stats, {**current, **new}, reg, basis)
     return new
 
 
-def _update(plan: Plan, p: str, stats: Statistics, values: Dict[str, torch.Tensor], reg: float) -> torch.Tensor:
+def _update(plan: Plan, p: str, stats: Statistics, values: Dict[str, torch.Tensor], reg: float,
+            basis: str) -> torch.Tensor:
     """One parameter's update: its numerator and denominator in its own layout (scattered sums, plus the
     Gaussian groups' contributions), the family's formula, then the maps back to the ``pyro.param``."""
     num, den = stats.sums.get(f"{p}.num"), stats.sums.get(f"{p}.den")
@@ -94,12 +103,23 @@ def _update(plan: Plan, p: str, stats: Statistics, values: Dict[str, torch.Tenso
         if use is group.loc:  # mu_j = (S_j + N_j c) / N_j
             cell_num, cell_den = GaussianSums.mean(n, s, c)
             cell_den = cell_den.unsqueeze(-1) if cell_num.dim() > cell_den.dim() else cell_den
+            if use.weighted:  # a Normal prior: weighted by 1 / sigma_j^2 at the current sigma (ECM)
+                precision = group.scale.selection.forward(values[group.scale.param]).to(cell_num.dtype) ** -2
+                cell_num, cell_den = cell_num * precision, cell_den * precision
         else:  # Sigma_j about the new mu_j
             mu = group.loc.selection.forward(values[group.loc.param])
             cell_num, cell_den = group.sums.covariance(n, s, m, c, mu, reg)
         shape, dtype = use.selection.shape, use.selection.tensor.dtype
         num = _plus(num, use.selection.vjp(reduce_product([cell_num], shape).to(dtype)))
         den = _plus(den, use.selection.vjp(reduce_product([cell_den], shape).to(dtype)))
+    for prior in plan.priors.get(p, []):  # MAP: the prior's pseudo-statistics
+        if prior.family == "Normal":
+            num, den = num + prior.weighted_mean, den + prior.precision
+            continue
+        extra_num, extra_den = prior.pseudo(basis)
+        num = _plus(num, extra_num) if extra_num is not None else num
+        den = _plus(den, extra_den) if extra_den is not None else den
+        prior.check(num, den)
     return to_param(plan.uses[p][0], num, den, values[p])
 
 

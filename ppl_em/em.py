@@ -37,10 +37,11 @@ from .fast import Workspace
 from .gradient import (StalledError, expected_log_joint, gradient_m_step, stalled_message, stationary,
                        unconstrained_grads)
 from .plan import Plan, make_plan
+from .priors import MAP_BASES, NoMAPError
 from .posterior import ModelStructure, Posterior, exact_posterior, inspect_model, trace_model
 from .statistics import Statistics
 
-__all__ = ["EM", "NonFiniteParameterError", "StalledError"]
+__all__ = ["EM", "NonFiniteParameterError", "StalledError", "NoMAPError"]
 
 # The M-step plan (which closed forms apply, verified by a gradient) is made on at most this many
 # rows of the first chunk: its check runs with autograd, whose graph would otherwise scale with the chunk.
@@ -75,6 +76,10 @@ class EM:
         Rows of the data plate per chunk in :meth:`step` (see :mod:`ppl_em.chunking`). ``"auto"``
         streams where that is exact and useful, ``None`` never, an int asks for that chunk (an
         error where streaming is not exact). :attr:`chunking` says what was decided.
+    map_basis : {"constrained", "unconstrained"}
+        Where MAP-EM takes the mode of a parameter with a conjugate prior (:mod:`ppl_em.priors`):
+        of the posterior density of the parameter itself (the default; a :class:`NoMAPError` where
+        a concentration below 1 makes it unbounded), or of its log / log-odds (counts + alpha).
 
     The loop contract: ``stats = em.summarize(*args)`` (E-step, no parameter changes),
     ``em.maximize(stats)`` (M-step from statistics alone), ``em.step(*args)`` (= maximize of the sum
@@ -108,7 +113,7 @@ class EM:
     """
 
     def __init__(self, model: Callable, posterior: str = "exact", m_step: str = "auto", reg_covar: float = 1e-6,
-                 max_grad_iter: int = 100, chunk_size="auto") -> None:
+                 max_grad_iter: int = 100, chunk_size="auto", map_basis: str = "constrained") -> None:
         if posterior not in ("exact", "hard"):
             raise ValueError(f"posterior must be 'exact' or 'hard', got {posterior!r}.")
         if m_step not in ("auto", "closed_form", "gradient"):
@@ -117,6 +122,9 @@ class EM:
             raise ValueError(f"reg_covar must be >= 0, got {reg_covar}.")
         if not (chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size > 0)):
             raise ValueError(f"chunk_size must be a positive int, 'auto' or None, got {chunk_size!r}.")
+        if map_basis not in MAP_BASES:
+            raise ValueError(f"map_basis must be one of {MAP_BASES}, got {map_basis!r}.")
+        self.map_basis = map_basis
         self.model, self.posterior, self.m_step_mode = model, posterior, m_step
         self.reg_covar, self.max_grad_iter, self.chunk_size = reg_covar, max_grad_iter, chunk_size
         self.structure: Optional[ModelStructure] = None
@@ -165,7 +173,7 @@ class EM:
         """
         plan = self._plan_or_raise()
         self._write(closed_form.maximize(plan, stats, [p for p in plan.closed if p not in plan.second_pass],
-                                         self._current(), self.reg_covar))
+                                         self._current(), self.reg_covar, self.map_basis))
 
     def e_step(self, *args, **kwargs) -> Posterior:
         """Q(z) := p(z | x; theta) (or its mode), and log p(x; theta). See :class:`Posterior`."""
@@ -232,7 +240,7 @@ class EM:
                     trace, leaves = trace_model(self.model, self.structure, c_args, c_kwargs, log_prob="none")
                     closed_form.use_statistics(sums, uses, trace, weights, leaves)
                 self._write(closed_form.maximize(self.plan, Statistics(sums), sorted(self.plan.second_pass),
-                                                 self._current(), self.reg_covar))
+                                                 self._current(), self.reg_covar, self.map_basis))
         except BaseException:
             self._restore(saved)
             raise
@@ -296,8 +304,7 @@ class EM:
                 objective = lambda: expected_log_joint(self.model, self.structure, post, args, kwargs, self.reg_covar)
                 try:
                     g_old = unconstrained_grads(objective, failed)
-                    self._m_step_from(closed_form.summarize(self.plan, post), [(args, kwargs)], [post.weights])
-                    g_new = unconstrained_grads(objective, failed)
+                    g_new = self._gradients_after_update(post, args, kwargs, objective, failed, before)
                 except (RuntimeError, ValueError, FloatingPointError):
                     if self.reg_covar == reg:
                         raise  # the update the M-step would make fails: say so (e.g. a non-finite Sigma)
@@ -316,6 +323,20 @@ class EM:
         if failed:
             self.plan.fall_back(failed, "a closed form was detected but E_Q[log p(x, z; theta)] is not stationary "
                                         "at it (e.g. the parameter has a prior or other uses)")
+
+    def _gradients_after_update(self, post, args, kwargs, objective, names, before):
+        """The gradient of the objective in each parameter after the closed forms, phase by phase: a
+        location's update (given the current scale, with a prior: an ECM step) is checked with only the
+        phase-1 updates made, a scale's with all of them."""
+        self._m_step_from(closed_form.summarize(self.plan, post), [(args, kwargs)], [post.weights])
+        after, grads = self._current(), {}
+        for phase in (1, 2):
+            checked = [p for p in names if self.plan.phase(p) == phase]
+            if checked:
+                self._restore(before)
+                self._write({p: after[p] for p in self.plan.closed if self.plan.phase(p) <= phase})
+                grads.update(unconstrained_grads(objective, checked))
+        return grads
 
     def _plan_or_raise(self) -> Plan:
         if self.plan is None:
@@ -351,7 +372,7 @@ class EM:
     # -- parameter store helpers -------------------------------------------------------------
     def _current(self) -> Dict[str, torch.Tensor]:
         store = pyro.get_param_store()
-        return {n: store[n].detach() for n in self._param_names if n in store}
+        return {n: store[n].detach().clone() for n in self._param_names if n in store}
 
     def _write(self, values: Dict[str, torch.Tensor]) -> None:
         for name, value in values.items():
@@ -361,7 +382,7 @@ class EM:
                     "parameters were kept. Try a larger reg_covar, fewer components, or scaling the data.")
         store = pyro.get_param_store()
         for name, value in values.items():
-            store[name] = value
+            store[name] = value.clone()  # for an unconstrained parameter the store would keep (and alias) the tensor
 
     def _snapshot(self) -> Dict[str, torch.Tensor]:
         store = pyro.get_param_store()

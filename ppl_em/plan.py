@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import pyro.distributions as dist
 
 from . import chains
 from .families import GaussianSums, Rule, base, normal_centre, rules_for, view
@@ -43,6 +44,7 @@ class Use:
     part: str = ""  # "emission": the observation distribution of a chain site (ppl_em.chains)
     path: int = 0
     stable: bool = True
+    weighted: bool = False  # a location with a Normal prior: statistics weighted by the precision 1 / sigma^2
 
     @property
     def param(self) -> str:
@@ -125,6 +127,7 @@ class Plan:
     second_pass: set = field(default_factory=set)
     why: Dict[str, str] = field(default_factory=dict)
     shapes: Dict[str, tuple] = field(default_factory=dict)  # the parameters' shapes it was made for
+    priors: Dict[str, list] = field(default_factory=dict)  # conjugate prior factors per parameter (ppl_em.priors)
 
     @property
     def closed(self) -> List[str]:
@@ -185,10 +188,45 @@ def make_plan(names: List[str], trace, leaves: Dict[str, torch.Tensor], weights,
         else:
             plan.routes[p], plan.uses[p] = "closed", found[p]
     _mark_stable(plan, trace, one_row_trace)
+    _attach_priors(plan, trace, leaves)
     _make_groups(plan, trace, weights)
     for p in plan.closed:
         plan.why[p] = describe(plan, p)
     return plan
+
+
+def relation(use: Use) -> str:
+    """How the parameter maps to its family's canonical parameter: "identity" (phi, mu, sigma^2 or Sigma
+    itself), "reciprocal" (a precision), or "other" (a scale, a Cholesky factor, a log-scale)."""
+    maps = tuple(t.name if t.name != "pow" else f"pow{t.arg:g}" for t in use.selection.transforms)
+    to_attr = use.rule.to_attr
+    if (to_attr, maps) in ((None, ()), ("log", ("log",)), ("logit", ("sigmoid",)), ("sqrt", ("sqrt",))):
+        return "identity" if use.rule.kind != "covariance" or use.rule.attr == "covariance_matrix" else "other"
+    if (to_attr, maps) in (("inverse", ()), ("sqrt", ("rsqrt",)), ("sqrt", ("pow-0.5",))):
+        return "reciprocal"
+    return "other"
+
+
+def _attach_priors(plan: Plan, trace, leaves) -> None:
+    """Conjugate prior factors add pseudo-statistics (:mod:`ppl_em.priors`); a parameter with a prior that is
+    not conjugate to its likelihood keeps the gradient M-step, and ``explain()`` says why."""
+    from .priors import find_priors
+
+    kinds = {p: (plan.uses[p][0].rule.canonical, relation(plan.uses[p][0])) for p in plan.closed}
+    priors, not_conjugate = find_priors(trace, leaves, kinds)
+    for p, reason in not_conjugate.items():
+        if p in plan.routes and plan.routes[p] == "closed":
+            plan.fall_back([p], reason)
+    for p, found in priors.items():
+        if p not in plan.uses:
+            continue
+        if any(f.family == "Normal" for f in found) and plan.uses[p][0].rule.family is not dist.Normal:
+            plan.fall_back([p], f"a Normal prior on a {plan.uses[p][0].rule.family.__name__}'s location has no "
+                                "closed form here")
+            continue
+        plan.priors[p] = found
+        for use in plan.uses[p]:
+            use.weighted = any(f.family == "Normal" for f in found)
 
 
 def _closed_form_problem(p: str, uses: List[Use], unusable: Optional[str]) -> str:
@@ -296,10 +334,9 @@ def describe(plan: Plan, p: str) -> str:
     via = []
     if use.rule.to_attr in ("log", "logit") and maps[:1] == [{"log": "log", "logit": "sigmoid"}[use.rule.to_attr]]:
         maps = maps[1:]  # logits = log(phi) of a parameter on the simplex: the canonical parameter itself
-    elif use.rule.to_attr in ("log", "logit", "cholesky", "inverse"):
+    elif use.rule.to_attr in ("cholesky", "inverse"):
         diagonal = use.rule.kind == "covariance" and matrix_layout(use.selection) == "diagonal"
-        via.append({"log": "logits", "logit": "logits",
-                    "cholesky": "square root of the diagonal" if diagonal else "Cholesky",
+        via.append({"cholesky": "square root of the diagonal" if diagonal else "Cholesky",
                     "inverse": "reciprocal of the diagonal" if diagonal else "inverse"}[use.rule.to_attr])
     via += [t.describe() for t in use.selection.transforms if t.name in maps]
     sites = sorted({u.site for u in plan.uses[p]}, key=lambda s: [u.site for u in plan.uses[p]].index(s))
@@ -308,6 +345,8 @@ def describe(plan: Plan, p: str) -> str:
     text = f"closed form: {use.rule.family.__name__}.{use.rule.attr} at {where}"
     if via:
         text += ", via " + " of ".join(via)
+    for prior in plan.priors.get(p, []):
+        text += f", MAP with the conjugate {prior.family} prior at site {prior.site}"
     if p in plan.second_pass:
         text += " (a second pass over the data: its location varies with the data point)"
     return text
