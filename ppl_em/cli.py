@@ -33,7 +33,8 @@ import pyro
 import torch
 
 from .fit import INITS, METHODS, ConvergenceWarning, fit
-from .result import FitResult, atomic_write
+from .checkpoint import atomic_write
+from .result import FitResult
 
 __all__ = ["main", "load_data", "resolve_model"]
 

@@ -53,11 +53,14 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 
+from .diagnostics import non_finite_loss_message, non_finite_site, singular_update_message
 from .em import EM, NonFiniteParameterError
 from .guides import AutoAmortized, AutoCategorical
 from .posterior import ExactInferenceError
-from .result import FitResult, capture_store, count_observations, replace_store
+from .result import FitResult, observations
+from .store import capture_store, model_trace, replace_store
 from .svi import NonFiniteLossError, SafeSVI, default_loss
+from .validation import check_arguments, check_k_fits, check_observed_dtypes, check_seed
 
 __all__ = ["fit", "ConvergenceWarning", "METHODS", "INITS"]
 
@@ -179,14 +182,15 @@ def fit(
         If the kept restart did not converge within ``max_iter`` (or stopped on a
         non-finite loss).
     """
-    opts = _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, progress, optim,
+    opts = _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, seed, progress, optim,
                           em_options, log_px_every)
-    networks = _Networks(args, kwargs)
-    runs = []
-    for r in range(n_init):
-        networks.start(r, seed + r)
-        runs.append(_fit_once(model, args, kwargs, opts, seed + r))
-        runs[-1].networks = networks.snapshot()
+    networks, before = _Networks(args, kwargs), capture_store()
+    try:
+        runs = _restarts(model, args, kwargs, opts, seed, networks)
+    except BaseException:  # a failed or interrupted fit leaves the store and the networks as it found them
+        replace_store(before)
+        networks.restore(networks.initial)
+        raise
     best = max(range(n_init), key=lambda r: runs[r].rank())
     run = runs[best]
     replace_store(run.state)
@@ -200,6 +204,16 @@ def fit(
         method=method, losses=run.losses, history=run.history, converged=run.converged, n_iter=len(run.losses),
         n_data=opts.n_data, log_likelihood=run.log_px, restarts=[r.summary(opts.n_data) for r in runs], best=best,
         init={"strategy": init, "params": run.init_params}, model=model, guide=run.guide, args=args, kwargs=kwargs)
+
+
+def _restarts(model: Callable, args: tuple, kwargs: dict, opts: "_Options", seed: int,
+              networks: "_Networks") -> List["_Run"]:
+    runs = []
+    for r in range(opts.n_init):
+        networks.start(r, seed + r)
+        runs.append(_fit_once(model, args, kwargs, opts, seed + r))
+        runs[-1].networks = networks.snapshot()
+    return runs
 
 
 class _Networks:
@@ -234,8 +248,8 @@ class _Networks:
                     value.copy_(state[name])  # in place: pyro.module keeps referring to these tensors
 
 
-def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, progress, optim, em_options,
-                   log_px_every) -> _Options:
+def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, seed, progress, optim,
+                   em_options, log_px_every) -> _Options:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if init not in INITS:
@@ -253,9 +267,21 @@ def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, in
     if guide is not None and not isinstance(guide, type) and n_init > 1:
         raise ValueError("A guide instance cannot be reset between restarts; pass its class "
                          "(e.g. guide=AutoCategorical) so that each restart builds a fresh one, or use n_init=1.")
-    n_data = count_observations(model, args, kwargs)
+    check_seed(seed, n_init)
+    n_data = _check_data(model, args, kwargs)
     return _Options(method, guide, max_iter, float(tol), init, progress, optim, dict(em_options or {}),
                     int(log_px_every), n_data, n_init)
+
+
+def _check_data(model: Callable, args: tuple, kwargs: dict) -> int:
+    """Validate the model arguments before the model runs, then look at one run of it in an empty
+    param store (what a previous fit left there must not leak in); returns n, the observations."""
+    check_arguments(model, args, kwargs)
+    trace = model_trace(model, args, kwargs)
+    check_observed_dtypes(trace)
+    n_data = observations(trace)
+    check_k_fits(model, args, kwargs, n_data)
+    return n_data
 
 
 # -- one restart ----------------------------------------------------------------------------
@@ -275,9 +301,9 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
             log_px = exact_log_px(model, args, kwargs, opts.n_data) if monitor else None
             start = time.perf_counter()
             try:
-                loss = engine.step(*args, **kwargs)
-            except (NonFiniteParameterError, NonFiniteLossError) as e:
-                run.stopped = f"{type(e).__name__}: {e}"
+                loss = _step(engine, model, args, kwargs, it)
+            except _Stopped as e:
+                run.stopped = str(e)
                 break
             elapsed += time.perf_counter() - start
             run.losses.append(loss)
@@ -294,6 +320,37 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
     return run
 
 
+class _Stopped(Exception):
+    """An SVI run stopped at a non-finite step; its last finite parameters stand."""
+
+
+def _step(engine: Any, model: Callable, args: tuple, kwargs: dict, it: int) -> float:
+    """``engine.step``; for EM, its failures become errors that say why (:mod:`ppl_em.diagnostics`).
+
+    An EM step is deterministic: from the same parameters it fails the same way, so a non-finite
+    log p(x) or a singular update ends the fit with an error rather than a stopped run.
+    """
+    if not isinstance(engine, EM):
+        try:
+            return engine.step(*args, **kwargs)
+        except NonFiniteLossError as e:  # SafeSVI kept the last finite parameters: a result to keep
+            raise _Stopped(f"{type(e).__name__}: {e}") from e
+    what = f"{'hard EM' if engine.posterior == 'hard' else 'EM'} iteration {it}"
+    before = capture_store()
+    try:
+        loss = engine.step(*args, **kwargs)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(singular_update_message(e, what)) from e
+    except NonFiniteParameterError as e:
+        if non_finite_site(model, args, kwargs) is not None:  # a NaN posterior made the M-step NaN
+            raise NonFiniteLossError(non_finite_loss_message(model, args, kwargs, what, None)) from e
+        raise ValueError(f"{what}: {e}") from e
+    if not math.isfinite(loss):
+        replace_store(before)
+        raise NonFiniteLossError(non_finite_loss_message(model, args, kwargs, what, loss))
+    return loss
+
+
 def _settled(losses: List[float], window: int, tol: float) -> bool:
     """|mean of the last window - mean of the window before| < tol (window 1: last change)."""
     if len(losses) < 2 * window:
@@ -307,7 +364,7 @@ def exact_log_px(model: Callable, args: tuple, kwargs: dict, n_data: int) -> Opt
     """(1/n) log p(x; theta) at the parameters in the store, by one exact E-step; None if intractable."""
     try:
         with poutine.block():
-            return EM(model).log_likelihood(*args, **kwargs) / n_data
+            return EM(model, **_tiny_data_options(n_data)).log_likelihood(*args, **kwargs) / n_data
     except ExactInferenceError:
         return None
 
@@ -316,7 +373,8 @@ def _engine(model: Callable, args: tuple, kwargs: dict, opts: _Options):
     """The object whose ``step(*args, **kwargs) -> float`` runs one iteration, and the guide."""
     if opts.method in ("em", "hard_em"):
         posterior = "exact" if opts.method == "em" else "hard"
-        return EM(model, posterior=posterior, **opts.em_options), None
+        options = {**_tiny_data_options(opts.n_data), **opts.em_options}
+        return EM(model, posterior=posterior, **options), None
     guide = opts.guide
     if guide is None:
         guide = AutoCategorical if opts.method == "svi" else AutoAmortized
@@ -324,6 +382,11 @@ def _engine(model: Callable, args: tuple, kwargs: dict, opts: _Options):
         guide = guide(model)
     optim = opts.optim if opts.optim is not None else pyro.optim.Adam({"lr": 0.05})
     return SafeSVI(model, guide, optim, default_loss(model, *args, **kwargs)), guide
+
+
+def _tiny_data_options(n_data: int) -> Dict[str, Any]:
+    """One observation: nothing to stream, and no two halves for EM's streaming check to compare."""
+    return {"chunk_size": None} if n_data < 2 else {}
 
 
 def _progress_bar(opts: _Options, seed: int):
