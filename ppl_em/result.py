@@ -185,7 +185,7 @@ class FitResult:
     kwargs: dict = field(default_factory=dict, repr=False)
     state: Dict[str, Dict[str, Any]] = field(default_factory=dict, repr=False)
     source: Optional[str] = field(default=None, repr=False)
-    _checked: set = field(default_factory=set, init=False, repr=False, compare=False)
+    _checked: set = field(default_factory=set, repr=False, compare=False)  # argument signatures checked
 
     @classmethod
     def from_store(cls, **fields: Any) -> "FitResult":
