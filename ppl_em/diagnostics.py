@@ -22,7 +22,8 @@ from pyro.infer import config_enumerate
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
 
-__all__ = ["non_finite_site", "non_finite_loss_message", "singular_update_message"]
+__all__ = ["non_finite_site", "non_finite_loss_message", "rejected_parameters", "singular_update_message",
+           "degenerate_update_message"]
 
 _MAX_PLATES = 8  # enumeration dims go left of this many plate dims
 _MATRIX_CONSTRAINTS = (type(constraints.positive_definite), type(constraints.lower_cholesky),
@@ -48,14 +49,26 @@ def non_finite_site(model: Callable, args: tuple, kwargs: dict) -> Optional[Tupl
     return None
 
 
-def _enumerated_trace(model: Callable, args: tuple, kwargs: dict):
+def rejected_parameters(model: Callable, args: tuple, kwargs: dict) -> Optional[str]:
+    """The first line of the error with which the model's distributions reject the parameters in the
+    store (every value of the latents tried), or None if they accept them."""
+    try:
+        _enumerated_trace(model, args, kwargs, validate=True)
+    except ValueError as e:
+        return str(e).splitlines()[0]
+    except Exception:
+        return None
+    return None
+
+
+def _enumerated_trace(model: Callable, args: tuple, kwargs: dict, validate: bool = False):
     enum_model = poutine.enum(config_enumerate(model, default="parallel"), first_available_dim=-_MAX_PLATES - 1)
     state = pyro.util.get_rng_state()
     try:
-        with poutine.block(), pyro.validation_enabled(False), torch.no_grad():
+        with poutine.block(), pyro.validation_enabled(validate), torch.no_grad():
             trace = prune_subsample_sites(poutine.trace(enum_model).get_trace(*args, **kwargs))
             for site in trace.nodes.values():
-                if site["type"] == "sample":
+                if site["type"] == "sample" and not validate:
                     site["diagnosed_log_prob"] = _masked(site, site["fn"].log_prob(site["value"]))
     finally:
         pyro.util.set_rng_state(state)
@@ -123,11 +136,20 @@ def singular_update_message(error: BaseException, what: str) -> str:
     """A scikit-learn style diagnosis of a singular covariance update (a failed Cholesky)."""
     match = re.search(r"[Bb]atch element (\d+)", str(error))
     names = _matrix_parameters()
-    component = f"component {match.group(1)}" if match else "a component"
-    of = f" of parameter {names[0]!r}" if len(names) == 1 else ""
-    return (f"{what}: {component}{of} has a singular covariance (the M-step's update is not positive definite: "
-            f"{str(error).splitlines()[0]}). Increase reg_covar (em_options={{'reg_covar': 1e-4}}), reduce k, or "
-            "scale the data; the parameters were left at their values before this iteration.")
+    subject = f"parameter {names[0]!r}" if len(names) == 1 else "a covariance parameter"
+    if match:
+        subject = f"component {match.group(1)} of {subject}"
+    return (f"{what}: {subject} has a singular covariance: increase reg_covar (em_options={{'reg_covar': 1e-4}}), "
+            "reduce k, or scale the data. The parameters were left at their values before this iteration "
+            f"(the M-step's update is not positive definite: {str(error).splitlines()[0]})")
+
+
+def degenerate_update_message(error: BaseException, what: str) -> str:
+    """The M-step produced values the model's distributions reject (a variance of exactly 0, say)."""
+    return (f"{what}: the M-step's update lies outside the model's support, as when a component collapses onto "
+            "identical points and its variance is 0: increase reg_covar (em_options={'reg_covar': 1e-4}), reduce "
+            "k, or scale the data. The parameters were left at their values before this iteration "
+            f"({str(error).splitlines()[0]})")
 
 
 def _matrix_parameters() -> List[str]:

@@ -53,7 +53,8 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 
-from .diagnostics import non_finite_loss_message, non_finite_site, singular_update_message
+from .diagnostics import (degenerate_update_message, non_finite_loss_message, non_finite_site,
+                          rejected_parameters, singular_update_message)
 from .em import EM, NonFiniteParameterError
 from .guides import AutoAmortized, AutoCategorical
 from .posterior import ExactInferenceError
@@ -328,7 +329,8 @@ def _step(engine: Any, model: Callable, args: tuple, kwargs: dict, it: int) -> f
     """``engine.step``; for EM, its failures become errors that say why (:mod:`ppl_em.diagnostics`).
 
     An EM step is deterministic: from the same parameters it fails the same way, so a non-finite
-    log p(x) or a singular update ends the fit with an error rather than a stopped run.
+    log p(x) or a singular update ends the fit with an error (at the parameters before the
+    step) rather than a stopped run.
     """
     if not isinstance(engine, EM):
         try:
@@ -339,16 +341,30 @@ def _step(engine: Any, model: Callable, args: tuple, kwargs: dict, it: int) -> f
     before = capture_store()
     try:
         loss = engine.step(*args, **kwargs)
-    except torch.linalg.LinAlgError as e:
-        raise ValueError(singular_update_message(e, what)) from e
-    except NonFiniteParameterError as e:
-        if non_finite_site(model, args, kwargs) is not None:  # a NaN posterior made the M-step NaN
-            raise NonFiniteLossError(non_finite_loss_message(model, args, kwargs, what, None)) from e
-        raise ValueError(f"{what}: {e}") from e
+    except Exception as error:
+        replace_store(before)
+        explained = _explain(error, model, args, kwargs, what)
+        if explained is error:
+            raise
+        raise explained from error
     if not math.isfinite(loss):
         replace_store(before)
         raise NonFiniteLossError(non_finite_loss_message(model, args, kwargs, what, loss))
     return loss
+
+
+def _explain(error: Exception, model: Callable, args: tuple, kwargs: dict, what: str) -> Exception:
+    """The error to raise for a failed EM step: the root cause where it can be told, else ``error``."""
+    if non_finite_site(model, args, kwargs) is not None:  # a NaN posterior breaks any M-step
+        return NonFiniteLossError(non_finite_loss_message(model, args, kwargs, what, None))
+    if isinstance(error, torch.linalg.LinAlgError):
+        return ValueError(singular_update_message(error, what))
+    if isinstance(error, NonFiniteParameterError):
+        return ValueError(f"{what}: {error}")
+    if isinstance(error, ValueError) and str(error).startswith("Expected parameter") \
+            and rejected_parameters(model, args, kwargs) is None:
+        return ValueError(degenerate_update_message(error, what))
+    return error
 
 
 def _settled(losses: List[float], window: int, tol: float) -> bool:
