@@ -128,8 +128,7 @@ def non_finite_loss_message(model: Callable, args: tuple, kwargs: dict, what: st
         advice = (f"Check site {found[0]!r}: its distribution's parameters (a log of a negative number, 0/0) "
                   "or data outside its support")
     value = "not finite" if loss is None else f"{-loss}"
-    return (f"{what}: log p(x) is {value} at the current parameters, so EM cannot continue: {culprit}. "
-            f"The parameters were left at their last finite values, those before this iteration. {advice}.")
+    return f"{what}: log p(x) is {value} at the current parameters, so EM cannot continue: {culprit}. {advice}."
 
 
 def singular_update_message(error: BaseException, what: str) -> str:
@@ -140,16 +139,14 @@ def singular_update_message(error: BaseException, what: str) -> str:
     if match:
         subject = f"component {match.group(1)} of {subject}"
     return (f"{what}: {subject} has a singular covariance: increase reg_covar (em_options={{'reg_covar': 1e-4}}), "
-            "reduce k, or scale the data. The parameters were left at their values before this iteration "
-            f"(the M-step's update is not positive definite: {str(error).splitlines()[0]})")
+            f"reduce k, or scale the data (the M-step's update is not positive definite: {str(error).splitlines()[0]})")
 
 
 def degenerate_update_message(error: BaseException, what: str) -> str:
     """The M-step produced values the model's distributions reject (a variance of exactly 0, say)."""
     return (f"{what}: the M-step's update lies outside the model's support, as when a component collapses onto "
             "identical points and its variance is 0: increase reg_covar (em_options={'reg_covar': 1e-4}), reduce "
-            "k, or scale the data. The parameters were left at their values before this iteration "
-            f"({str(error).splitlines()[0]})")
+            f"k, or scale the data ({str(error).splitlines()[0]})")
 
 
 def _matrix_parameters() -> List[str]:

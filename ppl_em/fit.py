@@ -343,7 +343,7 @@ def _step(engine: Any, model: Callable, args: tuple, kwargs: dict, it: int) -> f
         loss = engine.step(*args, **kwargs)
     except Exception as error:
         replace_store(before)
-        explained = _explain(error, model, args, kwargs, what)
+        explained = _explain(error, model, args, kwargs, what, first=it == 1)
         if explained is error:
             raise
         raise explained from error
@@ -353,8 +353,13 @@ def _step(engine: Any, model: Callable, args: tuple, kwargs: dict, it: int) -> f
     return loss
 
 
-def _explain(error: Exception, model: Callable, args: tuple, kwargs: dict, what: str) -> Exception:
-    """The error to raise for a failed EM step: the root cause where it can be told, else ``error``."""
+def _explain(error: Exception, model: Callable, args: tuple, kwargs: dict, what: str, first: bool) -> Exception:
+    """The error to raise for a failed EM step: the root cause where it can be told, else ``error``.
+
+    A distribution that rejects its parameters ("Expected parameter ...") after an M-step has run
+    was given them by an update: this step's (if the model accepts the parameters before it) or
+    the previous one's (a variance of exactly 0 passes as finite).
+    """
     if non_finite_site(model, args, kwargs) is not None:  # a NaN posterior breaks any M-step
         return NonFiniteLossError(non_finite_loss_message(model, args, kwargs, what, None))
     if isinstance(error, torch.linalg.LinAlgError):
@@ -362,7 +367,7 @@ def _explain(error: Exception, model: Callable, args: tuple, kwargs: dict, what:
     if isinstance(error, NonFiniteParameterError):
         return ValueError(f"{what}: {error}")
     if isinstance(error, ValueError) and str(error).startswith("Expected parameter") \
-            and rejected_parameters(model, args, kwargs) is None:
+            and (not first or rejected_parameters(model, args, kwargs) is None):
         return ValueError(degenerate_update_message(error, what))
     return error
 
