@@ -3,9 +3,10 @@
 ``pyro.infer.SVI.step`` applies the optimiser's update whatever the loss was: one NaN in
 the data (or one overflowing step) silently turns every parameter into NaN. :class:`SafeSVI`
 has the same contract, ``step(*args, **kwargs) -> float``, but checks the loss and the
-gradients before the update and the parameters after it, raises
-:class:`NonFiniteLossError` naming the step, and leaves the last finite parameters in
-Pyro's param store.
+gradients before the update and the parameters after it (unconstrained and constrained:
+a covariance can overflow through ``exp`` while its unconstrained value is finite), raises
+:class:`NonFiniteLossError` naming the step and the parameter, and leaves the last finite
+parameters in Pyro's param store, also when the update is interrupted halfway (Ctrl-C).
 
 :func:`default_loss` picks the ELBO estimator: ``TraceEnum_ELBO`` when the model has
 discrete latents (the guides in :mod:`ppl_em.guides` mark them for enumeration, so the
@@ -34,7 +35,11 @@ __all__ = ["SafeSVI", "NonFiniteLossError", "default_loss"]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """An SVI step produced a NaN or infinite loss, gradient or parameter; nothing was updated."""
+    """A step produced a NaN or infinite loss, gradient or parameter; nothing was updated.
+
+    Raised by :meth:`SafeSVI.step`, and by :func:`ppl_em.fit` for an EM iteration whose
+    log p(x) is not finite (naming the site whose log-probability is not).
+    """
 
 
 class SafeSVI(SVI):
@@ -42,9 +47,11 @@ class SafeSVI(SVI):
 
     One call of :meth:`step` computes -ELBO(x; Q, theta) and its gradient, then updates the
     parameters of the model (theta) and of the guide (Q's). If the loss or a gradient is
-    NaN or inf, or the update makes a parameter non-finite, it raises
-    :class:`NonFiniteLossError` (naming the step, counted from 1 over the calls of
-    ``step``) and the param store keeps the values it had before that step.
+    NaN or inf, or the update makes a parameter non-finite (unconstrained or constrained) or
+    moves it outside its constraint, it raises :class:`NonFiniteLossError` (naming the
+    parameter and the step, counted from 1 over the calls of ``step``) and the param store
+    keeps the values it had before that step. Any exception during the update (a
+    KeyboardInterrupt too) restores them as well.
 
     Parameters
     ----------
