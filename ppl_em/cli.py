@@ -254,11 +254,16 @@ class Outputs:
         return self
 
     def __exit__(self, kind, error, tb) -> None:
-        if kind is None:
-            self._commit()
-        else:
-            shutil.rmtree(self.stage, ignore_errors=True)
-            _remove_empty(self.created)
+        try:
+            if kind is None:
+                self._commit()
+                return
+        except OSError as e:
+            error = e
+        shutil.rmtree(self.stage, ignore_errors=True)
+        _remove_empty(self.created)
+        if isinstance(error, OSError):  # a full disk, a folder removed under us: one line, not a traceback
+            raise UsageError(f"could not write the output to --out {self.out!r}: {error.strerror or error}") from None
 
     def _commit(self) -> None:
         with _sigint_deferred():  # move the whole set, or (interrupted before) none of it

@@ -177,11 +177,25 @@ def fit(
     FitResult
         The kept restart. Its parameters are also left in Pyro's param store.
 
+    Raises
+    ------
+    ValueError
+        Before the model runs, for model arguments that cannot be fitted (NaN or inf, naming
+        the argument and the first index; empty, half-precision or ``requires_grad`` data; a
+        ``k`` that is not a positive integer no larger than n; see :mod:`ppl_em.validation`),
+        and for an EM update that is singular (naming the component where it can).
+    NonFiniteLossError
+        When an EM iteration's log p(x) is not finite, naming the site whose log-probability
+        is not (:mod:`ppl_em.diagnostics`).
+
+    Whatever it raises (KeyboardInterrupt included), ``fit`` leaves Pyro's param store and the
+    ``nn.Module`` arguments as it found them.
+
     Warns
     -----
     ConvergenceWarning
-        If the kept restart did not converge within ``max_iter`` (or stopped on a
-        non-finite loss).
+        If the kept restart did not converge within ``max_iter`` (or an SVI run stopped on a
+        non-finite step, keeping its last finite parameters).
     """
     opts = _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, seed, progress, optim,
                           em_options, log_px_every)
@@ -255,12 +269,12 @@ def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, in
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}.")
-    if not (isinstance(n_init, int) and n_init >= 1):
+    if not (isinstance(n_init, int) and not isinstance(n_init, bool) and n_init >= 1):
         raise ValueError(f"n_init must be an integer >= 1, got {n_init!r}.")
     max_iter = DEFAULT_MAX_ITER[method] if max_iter is None else max_iter
-    if not (isinstance(max_iter, int) and max_iter >= 1):
+    if not (isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter >= 1):
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-    if not tol >= 0:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}.")
     if guide is not None and method in ("em", "hard_em"):
         raise ValueError(f"method={method!r} computes the exact posterior and takes no guide; "

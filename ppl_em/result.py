@@ -43,6 +43,7 @@ from .em import EM
 from .posterior import ExactInferenceError, inspect_model
 from .store import State, capture_store, fresh_rng, model_trace, replace_store
 from .svi import default_loss
+from .validation import check_arguments, check_seed
 
 __all__ = ["FitResult", "load", "free_parameters", "atomic_write", "count_observations", "observations",
            "capture_store", "replace_store"]
@@ -298,7 +299,7 @@ class FitResult:
         rows = torch.ones((max(n, 1),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
         args = args[:position] + (rows,) + args[position + 1:]
         if seed is not None:
-            pyro.set_rng_seed(seed)
+            pyro.set_rng_seed(check_seed(seed))
         with self._active(), torch.no_grad():
             tr = prune_subsample_sites(poutine.trace(poutine.uncondition(self.model)).get_trace(*args, **kwargs))
         sites = {name: s for name, s in tr.nodes.items() if s["type"] == "sample"}
@@ -354,7 +355,9 @@ class FitResult:
         return args, kwargs
 
     def _check_model(self, args: tuple, kwargs: dict) -> None:
-        """The model reads exactly this result's parameters (checked once per argument shape)."""
+        """The arguments can be fitted, and the model reads exactly this result's parameters (checked
+        once per argument shape)."""
+        check_arguments(self.model, args, kwargs)  # NaN data: a clear error before the model runs
         key = _signature(args, kwargs)
         if key not in self._checked:
             checkpoint.check_model(self.state, self.model, args, kwargs, self.source or "This result")

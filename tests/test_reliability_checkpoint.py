@@ -278,3 +278,14 @@ def test_sample_zero_is_empty_with_the_right_shapes_and_negative_is_an_error(fit
     for n in (-1, 2.5, True):
         with pytest.raises(ValueError, match=r"sample\(n\) needs a number of draws n >= 0"):
             result.sample(n)
+
+
+def test_a_results_methods_check_their_data_first(fitted):
+    result, x = fitted
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    for method in (result.score, result.predict_proba, result.bic):
+        with pytest.raises(ValueError, match=r"argument 'x' \(shape \(68, 2\)\) has 1 non-finite.*index \(3, 1\)"):
+            method(bad, 2)
+    with pytest.raises(ValueError, match="seed must lie in"):
+        result.sample(3, seed=-5)

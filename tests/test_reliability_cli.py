@@ -208,3 +208,14 @@ def test_a_stale_staging_folder_of_a_killed_run_is_cleaned(csv, tmp_path, capsys
     rc, _, err = run(["fit", "gmm", "--data", csv, "-k", "2", "--out", str(out)], capsys)
     assert rc == 0 and err == ""
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "clusters.png", "history.json", "training.png"]
+
+
+def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(csv, tmp_path, capsys, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "_write_json", disk_full)
+    out = tmp_path / "out"
+    rc, stdout, err = run(["fit", "gmm", "--data", csv, "-k", "2", "--out", str(out)], capsys)
+    assert_one_error_line(rc, stdout, err, r"could not write the output to --out '.*out': No space left on device")
+    assert not out.exists()

@@ -378,3 +378,14 @@ def test_the_same_data_fit_with_the_default_reg_covar():
     result = quiet(gmm.model, x, 2)
     assert all(torch.isfinite(v).all() for v in result.params.values())
 
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"n_init": True}, "n_init must be an integer >= 1"),
+    ({"max_iter": False}, "max_iter must be an integer >= 1"),
+    ({"tol": "small"}, "tol must be >= 0"),
+    ({"tol": math.nan}, "tol must be >= 0"),
+])
+def test_options_of_the_wrong_type(options, message):
+    with pytest.raises(ValueError, match=message):
+        ppl_em.fit(gmm.model, faithful(), 2, progress=False, **options)
