@@ -12,7 +12,10 @@
     List the models ``fit`` accepts.
 
 Bad input (a missing or malformed file, NaN, a wrong shape, K larger than the number of
-points, an unknown model or method) prints one line on stderr and exits with status 2.
+points, an unknown model or method, an ``--out`` that cannot be written) and the library's own
+diagnostics (a singular fit) print one line on stderr and exit with status 2; Ctrl-C prints
+one line and exits with status 130. The outputs of a run appear together when it succeeds,
+and not at all otherwise (:class:`Outputs`).
 """
 
 from __future__ import annotations
@@ -273,7 +276,6 @@ class Outputs:
         sync_directory(self.out)
 
 
-
 def _make_folder(out: str) -> List[str]:
     """Create ``out`` and any missing parents; returns those created, deepest first."""
     if os.path.isdir(out):
@@ -307,11 +309,11 @@ def _sigint_deferred() -> Iterator[None]:
     if mask is None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    mask(signal.SIG_BLOCK, {signal.SIGINT})
+    before = mask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        mask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        mask(signal.SIG_SETMASK, before)
 
 
 # -- commands -------------------------------------------------------------------------------

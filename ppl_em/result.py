@@ -13,7 +13,8 @@ latent-variable model on one scale for every method:
 * ``sample(n)``: the generative story run forward with the fitted theta.
 
 Checkpoints (:meth:`FitResult.save`, :func:`load`) hold tensors plus a JSON string and are
-read with ``torch.load(weights_only=True)``: loading never runs code from the file.
+read with ``torch.load(weights_only=True)``: loading never runs code from the file. Every
+field is validated, and the parameters against the model (:mod:`ppl_em.checkpoint`).
 
 References: lecture notes, "EM algorithm", "density estimation"; Schwarz, "Estimating the
 dimension of a model", Ann. Stat. 1978 (BIC); Akaike, IEEE TAC 1974 (AIC).
