@@ -453,6 +453,7 @@ def load(path: "os.PathLike[str] | str", model: Optional[Callable] = None, args:
         raise ValueError(f"{source!r} names no model of ppl_em.models; pass the model with the arguments: "
                          "ppl_em.load(path, model=my_model, args=(x, k)).")
     if args or kwargs:
+        check_arguments(model, args, kwargs)
         checkpoint.check_model(state, model, args, kwargs, repr(source))
     replace_store(state)
     fields = {name: meta[name] for name in ("method", "losses", "history", "converged", "n_iter", "n_data",
