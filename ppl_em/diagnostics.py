@@ -23,7 +23,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
 
 __all__ = ["non_finite_site", "non_finite_loss_message", "rejected_parameters", "singular_update_message",
-           "degenerate_update_message"]
+           "degenerate_update_message", "explain_failure"]
 
 _MAX_PLATES = 8  # enumeration dims go left of this many plate dims
 _MATRIX_CONSTRAINTS = (type(constraints.positive_definite), type(constraints.lower_cholesky),
@@ -142,14 +142,46 @@ def singular_update_message(error: BaseException, what: str) -> str:
             f"reduce k, or scale the data (the M-step's update is not positive definite: {str(error).splitlines()[0]})")
 
 
-def degenerate_update_message(error: BaseException, what: str) -> str:
-    """The M-step produced values the model's distributions reject (a variance of exactly 0, say)."""
-    return (f"{what}: the M-step's update lies outside the model's support, as when a component collapses onto "
-            "identical points and its variance is 0: increase reg_covar (em_options={'reg_covar': 1e-4}), reduce "
-            f"k, or scale the data ({str(error).splitlines()[0]})")
+def degenerate_update_message(name: str, outside: torch.Tensor, what: str) -> str:
+    """An M-step update outside its parameter's constraint: a component whose variance is 0 or whose
+    covariance is singular (it collapsed onto identical points). ``outside`` marks the batch elements."""
+    where = outside.reshape(-1).nonzero().reshape(-1).tolist() if outside.dim() else []
+    subject = f"component {where[0]} of parameter {name!r}" if where and outside.numel() > 1 else f"parameter {name!r}"
+    problem = ("has a singular covariance" if outside.dim() < 1 or _is_matrix(name) else
+               "collapsed onto identical points: its variance is 0")
+    return (f"{what}: {subject} {problem}: increase reg_covar (em_options={{'reg_covar': 1e-4}}), reduce k, "
+            "or scale the data. The previous parameters were kept.")
+
+
+def _is_matrix(name: str) -> bool:
+    return name in _matrix_parameters()
 
 
 def _matrix_parameters() -> List[str]:
     store = pyro.get_param_store()
     state = store.get_state()
     return [n for n, c in state["constraints"].items() if isinstance(c, _MATRIX_CONSTRAINTS)]
+
+
+def explain_failure(error: Exception, model: Callable, args: tuple, kwargs: dict, what: str) -> Exception:
+    """The error to raise for a failed EM step: the root cause where it can be told, else ``error``.
+
+    A non-finite log-probability breaks any M-step, so it is named first. A failed Cholesky
+    factorisation is a singular covariance update. A distribution that rejects its parameters
+    ("Expected parameter ...") although the model accepted the parameters before the step was given
+    them by the update (a variance of exactly 0 passes as finite).
+    """
+    from .em import NonFiniteParameterError
+    from .svi import NonFiniteLossError
+
+    if isinstance(error, (NonFiniteLossError, KeyboardInterrupt)):
+        return error
+    if non_finite_site(model, args, kwargs) is not None:
+        return NonFiniteLossError(non_finite_loss_message(model, args, kwargs, what, None))
+    if str(error).startswith(what):  # already says why
+        return error
+    if isinstance(error, torch.linalg.LinAlgError):
+        return ValueError(singular_update_message(error, what))
+    if isinstance(error, NonFiniteParameterError):
+        return ValueError(f"{what}: {error}")
+    return error

@@ -33,6 +33,7 @@ import pyro
 
 from . import chunking as chunks_, closed_form
 from .checks import check_arguments, check_observations
+from .diagnostics import degenerate_update_message, explain_failure, non_finite_loss_message
 from .fast import Workspace
 from .gradient import (StalledError, expected_log_joint, gradient_m_step, stalled_message, stationary,
                        unconstrained_grads)
@@ -40,6 +41,7 @@ from .plan import Plan, make_plan
 from .priors import MAP_BASES, NoMAPError
 from .posterior import ModelStructure, Posterior, exact_posterior, inspect_model, trace_model
 from .statistics import Statistics
+from .svi import NonFiniteLossError
 
 __all__ = ["EM", "NonFiniteParameterError", "StalledError", "NoMAPError"]
 
@@ -133,22 +135,50 @@ class EM:
         self._workspace = Workspace()  # chunk-sized tables, handed from chunk to chunk and step to step
         self._param_names: List[str] = []
         self._log_prior = 0.0
+        self.iterations = 0  # steps completed
 
     # -- the algorithm -----------------------------------------------------------------------
     def step(self, *args, **kwargs) -> float:
         """One EM iteration. Returns -log p(x; theta) - log p(theta) at theta *before* the update
-        (for ``posterior="hard"``: -max_z log p(x, z; theta) - log p(theta))."""
+        (for ``posterior="hard"``: -max_z log p(x, z; theta) - log p(theta)).
+
+        A step that fails (a non-finite log p(x), a singular covariance update) raises an error that
+        says why and what to try, and leaves the parameters as they were before it.
+        """
+        saved = self._snapshot()
+        try:
+            loss = self._iterate(args, kwargs)
+        except Exception as error:
+            self._restore(saved)
+            explained = explain_failure(error, self.model, args, kwargs, self._what())
+            if explained is error:
+                raise
+            raise explained from error
+        self.iterations += 1
+        return loss
+
+    def _iterate(self, args, kwargs) -> float:
         chunking = self._prepare(args, kwargs)
         if self.plan.gradient:  # a gradient M-step needs Q(z) of all the data at once
             post = self.e_step(*args, **kwargs)
+            self._check_objective(post.objective, args, kwargs)
             self.m_step(post, *args, **kwargs)
             return -float(post.objective + post.log_prior)
         pieces = chunking.split(args, kwargs)
         kept: List[Dict[str, torch.Tensor]] = []  # the weights a second pass needs, per chunk
         stats = Statistics.sum(self._summarize_chunk(a, k, kept) for a, k in self._workspace.chunks(pieces))  # E-step
+        self._check_objective(stats.objective, args, kwargs)
         log_prior = self._log_prior  # log p(theta): a term of every chunk's trace, counted once
         self._m_step_from(stats, pieces, kept)  # M-step
         return -float(stats.objective + log_prior)
+
+    def _check_objective(self, objective: torch.Tensor, args, kwargs) -> None:
+        """The E-step's log p(x) must be finite before any M-step uses its Q(z)."""
+        if not torch.isfinite(objective):
+            raise NonFiniteLossError(non_finite_loss_message(self.model, args, kwargs, self._what(), None))
+
+    def _what(self) -> str:
+        return f"{'hard EM' if self.posterior == 'hard' else 'EM'} iteration {self.iterations + 1}"
 
     def summarize(self, *args, **kwargs) -> Statistics:
         """The E-step on this data, as expected sufficient statistics; no parameter changes.
@@ -281,6 +311,7 @@ class EM:
             one_row = trace_model(self.model, self.structure, *self._chunks.take(args, kwargs, slice(0, 1)),
                                   log_prob="none")
         self._param_names = list(post.leaves)
+        self._check_objective(post.objective, args, kwargs)
         self.plan = make_plan(self._param_names, post.trace, post.leaves, post.weights, self.m_step_mode, one_row)
         self.plan.shapes = _shapes(self._param_names)
         if self.plan.closed:
@@ -375,14 +406,17 @@ class EM:
         return {n: store[n].detach().clone() for n in self._param_names if n in store}
 
     def _write(self, values: Dict[str, torch.Tensor]) -> None:
+        store = pyro.get_param_store()
         for name, value in values.items():
             if not torch.isfinite(value).all():
                 raise NonFiniteParameterError(
                     f"The M-step update of parameter '{name}' is not finite; the previous "
                     "parameters were kept. Try a larger reg_covar, fewer components, or scaling the data.")
-        store = pyro.get_param_store()
         for name, value in values.items():
             store[name] = value.clone()  # for an unconstrained parameter the store would keep (and alias) the tensor
+            outside = ~store._constraints[name].check(store[name].detach())
+            if outside.any():  # a variance of 0, a singular covariance: a component collapsed onto one point
+                raise ValueError(degenerate_update_message(name, outside, self._what()))
 
     def _snapshot(self) -> Dict[str, torch.Tensor]:
         store = pyro.get_param_store()

@@ -53,9 +53,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 
-from .diagnostics import (degenerate_update_message, non_finite_loss_message, non_finite_site,
-                          rejected_parameters, singular_update_message)
-from .em import EM, NonFiniteParameterError
+from .em import EM
 from .plan import find_uses
 from .guides import AutoAmortized, AutoCategorical
 from .posterior import ExactInferenceError
@@ -341,50 +339,16 @@ class _Stopped(Exception):
 
 
 def _step(engine: Any, model: Callable, args: tuple, kwargs: dict, it: int) -> float:
-    """``engine.step``; for EM, its failures become errors that say why (:mod:`ppl_em.diagnostics`).
-
-    An EM step is deterministic: from the same parameters it fails the same way, so a non-finite
-    log p(x) or a singular update ends the fit with an error (at the parameters before the
-    step) rather than a stopped run.
-    """
-    if not isinstance(engine, EM):
-        try:
-            return engine.step(*args, **kwargs)
-        except NonFiniteLossError as e:  # SafeSVI kept the last finite parameters: a result to keep
-            raise _Stopped(f"{type(e).__name__}: {e}") from e
-    what = f"{'hard EM' if engine.posterior == 'hard' else 'EM'} iteration {it}"
-    before = capture_store()
+    """``engine.step``. An EM step explains its own failures (a non-finite log p(x), a singular update:
+    :func:`ppl_em.diagnostics.explain_failure`) and leaves the parameters of the step before; it is
+    deterministic, so from the same parameters it fails the same way, and the fit ends with that error.
+    An SVI step that went non-finite keeps the last finite parameters: a stopped run, kept."""
+    if isinstance(engine, EM):
+        return engine.step(*args, **kwargs)
     try:
-        loss = engine.step(*args, **kwargs)
-    except Exception as error:
-        replace_store(before)
-        explained = _explain(error, model, args, kwargs, what, first=it == 1)
-        if explained is error:
-            raise
-        raise explained from error
-    if not math.isfinite(loss):
-        replace_store(before)
-        raise NonFiniteLossError(non_finite_loss_message(model, args, kwargs, what, loss))
-    return loss
-
-
-def _explain(error: Exception, model: Callable, args: tuple, kwargs: dict, what: str, first: bool) -> Exception:
-    """The error to raise for a failed EM step: the root cause where it can be told, else ``error``.
-
-    A distribution that rejects its parameters ("Expected parameter ...") after an M-step has run
-    was given them by an update: this step's (if the model accepts the parameters before it) or
-    the previous one's (a variance of exactly 0 passes as finite).
-    """
-    if non_finite_site(model, args, kwargs) is not None:  # a NaN posterior breaks any M-step
-        return NonFiniteLossError(non_finite_loss_message(model, args, kwargs, what, None))
-    if isinstance(error, torch.linalg.LinAlgError):
-        return ValueError(singular_update_message(error, what))
-    if isinstance(error, NonFiniteParameterError):
-        return ValueError(f"{what}: {error}")
-    if isinstance(error, ValueError) and str(error).startswith("Expected parameter") \
-            and (not first or rejected_parameters(model, args, kwargs) is None):
-        return ValueError(degenerate_update_message(error, what))
-    return error
+        return engine.step(*args, **kwargs)
+    except NonFiniteLossError as e:
+        raise _Stopped(f"{type(e).__name__}: {e}") from e
 
 
 def _settled(losses: List[float], window: int, tol: float) -> bool:
