@@ -125,7 +125,7 @@ def excess_cost(points, mu):
     raise NotImplementedError("Exercise 1.1")
 
 
-# %% [markdown] tags=["solution"] jupyter={"source_hidden": true}
+# %% [markdown] tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 # **Solution.** Write x^(i) - mu = (x^(i) - xbar) + (xbar - mu) and expand the square:
 #
 #     f(mu) = sum_i ||x^(i) - xbar||^2 + 2 (xbar - mu)^T sum_i (x^(i) - xbar) + m ||xbar - mu||^2.
@@ -135,7 +135,7 @@ def excess_cost(points, mu):
 # gradient -2 sum_i (x^(i) - mu) to zero finds the same point, but the identity also proves it
 # is the minimum, not just a stationary point.)
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def excess_cost(points, mu):
     """f(mu) - f(xbar) = m ||mu - xbar||^2."""
     return len(points) * ((mu - points.mean(0)) ** 2).sum()
@@ -219,7 +219,7 @@ def dsquared_probabilities(x, centres):
     raise NotImplementedError("Exercise 1.2")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def dsquared_probabilities(x, centres):
     d2 = torch.cdist(x, centres).square().min(-1).values  # (n,): D(x^(i))^2
     return d2 / d2.sum()

@@ -127,7 +127,7 @@ def gda_by_hand(x, z, k):
     raise NotImplementedError("Exercise 2.1")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def gda_by_hand(x, z, k):
     one_hot = torch.nn.functional.one_hot(z, k).to(x.dtype)  # (n, k): 1{z^(i) = j}
     phi = one_hot.mean(0)  # (k,)
@@ -294,7 +294,7 @@ def gmm_free_parameters(k, d):
     raise NotImplementedError("Exercise 2.2")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def gmm_free_parameters(k, d):
     # phi: k numbers summing to 1; mu: k d; Sigma_j: d (d + 1) / 2 entries on and above the diagonal.
     return (k - 1) + k * d + k * d * (d + 1) // 2

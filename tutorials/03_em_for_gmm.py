@@ -91,7 +91,7 @@ def e_step_by_hand(x, phi, mu, Sigma):
     raise NotImplementedError("Exercise 3.1")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def e_step_by_hand(x, phi, mu, Sigma):
     log_joint = phi.log() + dist.MultivariateNormal(mu, covariance_matrix=Sigma).log_prob(x[:, None, :])  # (n, k)
     return log_joint.softmax(-1)
@@ -133,7 +133,7 @@ def m_step_by_hand(x, w):
     raise NotImplementedError("Exercise 3.2")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def m_step_by_hand(x, w):
     nj = w.sum(0)  # (k,): soft counts
     phi = nj / len(x)
@@ -177,7 +177,7 @@ def solve_for_phi(phi, N, beta):
     raise NotImplementedError("Exercise 3.3")
 
 
-# %% [markdown] tags=["solution"] jupyter={"source_hidden": true}
+# %% [markdown] tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 # **Solution.** Write N_j = sum_i w_j^(i) (soft counts) and
 # L(phi, beta) = sum_j N_j log phi_j + beta (1 - sum_j phi_j). Then
 #
@@ -190,7 +190,7 @@ def solve_for_phi(phi, N, beta):
 # logs) and the constraint linear, so this stationary point is the maximum. With hard counts
 # 1{z^(i) = j} it is GDA's phi_j (tutorial 2).
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def lagrangian(phi, N, beta):
     return sum(N_j * sympy.log(phi_j) for N_j, phi_j in zip(N, phi)) + beta * (1 - sum(phi))
 

@@ -112,7 +112,7 @@ def tangent(f, m):
     raise NotImplementedError("Exercise 4.1")
 
 
-# %% [markdown] tags=["solution"] jupyter={"source_hidden": true}
+# %% [markdown] tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 # **Solution.** Let m = E[x] and t(v) = f(m) + f'(m) (v - m) the tangent at m (for a
 # non-differentiable f, any supporting line). Convexity gives f(v) >= t(v) for every v, and
 # strict convexity gives f(v) > t(v) for v != m (if f(v) = t(v) for some v != m, the chord
@@ -125,7 +125,7 @@ def tangent(f, m):
 # P(x != m) = 0: x = E[x] with probability 1. In the ELBO this is why the bound is tight only
 # when p(x, z; theta) / Q(z) is the same for every z.
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def tangent(f, m):
     m = m.detach().requires_grad_(True)
     value = f(m)
@@ -230,7 +230,7 @@ def kl_divergence(Q, P):
     raise NotImplementedError("Exercise 4.2")
 
 
-# %% [markdown] tags=["solution"] jupyter={"source_hidden": true}
+# %% [markdown] tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 # **Solution.** Write p(x, z; theta) = p(z | x; theta) p(x; theta) inside the ELBO:
 #
 #     ELBO = sum_z Q(z) log [ p(z | x; theta) p(x; theta) / Q(z) ]
@@ -240,7 +240,7 @@ def kl_divergence(Q, P):
 # KL >= 0 is Jensen again (-log is convex), with equality exactly when Q(z) / p(z | x) is
 # constant, i.e. Q = p(z | x; theta). For the data set, sum over the points.
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def kl_divergence(Q, P):
     return (torch.special.xlogy(Q, Q) - torch.special.xlogy(Q, P)).sum()
 

@@ -247,7 +247,7 @@ def guide_sizes(n, d, k, hidden):
     raise NotImplementedError("Exercise 5.1")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def guide_sizes(n, d, k, hidden):
     mean_field = n * k  # one logit vector per point: grows with the data
     encoder = (d * hidden + hidden) + (hidden * k + k)  # two weight matrices and biases: fixed

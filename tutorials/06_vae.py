@@ -158,14 +158,14 @@ def gaussian_kl(loc, scale):
     raise NotImplementedError("Exercise 6.1")
 
 
-# %% [markdown] tags=["solution"] jupyter={"source_hidden": true}
+# %% [markdown] tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 # **Solution.** With q = N(m, s^2) and p = N(0, 1),
 # log q(z) - log p(z) = -log s - (z - m)^2 / (2 s^2) + z^2 / 2. Under q, E[(z - m)^2] = s^2 and
 # E[z^2] = m^2 + s^2, so KL = E_q[log q - log p] = -log s - 1/2 + (m^2 + s^2) / 2
 # = (1/2) (m^2 + s^2 - 1 - log s^2). Coordinates of a diagonal Gaussian are independent, so
 # their KLs add.
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def gaussian_kl(loc, scale):
     return 0.5 * (loc ** 2 + scale ** 2 - 1 - 2 * scale.log()).sum(-1)
 

@@ -151,7 +151,7 @@ def viterbi(x, pi, A, mu, sigma):
     raise NotImplementedError("Exercise 7.1")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def viterbi(x, pi, A, mu, sigma):
     log_b = dist.Normal(mu, sigma).log_prob(x[:, None, :]).sum(-1)  # (T, k)
     delta, back = pi.log() + log_b[0], []

@@ -35,8 +35,6 @@
 # and calls the word site `w`; below, `params["theta"]` is phi.)
 
 # %%
-import itertools
-
 import matplotlib.pyplot as plt
 import torch
 import pyro
@@ -112,7 +110,7 @@ def plsa_step(counts, phi, beta):
     raise NotImplementedError("Exercise 8.1")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def plsa_step(counts, phi, beta):
     joint = phi[:, None, :] * beta.T[None, :, :]  # (D, V, k): phi_dj beta_jv
     w = joint / joint.sum(-1, keepdim=True)  # responsibilities per (document, word)

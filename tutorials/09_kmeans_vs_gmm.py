@@ -181,7 +181,7 @@ def assign_keeping_ties(mu, c_old):
     raise NotImplementedError("Exercise 9.1")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def assign_keeping_ties(mu, c_old):
     d = torch.cdist(toy, mu) ** 2  # (n, 2)
     current = d.gather(1, c_old[:, None])[:, 0]  # distance to the centroid it has now

@@ -124,7 +124,7 @@ def log_likelihood_bound(n, d, r):
     raise NotImplementedError("Exercise 10.1")
 
 
-# %% [markdown] tags=["solution"] jupyter={"source_hidden": true}
+# %% [markdown] tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 # **Solution.** N(x; mu, Sigma) = (2 pi)^{-d/2} det(Sigma)^{-1/2} exp(-(1/2) (x - mu)^T Sigma^{-1} (x - mu)).
 # The exponential is at most 1, and det(Sigma) is the product of the eigenvalues, each >= r,
 # so det(Sigma) >= r^d and N <= (2 pi r)^{-d/2}. A mixture is an average of such densities,
@@ -132,7 +132,7 @@ def log_likelihood_bound(n, d, r):
 # points gives log p(x) <= -(n d / 2) log(2 pi r). With r = 0 there is no bound: that is the
 # collapse. (The bound is loose: a useful fit sits far below it.)
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def log_likelihood_bound(n, d, r):
     return -0.5 * n * d * math.log(2 * math.pi * r)
 

@@ -138,7 +138,7 @@ def silhouette(x, c):
     raise NotImplementedError("Exercise 11.1")
 
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def silhouette(x, c):
     dist = torch.cdist(x, x)  # (n, n)
     member = torch.nn.functional.one_hot(c).to(x.dtype)  # (n, clusters)
@@ -208,13 +208,13 @@ def penalised_choice(log_lik, n_params, penalty):
     raise NotImplementedError("Exercise 11.2")
 
 
-# %% [markdown] tags=["solution"] jupyter={"source_hidden": true}
+# %% [markdown] tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 # **Solution.** Let k_B minimise BIC(k) = -2 l_k + p_k log n, and take any k < k_B, so
 # p_k < p_{k_B}. Then AIC(k) = BIC(k) - p_k (log n - 2) >= BIC(k_B) - p_k (log n - 2)
 # > BIC(k_B) - p_{k_B} (log n - 2) = AIC(k_B), using log n - 2 > 0 in the strict step. So
 # every k below k_B has a larger AIC than k_B, and AIC's minimiser is at least k_B.
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def penalised_choice(log_lik, n_params, penalty):
     scores = [-2 * l + penalty * p for l, p in zip(log_lik, n_params)]
     return min(range(len(scores)), key=scores.__getitem__)

@@ -126,7 +126,7 @@ def slopes(theta, w):
     raise NotImplementedError("Exercise 12.1")
 
 
-# %% [markdown] tags=["solution"] jupyter={"source_hidden": true}
+# %% [markdown] tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 # **Solution.** The gap g(theta) = log p(x; theta) - ELBO(Q_t, theta) = KL(Q_t || p(z | x; theta))
 # is differentiable, never negative, and zero at theta_t (the E-step made Q_t the posterior
 # there). A differentiable function that has a minimum at an interior point has zero slope
@@ -134,7 +134,7 @@ def slopes(theta, w):
 # the gradient of E_Q[log p(x, z; theta)] at theta_t is the gradient of log p(x; theta_t),
 # Fisher's identity.) Away from theta_t the slopes differ, because g grows.
 
-# %% tags=["solution"] jupyter={"source_hidden": true}
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def slopes(theta, w):
     theta = torch.as_tensor(theta, dtype=f64).detach().requires_grad_(True)
     (bound,) = torch.autograd.grad(elbo(theta, w), theta)
