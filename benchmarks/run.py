@@ -91,7 +91,8 @@ def _row(workload: str, library: str, size: str, fit: wl.Fit) -> Row:
 def _ratios(rows: List[Row], reference: Row) -> None:
     """ratio = reference seconds / row seconds, speed-up = its inverse, for every timed row."""
     for row in rows:
-        if row is not reference and row.seconds is not None and reference.seconds is not None:
+        # A time of 0 (a peer's fit minus its own scoring, on a loaded machine) has no ratio.
+        if row is not reference and row.seconds and reference.seconds:
             row.ratio = reference.seconds / row.seconds
             row.speedup = row.seconds / reference.seconds
 

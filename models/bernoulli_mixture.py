@@ -40,6 +40,9 @@ def _check_binary(x: torch.Tensor) -> None:
     if not torch.is_tensor(x) or x.dim() != 2:
         got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise ValueError(f"x must be a tensor of shape (n, d), got {got}.")
+    if not x.is_floating_point():
+        raise ValueError(f"x must hold 0/1 values as a floating-point tensor, got dtype {x.dtype}. "
+                         "Convert it with x.double().")
     if not ((x == 0) | (x == 1)).all():
         bad = x[(x != 0) & (x != 1)][0].item()
         raise ValueError(f"x must be binary (0 or 1), found the value {bad}. Binarise the data first, "

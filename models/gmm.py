@@ -74,6 +74,12 @@ def init_params(x: torch.Tensor, k: int, seed: int = 0, covariance_type: str = "
     """
     _check_covariance_type(covariance_type)
     n, d = x.shape
+    if n < 2:
+        raise ValueError(f"The default initial Sigma is the covariance of the data, which needs at least 2 rows; "
+                         f"x has {n}. Pass more data, or initial values: init={{'Sigma': ...}}.")
+    if k > n:
+        raise ValueError(f"The default initial mu is k = {k} distinct rows of x, which has only {n}. "
+                         f"Use k <= {n}, or pass init={{'mu': ...}}.")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=g)[:k]
     cov = torch.cov(x.T).reshape(d, d) + 1e-6 * torch.eye(d, dtype=x.dtype)  # (d, d)
@@ -144,6 +150,9 @@ def _check_inputs(x, labels, labels_mask) -> Tuple[int, int]:
     if not torch.is_tensor(x) or x.dim() != 2:
         got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise ValueError(f"x must be a tensor of shape (n, d), got {got}. Reshape 1-d data with x[:, None].")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor (float32 or float64), got {x.dtype}. "
+                         "Convert it with x.double().")
     n, d = x.shape
     if labels_mask is not None and labels is None:
         raise ValueError("labels_mask was given without labels; pass labels (n,) long with the observed classes.")

@@ -46,6 +46,9 @@ def init_params(x: torch.Tensor, k: int, seed: int = 0) -> Dict[str, torch.Tenso
     ``x`` has shape (T, d) or (S, T, d); returns ``pi`` (k,), ``A`` (k, k), ``mu`` (k, d), ``sigma`` (k, d).
     """
     flat = x.reshape(-1, x.shape[-1])  # (S T, d)
+    if k > len(flat):
+        raise ValueError(f"The default initial mu is k = {k} distinct observations, but x has only {len(flat)}. "
+                         f"Use k <= {len(flat)}, or pass init={{'mu': ...}}.")
     g = torch.Generator().manual_seed(seed)
     A = torch.full((k, k), 0.5 / max(k - 1, 1), dtype=x.dtype).fill_diagonal_(0.5 if k > 1 else 1.0)
     return {
@@ -62,6 +65,9 @@ def _as_batch(x: torch.Tensor) -> torch.Tensor:
         got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise ValueError(f"x must have shape (T, d) for one sequence or (S, T, d) for S sequences of equal "
                          f"length, got {got}. Reshape a univariate series with x[:, None].")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor (float32 or float64), got {x.dtype}. "
+                         "Convert it with x.double().")
     return x if x.dim() == 3 else x.unsqueeze(0)
 
 

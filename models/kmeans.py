@@ -52,6 +52,9 @@ def prepare(x: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
     if not torch.is_tensor(x) or x.dim() != 2:
         got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
         raise ValueError(f"x must be a tensor of shape (n, d), got {got}. Reshape 1-d data with x[:, None].")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor (float32 or float64), got {x.dtype}. "
+                         "Convert it with x.double().")
     if metric == "euclidean":
         return x
     norm = x.norm(dim=-1, keepdim=True)  # (n, 1)

@@ -4,14 +4,15 @@ One model file, three ways to fit it: exact EM (:class:`EM`), SVI with ordinary 
 and amortized (VAE-style) guides.
 """
 
-from .em import EM, NonFiniteParameterError
+from .em import EM, NonFiniteParameterError, StalledError
+from .statistics import Statistics
 from .posterior import ExactInferenceError, Posterior
 from .fit import ConvergenceWarning, fit
 from .result import FitResult, load
 from .guides import AutoAmortized, AutoCategorical, ExactPosterior
 from .svi import NonFiniteLossError, SafeSVI, default_loss
 
-__all__ = ["EM", "ExactInferenceError", "NonFiniteParameterError", "Posterior",
+__all__ = ["EM", "Statistics", "ExactInferenceError", "NonFiniteParameterError", "StalledError", "Posterior",
            "ConvergenceWarning", "FitResult", "fit", "load",
            "AutoAmortized", "AutoCategorical", "ExactPosterior", "NonFiniteLossError", "SafeSVI", "default_loss"]
 __version__ = "0.1.0"

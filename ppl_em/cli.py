@@ -12,28 +12,39 @@
     List the models ``fit`` accepts.
 
 Bad input (a missing or malformed file, NaN, a wrong shape, K larger than the number of
-points, an unknown model or method) prints one line on stderr and exits with status 2.
+points, an unknown model or method, an ``--out`` that cannot be written) and the library's own
+diagnostics (a singular fit) print one line on stderr and exit with status 2; Ctrl-C prints
+one line and exits with status 130. The outputs of a run appear together when it succeeds,
+and not at all otherwise (:class:`Outputs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
+import math
 import os
 import pkgutil
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyro
 import torch
 
 from .fit import INITS, METHODS, ConvergenceWarning, fit
-from .result import FitResult, atomic_write
+from .checkpoint import atomic_write, clean_stale_partials, partial_prefix, sync_directory
+from .result import FitResult
+from .validation import MAX_SEED
 
 __all__ = ["main", "load_data", "resolve_model"]
 
@@ -49,17 +60,18 @@ class _Parser(argparse.ArgumentParser):
 
 # -- input ----------------------------------------------------------------------------------
 def load_data(path: str) -> torch.Tensor:
-    """Read a (n, d) float64 tensor from a .csv (optional header line) or .npy file; validate it."""
-    if not os.path.isfile(path):
-        raise UsageError(f"data file {path!r} not found")
+    """Read a (n, d) float64 tensor from a .csv (optional header line) or .npy file; validate it.
+
+    Positions in errors count from 0 for a .npy array's rows and from 1 for a .csv file's lines
+    (the header included) and columns, as an editor shows them.
+    """
+    _check_data_path(path)
     ext = os.path.splitext(path)[1].lower()
+    lines = None
     if ext == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as e:
-            raise UsageError(f"could not read {path!r} as a numeric .npy array ({e})") from None
+        array = _read_npy(path)
     elif ext == ".csv":
-        array = _read_csv(path)
+        array, lines = _read_csv(path)
     else:
         raise UsageError(f"data file {path!r}: expected a .csv or .npy file, got {ext or 'no extension'!r}")
     if array.dtype.kind not in "biuf":
@@ -68,23 +80,115 @@ def load_data(path: str) -> torch.Tensor:
         array = array[:, None]
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
         raise UsageError(f"data file {path!r}: expected a non-empty table of shape (n, d), got shape {array.shape}")
-    bad = ~np.isfinite(array.astype(np.float64))
-    if bad.any():
-        row, col = (int(i) for i in np.argwhere(bad)[0])
-        raise UsageError(f"data file {path!r} has {int(bad.sum())} NaN/inf value(s), the first at row {row}, "
-                         f"column {col}; remove or impute them")
+    _check_finite(path, array, lines)
     return torch.tensor(array, dtype=torch.float64)
 
 
-def _read_csv(path: str) -> np.ndarray:
-    for skip in (0, 1):  # a header line is allowed
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # numpy warns on an empty file
-                return np.loadtxt(path, delimiter=",", ndmin=2, skiprows=skip, dtype=np.float64)
-        except ValueError as e:
-            error = e
-    raise UsageError(f"could not parse {path!r} as a numeric CSV table ({str(error).splitlines()[0]})")
+def _check_data_path(path: str) -> None:
+    if not os.path.lexists(path):
+        raise UsageError(f"data file {path!r} not found")
+    if os.path.isdir(path):
+        raise UsageError(f"data file {path!r} is a folder; expected a .csv or .npy file")
+    if not os.path.isfile(path):
+        raise UsageError(f"data file {path!r} is not a regular file (a FIFO, socket, device or broken link); "
+                         "expected a .csv or .npy file")
+
+
+def _check_finite(path: str, array: np.ndarray, lines: Optional[List[int]]) -> None:
+    bad = ~np.isfinite(array.astype(np.float64))
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        where = f"row {row}, column {col}" if lines is None else f"line {lines[row]}, column {col + 1}"
+        raise UsageError(f"data file {path!r} has {int(bad.sum())} NaN/inf value(s), the first at {where}; "
+                         "remove or impute them")
+
+
+def _read_npy(path: str) -> np.ndarray:
+    """np.load of a .npy file, after checking that it is one and that its header fits the file."""
+    try:
+        with open(path, "rb") as f:
+            _check_npy_header(path, f, os.fstat(f.fileno()).st_size)
+        return np.load(path, allow_pickle=False)
+    except OSError as e:
+        raise UsageError(f"could not read {path!r}: {e.strerror or e}") from None
+    except (ValueError, EOFError) as e:
+        raise UsageError(f"could not read {path!r} as a numeric .npy array ({str(e).splitlines()[0]})") from None
+
+
+def _check_npy_header(path: str, f, size: int) -> None:
+    if size == 0:
+        raise UsageError(f"data file {path!r} is empty (0 bytes); expected an array written by numpy.save")
+    if f.read(4) == b"PK\x03\x04":
+        raise UsageError(f"data file {path!r} is an .npz archive (a zip of arrays), not a .npy array; save the "
+                         "one array to fit with numpy.save(path, x)")
+    f.seek(0)
+    version = np.lib.format.read_magic(f)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        return  # a newer header: np.load checks it
+    shape, _, dtype = readers[version](f)
+    if dtype.hasobject:
+        raise UsageError(f"data file {path!r} holds Python objects (dtype {dtype}); expected numbers")
+    needed, present = math.prod(shape) * dtype.itemsize, size - f.tell()
+    if needed > present:
+        raise UsageError(f"data file {path!r} is truncated or damaged: its header declares shape {shape} of "
+                         f"{dtype} ({needed} bytes of data), but the file holds only {present} bytes of data")
+
+
+def _read_csv(path: str) -> Tuple[np.ndarray, List[int]]:
+    """The table, and the file line (from 1) of each of its rows."""
+    try:
+        header = _has_header(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numpy warns on an empty file
+            array = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=int(header), dtype=np.float64)
+    except OSError as e:
+        raise UsageError(f"could not read {path!r}: {e.strerror or e}") from None
+    except ValueError:
+        raise UsageError(f"could not parse {path!r} as a numeric CSV table: {_csv_problem(path, header)}") from None
+    return array, _data_lines(path, header)
+
+
+def _csv_lines(path: str) -> Iterator[Tuple[int, List[str]]]:
+    """(line number from 1, fields) of every line that is not blank or a # comment."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            text = line.split("#", 1)[0].strip()
+            if text:
+                yield number, [field.strip() for field in text.split(",")]
+
+
+def _is_number(field: str) -> bool:
+    try:
+        float(field)
+    except ValueError:
+        return False
+    return True
+
+
+def _has_header(path: str) -> bool:
+    """Whether the file's first line is a header: some field of it is not a number."""
+    first = next(_csv_lines(path), None)
+    return first is not None and first[0] == 1 and not all(map(_is_number, first[1]))
+
+
+def _data_lines(path: str, header: bool) -> List[int]:
+    return [number for number, _ in _csv_lines(path) if not (header and number == 1)]
+
+
+def _csv_problem(path: str, header: bool) -> str:
+    """Where the table breaks: the first field that is not a number, or a line of another width."""
+    width = None
+    for number, fields in _csv_lines(path):
+        if header and number == 1:
+            continue
+        if width is not None and len(fields) != width[1]:
+            return f"line {number} has {len(fields)} field(s), line {width[0]} has {width[1]}"
+        width = width or (number, len(fields))
+        for column, field in enumerate(fields, 1):
+            if not _is_number(field):
+                return f"line {number}, column {column}: {field!r} is not a number"
+    return "no numeric table found"
 
 
 def available_models() -> Dict[str, Tuple[Callable, Tuple[str, ...]]]:
@@ -119,6 +223,97 @@ def resolve_model(name: str, method: str) -> Callable:
         raise UsageError(f"model {name!r} is called as model({', '.join(params)}), not model(x, k); "
                          "fit it from Python with ppl_em.fit")
     return model
+
+
+# -- output ---------------------------------------------------------------------------------
+class Outputs:
+    """The files of one command, all or none: written into a hidden staging folder inside
+    ``--out`` and moved into place together when the command succeeds.
+
+    On an error or Ctrl-C the staging folder is removed, and so is ``--out`` itself if this run
+    created it: nothing partial is left. ``--out`` is created and checked for writing before any
+    fit starts, so a bad folder fails in a second rather than after the fit.
+    """
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.created = _make_folder(out)
+        clean_stale_partials(out)
+        try:
+            self.stage = tempfile.mkdtemp(prefix=partial_prefix("ppl-em"), dir=out)
+        except OSError as e:
+            _remove_empty(self.created)
+            raise UsageError(f"cannot write to --out {out!r}: {e.strerror or e}") from None
+
+    def path(self, name: str) -> str:
+        """Where to write output ``name`` during the command."""
+        return os.path.join(self.stage, name)
+
+    def final(self, path: str) -> str:
+        """Where a file written at ``path`` (see :meth:`path`) will be once the command succeeds."""
+        return os.path.join(self.out, os.path.basename(path))
+
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        try:
+            if kind is None:
+                self._commit()
+                return
+        except OSError as e:
+            error = e
+        shutil.rmtree(self.stage, ignore_errors=True)
+        _remove_empty(self.created)
+        if isinstance(error, OSError):  # a full disk, a folder removed under us: one line, not a traceback
+            raise UsageError(f"could not write the output to --out {self.out!r}: {error.strerror or error}") from None
+
+    def _commit(self) -> None:
+        with _sigint_deferred():  # move the whole set, or (interrupted before) none of it
+            for name in sorted(os.listdir(self.stage)):
+                os.replace(os.path.join(self.stage, name), os.path.join(self.out, name))
+            os.rmdir(self.stage)
+        sync_directory(self.out)
+
+
+def _make_folder(out: str) -> List[str]:
+    """Create ``out`` and any missing parents; returns those created, deepest first."""
+    if os.path.isdir(out):
+        return []
+    if os.path.lexists(out):
+        raise UsageError(f"--out {out!r} exists and is not a folder; pass the path of a folder")
+    missing, folder = [], os.path.abspath(out)
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {out!r} lies under {folder!r}, which is a file, not a folder")
+    try:
+        os.makedirs(out)
+    except OSError as e:
+        _remove_empty(missing)
+        raise UsageError(f"cannot create --out {out!r}: {e.strerror or e}") from None
+    return missing
+
+
+def _remove_empty(folders: List[str]) -> None:
+    for folder in folders:  # deepest first; a folder that is not empty stays
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back for the duration of the block, where the platform allows."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = mask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, before)
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -170,19 +365,19 @@ def cmd_fit(ns: argparse.Namespace) -> int:
     if not 1 <= ns.components <= len(x):
         raise UsageError(f"--components must be between 1 and the number of data points ({len(x)}), "
                          f"got {ns.components}")
-    os.makedirs(ns.out, exist_ok=True)
     _small_problem_threads(x)
-    start = time.perf_counter()
-    result = _fit_quietly(model, x, ns.components, method=ns.method, max_iter=ns.max_iter, seed=ns.seed,
-                          n_init=ns.n_init, init=ns.init, progress=None if not ns.json else False)
-    summary = dict(_summary(result, x, ns.components, time.perf_counter() - start), model=ns.model,
-                   data=ns.data, n=len(x), d=x.shape[1], components=ns.components)
-    files = [result.save(os.path.join(ns.out, "checkpoint.pt")),
-             _write_json(os.path.join(ns.out, "history.json"), {"summary": summary, "history": result.history}),
-             plot_training(os.path.join(ns.out, "training.png"), {ns.method: result})]
-    clusters = _cluster_figure(os.path.join(ns.out, "clusters.png"), result, x, ns.components,
-                               f"{ns.model}, {ns.method}, k = {ns.components}")
-    summary["files"] = files + ([clusters] if clusters else [])
+    with Outputs(ns.out) as out:
+        start = time.perf_counter()
+        result = _fit_quietly(model, x, ns.components, method=ns.method, max_iter=ns.max_iter, seed=ns.seed,
+                              n_init=ns.n_init, init=ns.init, progress=None if not ns.json else False)
+        summary = dict(_summary(result, x, ns.components, time.perf_counter() - start), model=ns.model,
+                       data=ns.data, n=len(x), d=x.shape[1], components=ns.components)
+        summary["files"] = [out.final(p) for p in (
+            result.save(out.path("checkpoint.pt")),
+            _write_json(out.path("history.json"), {"summary": summary, "history": result.history}),
+            plot_training(out.path("training.png"), {ns.method: result}),
+            _cluster_figure(out.path("clusters.png"), result, x, ns.components,
+                            f"{ns.model}, {ns.method}, k = {ns.components}")) if p]
     if ns.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -229,14 +424,21 @@ def _small_problem_threads(x: torch.Tensor) -> None:
 def cmd_demo(ns: argparse.Namespace) -> int:
     """GMM (k = 2, full covariances) on Old Faithful, four ways; a table and the figures."""
     from .datasets import load_old_faithful
-    from .models import gmm
-    from .plot import plot_elbo_gap, plot_training
 
     x, k = load_old_faithful(), 2
     _small_problem_threads(x)
     # torch imports its compiler (~3 s) at the first optimiser construction: not part of any fit's time.
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-    os.makedirs(ns.out, exist_ok=True)
+    with Outputs(ns.out) as out:
+        files = _demo_fits(ns, x, k, out)
+    print("wrote " + ", ".join(files))
+    return 0
+
+
+def _demo_fits(ns: argparse.Namespace, x: torch.Tensor, k: int, out: "Outputs") -> List[str]:
+    from .models import gmm
+    from .plot import plot_elbo_gap, plot_training
+
     results, rows = {}, []
     for label, method, options in DEMO_FITS:
         max_iter = {"em": 100, "hard_em": 100}.get(method, 60 if ns.quick else 500)
@@ -248,15 +450,14 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         rows.append(dict(_summary(results[label], x, k, time.perf_counter() - start), label=label))
     print(f"Gaussian mixture, k = {k}, full covariances, on Old Faithful (n = {len(x)}, d = 2)")
     print(_table(rows))
-    files = [_cluster_figure(os.path.join(ns.out, "clusters_em.png"), results["EM"], x, k,
+    files = [_cluster_figure(out.path("clusters_em.png"), results["EM"], x, k,
                              "Old Faithful, EM: colour = responsibility w_j^(i)", FAITHFUL_AXES),
-             plot_training(os.path.join(ns.out, "training.png"), results),
-             plot_elbo_gap(os.path.join(ns.out, "elbo_gap.png"), results),
-             _write_json(os.path.join(ns.out, "summary.json"), rows)]
-    files.insert(1, _cluster_figure(os.path.join(ns.out, "clusters_svi.png"), results["SVI"], x, k,
-                                    "Old Faithful, SVI: colour = exact responsibility w_j^(i)", FAITHFUL_AXES))
-    print("wrote " + ", ".join(f for f in files if f))
-    return 0
+             _cluster_figure(out.path("clusters_svi.png"), results["SVI"], x, k,
+                             "Old Faithful, SVI: colour = exact responsibility w_j^(i)", FAITHFUL_AXES),
+             plot_training(out.path("training.png"), results),
+             plot_elbo_gap(out.path("elbo_gap.png"), results),
+             _write_json(out.path("summary.json"), rows)]
+    return [out.final(f) for f in files if f]
 
 
 def cmd_models(ns: argparse.Namespace) -> int:
@@ -267,6 +468,17 @@ def cmd_models(ns: argparse.Namespace) -> int:
 
 
 # -- entry point ----------------------------------------------------------------------------
+def _check_options(ns: argparse.Namespace) -> None:
+    if getattr(ns, "max_iter", None) is not None and ns.max_iter < 1:
+        raise UsageError(f"--max-iter must be >= 1, got {ns.max_iter}")
+    if getattr(ns, "n_init", 1) < 1:
+        raise UsageError(f"--n-init must be >= 1, got {ns.n_init}")
+    if hasattr(ns, "seed"):
+        last = MAX_SEED - (getattr(ns, "n_init", 1) - 1)  # restart r uses seed + r
+        if not 0 <= ns.seed <= last:
+            raise UsageError(f"--seed must lie in [0, {last}] (seeds are 32-bit), got {ns.seed}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ppl-em", description="Fit latent-variable models written as plain Pyro programs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -292,20 +504,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``ppl-em`` command; returns the exit status (0, or 2 for bad input)."""
+    """Run the ``ppl-em`` command; returns the exit status (0; 2 for bad input; 130 on Ctrl-C)."""
     try:
         ns = build_parser().parse_args(argv)
-        if getattr(ns, "max_iter", None) is not None and ns.max_iter < 1:
-            raise UsageError(f"--max-iter must be >= 1, got {ns.max_iter}")
-        if getattr(ns, "n_init", 1) < 1:
-            raise UsageError(f"--n-init must be >= 1, got {ns.n_init}")
+        _check_options(ns)
         return ns.func(ns)
-    except (UsageError, ValueError) as e:  # ValueError: the library's own diagnostics of bad input
-        print(f"ppl-em: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # the reader went away (`ppl-em fit ... | head -1`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except BaseException as e:
+        return _report(e)
+
+
+def _report(error: BaseException) -> int:
+    """One line on stderr and the exit status for bad input (2) or Ctrl-C (130); anything else is a bug
+    and keeps its traceback."""
+    if _interrupted(error):
+        print("ppl-em: interrupted; no output was written", file=sys.stderr)
+        return 130
+    if isinstance(error, (UsageError, ValueError, FloatingPointError)):
+        # ValueError, FloatingPointError: the library's own diagnostics (bad data, a singular fit)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"ppl-em: error: {message}", file=sys.stderr)
+        return 2
+    raise error
+
+
+def _interrupted(error: Optional[BaseException]) -> bool:
+    """A Ctrl-C, or an error it caused (an import cut short re-raises it as a RuntimeError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 if __name__ == "__main__":  # pragma: no cover

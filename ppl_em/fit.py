@@ -53,11 +53,16 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 
+from .diagnostics import (degenerate_update_message, non_finite_loss_message, non_finite_site,
+                          rejected_parameters, singular_update_message)
 from .em import EM, NonFiniteParameterError
+from .plan import find_uses
 from .guides import AutoAmortized, AutoCategorical
 from .posterior import ExactInferenceError
-from .result import FitResult, capture_store, count_observations, replace_store
+from .result import FitResult, observations
+from .store import capture_store, model_trace, replace_store
 from .svi import NonFiniteLossError, SafeSVI, default_loss
+from .validation import check_arguments, check_k_fits, check_observed_dtypes, check_seed
 
 __all__ = ["fit", "ConvergenceWarning", "METHODS", "INITS"]
 
@@ -173,20 +178,35 @@ def fit(
     FitResult
         The kept restart. Its parameters are also left in Pyro's param store.
 
+    Raises
+    ------
+    ValueError
+        Before the model runs, for model arguments that cannot be fitted (NaN or inf, naming
+        the argument and the first index; empty, half-precision or ``requires_grad`` data; a
+        ``k`` that is not a positive integer no larger than n; see :mod:`ppl_em.validation`),
+        and for an EM update that is singular (naming the component where it can).
+    NonFiniteLossError
+        When an EM iteration's log p(x) is not finite, naming the site whose log-probability
+        is not (:mod:`ppl_em.diagnostics`).
+
+    Whatever it raises (KeyboardInterrupt included), ``fit`` leaves Pyro's param store and the
+    ``nn.Module`` arguments as it found them.
+
     Warns
     -----
     ConvergenceWarning
-        If the kept restart did not converge within ``max_iter`` (or stopped on a
-        non-finite loss).
+        If the kept restart did not converge within ``max_iter`` (or an SVI run stopped on a
+        non-finite step, keeping its last finite parameters).
     """
-    opts = _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, progress, optim,
+    opts = _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, seed, progress, optim,
                           em_options, log_px_every)
-    networks = _Networks(args, kwargs)
-    runs = []
-    for r in range(n_init):
-        networks.start(r, seed + r)
-        runs.append(_fit_once(model, args, kwargs, opts, seed + r))
-        runs[-1].networks = networks.snapshot()
+    networks, before = _Networks(args, kwargs), capture_store()
+    try:
+        runs = _restarts(model, args, kwargs, opts, seed, networks)
+    except BaseException:  # a failed or interrupted fit leaves the store and the networks as it found them
+        replace_store(before)
+        networks.restore(networks.initial)
+        raise
     best = max(range(n_init), key=lambda r: runs[r].rank())
     run = runs[best]
     replace_store(run.state)
@@ -200,6 +220,16 @@ def fit(
         method=method, losses=run.losses, history=run.history, converged=run.converged, n_iter=len(run.losses),
         n_data=opts.n_data, log_likelihood=run.log_px, restarts=[r.summary(opts.n_data) for r in runs], best=best,
         init={"strategy": init, "params": run.init_params}, model=model, guide=run.guide, args=args, kwargs=kwargs)
+
+
+def _restarts(model: Callable, args: tuple, kwargs: dict, opts: "_Options", seed: int,
+              networks: "_Networks") -> List["_Run"]:
+    runs = []
+    for r in range(opts.n_init):
+        networks.start(r, seed + r)
+        runs.append(_fit_once(model, args, kwargs, opts, seed + r))
+        runs[-1].networks = networks.snapshot()
+    return runs
 
 
 class _Networks:
@@ -234,18 +264,18 @@ class _Networks:
                     value.copy_(state[name])  # in place: pyro.module keeps referring to these tensors
 
 
-def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, progress, optim, em_options,
-                   log_px_every) -> _Options:
+def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, seed, progress, optim,
+                   em_options, log_px_every) -> _Options:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}.")
-    if not (isinstance(n_init, int) and n_init >= 1):
+    if not (isinstance(n_init, int) and not isinstance(n_init, bool) and n_init >= 1):
         raise ValueError(f"n_init must be an integer >= 1, got {n_init!r}.")
     max_iter = DEFAULT_MAX_ITER[method] if max_iter is None else max_iter
-    if not (isinstance(max_iter, int) and max_iter >= 1):
+    if not (isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter >= 1):
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
-    if not tol >= 0:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}.")
     if guide is not None and method in ("em", "hard_em"):
         raise ValueError(f"method={method!r} computes the exact posterior and takes no guide; "
@@ -253,9 +283,21 @@ def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, in
     if guide is not None and not isinstance(guide, type) and n_init > 1:
         raise ValueError("A guide instance cannot be reset between restarts; pass its class "
                          "(e.g. guide=AutoCategorical) so that each restart builds a fresh one, or use n_init=1.")
-    n_data = count_observations(model, args, kwargs)
+    check_seed(seed, n_init)
+    n_data = _check_data(model, args, kwargs)
     return _Options(method, guide, max_iter, float(tol), init, progress, optim, dict(em_options or {}),
                     int(log_px_every), n_data, n_init)
+
+
+def _check_data(model: Callable, args: tuple, kwargs: dict) -> int:
+    """Validate the model arguments before the model runs, then look at one run of it in an empty
+    param store (what a previous fit left there must not leak in); returns n, the observations."""
+    check_arguments(model, args, kwargs)
+    trace = model_trace(model, args, kwargs)
+    check_observed_dtypes(trace)
+    n_data = observations(trace)
+    check_k_fits(model, args, kwargs, n_data)
+    return n_data
 
 
 # -- one restart ----------------------------------------------------------------------------
@@ -275,9 +317,9 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
             log_px = exact_log_px(model, args, kwargs, opts.n_data) if monitor else None
             start = time.perf_counter()
             try:
-                loss = engine.step(*args, **kwargs)
-            except (NonFiniteParameterError, NonFiniteLossError) as e:
-                run.stopped = f"{type(e).__name__}: {e}"
+                loss = _step(engine, model, args, kwargs, it)
+            except _Stopped as e:
+                run.stopped = str(e)
                 break
             elapsed += time.perf_counter() - start
             run.losses.append(loss)
@@ -294,6 +336,57 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
     return run
 
 
+class _Stopped(Exception):
+    """An SVI run stopped at a non-finite step; its last finite parameters stand."""
+
+
+def _step(engine: Any, model: Callable, args: tuple, kwargs: dict, it: int) -> float:
+    """``engine.step``; for EM, its failures become errors that say why (:mod:`ppl_em.diagnostics`).
+
+    An EM step is deterministic: from the same parameters it fails the same way, so a non-finite
+    log p(x) or a singular update ends the fit with an error (at the parameters before the
+    step) rather than a stopped run.
+    """
+    if not isinstance(engine, EM):
+        try:
+            return engine.step(*args, **kwargs)
+        except NonFiniteLossError as e:  # SafeSVI kept the last finite parameters: a result to keep
+            raise _Stopped(f"{type(e).__name__}: {e}") from e
+    what = f"{'hard EM' if engine.posterior == 'hard' else 'EM'} iteration {it}"
+    before = capture_store()
+    try:
+        loss = engine.step(*args, **kwargs)
+    except Exception as error:
+        replace_store(before)
+        explained = _explain(error, model, args, kwargs, what, first=it == 1)
+        if explained is error:
+            raise
+        raise explained from error
+    if not math.isfinite(loss):
+        replace_store(before)
+        raise NonFiniteLossError(non_finite_loss_message(model, args, kwargs, what, loss))
+    return loss
+
+
+def _explain(error: Exception, model: Callable, args: tuple, kwargs: dict, what: str, first: bool) -> Exception:
+    """The error to raise for a failed EM step: the root cause where it can be told, else ``error``.
+
+    A distribution that rejects its parameters ("Expected parameter ...") after an M-step has run
+    was given them by an update: this step's (if the model accepts the parameters before it) or
+    the previous one's (a variance of exactly 0 passes as finite).
+    """
+    if non_finite_site(model, args, kwargs) is not None:  # a NaN posterior breaks any M-step
+        return NonFiniteLossError(non_finite_loss_message(model, args, kwargs, what, None))
+    if isinstance(error, torch.linalg.LinAlgError):
+        return ValueError(singular_update_message(error, what))
+    if isinstance(error, NonFiniteParameterError):
+        return ValueError(f"{what}: {error}")
+    if isinstance(error, ValueError) and str(error).startswith("Expected parameter") \
+            and (not first or rejected_parameters(model, args, kwargs) is None):
+        return ValueError(degenerate_update_message(error, what))
+    return error
+
+
 def _settled(losses: List[float], window: int, tol: float) -> bool:
     """|mean of the last window - mean of the window before| < tol (window 1: last change)."""
     if len(losses) < 2 * window:
@@ -307,7 +400,7 @@ def exact_log_px(model: Callable, args: tuple, kwargs: dict, n_data: int) -> Opt
     """(1/n) log p(x; theta) at the parameters in the store, by one exact E-step; None if intractable."""
     try:
         with poutine.block():
-            return EM(model).log_likelihood(*args, **kwargs) / n_data
+            return EM(model, **_tiny_data_options(n_data)).log_likelihood(*args, **kwargs) / n_data
     except ExactInferenceError:
         return None
 
@@ -316,7 +409,8 @@ def _engine(model: Callable, args: tuple, kwargs: dict, opts: _Options):
     """The object whose ``step(*args, **kwargs) -> float`` runs one iteration, and the guide."""
     if opts.method in ("em", "hard_em"):
         posterior = "exact" if opts.method == "em" else "hard"
-        return EM(model, posterior=posterior, **opts.em_options), None
+        options = {**_tiny_data_options(opts.n_data), **opts.em_options}
+        return EM(model, posterior=posterior, **options), None
     guide = opts.guide
     if guide is None:
         guide = AutoCategorical if opts.method == "svi" else AutoAmortized
@@ -324,6 +418,11 @@ def _engine(model: Callable, args: tuple, kwargs: dict, opts: _Options):
         guide = guide(model)
     optim = opts.optim if opts.optim is not None else pyro.optim.Adam({"lr": 0.05})
     return SafeSVI(model, guide, optim, default_loss(model, *args, **kwargs)), guide
+
+
+def _tiny_data_options(n_data: int) -> Dict[str, Any]:
+    """One observation: nothing to stream, and no two halves for EM's streaming check to compare."""
+    return {"chunk_size": None} if n_data < 2 else {}
 
 
 def _progress_bar(opts: _Options, seed: int):
@@ -378,7 +477,15 @@ def location_parameters(post) -> Dict[str, tuple]:
     of shape (k, *row) and attr is "loc", "probs" or "rate".
     """
     found = {}
-    for name, uses in EM._find_closed_forms(post.trace, post.leaves, post.weights).items():
+    by_id = {id(leaf): name for name, leaf in post.leaves.items()}
+    uses_of: Dict[str, list] = {}
+    for site in post.trace.nodes.values():
+        if site["type"] == "sample":
+            for use in find_uses(site, by_id)[0]:
+                uses_of.setdefault(use.param, []).append(use)
+    for name, uses in uses_of.items():
+        if len({(u.rule.family, u.rule.attr) for u in uses}) != 1 or uses[0].selection.transforms:
+            continue
         rule, shape = uses[0].rule, post.leaves[name].shape
         if rule.attr not in ("loc", "probs", "rate") or rule.family is dist.Categorical or len(shape) < 1:
             continue

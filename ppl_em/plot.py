@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .result import FitResult, atomic_write
+from .checkpoint import atomic_write
+from .result import FitResult
 
 __all__ = ["plot_clusters", "plot_training", "plot_elbo_gap", "plot_latent_space", "plot_reconstructions",
            "ellipse_points"]

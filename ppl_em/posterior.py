@@ -48,7 +48,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
-from . import chains, families
+from . import chains
+from .fast import Workspace, compact, log_prob as fast_log_prob, new_table
 from .chains import ChainTerms
 
 __all__ = ["Posterior", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
@@ -84,9 +85,10 @@ class _PointEstimate(Messenger):
     has none, it starts from a draw from the prior.
     """
 
-    def __init__(self, names: Tuple[str, ...]) -> None:
+    def __init__(self, names: Tuple[str, ...], leaves: Optional[Dict[str, torch.Tensor]] = None) -> None:
         super().__init__()
         self.names = names
+        self.leaves = leaves  # with a dict, the values are fresh leaves, like _LeafParams' (for the M-step)
 
     def _pyro_sample(self, msg: dict) -> None:
         if msg["name"] not in self.names or msg["is_observed"]:
@@ -96,7 +98,12 @@ class _PointEstimate(Messenger):
         # Read the store directly: a param message named like the sample site would clash in traces.
         if name not in store:
             store.setdefault(name, fn.sample().detach(), constraint=fn.support)
-        msg["value"] = store[name]
+        value = store[name]
+        if self.leaves is not None:
+            if name not in self.leaves:
+                self.leaves[name] = value.detach().requires_grad_()
+            value = self.leaves[name]
+        msg["value"] = value
         msg["is_observed"] = True
         msg["infer"] = dict(msg["infer"], _map_site=True)
 
@@ -154,6 +161,7 @@ def trace_model(
     kwargs: dict,
     leaf_params: bool = True,
     log_prob: str = "grad",
+    workspace: Optional[Workspace] = None,
 ) -> Tuple[Trace, Dict[str, torch.Tensor]]:
     """Run the model once under parallel enumeration.
 
@@ -165,11 +173,14 @@ def trace_model(
     the memory of its autograd graph) or ``"none"`` (distributions and values only).
     A chain site (``DiscreteHMM``) also gets ``site["chain_terms"]``, its tables of
     log-potentials (:class:`ppl_em.chains.ChainTerms`); with ``"value"`` they are fresh leaves
-    that its log-probability is differentiable in (the E-step's probes).
+    that its log-probability is differentiable in (the E-step's probes). The leaves include the
+    values of point-estimated global latents, under their site names. ``workspace`` lends the fast
+    paths their chunk-sized tables.
     """
     leaves = _LeafParams() if leaf_params else poutine.messenger.Messenger()
+    point = _PointEstimate(structure.map_sites, leaves.leaves if leaf_params else None)
     enum_model = poutine.enum(
-        config_enumerate(_PointEstimate(structure.map_sites)(model), default="parallel"),
+        config_enumerate(point(model), default="parallel"),
         first_available_dim=-1 - structure.max_plate_nesting,
     )
     with leaves:
@@ -177,20 +188,20 @@ def trace_model(
     tr = prune_subsample_sites(tr)
     if log_prob != "none":
         with torch.set_grad_enabled(log_prob == "grad" and torch.is_grad_enabled()):
-            _compute_log_prob(tr, probes=log_prob == "value")
+            _compute_log_prob(tr, probes=log_prob == "value", workspace=workspace)
         tr.pack_tensors()
     return tr, getattr(leaves, "leaves", {})
 
 
-def _compute_log_prob(tr: Trace, probes: bool = False) -> None:
-    """``Trace.compute_log_prob``, with the fast paths of :func:`ppl_em.families.log_prob` and
+def _compute_log_prob(tr: Trace, probes: bool = False, workspace: Optional[Workspace] = None) -> None:
+    """``Trace.compute_log_prob``, with the fast paths of :func:`ppl_em.fast.log_prob` and
     :mod:`ppl_em.chains` (with ``probes``, a chain's tables become leaves it is differentiable in)."""
     for site in sample_sites(tr):
         if "log_prob" not in site and not site["args"] and not site["kwargs"]:
             if chains.is_chain(site["fn"]):
                 log_p = _chain_log_prob(site, probes)
             else:
-                log_p = families.log_prob(site["fn"], site["value"])
+                log_p = fast_log_prob(site["fn"], site["value"], workspace)
                 if not torch.is_grad_enabled():  # Pyro's Categorical returns a view of its (graph-carrying) logits
                     log_p = log_p.detach()
             site["unscaled_log_prob"] = log_p
@@ -201,7 +212,7 @@ def _compute_log_prob(tr: Trace, probes: bool = False) -> None:
 
 
 def _chain_log_prob(site: dict, probes: bool) -> torch.Tensor:
-    terms = chains.chain_terms(site["fn"], site["value"], families.log_prob)
+    terms = chains.chain_terms(site["fn"], site["value"], fast_log_prob)
     if probes:
         terms = ChainTerms(*(t.detach().requires_grad_() for t in terms.tensors()))
     site["chain_terms"] = terms
@@ -283,7 +294,7 @@ def _contract(tr: Trace, probes: Dict[str, torch.Tensor], ring) -> torch.Tensor:
     return contract_to_tensor(tree, sum_dims, target_ordinal=frozenset(), ring=ring)
 
 
-def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+def _one_latent_posterior(tr: Trace, scale: float, workspace: Optional[Workspace] = None) -> Optional[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
     """The probe gradients in closed form, for the commonest structure: one enumerated latent z^(i)
     per data point and every site in the same plates (a mixture). Then
 
@@ -299,7 +310,7 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
         return None
     dim = latents[0]["infer"]["_enumerate_dim"]
     terms = {s["name"]: masked_log_prob(s, fill=_masked_fill_value(s, LogRing())) for s in sites}
-    post, lse = _sum_and_normalise(list(terms.values()), dim)
+    post, lse = _sum_and_normalise(list(terms.values()), dim, workspace)
     if scale != 1.0:
         post = post * scale
     weights = {s["name"]: torch.ones_like(masked_log_prob(s)) for s in sample_sites(tr) if s["infer"].get("_map_site")}
@@ -316,10 +327,11 @@ def _one_latent_posterior(tr: Trace, scale: float) -> Optional[Tuple[torch.Tenso
 BLOCK_ELEMENTS = 2**18
 
 
-def _sum_and_normalise(terms: List[torch.Tensor], dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _sum_and_normalise(terms: List[torch.Tensor], dim: int,
+                       workspace: Optional[Workspace] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(Q, lse): the sites' log-probability tables summed (broadcast) into log p(x, z), then
     normalised along the enumerated ``dim`` (:func:`_normalise_exp`). The sum goes into a table of
-    its own (from the streaming pass's pool, see :func:`ppl_em.families.new_table`), block by block
+    its own (from the streaming pass's :class:`ppl_em.fast.Workspace`), block by block
     of columns where the normalised dim is not the last; every column's arithmetic is the same either way.
 
     Densest term first: adding a broadcast (k, 1) table to a (k, n) one is several times faster
@@ -328,13 +340,13 @@ def _sum_and_normalise(terms: List[torch.Tensor], dim: int) -> Tuple[torch.Tenso
     """
     if len(terms) == 1:
         return _normalise_exp(terms[0], dim)
-    terms = sorted(terms, key=lambda t: -families.compact(t).numel())
+    terms = sorted(terms, key=lambda t: -compact(t).numel())
     if any(t.requires_grad for t in terms) and torch.is_grad_enabled():
         return _normalise_exp(functools.reduce(torch.add, terms), dim, in_place=True)
     shape = torch.broadcast_shapes(*(t.shape for t in terms))
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in terms))
     stride = torch.empty_like(terms[0], device="meta").stride() if terms[0].shape == shape else None
-    total = families.new_table(shape, dtype, terms[0].device, stride)
+    total = new_table(workspace, shape, dtype, terms[0].device, stride)
     n = shape[-1] if shape else 1
     step = max(1, BLOCK_ELEMENTS // max(1, total.numel() // max(1, n)))
     if dim % len(shape) == len(shape) - 1 or total.stride(-1) != 1 or step >= n:
@@ -499,7 +511,8 @@ class Posterior:
 # SVI.evaluate_loss with ExactPosterior) it would silently come out as all-ones weights.
 @torch.enable_grad()
 def exact_posterior(
-    model: Callable, structure: ModelStructure, args: tuple, kwargs: dict, mode: str = "exact"
+    model: Callable, structure: ModelStructure, args: tuple, kwargs: dict, mode: str = "exact",
+    workspace: Optional[Workspace] = None,
 ) -> Posterior:
     """The E-step. See the module docstring for the probe-gradient mechanism.
 
@@ -512,11 +525,13 @@ def exact_posterior(
     mode : {"exact", "hard"}
         ``"exact"``: Q(z) = p(z | x; theta). ``"hard"``: Q(z) = one-hot at argmax_z p(z | x; theta)
         (the joint mode, e.g. the Viterbi path of an HMM).
+    workspace : ppl_em.fast.Workspace, optional
+        Lends the chunk-sized tables of the fast paths (a streaming pass recycles them between chunks).
     """
-    tr, leaves = trace_model(model, structure, args, kwargs, log_prob="value")
+    tr, leaves = trace_model(model, structure, args, kwargs, log_prob="value", workspace=workspace)
     sites = sample_sites(tr)
     scale = _common_scale(tr)
-    single = _one_latent_posterior(tr, scale) if mode == "exact" else None
+    single = _one_latent_posterior(tr, scale, workspace) if mode == "exact" else None
     if single is not None:
         log_z, weights = single
         objective = log_z

@@ -13,7 +13,8 @@ latent-variable model on one scale for every method:
 * ``sample(n)``: the generative story run forward with the fitted theta.
 
 Checkpoints (:meth:`FitResult.save`, :func:`load`) hold tensors plus a JSON string and are
-read with ``torch.load(weights_only=True)``: loading never runs code from the file.
+read with ``torch.load(weights_only=True)``: loading never runs code from the file. Every
+field is validated, and the parameters against the model (:mod:`ppl_em.checkpoint`).
 
 References: lecture notes, "EM algorithm", "density estimation"; Schwarz, "Estimating the
 dimension of a model", Ann. Stat. 1978 (BIC); Akaike, IEEE TAC 1974 (AIC).
@@ -22,102 +23,35 @@ dimension of a model", Ann. Stat. 1978 (BIC); Akaike, IEEE TAC 1974 (AIC).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import math
 import os
-import pkgutil
-import re
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import pyro
 import pyro.distributions.constraints as constraints
 import pyro.poutine as poutine
-import pyro.util
+from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import transform_to
 
+from . import checkpoint
 from .chains import is_chain
+from .checkpoint import atomic_write, constraint_to_json, qualified_name
 from .em import EM
 from .posterior import ExactInferenceError, inspect_model
+from .store import State, capture_store, fresh_rng, model_trace, replace_store
 from .svi import default_loss
+from .validation import check_arguments, check_seed
 
-__all__ = ["FitResult", "load", "free_parameters", "atomic_write", "count_observations"]
-
-FORMAT = "ppl_em.FitResult"
-VERSION = 1
-
-# Parametrised constraints a checkpoint may name; their arguments must be plain numbers.
-_BOUNDED = {
-    "interval": ("lower_bound", "upper_bound"),
-    "half_open_interval": ("lower_bound", "upper_bound"),
-    "greater_than": ("lower_bound",),
-    "greater_than_eq": ("lower_bound",),
-    "less_than": ("upper_bound",),
-}
+__all__ = ["FitResult", "load", "free_parameters", "atomic_write", "count_observations", "observations",
+           "capture_store", "replace_store"]
 # Matrix constraints whose unconstrained parametrisation in Pyro's store is over-complete.
 _TRIANGULAR = (type(constraints.positive_definite), type(constraints.positive_semidefinite),
                type(constraints.lower_cholesky), type(constraints.softplus_lower_cholesky),
                type(constraints.symmetric), type(constraints.lower_triangular))
-
-
-# -- storage helpers ------------------------------------------------------------------------
-def atomic_write(path: "os.PathLike[str] | str", write: Callable[[BinaryIO], None]) -> str:
-    """Write a file so that a crash leaves either the old file or the new one, never a mix.
-
-    ``write(f)`` fills a temporary file in the destination's directory; it is flushed,
-    fsync'ed and moved over ``path`` with :func:`os.replace` (atomic on POSIX and Windows).
-
-    Returns
-    -------
-    str
-        ``path``.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make checkpoints private
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX only)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def capture_store() -> Dict[str, Dict[str, Any]]:
-    """A detached copy of Pyro's param store: unconstrained values and constraints."""
-    store = pyro.get_param_store()
-    state = store.get_state()
-    return {"params": {n: v.detach().clone() for n, v in state["params"].items()},
-            "constraints": dict(state["constraints"])}
-
-
-def replace_store(state: Dict[str, Dict[str, Any]]) -> None:
-    """Make Pyro's param store hold exactly ``state``: cleared first, so nothing is merged."""
-    pyro.clear_param_store()
-    params = {n: v.detach().clone().requires_grad_() for n, v in state["params"].items()}
-    pyro.get_param_store().set_state({"params": params, "constraints": dict(state["constraints"])})
 
 
 # -- free parameters ------------------------------------------------------------------------
@@ -151,58 +85,22 @@ def free_parameters(shape: torch.Size, constraint: constraints.Constraint) -> in
     return math.prod(transform_to(constraint).inverse_shape(torch.Size(shape)))
 
 
-# -- constraints <-> JSON ------------------------------------------------------------------
-def _constraint_to_json(c: constraints.Constraint, name: str) -> Dict[str, Any]:
-    if isinstance(c, constraints.independent):
-        return {"independent": _constraint_to_json(c.base_constraint, name), "ndims": c.reinterpreted_batch_ndims}
-    for attr in dir(constraints):
-        if getattr(constraints, attr) is c and not attr.startswith("_"):
-            return {"name": attr}
-    for attr, bounds in _BOUNDED.items():
-        if type(c) is getattr(constraints, attr):
-            values = [getattr(c, b) for b in bounds]
-            if all(isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1) for v in values):
-                return {"name": attr, "args": [float(v) for v in values]}
-    if type(c) is type(constraints.real):
-        return {"name": "real"}
-    raise ValueError(
-        f"Cannot save parameter '{name}': its constraint {c!r} has no checkpoint representation. "
-        f"Supported: the named constraints of pyro.distributions.constraints, {sorted(_BOUNDED)} "
-        "with numeric bounds, and independent(...) of those."
-    )
-
-
-def _constraint_from_json(spec: Any) -> constraints.Constraint:
-    """Rebuild a constraint by name; only Constraint objects and numeric bounds are accepted."""
-    if not isinstance(spec, dict):
-        raise ValueError(f"malformed constraint {spec!r}")
-    if "independent" in spec:
-        return constraints.independent(_constraint_from_json(spec["independent"]), int(spec["ndims"]))
-    name = spec.get("name")
-    if name in _BOUNDED:
-        args = spec.get("args", [])
-        if len(args) != len(_BOUNDED[name]) or not all(isinstance(a, (int, float)) for a in args):
-            raise ValueError(f"malformed bounds {args!r} for constraint {name!r}")
-        return getattr(constraints, name)(*map(float, args))
-    value = getattr(constraints, name, None) if isinstance(name, str) and not name.startswith("_") else None
-    if not isinstance(value, constraints.Constraint):
-        raise ValueError(f"unknown constraint {name!r}")
-    return value
-
-
 # -- observations ---------------------------------------------------------------------------
-def count_observations(model: Callable, args: tuple, kwargs: dict) -> int:
+def count_observations(model: Callable, args: tuple, kwargs: dict, state: Optional[State] = None) -> int:
     """n: the number of observed values, summed over the model's observed sites.
 
     Each batch element of an observed site's distribution is one observation: an (n, d) data
     set under a MultivariateNormal counts n, an HMM with T observed steps counts T (a chain site,
     ``DiscreteHMM``, counts each of its steps). This is the n of the mean log-likelihood
-    (1/n) log p(x) and of BIC's log n.
+    (1/n) log p(x) and of BIC's log n. The model runs once with a param store holding exactly
+    ``state`` (empty by default: whatever Pyro's store holds is never read).
     """
-    store = pyro.get_param_store()
-    with poutine.block(), _fresh_rng(), store.scope(store.get_state()):  # parameters it creates are dropped
-        tr = poutine.trace(model).get_trace(*args, **kwargs)
-    n = sum(math.prod(s["fn"].batch_shape) * _steps(s) for s in tr.nodes.values()
+    return observations(model_trace(model, args, kwargs, state))
+
+
+def observations(trace: Trace) -> int:
+    """n of :func:`count_observations`, from one trace of the model."""
+    n = sum(math.prod(s["fn"].batch_shape) * _steps(s) for s in trace.nodes.values()
             if s["type"] == "sample" and s["is_observed"])
     if n == 0:
         raise ValueError("The model has no observed sample site (no pyro.sample(..., obs=x)); nothing to fit.")
@@ -213,16 +111,6 @@ def _steps(site: dict) -> int:
     """Observations per batch element: the time steps of a chain site, else 1."""
     fn = site["fn"]
     return site["value"].shape[-1 - fn.observation_dist.event_dim] if is_chain(fn) else 1
-
-
-@contextlib.contextmanager
-def _fresh_rng() -> Iterator[None]:
-    """Run without consuming the global random stream (a look at the model must not shift seeds)."""
-    state = pyro.util.get_rng_state()
-    try:
-        yield
-    finally:
-        pyro.util.set_rng_state(state)
 
 
 # -- the result -----------------------------------------------------------------------------
@@ -261,7 +149,13 @@ class FitResult:
         The initialisation: ``strategy`` and the parameters it set (``params``).
     model, guide, args, kwargs
         The model and guide, and the model arguments of the fit (the defaults of every method
-        below when none are passed). After :func:`load`, ``args`` is empty.
+        below when none are passed). After :func:`load`, ``args`` is empty unless passed to it.
+    source : str or None
+        The checkpoint file a loaded result came from (named in its errors).
+
+    Every method checks, once per shape of its arguments, that the model reads exactly this
+    result's parameters, with their shapes and constraints (:func:`ppl_em.checkpoint.check_model`):
+    a parameter the result lacks is an error, never silently initialised.
 
     Examples
     --------
@@ -292,6 +186,8 @@ class FitResult:
     args: tuple = field(default=(), repr=False)
     kwargs: dict = field(default_factory=dict, repr=False)
     state: Dict[str, Dict[str, Any]] = field(default_factory=dict, repr=False)
+    source: Optional[str] = field(default=None, repr=False)
+    _checked: set = field(default_factory=set, repr=False, compare=False)  # argument signatures checked
 
     @classmethod
     def from_store(cls, **fields: Any) -> "FitResult":
@@ -341,7 +237,7 @@ class FitResult:
         """
         args, kwargs = self._model_args(args, kwargs)
         post = self._e_step(args, kwargs)
-        return float(post.log_evidence) / count_observations(self.model, args, kwargs)
+        return float(post.log_evidence) / count_observations(self.model, args, kwargs, self.state)
 
     def elbo(self, *args: Any, num_particles: int = 16, **kwargs: Any) -> float:
         """Mean ELBO(x; Q, theta) per observation with the fitted guide Q (a lower bound on score)."""
@@ -353,7 +249,7 @@ class FitResult:
         loss.num_particles = num_particles
         with self._active(), torch.no_grad():
             value = loss.loss(self.model, self.guide, *args, **kwargs)
-        return -float(value) / count_observations(self.model, args, kwargs)
+        return -float(value) / count_observations(self.model, args, kwargs, self.state)
 
     # -- model selection --------------------------------------------------------------------
     def n_parameters(self, *args: Any, **kwargs: Any) -> int:
@@ -368,13 +264,13 @@ class FitResult:
     def bic(self, *args: Any, **kwargs: Any) -> float:
         """Bayesian information criterion -2 log p(x; theta) + p log n (lower is better)."""
         args, kwargs = self._model_args(args, kwargs)
-        n = count_observations(self.model, args, kwargs)
+        n = count_observations(self.model, args, kwargs, self.state)
         return -2.0 * self.score(*args, **kwargs) * n + self.n_parameters(*args, **kwargs) * math.log(n)
 
     def aic(self, *args: Any, **kwargs: Any) -> float:
         """Akaike information criterion -2 log p(x; theta) + 2 p (lower is better)."""
         args, kwargs = self._model_args(args, kwargs)
-        n = count_observations(self.model, args, kwargs)
+        n = count_observations(self.model, args, kwargs, self.state)
         return -2.0 * self.score(*args, **kwargs) * n + 2.0 * self.n_parameters(*args, **kwargs)
 
     # -- generation -------------------------------------------------------------------------
@@ -392,18 +288,23 @@ class FitResult:
         dict of str to torch.Tensor
             Every sample site's draw, e.g. ``{"z": (n,), "x": (n, d)}`` for the GMM.
         """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"sample(n) needs a number of draws n >= 0, got {n!r}.")
         args, kwargs = self._model_args(args, kwargs)
         position = next((i for i, a in enumerate(args) if torch.is_tensor(a)), None)
         if position is None:
             raise ValueError("sample() needs the data tensor among the model arguments to know the row shape; "
                              "pass it, e.g. result.sample(100, x, k).")
         x = args[position]
-        args = args[:position] + (torch.ones((n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device),) + args[position + 1:]
+        # A plate of size 0 cannot run: draw one row and keep none of it (the shapes stay right).
+        rows = torch.ones((max(n, 1),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        args = args[:position] + (rows,) + args[position + 1:]
         if seed is not None:
-            pyro.set_rng_seed(seed)
+            pyro.set_rng_seed(check_seed(seed))
         with self._active(), torch.no_grad():
             tr = prune_subsample_sites(poutine.trace(poutine.uncondition(self.model)).get_trace(*args, **kwargs))
-        return {name: s["value"].detach() for name, s in tr.nodes.items() if s["type"] == "sample"}
+        sites = {name: s for name, s in tr.nodes.items() if s["type"] == "sample"}
+        return {name: _first_rows(s, n) for name, s in sites.items()}
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, path: "os.PathLike[str] | str") -> str:
@@ -418,10 +319,10 @@ class FitResult:
             "method": self.method, "losses": self.losses, "history": self.history,
             "converged": self.converged, "n_iter": self.n_iter, "n_data": self.n_data,
             "log_likelihood": self.log_likelihood, "restarts": self.restarts, "best": self.best,
-            "init": self.init, "model": _qualified_name(self.model),
-            "constraints": {n: _constraint_to_json(c, n) for n, c in self.state["constraints"].items()},
+            "init": self.init, "model": qualified_name(self.model),
+            "constraints": {n: constraint_to_json(c, n) for n, c in self.state["constraints"].items()},
         }
-        payload = {"format": FORMAT, "version": VERSION, "meta": json.dumps(meta),
+        payload = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "meta": json.dumps(meta),
                    "params": {n: v.detach().cpu() for n, v in self.state["params"].items()}}
         return atomic_write(path, lambda f: torch.save(payload, f))
 
@@ -445,11 +346,23 @@ class FitResult:
             raise ValueError("This result has no model (it was loaded from a checkpoint of a model outside "
                              "ppl_em.models); pass it: ppl_em.load(path, model=my_model).")
         if args or kwargs:
-            return tuple(args), dict(kwargs)
-        if not self.args and not self.kwargs:
+            args, kwargs = tuple(args), dict(kwargs)
+        elif not self.args and not self.kwargs:
             raise ValueError("No model arguments: this result was loaded from a checkpoint, which does not "
                              "store the data; pass them, e.g. result.predict_proba(x, k).")
-        return self.args, self.kwargs
+        else:
+            args, kwargs = self.args, self.kwargs
+        self._check_model(args, kwargs)
+        return args, kwargs
+
+    def _check_model(self, args: tuple, kwargs: dict) -> None:
+        """The arguments can be fitted, and the model reads exactly this result's parameters (checked
+        once per argument shape)."""
+        check_arguments(self.model, args, kwargs)  # NaN data: a clear error before the model runs
+        key = _signature(args, kwargs)
+        if key not in self._checked:
+            checkpoint.check_model(self.state, self.model, args, kwargs, self.source or "This result")
+            self._checked.add(key)
 
     def _e_step(self, args: tuple, kwargs: dict):
         args, kwargs = self._model_args(args, kwargs)
@@ -464,7 +377,7 @@ class FitResult:
 
     def _model_param_names(self, args: tuple, kwargs: dict) -> List[str]:
         """Parameters the model itself reads (not the guide's), plus point-estimated global latents."""
-        with self._active(), poutine.block(), _fresh_rng():
+        with self._active(), poutine.block(), fresh_rng():
             tr = poutine.trace(self.model).get_trace(*args, **kwargs)
             try:
                 map_sites = list(inspect_model(self.model, args, kwargs).map_sites)
@@ -474,29 +387,39 @@ class FitResult:
         return [n for n in dict.fromkeys(names) if n in self.state["params"]]
 
 
-def _qualified_name(model: Optional[Callable]) -> Optional[str]:
-    module, name = getattr(model, "__module__", None), getattr(model, "__qualname__", None)
-    return f"{module}:{name}" if module and name else None
+def _first_rows(site: dict, n: int) -> torch.Tensor:
+    """A drawn site's value, cut to n rows along every plate of size max(n, 1) it lies in (n = 0 only)."""
+    value = site["value"].detach()
+    if n > 0:
+        return value
+    event_dim = site["fn"].event_dim
+    for frame in site["cond_indep_stack"]:
+        dim = value.dim() - event_dim + frame.dim
+        if frame.vectorized and frame.size == 1 and dim >= 0:
+            value = value.narrow(dim, 0, 0)
+    return value
 
 
-def _resolve_model(name: Optional[str]) -> Optional[Callable]:
-    """A model of ``ppl_em.models`` named in a checkpoint; anything else is never imported."""
-    match = re.fullmatch(r"ppl_em\.models\.(\w+):(\w+)", name or "")
-    if match is None:
-        return None
-    import ppl_em.models as models
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """What the parameters' shapes can depend on: tensor shapes and dtypes, plain values, else identity."""
+    def key(v: Any) -> Any:
+        if torch.is_tensor(v):
+            return ("tensor", tuple(v.shape), v.dtype)
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        return ("object", id(v))
+    return tuple(map(key, args)) + tuple(sorted((k, key(v)) for k, v in kwargs.items()))
 
-    if match.group(1) not in {m.name for m in pkgutil.iter_modules(models.__path__)}:
-        return None
-    return getattr(importlib.import_module(f"ppl_em.models.{match.group(1)}"), match.group(2), None)
 
-
-def load(path: "os.PathLike[str] | str", model: Optional[Callable] = None) -> FitResult:
+def load(path: "os.PathLike[str] | str", model: Optional[Callable] = None, args: tuple = (),
+         kwargs: Optional[Dict[str, Any]] = None) -> FitResult:
     """Read a checkpoint written by :meth:`FitResult.save` and put its parameters in the store.
 
     The file is read with ``torch.load(weights_only=True)``, which refuses anything but
-    tensors and plain containers: a file crafted to run code on load raises instead.
-    The param store is cleared first, so it holds exactly the checkpoint's parameters.
+    tensors and plain containers: a file crafted to run code on load raises instead. Every
+    field is validated first (:func:`ppl_em.checkpoint.read`); a checkpoint that fails leaves
+    the param store as it was. Otherwise the store is cleared and holds exactly the
+    checkpoint's parameters.
 
     Parameters
     ----------
@@ -504,30 +427,35 @@ def load(path: "os.PathLike[str] | str", model: Optional[Callable] = None) -> Fi
         The checkpoint.
     model : callable, optional
         The model the checkpoint was fitted with. Models of ``ppl_em.models`` are found from
-        the checkpoint; any other must be passed for predict/score/sample to work.
+        the checkpoint; any other must be passed for predict/score/sample to work. A model of
+        ``ppl_em.models`` other than the one the checkpoint names is refused.
+    args, kwargs : optional
+        Model arguments, e.g. ``(x, k)``: the checkpoint is then checked against the model
+        (every parameter present, shapes and constraints matching) before the store is
+        touched, and they become the result's defaults. Without them the same check runs at
+        the first method call.
 
     Returns
     -------
     FitResult
-        With empty ``args``: pass the data to its methods.
+        With ``args`` and ``kwargs`` as passed (empty by default: pass the data to its methods).
+
+    Raises
+    ------
+    ValueError
+        Naming the file, for a file that is not a valid checkpoint, or does not match the model.
     """
-    try:
-        payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError for a non-zip file, ...
-        raise ValueError(f"{os.fspath(path)!r} is not a loadable ppl_em checkpoint: torch.load(weights_only=True) "
-                         f"refused it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a ppl_em checkpoint (expected a dict with format={FORMAT!r}).")
-    meta = json.loads(payload["meta"])
-    cons = {n: _constraint_from_json(spec) for n, spec in meta["constraints"].items()}
-    state = {"params": dict(payload["params"]), "constraints": cons}
+    source = os.fspath(path)
+    state, meta = checkpoint.read(source)
+    model = checkpoint.choose_model(meta["model"], model, source)
+    args, kwargs = tuple(args), dict(kwargs or {})
+    if (args or kwargs) and model is None:
+        raise ValueError(f"{source!r} names no model of ppl_em.models; pass the model with the arguments: "
+                         "ppl_em.load(path, model=my_model, args=(x, k)).")
+    if args or kwargs:
+        check_arguments(model, args, kwargs)
+        checkpoint.check_model(state, model, args, kwargs, repr(source))
     replace_store(state)
-    result = FitResult.from_store(
-        method=meta["method"], losses=meta["losses"], history=meta["history"], converged=meta["converged"],
-        n_iter=meta["n_iter"], n_data=meta["n_data"], log_likelihood=meta["log_likelihood"],
-        restarts=meta["restarts"], best=meta["best"], init=meta["init"],
-        model=model if model is not None else _resolve_model(meta.get("model")),
-    )
-    return result
+    fields = {name: meta[name] for name in ("method", "losses", "history", "converged", "n_iter", "n_data",
+                                            "log_likelihood", "restarts", "best", "init")}
+    return FitResult.from_store(**fields, model=model, args=args, kwargs=kwargs, source=repr(source))

@@ -3,9 +3,10 @@
 ``pyro.infer.SVI.step`` applies the optimiser's update whatever the loss was: one NaN in
 the data (or one overflowing step) silently turns every parameter into NaN. :class:`SafeSVI`
 has the same contract, ``step(*args, **kwargs) -> float``, but checks the loss and the
-gradients before the update and the parameters after it, raises
-:class:`NonFiniteLossError` naming the step, and leaves the last finite parameters in
-Pyro's param store.
+gradients before the update and the parameters after it (unconstrained and constrained:
+a covariance can overflow through ``exp`` while its unconstrained value is finite), raises
+:class:`NonFiniteLossError` naming the step and the parameter, and leaves the last finite
+parameters in Pyro's param store, also when the update is interrupted halfway (Ctrl-C).
 
 :func:`default_loss` picks the ELBO estimator: ``TraceEnum_ELBO`` when the model has
 discrete latents (the guides in :mod:`ppl_em.guides` mark them for enumeration, so the
@@ -26,12 +27,19 @@ from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import torch_item, zero_grads
 from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import transform_to
+
+from .diagnostics import non_finite_site
 
 __all__ = ["SafeSVI", "NonFiniteLossError", "default_loss"]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """An SVI step produced a NaN or infinite loss, gradient or parameter; nothing was updated."""
+    """A step produced a NaN or infinite loss, gradient or parameter; nothing was updated.
+
+    Raised by :meth:`SafeSVI.step`, and by :func:`ppl_em.fit` for an EM iteration whose
+    log p(x) is not finite (naming the site whose log-probability is not).
+    """
 
 
 class SafeSVI(SVI):
@@ -39,9 +47,11 @@ class SafeSVI(SVI):
 
     One call of :meth:`step` computes -ELBO(x; Q, theta) and its gradient, then updates the
     parameters of the model (theta) and of the guide (Q's). If the loss or a gradient is
-    NaN or inf, or the update makes a parameter non-finite, it raises
-    :class:`NonFiniteLossError` (naming the step, counted from 1 over the calls of
-    ``step``) and the param store keeps the values it had before that step.
+    NaN or inf, or the update makes a parameter non-finite (unconstrained or constrained) or
+    moves it outside its constraint, it raises :class:`NonFiniteLossError` (naming the
+    parameter and the step, counted from 1 over the calls of ``step``) and the param store
+    keeps the values it had before that step. Any exception during the update (a
+    KeyboardInterrupt too) restores them as well.
 
     Parameters
     ----------
@@ -88,10 +98,14 @@ class SafeSVI(SVI):
             loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
         params = set(site["value"].unconstrained() for site in capture.trace.nodes.values())
         try:
-            self._check_before(torch_item(loss), params)
+            self._check_before(torch_item(loss), params, args, kwargs)
             saved = {p: p.detach().clone() for p in params}
-            self.optim(params)
-            self._check_after(saved)
+            try:
+                self.optim(params)
+                self._check_after(saved)
+            except BaseException:  # a refused step, or an interrupt halfway through the update
+                _restore(saved)
+                raise
         finally:
             zero_grads(params)
         return torch_item(loss)
@@ -100,10 +114,12 @@ class SafeSVI(SVI):
         """-ELBO at the current parameters, without gradients or updates (may be nan or inf)."""
         return super().evaluate_loss(*args, **kwargs)
 
-    def _check_before(self, loss: float, params) -> None:
+    def _check_before(self, loss: float, params, args: tuple, kwargs: dict) -> None:
         if not torch.isfinite(torch.tensor(loss)):
+            found = non_finite_site(self.model, args, kwargs)
+            where = f" (the model's site {found[0]!r} has log-probability {found[1]})" if found else ""
             raise NonFiniteLossError(
-                f"SVI step {self.step_count}: the loss is {loss}, not a finite -ELBO. The parameters "
+                f"SVI step {self.step_count}: the loss is {loss}, not a finite -ELBO{where}. The parameters "
                 "were left at their values before this step. Look for NaN or inf in the data, lower the "
                 "learning rate, or start from other initial values.")
         bad = [n for n, p in _names(params).items() if p.grad is not None and not torch.isfinite(p.grad).all()]
@@ -114,14 +130,38 @@ class SafeSVI(SVI):
                 "learning rate or check the model for log(0) or division by zero.")
 
     def _check_after(self, saved: Dict[torch.Tensor, torch.Tensor]) -> None:
-        bad = [n for n, p in _names(saved).items() if not torch.isfinite(p).all()]
+        """Every updated parameter must be finite, unconstrained and constrained (a large unconstrained
+        value can overflow through exp), and its constrained value must satisfy its constraint."""
+        constraints = pyro.get_param_store().get_state()["constraints"]
+        problems = {name: _invalid(p, constraints.get(name)) for name, p in _names(saved).items()}
+        bad = {name: why for name, why in problems.items() if why}
         if bad:
-            with torch.no_grad():
-                for p, value in saved.items():
-                    p.copy_(value)
+            details = "; ".join(f"{name!r} is {why}" for name, why in bad.items())
             raise NonFiniteLossError(
-                f"SVI step {self.step_count}: the update made parameter(s) {bad} non-finite. The "
-                "parameters were restored to their values before this step; lower the learning rate.")
+                f"SVI step {self.step_count}: the update made parameter(s) {list(bad)} non-finite or invalid "
+                f"({details}). The parameters were restored to their values before this step; lower the "
+                "learning rate.")
+
+
+def _invalid(unconstrained: torch.Tensor, constraint) -> str:
+    """'' for a valid updated parameter, else what is wrong with it."""
+    if not torch.isfinite(unconstrained).all():
+        return "non-finite"
+    if constraint is None:
+        return ""
+    with torch.no_grad():
+        value = transform_to(constraint)(unconstrained)
+        if not torch.isfinite(value).all():
+            return "non-finite once constrained"
+        if not bool(constraint.check(value).all()):
+            return f"outside its constraint {constraint}"
+    return ""
+
+
+def _restore(saved: Dict[torch.Tensor, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, value in saved.items():
+            p.copy_(value)
 
 
 def _names(params) -> Dict[str, torch.Tensor]:

@@ -168,8 +168,8 @@ def test_em_is_baum_welch_step_by_step_against_hmmlearn():
         assert_params_equal_hmmlearns(em.params, ref)
     assert em.explain() == {"pi": "closed form: Categorical.probs at site z_0",
                             "A": "closed form: DiscreteHMM.transition_logits at site x_rest",
-                            "mu": "closed form: Normal.loc at site x_0",
-                            "sigma": "closed form: Normal.scale at site x_0"}
+                            "mu": "closed form: Normal.loc at sites x_0 and x_rest",
+                            "sigma": "closed form: Normal.scale at sites x_0 and x_rest"}
 
 
 def test_em_trajectory_equals_the_loop_model_and_never_decreases():
@@ -287,7 +287,7 @@ def test_other_emission_families_reuse_their_rules_against_hmmlearn_and_masks_dr
         np.testing.assert_allclose(-loss, ref.monitor_.history[-1], rtol=1e-10)
         np.testing.assert_allclose(em.params["B"].numpy(), ref.emissionprob_, rtol=1e-8)
         np.testing.assert_allclose(em.params["A"].numpy(), ref.transmat_, rtol=1e-8)
-    assert em.explain()["B"] == "closed form: Categorical.probs at site x_0"
+    assert em.explain()["B"] == "closed form: Categorical.probs at sites x_0 and x_rest"
     pyro.clear_param_store()
     masked = ppl_em.EM(_categorical_hmm)
     with_mask = [masked.step(x, init, torch.tensor([True, True, False])) for _ in range(3)]

@@ -71,7 +71,7 @@ def write(tmp_path, name, content):
 
 BAD_INPUTS = {
     "missing file": (lambda t: str(t / "nope.csv"), "2", "gmm", "em", "not found"),
-    "NaN": (lambda t: write(t, "nan.csv", "1,2\n3,nan\n5,6\n"), "2", "gmm", "em", "NaN/inf value.*row 1, column 1"),
+    "NaN": (lambda t: write(t, "nan.csv", "1,2\n3,nan\n5,6\n"), "2", "gmm", "em", "NaN/inf value.*line 2, column 2"),
     "3-D array": (lambda t: write(t, "cube.npy", np.zeros((4, 2, 2))), "2", "gmm", "em",
                   r"shape \(n, d\), got shape \(4, 2, 2\)"),
     "empty file": (lambda t: write(t, "empty.csv", ""), "2", "gmm", "em", r"non-empty table"),
@@ -116,7 +116,7 @@ def test_the_installed_command_reports_bad_input_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"ppl-em: error: data file {bad!r} has 1 NaN/inf value(s), "
-                                                "the first at row 1, column 0; remove or impute them"]
+                                                "the first at line 2, column 1; remove or impute them"]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 

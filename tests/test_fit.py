@@ -165,7 +165,7 @@ def test_prior_init_uses_the_models_initialisers_seeded():
 
 
 def test_too_few_rows_for_k_is_a_clear_error():
-    with pytest.raises(ValueError, match="needs at least k = 3 observations.*got 2"):
+    with pytest.raises(ValueError, match="k = 3 components, but the data have only n = 2 observations.*k <= 2"):
         ppl_em.fit(kmeans_like, torch.tensor([[0.0], [1.0]], dtype=D), 3, progress=False)
 
 

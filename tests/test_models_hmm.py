@@ -37,9 +37,9 @@ def test_em_is_baum_welch_step_by_step_against_hmmlearn():
         np.testing.assert_allclose(-loss, ref.monitor_.history[-1], rtol=1e-10)
         assert_params_equal_hmmlearns(em.params, ref)
     assert em.explain() == {"pi": "closed form: Categorical.probs at site z_0",
-                            "A": "closed form: Categorical.probs at site z_1",
-                            "mu": "closed form: Normal.loc at site x_0",
-                            "sigma": "closed form: Normal.scale at site x_0"}
+                            "A": "closed form: Categorical.probs at sites z_1, ..., z_19 (19)",
+                            "mu": "closed form: Normal.loc at sites x_0, ..., x_19 (20)",
+                            "sigma": "closed form: Normal.scale at sites x_0, ..., x_19 (20)"}
 
 
 def assert_params_equal_hmmlearns(p, ref):

@@ -13,7 +13,9 @@ import torch
 from torch.distributions import constraints
 
 import ppl_em
-from ppl_em import families, posterior
+from ppl_em import fast as fastpath, posterior
+from ppl_em.fast import gaussian as fast_gaussian
+from ppl_em.plan import find_uses
 from ppl_em.models import REGISTRY, gmm
 from ppl_em.posterior import exact_posterior, inspect_model
 
@@ -36,13 +38,13 @@ def test_reduce_product_equals_the_broadcast_product_summed(shapes, target):
     for t in ops[1:]:
         full = full * t
     expected = full.expand(torch.broadcast_shapes(full.shape, target)).sum_to_size(target)
-    assert torch.allclose(families.reduce_product(ops, target), expected, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(fastpath.reduce_product(ops, target), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_reduce_product_reads_expanded_operands_without_copying_them():
     w = torch.rand(3, 1, dtype=D).expand(3, 10**7)  # 240 MB if it were materialised
     x = torch.ones(10**7, dtype=D)
-    assert torch.allclose(families.reduce_product([w, x], (3, 1)), w[:, :1] * 10**7)
+    assert torch.allclose(fastpath.reduce_product([w, x], (3, 1)), w[:, :1] * 10**7)
 
 
 # -- MultivariateNormal fast path -----------------------------------------------------------------
@@ -61,7 +63,7 @@ def test_mvn_log_prob_fast_path_equals_torch(loc_shape, cov_shape, x_shape, dtyp
     cov = b @ b.transpose(-1, -2) + torch.eye(3, dtype=D)
     fn = dist.MultivariateNormal(loc.to(dtype), cov.to(dtype))
     x = torch.randn(x_shape, generator=g, dtype=D).to(dtype)
-    fast, slow = families.log_prob(fn, x), fn.log_prob(x)
+    fast, slow = fastpath.log_prob(fn, x), fn.log_prob(x)
     assert fast.shape == slow.shape and fast.dtype == dtype
     tol = 1e-12 if dtype == torch.float64 else 1e-4
     assert torch.allclose(fast, slow, rtol=tol, atol=tol)
@@ -80,7 +82,7 @@ def test_diagonal_normal_log_prob_fast_path_equals_torch(loc_shape, scale_shape,
     scale = (0.5 + torch.rand(scale_shape, generator=g, dtype=D)).to(dtype)
     fn = dist.Normal(loc, scale).to_event(1)
     x = torch.randn(x_shape, generator=g, dtype=D).to(dtype)
-    fast, slow = families.log_prob(fn, x), fn.log_prob(x)
+    fast, slow = fastpath.log_prob(fn, x), fn.log_prob(x)
     assert fast.shape == slow.shape and fast.dtype == dtype
     tol = 1e-12 if dtype == torch.float64 else 1e-4
     assert torch.allclose(fast, slow, rtol=tol, atol=tol)
@@ -97,7 +99,7 @@ def test_categorical_log_prob_fast_path_equals_torch(make, value):
     g = torch.Generator().manual_seed(3)
     fn = make(torch.rand(4, generator=g, dtype=D) + 0.1)
     x = fn.enumerate_support(expand=False) if value == "enumerated" else torch.randint(4, (7,), generator=g)
-    fast = families.log_prob(fn, x)
+    fast = fastpath.log_prob(fn, x)
     slow = make(torch.rand(4, generator=torch.Generator().manual_seed(3), dtype=D) + 0.1).log_prob(x)
     assert fast.shape == slow.shape == ((4, 7) if value == "enumerated" else (7,))
     assert torch.allclose(fast, slow, rtol=1e-14, atol=0)
@@ -105,7 +107,7 @@ def test_categorical_log_prob_fast_path_equals_torch(make, value):
 
 def test_categorical_log_prob_fast_path_validates_values():
     with pytest.raises(ValueError, match="support"):
-        families.log_prob(dist.Categorical(torch.ones(3, dtype=D) / 3, validate_args=True), torch.tensor([0, 3]))
+        fastpath.log_prob(dist.Categorical(torch.ones(3, dtype=D) / 3, validate_args=True), torch.tensor([0, 3]))
 
 
 @pytest.mark.parametrize("fill", [None, "some -inf", "all -inf"])
@@ -129,30 +131,21 @@ def test_posterior_normalisation_equals_logsumexp(fill, dtype):
         assert not ((post > 0) & (post < tiny)).any()  # no subnormal weights
 
 
-def test_mean_statistics_share_the_covariance_gemm(monkeypatch):
-    """After the Gaussian E-step fast path, sum_j w x comes out of the covariance's GEMM
-    (sum w (x - c) + c sum w) and equals the direct product; the moments reuse that GEMM, and
-    blocks of rows (here of 8) sum to the same statistics as one block."""
-    monkeypatch.setattr(families, "FEATURE_ELEMENTS", 8 * 9)  # d = 3: q + d = 9 features, 8 rows a block
+def test_gaussian_sums_about_a_centre_and_shifted_equal_the_brute_force_moments(monkeypatch):
+    """N, S, M about a centre c from the GEMM of T(x - c), in blocks of 8 rows, equal the direct sums; moved
+    to another centre m (M - S delta^T - delta S^T + N delta delta^T) they are the moments about m."""
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 8 * 9)  # d = 3: q + d = 9 features, 8 rows a block
     g = torch.Generator().manual_seed(5)
     x = torch.randn(50, 3, generator=g, dtype=D) * 4 + 100
     w = torch.rand(2, 50, generator=g, dtype=D)
     loc = torch.randn(2, 1, 3, generator=g, dtype=D)
-    fn = dist.MultivariateNormal(loc, torch.eye(3, dtype=D))
-    families.release_features()
-    direct = families._mvn_loc_stats(fn, w, x, 0.0, (2, 1, 3))
-    assert not families._SUMS  # no E-step ran on x: the plain product, no sufficient statistics
-    assert torch.allclose(families.log_prob(fn, x), fn.log_prob(x), rtol=1e-12)
-    shared = families._mvn_loc_stats(fn, w, x, 0.0, (2, 1, 3))
-    assert torch.allclose(shared[0], direct[0], rtol=1e-12) and torch.allclose(shared[1], direct[1], rtol=1e-14)
-    product = families._SUMS[0][3][2]
-    assert families.weighted_features(w, x, (2, 1))[2] is product  # reused, not recomputed
-    m2, s1, n = families.gaussian_moments(w, x, loc, (2, 1))
+    c = fastpath.centre(x)
+    n, s1, m = fastpath.gaussian_sums(w, x, (2, 1), c)
+    assert torch.allclose(n, w.sum(-1, keepdim=True), rtol=1e-14)
+    assert torch.allclose(s1, torch.einsum("ji,ia->ja", w, x - c).unsqueeze(1), rtol=1e-10)
+    m2 = ppl_em.families.GaussianSums.about(n, s1, m, c, loc)
     diff = x - loc  # (2, 50, 3)
     assert torch.allclose(m2, torch.einsum("ji,jia,jib->jab", w, diff, diff).unsqueeze(1), rtol=1e-10)
-    assert torch.allclose(s1, torch.einsum("ji,jia->ja", w, diff).unsqueeze(1), rtol=1e-10)
-    families.release_features()
-    assert not families._SUMS and not families._SEEN
 
 
 @pytest.mark.parametrize("x_shape, w_shape, inner", [
@@ -161,38 +154,36 @@ def test_mean_statistics_share_the_covariance_gemm(monkeypatch):
     ((4, 50, 3), (2, 4, 50), (2, 1, 1)), # a batch of sequences: the general contraction per block
     ((4, 50, 3), (2, 1, 50), (2, 4, 1)), # the weights broadcast over a dim that the result keeps
 ])
-def test_weighted_features_in_blocks_equal_the_brute_force_sums(x_shape, w_shape, inner, monkeypatch):
-    monkeypatch.setattr(families, "FEATURE_ELEMENTS", 8 * 9)  # 8 rows a block
+def test_gaussian_sums_in_blocks_equal_the_brute_force_sums(x_shape, w_shape, inner, monkeypatch):
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 8 * 9)  # 8 rows a block
     g = torch.Generator().manual_seed(7)
     x = torch.randn(x_shape, generator=g, dtype=D) + 5
     w = torch.rand(w_shape, generator=g, dtype=D)
-    families.release_features()
-    c, n, sums = families.weighted_features(w, x, inner)
+    c = fastpath.centre(x.reshape(-1, 3))
     assert torch.allclose(c, x.reshape(-1, 3).mean(0), rtol=1e-14)  # fewer than 8192 rows: the mean of all
+    n, s1, m = fastpath.gaussian_sums(w, x, inner, c)
     xc = x - c
-    i, j = torch.triu_indices(3, 3)
-    features = torch.cat([xc[..., i] * xc[..., j], xc], -1)  # T(x - c), (..., 9)
-    full = (w.unsqueeze(-1) * features).sum_to_size(tuple(inner) + (9,))
     assert torch.allclose(n, (w * torch.ones(x_shape[:-1], dtype=D)).sum_to_size(inner), rtol=1e-13)
-    assert torch.allclose(sums, full, rtol=1e-12, atol=1e-12)
-    families.release_features()
+    assert torch.allclose(s1, (w.unsqueeze(-1) * xc).sum_to_size(tuple(inner) + (3,)), rtol=1e-12, atol=1e-12)
+    outer = xc.unsqueeze(-1) * xc.unsqueeze(-2)
+    assert torch.allclose(m, (w[..., None, None] * outer).sum_to_size(tuple(inner) + (3, 3)), rtol=1e-12, atol=1e-12)
 
 
-def test_table_pool_hands_a_table_to_the_next_chunk_only_after_recycle():
-    pool, taken = families.TablePool(), []
-    for chunk in families.recycling(pool, ["first", "second"]):
+def test_workspace_hands_a_table_to_the_next_chunk_only_after_recycle():
+    ws, taken = fastpath.Workspace(), []
+    for chunk in ws.chunks(["first", "second"]):
         if chunk == "first":
-            a = families.new_table((3, 5), D, "cpu")
-            b = families.new_table((3, 5), D, "cpu")
+            a = ws.table((3, 5), D, "cpu")
+            b = ws.table((3, 5), D, "cpu")
             assert a.data_ptr() != b.data_ptr()  # both in use in this chunk
         else:  # recycled after the first chunk's body
-            c = families.new_table((3, 5), D, "cpu")
+            c = ws.table((3, 5), D, "cpu")
             assert c.data_ptr() in (a.data_ptr(), b.data_ptr())  # the next chunk reuses one
-            t = families.new_table((5, 3), D, "cpu", stride=(1, 5))
+            t = ws.table((5, 3), D, "cpu", stride=(1, 5))
             assert t.stride() == (1, 5) and t.data_ptr() not in (a.data_ptr(), b.data_ptr())
         taken.append(chunk)
     assert taken == ["first", "second"]
-    fresh = families.new_table((3, 5), D, "cpu")  # no pool active: a new tensor
+    fresh = fastpath.new_table(None, (3, 5), D, "cpu")  # no workspace: a new tensor
     assert fresh.data_ptr() not in (a.data_ptr(), b.data_ptr())
 
 
@@ -233,7 +224,7 @@ def test_selection_vjp_equals_autograd(covariance_type):
     for site in post.trace.nodes.values():
         if site["type"] != "sample":
             continue
-        for use in families.find_uses(site, by_id):
+        for use in find_uses(site, by_id)[0]:
             u = torch.randn(use.selection.shape, dtype=D)
             assert torch.allclose(use.selection.vjp(u), use.selection._vjp_by_autograd(u), rtol=1e-12, atol=1e-12)
             found += 1
@@ -263,7 +254,9 @@ def _assert_same_fit(model, args, kwargs, chunk_size, **options):
 def test_streaming_gmm_equals_whole_data(covariance_type):
     x = REGISTRY["gmm"]["make_data"](0)[0][0]
     em = _assert_same_fit(gmm.model, (x, 3), {"covariance_type": covariance_type}, chunk_size=40)
-    assert em._chunks.shift  # mu_z is shared by all rows: Sigma's statistics are shifted, one pass
+    # mu_z is shared by all rows: one set of Gaussian sums per component gives mu and Sigma, one pass.
+    assert set(em.summarize(x, 3, covariance_type=covariance_type).sums) >= {"x.N", "x.S", "x.M"}
+    assert "second pass" not in em.explain()["Sigma"]
 
 
 def test_streaming_semi_supervised_gmm_splits_labels_too():
@@ -303,7 +296,9 @@ def test_streaming_with_a_per_row_location_takes_a_second_pass():
     truth = torch.tensor([[-2.0, 0.5], [2.0, 3.0]], dtype=D)
     x = truth[z, group] + 0.5 * torch.randn(300, generator=g, dtype=D)
     em = _assert_same_fit(group_means, (x, group), {}, chunk_size=64)
-    assert em._chunks.shift is False
+    assert "second pass" in em.explain()["sigma"]
+    with pytest.raises(ValueError, match="cannot be updated from statistics alone"):
+        em.summarize(x, group)
 
 
 def test_log_likelihood_streams_and_equals_the_e_step():
@@ -334,13 +329,13 @@ def normalised(x, k=2):
 
 
 def shared_scale(x, k=2):
-    """A transformed scale has no closed form: its M-step is by gradient."""
+    """A scale with an offset (softplus(r) + 0.1) has no closed form: its M-step is by gradient."""
     phi = pyro.param("phi", torch.ones(k, dtype=D) / k, constraint=constraints.simplex)
     mu = pyro.param("mu", torch.tensor([-1.0, 1.0], dtype=D))
     log_s = pyro.param("log_s", torch.tensor(0.0, dtype=D))
     with pyro.plate("data", len(x)):
         z = pyro.sample("z", dist.Categorical(phi))
-        pyro.sample("x", dist.Normal(mu[z], log_s.exp()), obs=x)
+        pyro.sample("x", dist.Normal(mu[z], torch.nn.functional.softplus(log_s) + 0.1), obs=x)
 
 
 @pytest.mark.parametrize("model, expected", [
@@ -364,7 +359,7 @@ def test_hmm_chain_cannot_be_split_inside_a_sequence():
 
 
 def test_auto_chunking_streams_large_data_only(monkeypatch):
-    monkeypatch.setattr(ppl_em.em, "CHUNK_BYTES", 2**12)  # chunks of about 1024 rows, the least
+    monkeypatch.setattr(ppl_em.chunking, "CHUNK_BYTES", 2**12)  # chunks of about 1024 rows, the least
     x_small = REGISTRY["gmm"]["make_data"](0)[0][0]
     em = ppl_em.EM(gmm.model)
     em.step(x_small, 3)
@@ -373,7 +368,7 @@ def test_auto_chunking_streams_large_data_only(monkeypatch):
     pyro.clear_param_store()
     em = ppl_em.EM(gmm.model)
     em.step(x_large, 3)
-    assert em.chunking.startswith("streams") and em._chunks.rows == 1000  # 6 even chunks, not 5 and a rest
+    assert em.chunking.endswith("in chunks of 1000 rows")  # 6 even chunks, not 5 and a rest
 
 
 def test_invalid_chunk_size_is_rejected():
@@ -399,7 +394,7 @@ def test_one_latent_posterior_equals_the_general_contraction(name, monkeypatch):
     model, args, kwargs, structure = _one_latent_problem(name)
     fast = exact_posterior(model, structure, args, kwargs)
     assert posterior._one_latent_posterior(fast.trace, 1.0) is not None  # the fast path applies here
-    monkeypatch.setattr(posterior, "_one_latent_posterior", lambda tr, scale: None)
+    monkeypatch.setattr(posterior, "_one_latent_posterior", lambda tr, scale, workspace=None: None)
     general = exact_posterior(model, structure, args, kwargs)
     assert torch.allclose(fast.log_evidence, general.log_evidence, rtol=1e-13)
     assert fast.weights.keys() == general.weights.keys()
@@ -430,7 +425,7 @@ def test_mvn_fast_path_stays_accurate_for_tight_far_apart_clusters():
     x = torch.cat([loc[0, 0] + 1e-3 * torch.randn(5, 2, generator=g, dtype=D),
                    loc[1, 0] + 1e-3 * torch.randn(5, 2, generator=g, dtype=D)])
     fn = dist.MultivariateNormal(loc, cov)
-    assert families._log_density_by_features(x, torch.eye(2, dtype=D).expand(2, 2, 2) * 1e3, loc[:, 0],
+    assert fast_gaussian._log_density_by_features(x, torch.eye(2, dtype=D).expand(2, 2, 2) * 1e3, loc[:, 0],
                                              torch.zeros(2, 1, dtype=D)) is None
-    fast, slow = families.log_prob(fn, x), fn.log_prob(x)
+    fast, slow = fastpath.log_prob(fn, x), fn.log_prob(x)
     assert torch.allclose(fast, slow, rtol=1e-10)

@@ -1,0 +1,227 @@
+"""The Gaussian's sufficient statistics as GEMMs: the E-step's log-densities and the M-step's sums.
+
+For a Gaussian site whose parameters mu_z, Sigma_z are the same for every data point, everything
+EM needs from the data passes through the sufficient statistic T(x - c) = [packed products
+(x - c)_a (x - c)_b for a <= b, x - c] about a centre c amid the data:
+
+    E-step   log N(x | mu_z, Sigma_z) = <T(x - c), eta_z> + const_z          one (k, q + d) x (q + d, n) GEMM
+    M-step   N_z = sum_i w_z^(i),  [M_z, S_z] = sum_i w_z^(i) T(x^(i) - c)     one (k, n) x (n, q + d) GEMM
+
+T is built in blocks of about ``FEATURE_ELEMENTS`` and each block goes into its GEMM while it is
+still in cache: written for a whole chunk it would travel to memory and back (measured 2x slower).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .tensors import broadcast_shape, compact, overlap, reduce_product
+from .workspace import Workspace, new_table
+
+__all__ = ["centre", "sufficient_stats", "gaussian_sums", "normal_sums", "mvn_log_prob", "diag_normal_log_prob",
+           "FEATURE_ELEMENTS"]
+
+# Elements of T(x - c) per block: 4 MB in float64.
+FEATURE_ELEMENTS = 2**19
+
+
+def centre(rows: torch.Tensor) -> torch.Tensor:
+    """A centre c (d,) for rows (N, d): the mean of at most about 8192 evenly spaced rows, in float64
+    for lower-precision data. Any c gives the same statistics (it cancels); one amid the data keeps
+    the products (x - c)_a (x - c)_b small. The mean of all rows would cost a pass over them (and
+    a float64 copy of float32 data) for no gain in accuracy."""
+    sample = rows[::max(1, rows.shape[0] // 8192)]
+    return sample.mean(0, dtype=torch.promote_types(rows.dtype, torch.float64))
+
+
+def _feature_rows(d: int) -> int:
+    """Rows per block of sufficient statistics for data of dimension d."""
+    return max(64, FEATURE_ELEMENTS // (d * (d + 1) // 2 + d))
+
+
+def sufficient_stats(rows: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """T(x - c)^T = [packed (x - c)_a (x - c)_b for a <= b, x - c] of rows x (B, d) about c (d,):
+    (q + d, B), q = d(d+1)/2, in c's dtype (float64 for float32 data).
+
+    Each product is written straight into its place as a contiguous row (a gather on the last
+    dim, or products joined by cat, are several times slower), in the order of torch.triu_indices.
+    """
+    d = rows.shape[-1]
+    q = d * (d + 1) // 2
+    out = torch.empty((q + d, rows.shape[0]), dtype=c.dtype, device=c.device)
+    cols = out[q:]  # (d, B): the centred rows, transposed
+    torch.sub(rows.T, c.reshape(d, 1), out=cols)
+    start = 0
+    for a in range(d):
+        torch.mul(cols[a:a + 1], cols[a:], out=out[start:start + d - a])
+        start += d - a
+    return out
+
+
+def gaussian_sums(w: torch.Tensor, x: torch.Tensor, inner, c: torch.Tensor):
+    """N = sum w, S = sum w (x - c), M = sum w (x - c)(x - c)^T, summed to batch shape ``inner``.
+
+    ``w`` broadcasts against x's batch shape, ``x`` is (..., d), ``c`` (d,) (float64 for float32
+    data). Returns N (inner), S (inner, d), M (inner, d, d) in c's dtype: one GEMM of the weights
+    with :func:`sufficient_stats` per block of rows, no (k, n, d) difference tensor.
+    """
+    x, inner = compact(x), tuple(inner)
+    d = x.shape[-1]
+    m = x.shape[-2] if x.dim() >= 2 else 1
+    # Blocks along the rows are summed, so the rows' dim must be one that the result sums over.
+    blocked = x.dim() >= 2 and (len(inner) == 0 or inner[-1] == 1)
+    step = max(1, _feature_rows(d) // max(1, x[..., 0, 0].numel())) if blocked else m
+    sliced = blocked and w.dim() >= 1 and w.shape[-1] == m  # w's last dim runs along x's rows (dim -2)
+    # The common case, rows x (m, d) and weights (..., m) summed over the rows only: a plain matrix
+    # product per block, without reduce_product's general bookkeeping each time.
+    matrix = sliced and x.dim() == 2 and inner == tuple(w.shape[:-1]) + (1,)
+    n = sums = None
+    for start in range(0, m, step):
+        xb = x[..., start:start + step, :] if blocked else x
+        stats_t = sufficient_stats(xb.reshape(-1, d), c)
+        wb = (w[..., start:start + step] if sliced else w).to(c.dtype)  # float32 weights: converted block by block
+        if matrix:
+            wb = wb.reshape(-1, wb.shape[-1])
+            part_n, part = wb.sum(-1), torch.mm(wb, stats_t.T)
+        else:
+            stats = stats_t.T.reshape(xb.shape[:-1] + (-1,))
+            part_n, part = reduce_product([wb], inner), reduce_product([wb.unsqueeze(-1), stats], inner + (stats.shape[-1],))
+        n, sums = (part_n, part) if sums is None else (n + part_n, sums + part)
+    if matrix:
+        n, sums = n.reshape(inner), sums.reshape(inner + (sums.shape[-1],))
+    return n.expand(inner), sums[..., -d:].expand(inner + (d,)), _unpack_symmetric(sums[..., :-d], d).expand(inner + (d, d))
+
+
+def normal_sums(w: torch.Tensor, x: torch.Tensor, inner, c: torch.Tensor):
+    """The elementwise twin of :func:`gaussian_sums` (a Normal's coordinates are independent):
+    N = sum w, S = sum w (x - c), M = sum w (x - c)^2, summed to ``inner``; c broadcasts against x."""
+    dt = torch.promote_types(x.dtype, torch.float64)
+    w, xc = compact(w).to(dt), compact(x).to(dt) - c.to(dt)
+    return reduce_product([w], inner), reduce_product([w, xc], inner), reduce_product([w, xc * xc], inner)
+
+
+def _unpack_symmetric(packed: torch.Tensor, d: int) -> torch.Tensor:
+    rows, cols = torch.triu_indices(d, d, device=packed.device)
+    out = packed.new_zeros(packed.shape[:-1] + (d, d))
+    out[..., rows, cols] = packed
+    out[..., cols, rows] = packed
+    return out
+
+
+# -- fast log-densities ------------------------------------------------------------------------------
+def mvn_log_prob(fn, value: torch.Tensor, ws: Optional[Workspace]) -> Optional[torch.Tensor]:
+    """``MultivariateNormal.log_prob`` for parameters and data that vary along different batch dims
+    (mu_z, Sigma_z for the k states; x^(i) for the data points): the Mahalanobis terms
+    ||L_z^{-1} (x^(i) - mu_z)||^2 for all (z, i) from GEMMs instead of k * n triangular solves.
+    None where parameters and data share a dimension."""
+    loc, tril = compact(fn.loc), fn._unbroadcasted_scale_tril
+    x = compact(value)
+    d = loc.shape[-1]
+    params = broadcast_shape(loc.shape[:-1], tril.shape[:-2])
+    if x.shape[-1] != d or overlap(params, x.shape[:-1]):
+        return None  # parameters and data vary along a common dimension: no shared GEMM
+    eye = torch.eye(d, dtype=tril.dtype, device=tril.device)
+    inv = torch.linalg.solve_triangular(tril.expand(params + (d, d)), eye, upper=False).reshape(-1, d, d)
+    mu = loc.expand(params + (d,)).reshape(-1, d)  # (K, d)
+    half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1).expand(params).reshape(-1, 1)
+    log_norm = 0.5 * d * math.log(2 * math.pi) + half_log_det  # (K, 1)
+    out = _log_density_by_features(x, inv, mu, log_norm, ws)
+    if out is None:
+        out = -0.5 * _maha_by_whitening(x.reshape(-1, d), inv, mu).T.to(log_norm.dtype) - log_norm  # (K, N)
+    return broadcast_layout(out, params, x.shape[:-1], broadcast_shape(fn.batch_shape, value.shape[:-1]))
+
+
+def diag_normal_log_prob(base, value: torch.Tensor) -> Optional[torch.Tensor]:
+    """``Normal(loc, scale).to_event(1).log_prob(value)`` as two GEMMs of the data with 1 / sigma_z^2 and
+    mu_z / sigma_z^2 (sums over the d coordinates), when parameters and data vary along different dimensions:
+    no (n, k, d) tensor.
+
+    The squares are expanded about the data mean c, sum_d ((x - c)^2 - 2 (x - c)(mu - c) + (mu - c)^2) / sigma^2,
+    so that their cancellation loses no more than the spread of the data relative to sigma; float32
+    inputs are expanded in float64 (and the result, and its gradients, rounded back).
+    """
+    dtype = torch.promote_types(base.loc.dtype, value.dtype)
+    dt = torch.promote_types(dtype, torch.float64)
+    loc, scale, x = compact(base.loc).to(dt), compact(base.scale).to(dt), compact(value).to(dt)
+    d = x.shape[-1]
+    params = broadcast_shape(loc.shape[:-1], scale.shape[:-1])
+    if loc.shape[-1] not in (1, d) or scale.shape[-1] not in (1, d) or overlap(params, x.shape[:-1]):
+        return None
+    rows = x.reshape(-1, d)  # (N, d)
+    c = rows.mean(0)
+    prec = scale.expand(params + (d,)).reshape(-1, d).pow(-2)  # (P, d)
+    mc = loc.expand(params + (d,)).reshape(-1, d) - c
+    xc = rows - c
+    maha = (xc * xc) @ prec.T - 2 * (xc @ (mc * prec).T) + (mc * mc * prec).sum(-1)  # (N, P)
+    log_norm = scale.expand(params + (d,)).reshape(-1, d).log().sum(-1) + 0.5 * d * math.log(2 * math.pi)
+    out = (-0.5 * maha - log_norm).to(dtype)  # (N, P)
+    return broadcast_layout(out.T, params, x.shape[:-1], broadcast_shape(base.batch_shape[:-1], value.shape[:-1]))
+
+
+def broadcast_layout(table: torch.Tensor, params, data, batch_shape) -> torch.Tensor:
+    """A (P, N) table, one value per (parameter batch element, data batch element), laid out in
+    the broadcast shape: parameter dims and data dims interleaved as they stand (they never
+    share a dim), then expanded to ``batch_shape``."""
+    ndim = max(len(params), len(data))
+    p_sizes = (1,) * (ndim - len(params)) + tuple(params)
+    x_sizes = (1,) * (ndim - len(data)) + tuple(data)
+    p_dims = [i for i in range(ndim) if p_sizes[i] != 1]
+    x_dims = [i for i in range(ndim) if x_sizes[i] != 1]
+    out = table.reshape([p_sizes[i] for i in p_dims] + [x_sizes[i] for i in x_dims])
+    order = p_dims + x_dims
+    out = out.permute([order.index(i) for i in sorted(order)])
+    out = out.reshape([max(p_sizes[i], x_sizes[i]) for i in range(ndim)])
+    return out.expand(broadcast_shape(out.shape, batch_shape))
+
+
+def _maha_by_whitening(rows: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """||L_z^{-1} x - L_z^{-1} mu_z||^2 for all (row, z): an (N, d) x (d, K d) product, block by
+    block of rows so that the whitened (B, K d) block stays about ``FEATURE_ELEMENTS``. (N, K)."""
+    d = rows.shape[-1]
+    shift = (inv @ mu.unsqueeze(-1)).reshape(1, -1)  # (1, K d)
+    stacked = inv.transpose(-1, -2).permute(1, 0, 2).reshape(d, -1)  # (d, K d)
+    step = max(1, FEATURE_ELEMENTS // max(1, stacked.shape[-1]))
+    parts = []
+    for start in range(0, rows.shape[0], step):
+        white = torch.addmm(shift, rows[start:start + step], stacked, beta=-1)
+        parts.append(torch.linalg.vector_norm(white.view(white.shape[0], -1, d), dim=-1).square())
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _log_density_by_features(x: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor, log_norm: torch.Tensor,
+                             ws: Optional[Workspace] = None) -> Optional[torch.Tensor]:
+    """log N(x | mu_z, Sigma_z) = -(1/2) (x - mu_z)^T P_z (x - mu_z) - log_norm_z for all (z, row),
+    P_z = Sigma_z^{-1}, as <T(x - c), eta_z> + const_z: the exponential-family form, one
+    (K, q + d) x (q + d, B) product per block of B rows with their sufficient statistics about
+    a centre c amid the data (:func:`sufficient_stats`). (K, N). None where cancellation could cost
+    accuracy: a bound on |x - c|^2 ||P_z|| must stay below 1e6 (the whitened form is used there instead)."""
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)
+    c = centre(rows)
+    inv = inv.to(c.dtype)
+    p_norm = float(inv.detach().square().sum((-1, -2)).max())
+    precision = inv.transpose(-1, -2) @ inv  # (K, d, d)
+    lc = mu.to(c.dtype) - c.reshape(1, d)  # (K, d)
+    i, j = torch.triu_indices(d, d, device=c.device)
+    quad = precision[:, i, j] * torch.where(i == j, -0.5, -1.0).to(c.dtype)  # (K, q): -(1/2) x^T P x, packed
+    plc = (precision @ lc.unsqueeze(-1)).squeeze(-1)  # (K, d): the linear term x^T P (mu - c)
+    const = -0.5 * (plc * lc).sum(-1, keepdim=True) - log_norm.to(c.dtype)  # (K, 1)
+    coef = torch.cat([quad, plc], -1)  # (K, q + d)
+    grad = torch.is_grad_enabled() and (coef.requires_grad or const.requires_grad)
+    out = None if grad else new_table(ws, (coef.shape[0], rows.shape[0]), log_norm.dtype, c.device)
+    step, parts = _feature_rows(d), []
+    for start in range(0, rows.shape[0], step):
+        stats = sufficient_stats(rows[start:start + step], c)
+        cols = stats[-d:]  # max_i |x - c|^2 <= sum_a max_i (x_a - c_a)^2
+        if float(torch.maximum(cols.amax(1), -cols.amin(1)).square().sum()) * p_norm > 1e6:
+            return None
+        if grad:  # a gradient M-step differentiates through the blocks (out= cannot)
+            parts.append(torch.addmm(const, coef, stats))
+        elif out.dtype == c.dtype:
+            torch.addmm(const, coef, stats, out=out[:, start:start + step])
+        else:  # float32 data: the float64 block is rounded while still in cache
+            out[:, start:start + step].copy_(torch.addmm(const, coef, stats))
+    return torch.cat(parts, 1).to(log_norm.dtype) if grad else out

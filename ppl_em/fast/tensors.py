@@ -1,0 +1,65 @@
+"""Shape helpers of the hot paths: contractions without broadcast temporaries, and views that undo
+``expand``. Small and free of state; the family rules and the fast log-densities build on them."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+__all__ = ["broadcast_shape", "compact", "overlap", "reduce_product"]
+
+
+def broadcast_shape(a: Tuple[int, ...], b: Tuple[int, ...]) -> torch.Size:
+    """Like ``torch.broadcast_shapes`` for two shapes, without its per-call overhead (hot path)."""
+    a, b = (1,) * (len(b) - len(a)) + tuple(a), (1,) * (len(a) - len(b)) + tuple(b)
+    if any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
+        raise ValueError(f"shapes {a} and {b} do not broadcast")
+    return torch.Size(max(x, y) if 1 in (x, y) else x for x, y in zip(a, b))
+
+
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every expanded (stride-0) dimension narrowed to size 1: a view, no copy."""
+    index = tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
+                  for size, stride in zip(t.shape, t.stride()))
+    return t[index] if any(i != slice(None) for i in index) else t
+
+
+def overlap(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
+    """Whether two batch shapes both exceed 1 in some (right-aligned) dimension."""
+    return any(p != 1 and q != 1 for p, q in zip(reversed(a), reversed(b)))
+
+
+def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
+    """``prod(operands).sum_to_size(shape)`` (operands broadcast together), as one einsum.
+
+    The broadcast product is never formed: dimensions that ``shape`` keeps become output
+    indices, the others are contracted, and size-1 (or expanded, stride-0) dimensions are
+    dropped first. sum_i w_j^(i) x^(i) x^(i)^T, for example, becomes a batched GEMM.
+    Where ``shape`` is larger than the operands' broadcast shape the result is expanded.
+    """
+    shape = torch.Size(shape)
+    ndim = max([len(shape)] + [t.dim() for t in operands])
+    full = [1] * ndim
+    subscripts, squeezed = [], []
+    for t in operands:
+        t = compact(t)
+        sizes = (1,) * (ndim - t.dim()) + tuple(t.shape)
+        letters = [i for i in range(ndim) if sizes[i] != 1]
+        for i in letters:
+            if full[i] not in (1, sizes[i]):
+                raise ValueError(f"shapes {[tuple(o.shape) for o in operands]} do not broadcast")
+            full[i] = sizes[i]
+        subscripts.append(letters)
+        squeezed.append(t.reshape([sizes[i] for i in letters]))
+    target = (1,) * (ndim - len(shape)) + tuple(shape)
+    kept = [i for i in range(ndim) if full[i] != 1 and target[i] != 1]
+    for i in kept:
+        if full[i] != target[i]:
+            raise ValueError(f"cannot sum shape {tuple(full)} to {tuple(shape)}")
+    args = []
+    for t, letters in zip(squeezed, subscripts):
+        args += [t, letters]
+    out = torch.einsum(*args, kept)
+    out = out.reshape([full[i] if i in kept else 1 for i in range(ndim)])
+    return out.reshape(out.shape[ndim - len(shape):]).expand(shape)
