@@ -72,7 +72,7 @@ rows = []
 for kk in ks:
     result = ppl_em.fit(gmm.model, x, kk, n_init=2 if QUICK else 5, max_iter=1000, tol=1e-4 if QUICK else 1e-6,
                         progress=False)
-    c = result.predict(x)
+    c = result.predict(x, kk)
     log_p_model = teaching.log_joint_table(x_test, *(result.params[p] for p in ("phi", "mu", "Sigma"))).logsumexp(-1)
     gap = log_p_data - log_p_model  # (m,): log P_data - log P_model at each test point
     rows.append({"k": kk, "fit": result, "labels": c, "train": result.score(x, kk),
