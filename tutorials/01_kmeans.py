@@ -31,35 +31,17 @@
 
 # %%
 import math
-import os
-import sys
-from pathlib import Path
 
-import matplotlib
-
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")  # a script writes PNG files; a notebook shows the figures inline
 import matplotlib.pyplot as plt
 import torch
 import pyro
 
 import ppl_em
+from ppl_em import teaching
 from ppl_em.models import kmeans
 
-QUICK = os.environ.get("PPL_EM_QUICK") == "1"  # tiny sizes, for the test suite
-HERE = Path(__file__).parent if "__file__" in globals() else Path.cwd()  # a notebook runs in its folder
-OUT = Path(os.environ.get("PPL_EM_TUTORIAL_OUT", HERE / "_out"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-
-def savefig(fig, name):
-    """Write ``fig`` to OUT/name; in a notebook keep it open so that it is displayed."""
-    fig.savefig(OUT / name, dpi=100, bbox_inches="tight")
-    if "ipykernel" not in sys.modules:
-        plt.close(fig)
-
-
-pyro.set_rng_seed(0)
+# Quick mode (PPL_EM_QUICK=1, the test suite's) shrinks the sizes; figures go to OUT.
+QUICK, OUT = teaching.setup(globals().get("__file__"))  # no __file__ in a notebook
 f64 = torch.float64
 
 # %% [markdown]
@@ -124,7 +106,53 @@ ax.plot(torch.arange(len(history)) / 2, history, "o-", ms=3)
 ax.set_xlabel("iteration (half-steps: assign, re-estimate)")
 ax.set_ylabel("J(c, mu)")
 ax.set_title("k-means never increases the distortion")
-savefig(fig, "01_distortion.png")
+teaching.savefig(fig, OUT / "01_distortion.png")
+
+# %% [markdown]
+# ### Exercise 1.1: why the mean?
+#
+# With the assignments c fixed, cluster j contributes f(mu) = sum_{i: c^(i) = j} ||x^(i) - mu||^2
+# to J. Prove that, for the m points of the cluster and their mean xbar,
+#
+#     f(mu) = f(xbar) + m ||mu - xbar||^2      for every mu,
+#
+# so the mean is the unique minimiser (and the identity says what any other centre costs).
+# Then write `excess_cost(points, mu)`, the right-hand side's second term, without calling `f`.
+
+# %% tags=["exercise"]
+def excess_cost(points, mu):
+    """f(mu) - f(xbar) for points (m, d) and a centre mu (d,): your closed form."""
+    raise NotImplementedError("Exercise 1.1")
+
+
+# %% [markdown] tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
+# **Solution.** Write x^(i) - mu = (x^(i) - xbar) + (xbar - mu) and expand the square:
+#
+#     f(mu) = sum_i ||x^(i) - xbar||^2 + 2 (xbar - mu)^T sum_i (x^(i) - xbar) + m ||xbar - mu||^2.
+#
+# The middle sum is sum_i x^(i) - m xbar = 0, which leaves f(xbar) + m ||mu - xbar||^2. The
+# second term is positive unless mu = xbar, so the mean is the only minimiser. (Setting the
+# gradient -2 sum_i (x^(i) - mu) to zero finds the same point, but the identity also proves it
+# is the minimum, not just a stationary point.)
+
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
+def excess_cost(points, mu):
+    """f(mu) - f(xbar) = m ||mu - xbar||^2."""
+    return len(points) * ((mu - points.mean(0)) ** 2).sum()
+
+
+# %%
+def check_excess_cost():
+    points = x[c == 0]  # the first cluster of the run above
+
+    def f(centre):
+        return ((points - centre) ** 2).sum()
+
+    for centre in torch.randn(5, 2, generator=torch.Generator().manual_seed(5), dtype=f64) * 3:
+        assert torch.allclose(excess_cost(points, centre), f(centre) - f(points.mean(0)))
+
+
+teaching.check_exercise("1.1", check_excess_cost)
 
 # %% [markdown]
 # ## Non-convexity: different starts, different optima
@@ -150,7 +178,10 @@ for ax, seed in zip(axes, (best, worst)):
     ax.scatter(x[:, 0], x[:, 1], c=c_s, cmap="tab10", s=8)
     ax.scatter(mu_s[:, 0], mu_s[:, 1], c="k", marker="x", s=80)
     ax.set_title(f"seed {seed}: J = {final_J[seed]:.1f}")
-savefig(fig, "01_local_optima.png")
+    ax.set_xlabel("x_1")
+axes[0].set_ylabel("x_2")
+fig.suptitle("the same data, two starts: two local minima of J (crosses: the centroids mu_j)")
+teaching.savefig(fig, OUT / "01_local_optima.png")
 
 # %% [markdown]
 # ## k-means++ seeding
@@ -176,6 +207,40 @@ for name in J_start:
 assert sum(J_start["k-means++"]) < sum(J_start["random points"])
 
 # %% [markdown]
+# ### Exercise 1.2: the k-means++ distribution
+#
+# Write `dsquared_probabilities(x, centres)`: the probability with which k-means++ picks each
+# x^(i) as the next centre, given the centres chosen so far (shape (n,)). The check compares it
+# with J: summed over the points, D(x)^2 is the distortion of the chosen centres.
+
+# %% tags=["exercise"]
+def dsquared_probabilities(x, centres):
+    """p_i = D(x^(i))^2 / sum_l D(x^(l))^2, D = distance to the nearest chosen centre; shape (n,)."""
+    raise NotImplementedError("Exercise 1.2")
+
+
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
+def dsquared_probabilities(x, centres):
+    d2 = torch.cdist(x, centres).square().min(-1).values  # (n,): D(x^(i))^2
+    return d2 / d2.sum()
+
+
+# %%
+def check_dsquared():
+    chosen = torch.tensor([3, 50, 120])
+    p = dsquared_probabilities(x, x[chosen])
+    assert p.shape == (n,) and torch.allclose(p.sum(), torch.tensor(1.0, dtype=f64))
+    assert (p[chosen] == 0).all(), "a chosen centre cannot be picked again"
+    # Sum_i D(x^(i))^2 is J at the best assignment for these centres, so p_i * J = D(x^(i))^2.
+    J_chosen = kmeans.distortion(x, x[chosen])
+    assert torch.allclose(p * J_chosen, torch.cdist(x, x[chosen]).square().min(-1).values)
+    far = torch.cdist(x, x[chosen]).min(-1).values.argmax()
+    assert p.argmax() == far, "the farthest point is the likeliest pick"
+
+
+teaching.check_exercise("1.2", check_dsquared)
+
+# %% [markdown]
 # ## k-means is hard EM on a mixture
 #
 # `models/kmeans.py` is the mixture z^(i) ~ Uniform{1..k}, x^(i) | z^(i) = j ~ N(mu_j, sigma^2 I)
@@ -184,7 +249,23 @@ assert sum(J_start["k-means++"]) < sum(J_start["random points"])
 # centroid and re-estimates mu_j as the mean of its points: the two steps above, from the same
 # start, to the same answer. Its loss is J / (2 sigma^2) plus a constant.
 
+# %% [markdown]
+# **The param store and `init=`.** Model parameters are `pyro.param` sites, and Pyro keeps
+# their values in one global *param store*, keyed by name. The first time a model runs
+# `pyro.param("mu", init_fn)` the store has no `"mu"`, so `init_fn()` supplies the value; every
+# later run reads the stored value, which the engine's M-step overwrites. The model files take
+# `init={"mu": ...}` and use it only for that first value. So: clear the store before each new
+# fit (`pyro.clear_param_store()`), pass the starting point as `init=`, read the fitted values
+# from `em.params`. All the tutorials work this way.
+
 # %%
+pyro.clear_param_store()
+em = ppl_em.EM(kmeans.model, posterior="hard")
+em.e_step(x, k, init={"mu": mu0})
+assert torch.equal(em.params["mu"], mu0)  # an empty store: init= supplied the value
+em.e_step(x, k, init={"mu": mu0 + 100})
+assert torch.equal(em.params["mu"], mu0)  # the store already holds "mu": init= is ignored
+
 pyro.clear_param_store()
 em = ppl_em.EM(kmeans.model, posterior="hard")
 losses = [em.step(x, k, init={"mu": mu0}) for _ in range(len(history) // 2 + 1)]
@@ -236,7 +317,9 @@ for ax, metric in zip(axes, ("euclidean", "cosine")):
     ax.scatter(rays[:, 0], rays[:, 1], c=labels[metric], cmap="coolwarm", s=10)
     ax.set_title(f"{metric}: agreement with the rays {agreement(labels[metric], ray):.2f}")
     ax.set_aspect("equal")
-savefig(fig, "01_euclidean_vs_cosine.png")
+    ax.set_xlabel("x_1")
+axes[0].set_ylabel("x_2")
+teaching.savefig(fig, OUT / "01_euclidean_vs_cosine.png")
 
 # %% [markdown]
 # **Summary.** k-means alternates two exact minimisations of J(c, mu), so J never rises and

@@ -26,51 +26,23 @@
 #
 # z^(i) is a **latent variable**: a fancy name for a random variable that is never observed.
 #
-# This tutorial: run the model forward to sample from it; fit it when z *is* observed (GDA,
-# one closed-form step); see why a latent z turns the likelihood into
-# log p(x) = log sum_z p(x, z); and use the mixture as a density estimate.
+# This tutorial: run the model forward to sample from it; fit it when z *is* observed (GDA and
+# QDA, one closed-form step each); see why a latent z turns the likelihood into
+# log p(x) = log sum_z p(x, z); and use the mixture as a density estimate, compared with one
+# Gaussian by held-out log-likelihood and BIC.
 
 # %%
-import os
-import sys
-from pathlib import Path
-
-import matplotlib
-
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")  # a script writes PNG files; a notebook shows the figures inline
 import matplotlib.pyplot as plt
-from matplotlib.patches import Ellipse
 import torch
 import pyro
 import pyro.distributions as dist
 
 import ppl_em
+from ppl_em import teaching
 from ppl_em.datasets import load_old_faithful
 from ppl_em.models import gmm
 
-QUICK = os.environ.get("PPL_EM_QUICK") == "1"  # tiny sizes, for the test suite
-HERE = Path(__file__).parent if "__file__" in globals() else Path.cwd()  # a notebook runs in its folder
-OUT = Path(os.environ.get("PPL_EM_TUTORIAL_OUT", HERE / "_out"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-
-def savefig(fig, name):
-    """Write ``fig`` to OUT/name; in a notebook keep it open so that it is displayed."""
-    fig.savefig(OUT / name, dpi=100, bbox_inches="tight")
-    if "ipykernel" not in sys.modules:
-        plt.close(fig)
-
-
-def draw_ellipse(ax, mean, cov, color, nsig=2.0):
-    """The nsig-standard-deviation contour of N(mean, cov) in 2-D."""
-    evals, evecs = torch.linalg.eigh(cov)
-    angle = torch.rad2deg(torch.atan2(evecs[1, -1], evecs[0, -1])).item()
-    w, h = (2 * nsig * evals.flip(0).sqrt()).tolist()
-    ax.add_patch(Ellipse(mean.tolist(), w, h, angle=angle, fill=False, color=color, lw=2))
-
-
-pyro.set_rng_seed(0)
+QUICK, OUT = teaching.setup(globals().get("__file__"))  # no __file__ in a notebook
 f64 = torch.float64
 
 # %% [markdown]
@@ -117,44 +89,115 @@ colors = ["tab:blue", "tab:orange", "tab:green"]
 fig, ax = plt.subplots(figsize=(5, 4.5))
 ax.scatter(x[:, 0], x[:, 1], c=[colors[j] for j in z], s=6, alpha=0.6)
 for j in range(k):
-    draw_ellipse(ax, truth["mu"][j], truth["Sigma"][j], colors[j])
-ax.set_title("samples from the GMM, coloured by z; 2-sigma ellipses of N(mu_j, Sigma_j)")
-savefig(fig, "02_samples.png")
+    teaching.draw_ellipse(ax, truth["mu"][j], truth["Sigma"][j], colors[j], label=f"z = {j + 1}: N(mu_{j + 1}, Sigma_{j + 1})")
+ax.set_xlabel("x_1")
+ax.set_ylabel("x_2")
+ax.legend(fontsize=8, loc="lower right")
+ax.set_title("samples from the GMM, coloured by z;\n2-sigma ellipses of N(mu_j, Sigma_j)")
+teaching.savefig(fig, OUT / "02_samples.png")
 
 # %% [markdown]
 # ## GDA: when z is observed, maximum likelihood is one closed-form step
 #
-# If we had seen the labels z^(i) (supervised learning: Gaussian discriminant analysis), the
-# log-likelihood would be a sum of simple terms,
+# If we had seen the labels z^(i) (supervised learning), the log-likelihood would be a sum of
+# simple terms. **Gaussian discriminant analysis** (GDA), as in the notes and in CS229, gives
+# each class its own mean and one covariance **shared** by all classes:
 #
-#     l(phi, mu, Sigma) = sum_i log p(x^(i), z^(i))
-#                       = sum_i [ log phi_{z^(i)} + log N(x^(i); mu_{z^(i)}, Sigma_{z^(i)}) ],
+#     z^(i) ~ Multinomial(phi),    x^(i) | z^(i) = j ~ N(mu_j, Sigma)
+#     l(phi, mu, Sigma) = sum_i [ log phi_{z^(i)} + log N(x^(i); mu_{z^(i)}, Sigma) ]
 #
-# and each parameter has its own closed-form maximiser: phi_j is the fraction of points in
-# class j, mu_j and Sigma_j the mean and covariance (divided by n_j) of class j.
-
-# %%
-one_hot = torch.nn.functional.one_hot(z, k).to(f64)  # (n, k): 1{z^(i) = j}
-phi_gda = one_hot.mean(0)  # (k,)
-mu_gda = (one_hot.T @ x) / one_hot.sum(0)[:, None]  # (k, d)
-Sigma_gda = torch.stack([torch.cov(x[z == j].T, correction=0) for j in range(k)])  # (k, d, d)
+# and each parameter has its own closed-form maximiser:
+#
+#     phi_j = (1/n) sum_i 1{z^(i) = j}                       (the fraction of class j)
+#     mu_j  = sum_i 1{z^(i) = j} x^(i) / sum_i 1{z^(i) = j}   (the mean of class j)
+#     Sigma = (1/n) sum_i (x^(i) - mu_{z^(i)}) (x^(i) - mu_{z^(i)})^T   (pooled over the classes)
+#
+# Giving every class its own Sigma_j is **quadratic discriminant analysis** (QDA); then Sigma_j
+# is the covariance (divided by n_j) of class j alone. The GMM is QDA's model with z hidden.
 
 # %% [markdown]
-# The same model file fits GDA when `labels` are passed: z is then an observed site, the
+# ### Exercise 2.1: GDA by hand
+#
+# Write `gda_by_hand(x, z, k)` returning phi (k,), mu (k, d) and the pooled Sigma (d, d).
+# The check compares it with the engine below.
+
+# %% tags=["exercise"]
+def gda_by_hand(x, z, k):
+    """GDA's maximum-likelihood phi (k,), mu (k, d), shared Sigma (d, d) from labelled data."""
+    raise NotImplementedError("Exercise 2.1")
+
+
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
+def gda_by_hand(x, z, k):
+    one_hot = torch.nn.functional.one_hot(z, k).to(x.dtype)  # (n, k): 1{z^(i) = j}
+    phi = one_hot.mean(0)  # (k,)
+    mu = (one_hot.T @ x) / one_hot.sum(0)[:, None]  # (k, d)
+    centred = x - mu[z]  # (n, d): each point minus its own class mean
+    return phi, mu, centred.T @ centred / len(x)  # (d, d)
+
+
+# %% [markdown]
+# The same model file fits both when `labels` are passed: z is then an observed site, the
 # E-step has nothing to infer, and one M-step (`reg_covar=0` for the exact MLE) lands on the
-# formulas above. A second step changes nothing: the first one already reached the maximum.
+# formulas. `covariance_type="tied"` is GDA's shared Sigma, `"full"` QDA's Sigma_j. A second
+# step changes nothing: the first one already reached the maximum.
 
 # %%
-pyro.clear_param_store()
-em = ppl_em.EM(gmm.model, reg_covar=0.0)
-em.step(x, k, labels=z)
-fitted = em.params
-assert torch.allclose(fitted["phi"], phi_gda)
-assert torch.allclose(fitted["mu"], mu_gda)
-assert torch.allclose(fitted["Sigma"], Sigma_gda)
-em.step(x, k, labels=z)
-assert all(torch.allclose(em.params[name], fitted[name]) for name in fitted)
-print("GDA fit by the engine == the closed-form formulas; phi =", fitted["phi"].tolist())
+fits = {}
+for name, covariance_type in (("GDA", "tied"), ("QDA", "full")):
+    pyro.clear_param_store()
+    em = ppl_em.EM(gmm.model, reg_covar=0.0)
+    em.step(x, k, labels=z, covariance_type=covariance_type)
+    fits[name] = em.params
+    em.step(x, k, labels=z, covariance_type=covariance_type)
+    assert all(torch.allclose(em.params[p], fits[name][p]) for p in fits[name])
+assert fits["GDA"]["Sigma"].shape == (2, 2) and fits["QDA"]["Sigma"].shape == (k, 2, 2)
+for j in range(k):  # QDA: each class's own covariance
+    assert torch.allclose(fits["QDA"]["Sigma"][j], torch.cov(x[z == j].T, correction=0))
+print("GDA's shared Sigma:", fits["GDA"]["Sigma"].tolist())
+
+
+def check_gda():
+    phi, mu, Sigma = gda_by_hand(x, z, k)
+    assert torch.allclose(phi, fits["GDA"]["phi"]) and torch.allclose(mu, fits["GDA"]["mu"])
+    assert torch.allclose(Sigma, fits["GDA"]["Sigma"])
+
+
+teaching.check_exercise("2.1", check_gda)
+
+# %% [markdown]
+# **Linear versus quadratic boundaries.** The log-odds of two classes a, b,
+# log p(z = a | x) - log p(z = b | x) = log phi_a N(x; mu_a, Sigma_a) - log phi_b N(x; mu_b, Sigma_b),
+# contain -(1/2) x^T (Sigma_a^{-1} - Sigma_b^{-1}) x. With GDA's shared Sigma that term cancels:
+# the log-odds are affine in x and the boundaries between classes are straight lines. QDA's
+# boundaries are conics. We check it by fitting an affine function to the log-odds on a grid.
+
+# %%
+g0, g1 = torch.linspace(-6.0, 7.0, 80, dtype=f64), torch.linspace(-4.0, 7.0, 80, dtype=f64)
+plane = torch.cartesian_prod(g0, g1)  # (G, 2)
+design = torch.cat([plane, torch.ones(len(plane), 1, dtype=f64)], -1)  # (G, 3): affine features
+tables, residual = {}, {}
+for name, p in fits.items():
+    tables[name] = teaching.log_joint_table(plane, p["phi"], p["mu"], p["Sigma"])  # (G, k)
+    log_odds = tables[name][:, 1] - tables[name][:, 0]  # class 2 against class 1
+    coef = torch.linalg.lstsq(design, log_odds[:, None]).solution
+    residual[name] = (design @ coef - log_odds[:, None]).abs().max().item()
+print(f"largest deviation of the log-odds from an affine function: GDA {residual['GDA']:.1e}, "
+      f"QDA {residual['QDA']:.1f}")
+assert residual["GDA"] < 1e-8 and residual["QDA"] > 1.0
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True, sharey=True)
+for ax, name in zip(axes, fits):
+    regions = tables[name].argmax(-1).reshape(len(g0), len(g1)).T
+    ax.contourf(g0, g1, regions, levels=[-0.5, 0.5, 1.5, 2.5], colors=colors, alpha=0.25)
+    ax.contour(g0, g1, regions, levels=[0.5, 1.5], colors="k", linewidths=1)
+    ax.scatter(x[:, 0], x[:, 1], c=[colors[j] for j in z], s=4, alpha=0.6)
+    ax.set_title(f"{name}: " + ("shared Sigma, linear boundaries" if name == "GDA"
+                                else "a Sigma_j per class, quadratic boundaries"))
+    ax.set_xlabel("x_1")
+axes[0].set_ylabel("x_2")
+fig.suptitle("regions where argmax_j p(z = j | x) is each class (colours as in the samples)")
+teaching.savefig(fig, OUT / "02_gda_vs_qda.png")
 
 # %% [markdown]
 # ## Hiding z: log p(x) = log sum_z p(x, z)
@@ -169,13 +212,8 @@ print("GDA fit by the engine == the closed-form formulas; phi =", fitted["phi"].
 # parameters in the param store, the engine's E-step computes log p(x) by enumerating z:
 
 # %%
-def log_joint_table(x, phi, mu, Sigma):
-    """log p(x^(i), z^(i) = j) = log phi_j + log N(x^(i); mu_j, Sigma_j), shape (n, k)."""
-    components = dist.MultivariateNormal(mu, covariance_matrix=Sigma)  # batch (k,)
-    return phi.log() + components.log_prob(x[:, None, :])  # (n, k)
-
-
-table = log_joint_table(x, truth["phi"], truth["mu"], truth["Sigma"])
+# teaching.log_joint_table(x, phi, mu, Sigma): log phi_j + log N(x^(i); mu_j, Sigma_j), (n, k)
+table = teaching.log_joint_table(x, truth["phi"], truth["mu"], truth["Sigma"])
 log_px = table.logsumexp(-1)  # (n,): log p(x^(i))
 
 pyro.clear_param_store()
@@ -212,46 +250,90 @@ print("mean posterior probability of the true component:", posterior[torch.arang
 # ## The mixture as a density estimate: Old Faithful
 #
 # The eruptions of the Old Faithful geyser (duration, waiting time to the next one, both in
-# minutes) form two clouds. We fit one Gaussian (closed form: the mean and covariance) and a
-# 2-component GMM (by EM, treated as a black box until the next tutorial), then compare the
-# average log-likelihood per point. Both are densities: they integrate to 1.
+# minutes) form two clouds. Is a 2-component GMM a better density estimate than one Gaussian
+# (the GMM with k = 1)? Not because its log-likelihood on the data it was fitted to is
+# higher: the k = 2 family *contains* the k = 1 one (two equal components, or phi = (1, 0)), so
+# its maximum is at least as high on any data set, even data drawn from one Gaussian. Two fair
+# comparisons:
+#
+# * **held-out log-likelihood**: fit on half of the eruptions, score the other half;
+# * **BIC** = -2 log p(x; theta) + p log n, which charges each of the p free parameters
+#   log n (`FitResult.bic`; lower is better).
+#
+# The fits use `ppl_em.fit` (EM from k-means++ starts, treated as a black box until the next
+# tutorial).
 
 # %%
 faithful = load_old_faithful()  # (272, 2)
-single = dist.MultivariateNormal(faithful.mean(0), covariance_matrix=torch.cov(faithful.T, correction=0))
-ll_single = single.log_prob(faithful).mean().item()
+order = torch.randperm(len(faithful), generator=torch.Generator().manual_seed(0))
+train, test = faithful[order[:136]], faithful[order[136:]]  # (136, 2) each
+results = {kk: ppl_em.fit(gmm.model, train, kk, n_init=3, progress=False) for kk in (1, 2)}
+table_rows = {}
+for kk, result in results.items():
+    table_rows[kk] = {"train": result.score(train, kk), "held-out": result.score(test, kk),
+                      "BIC": result.bic(train, kk), "parameters": result.n_parameters(train, kk)}
+    print(f"k = {kk}: " + ", ".join(f"{key} {value:.3f}" if key != "parameters" else f"{key} {value}"
+                                    for key, value in table_rows[kk].items()))
+one, two = table_rows[1], table_rows[2]
+assert two["train"] >= one["train"]  # always: the larger, nested family
+assert two["held-out"] > one["held-out"]  # on new data too
+assert two["BIC"] < one["BIC"]  # and after paying log n for each extra parameter
+# k = 1 is one Gaussian: EM's maximum is the closed form, the data's mean and covariance.
+single = dist.MultivariateNormal(train.mean(0), covariance_matrix=torch.cov(train.T, correction=0))
+assert abs(single.log_prob(train).mean().item() - one["train"]) < 1e-4
 
-pyro.clear_param_store()
-em = ppl_em.EM(gmm.model)
-for _ in range(10 if QUICK else 50):
-    em.step(faithful, 2)
-fit = em.params
-ll_gmm = log_joint_table(faithful, fit["phi"], fit["mu"], fit["Sigma"]).logsumexp(-1).mean().item()
-print(f"mean log-likelihood: one Gaussian {ll_single:.3f}, GMM with k=2 {ll_gmm:.3f}")
-assert ll_gmm > ll_single
+# %% [markdown]
+# ### Exercise 2.2: counting parameters
+#
+# BIC needs p, the number of free parameters. Write `gmm_free_parameters(k, d)` for a
+# full-covariance GMM: phi lives on a simplex, each mu_j in R^d, each Sigma_j is symmetric.
+
+# %% tags=["exercise"]
+def gmm_free_parameters(k, d):
+    """p for a GMM with k components and full d x d covariances."""
+    raise NotImplementedError("Exercise 2.2")
+
+
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
+def gmm_free_parameters(k, d):
+    # phi: k numbers summing to 1; mu: k d; Sigma_j: d (d + 1) / 2 entries on and above the diagonal.
+    return (k - 1) + k * d + k * d * (d + 1) // 2
+
+
+# %%
+def check_free_parameters():
+    for kk, row in table_rows.items():
+        assert gmm_free_parameters(kk, 2) == row["parameters"], kk
+    assert gmm_free_parameters(3, 10) == 2 + 30 + 165
+
+
+teaching.check_exercise("2.2", check_free_parameters)
 
 # %%
 g0 = torch.linspace(0.0, 7.0, 120 if QUICK else 300, dtype=f64)
 g1 = torch.linspace(20.0, 120.0, 120 if QUICK else 300, dtype=f64)
 grid = torch.cartesian_prod(g0, g1)  # (G, 2)
-density_gmm = log_joint_table(grid, fit["phi"], fit["mu"], fit["Sigma"]).logsumexp(-1).exp()
-density_single = single.log_prob(grid).exp()
+densities = {kk: teaching.log_joint_table(grid, r.params["phi"], r.params["mu"], r.params["Sigma"]).logsumexp(-1).exp()
+             for kk, r in results.items()}
 cell = (g0[1] - g0[0]) * (g1[1] - g1[0])
-for density in (density_gmm, density_single):
+for density in densities.values():
     assert abs((density.sum() * cell).item() - 1.0) < 0.02  # a density: it integrates to 1
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-panels = [("one Gaussian", density_single, ll_single), ("GMM, k = 2", density_gmm, ll_gmm)]
-for ax, (title, density, ll) in zip(axes, panels):
-    ax.contourf(g0, g1, density.reshape(len(g0), len(g1)).T, levels=15, cmap="Blues")
-    ax.scatter(faithful[:, 0], faithful[:, 1], s=5, color="k")
-    ax.set_title(f"{title}: mean log p(x) = {ll:.2f}")
+for ax, (kk, density) in zip(axes, densities.items()):
+    filled = ax.contourf(g0, g1, density.reshape(len(g0), len(g1)).T, levels=15, cmap="Blues")
+    ax.scatter(train[:, 0], train[:, 1], s=6, color="k", label="fitted on (train)")
+    ax.scatter(test[:, 0], test[:, 1], s=10, facecolors="none", edgecolors="tab:red", label="held out")
+    ax.set_title(f"k = {kk}: held-out mean log p(x) = {table_rows[kk]['held-out']:.2f}, "
+                 f"BIC = {table_rows[kk]['BIC']:.0f}", fontsize=9)
     ax.set_xlabel("eruption (min)")
 axes[0].set_ylabel("waiting (min)")
-savefig(fig, "02_old_faithful_density.png")
+axes[0].legend(fontsize=8, loc="upper left")
+fig.colorbar(filled, ax=axes, label="density p(x)")
+teaching.savefig(fig, OUT / "02_old_faithful_density.png")
 
 # %% [markdown]
 # **Summary.** The GMM is a generative story with a latent z. With z observed, its maximum
-# likelihood fit is one closed-form step (GDA). With z hidden, the likelihood is
+# likelihood fit is one closed-form step (GDA with a shared Sigma, QDA with one per class). With z hidden, the likelihood is
 # log sum_z p(x, z): no closed form, but the posterior p(z | x) = p(x, z) / p(x) is easy to
 # compute, and that is the E-step of EM.

@@ -28,50 +28,34 @@
 #   network that learns to remove it, step by step. Training again maximises an ELBO, the
 #   same bound as here, summed over the steps of the chain.
 #
+# (Tutorial 13 fits a small GAN and a small diffusion model and checks the contrast between
+# x = f(z) and x ~ P(f(z)) in code.)
+#
 # The digits below are the VAE case. Its z is continuous, so p(z | x) = p(x | z) p(z) / p(x)
 # has no closed form (p(x) is an intractable integral) and EM's exact E-step is out of reach.
 # The way out is the ELBO of tutorial 4 with a *restricted* Q: a Gaussian
 # q(z | x) = N(m(x), diag s(x)^2) whose mean and scale come from a second network, the
 # **encoder**. That is an amortized Q (tutorial 5): one network replaces the n separate E-steps.
 #
-#     ELBO(x; Q, theta) = sum_i E_{q(z | x^(i))}[ log p(x^(i) | z; theta) ] - KL( q(z | x^(i)) || N(0, I) )
-#                                  reconstruction                               stay close to the prior
+#     ELBO(x; Q, theta) = sum_i [ E_{q(z | x^(i))}[ log p(x^(i) | z; theta) ] - KL( q(z | x^(i)) || N(0, I) ) ]
+#                                    reconstruction                               stay close to the prior
 
 # %%
 import functools
-import os
-import sys
-from pathlib import Path
 
-import matplotlib
-
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")  # a script writes PNG files; a notebook shows the figures inline
 import matplotlib.pyplot as plt
 import torch
 import pyro
 import pyro.distributions as dist
 
 import ppl_em
+from ppl_em import teaching
 from ppl_em.datasets import load_digits
 from ppl_em.guides import AutoAmortized
 from ppl_em.models import vae
 from ppl_em.svi import SafeSVI, default_loss
 
-QUICK = os.environ.get("PPL_EM_QUICK") == "1"  # tiny sizes, for the test suite
-HERE = Path(__file__).parent if "__file__" in globals() else Path.cwd()  # a notebook runs in its folder
-OUT = Path(os.environ.get("PPL_EM_TUTORIAL_OUT", HERE / "_out"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-
-def savefig(fig, name):
-    """Write ``fig`` to OUT/name; in a notebook keep it open so that it is displayed."""
-    fig.savefig(OUT / name, dpi=100, bbox_inches="tight")
-    if "ipykernel" not in sys.modules:
-        plt.close(fig)
-
-
-pyro.set_rng_seed(0)
+QUICK, OUT = teaching.setup(globals().get("__file__"))  # no __file__ in a notebook
 
 # %% [markdown]
 # ## The binarised digits
@@ -110,20 +94,42 @@ except ppl_em.ExactInferenceError as error:
 # `vae.guide` is the encoder's q(z | x). `default_loss` picks `Trace_ELBO` (no discrete
 # latents to enumerate): each step draws z = m(x) + s(x) * eps, eps ~ N(0, I) (the
 # reparameterisation trick), so the ELBO estimate is differentiable in both networks.
-# Minibatches need the ELBO scaled up to the whole data set; we report it per image.
+#
+# **Minibatches.** The ELBO of the training set is a sum over its N images. A step sees a
+# batch B of them; multiplying the batch's terms by N / |B| (`pyro.poutine.scale`, the same
+# scaling `pyro.plate(..., subsample_size=...)` applies inside a model) makes the batch ELBO an
+# unbiased estimate of the whole data set's ELBO, so the loss and its gradient are on the scale
+# of the data set whatever the batch size. We report the ELBO per image: the mean over an
+# epoch's batches of the scaled estimate, divided by N.
 
 # %%
+def scaled(fn, n_total):
+    """``fn`` (the model or the guide) run on a batch, with its log-densities scaled by n_total / batch."""
+    def on_batch(x_batch, decoder, **kwargs):
+        with pyro.poutine.scale(scale=n_total / len(x_batch)):
+            return fn(x_batch, decoder, **kwargs)
+    return on_batch
+
+
 pyro.clear_param_store()
 guide = functools.partial(vae.guide, encoder=encoder)
-svi = SafeSVI(vae.model, guide, pyro.optim.Adam({"lr": 3e-3}), default_loss(vae.model, x, decoder))
+model_b, guide_b = scaled(vae.model, n_train), scaled(guide, n_train)
 epochs, batch = (40, 100) if QUICK else (100, 128)
+svi = SafeSVI(model_b, guide_b, pyro.optim.Adam({"lr": 3e-3}), default_loss(model_b, x[:batch], decoder))
+
+# The scaled loss is the batch's -ELBO times N / |B| (the same random draws: the same seed).
+plain = SafeSVI(vae.model, guide, pyro.optim.Adam({"lr": 3e-3}), default_loss(vae.model, x[:batch], decoder))
+pyro.set_rng_seed(7)
+loss_scaled = svi.evaluate_loss(x[:batch], decoder)
+pyro.set_rng_seed(7)
+loss_plain = plain.evaluate_loss(x[:batch], decoder)
+assert abs(loss_scaled - n_train / batch * loss_plain) < 1e-6 * abs(loss_scaled)
+
 shuffle = torch.Generator().manual_seed(1)
 elbo_per_image = []
 for epoch in range(epochs):
-    total = 0.0
-    for idx in torch.randperm(n_train, generator=shuffle).split(batch):
-        total += svi.step(x[idx], decoder)  # -ELBO of the batch
-    elbo_per_image.append(-total / n_train)
+    estimates = [-svi.step(x[idx], decoder) for idx in torch.randperm(n_train, generator=shuffle).split(batch)]
+    elbo_per_image.append(sum(estimates) / len(estimates) / n_train)  # each estimate: the whole set's ELBO
 print(f"ELBO per image: {elbo_per_image[0]:.2f} in the first epoch -> {elbo_per_image[-1]:.2f} in the last")
 assert elbo_per_image[-1] > elbo_per_image[0]
 
@@ -132,14 +138,37 @@ ax.plot(range(1, epochs + 1), elbo_per_image, "o-", ms=3)
 ax.set_xlabel("epoch")
 ax.set_ylabel("ELBO per image (nats)")
 ax.set_title("VAE training: the ELBO rises")
-savefig(fig, "06_elbo.png")
+teaching.savefig(fig, OUT / "06_elbo.png")
 
 # %% [markdown]
 # ## The two terms of the ELBO
 #
-# For a Gaussian q and the N(0, I) prior the KL term has a closed form,
-# KL = (1/2) sum (m^2 + s^2 - 1 - log s^2). The ELBO's other form,
-# E_q[log p(x, z) - log q(z | x)], is what SVI estimates by sampling; the two must agree.
+# For a Gaussian q and the N(0, I) prior the KL term has a closed form (exercise 6.1). The
+# ELBO's other form, E_q[log p(x, z) - log q(z | x)], is what SVI estimates by sampling; the
+# two estimates of the mean ELBO per image must agree within their Monte Carlo error.
+#
+# ### Exercise 6.1: the Gaussian KL
+#
+# Show that KL(N(m, s^2) || N(0, 1)) = (1/2) (m^2 + s^2 - 1 - log s^2) for one coordinate
+# (a diagonal Gaussian sums it over coordinates), and write `gaussian_kl(loc, scale)`, (n, z_dim) -> (n,).
+
+# %% tags=["exercise"]
+def gaussian_kl(loc, scale):
+    """KL( N(loc, diag scale^2) || N(0, I) ) per row, shape (n,)."""
+    raise NotImplementedError("Exercise 6.1")
+
+
+# %% [markdown] tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
+# **Solution.** With q = N(m, s^2) and p = N(0, 1),
+# log q(z) - log p(z) = -log s - (z - m)^2 / (2 s^2) + z^2 / 2. Under q, E[(z - m)^2] = s^2 and
+# E[z^2] = m^2 + s^2, so KL = E_q[log q - log p] = -log s - 1/2 + (m^2 + s^2) / 2
+# = (1/2) (m^2 + s^2 - 1 - log s^2). Coordinates of a diagonal Gaussian are independent, so
+# their KLs add.
+
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
+def gaussian_kl(loc, scale):
+    return 0.5 * (loc ** 2 + scale ** 2 - 1 - 2 * scale.log()).sum(-1)
+
 
 # %%
 def log_weights(x, num_samples):
@@ -153,18 +182,31 @@ def log_weights(x, num_samples):
         return log_lik + log_prior - q.log_prob(z)
 
 
+S = 32
 with torch.no_grad():
     loc, scale = encoder(x)
-    kl = 0.5 * (loc ** 2 + scale ** 2 - 1 - 2 * scale.log()).sum(-1)  # (n,)
-    z = dist.Normal(loc, scale).sample((32,))  # (32, n, z_dim)
-    reconstruction = dist.Bernoulli(logits=decoder(z)).to_event(1).log_prob(x).mean(0)  # (n,)
-lw = log_weights(x, 32)
-sampled, closed = lw.mean(0), reconstruction - kl  # (n,) each: two estimates of ELBO(x^(i))
-std_err = (lw.std(0) ** 2 / 32 + 1e-12).sqrt().mean()
-print(f"per image: reconstruction {reconstruction.mean():.2f}, KL {kl.mean():.2f}; "
-      f"ELBO {closed.mean():.2f} (closed-form KL) vs {sampled.mean():.2f} (sampled)")
+    prior = dist.Normal(torch.zeros_like(loc), 1.0).to_event(1)
+    kl = torch.distributions.kl_divergence(dist.Normal(loc, scale).to_event(1), prior)  # (n,)
+    z = dist.Normal(loc, scale).sample((S,))  # (S, n, z_dim)
+    log_lik = dist.Bernoulli(logits=decoder(z)).to_event(1).log_prob(x)  # (S, n)
+lw = log_weights(x, S)  # (S, n), independent draws
+sampled, closed = lw.mean(0), log_lik.mean(0) - kl  # (n,) each: two estimates of ELBO(x^(i))
+# Standard error of the difference of the two means over the n images: each image's estimate
+# has variance var / S, and the mean of n independent ones var / (S n^2) summed over images.
+std_err = ((lw.var(0) + log_lik.var(0)) / S).sum().sqrt() / n_train
+difference = (sampled.mean() - closed.mean()).item()
+print(f"per image: reconstruction {log_lik.mean():.2f}, KL {kl.mean():.2f}; ELBO {closed.mean():.2f} "
+      f"(closed-form KL) vs {sampled.mean():.2f} (sampled); difference {difference:.4f}, standard error {std_err:.4f}")
 assert (kl >= 0).all()
-assert abs(sampled.mean() - closed.mean()) < 4 * std_err
+assert abs(difference) < 4 * std_err
+
+
+def check_gaussian_kl():
+    assert torch.allclose(gaussian_kl(loc, scale), kl, atol=1e-5)
+    assert torch.allclose(gaussian_kl(torch.zeros(3, 2), torch.ones(3, 2)), torch.zeros(3))
+
+
+teaching.check_exercise("6.1", check_gaussian_kl)
 
 # %% [markdown]
 # ## ELBO <= log p(x): Jensen once more
@@ -218,7 +260,7 @@ fig.colorbar(points, ax=ax, label="digit (not used in training)")
 ax.set_xlabel("m(x)_1")
 ax.set_ylabel("m(x)_2")
 ax.set_title("encoder means of held-out digits")
-savefig(fig, "06_latent_space.png")
+teaching.savefig(fig, OUT / "06_latent_space.png")
 
 fig, axes = plt.subplots(2, 10, figsize=(10, 2.4))
 for j in range(10):
@@ -227,7 +269,7 @@ for j in range(10):
 for ax in axes.flat:
     ax.axis("off")
 fig.suptitle("held-out digits (top) and their reconstructions f(m(x)) (bottom)")
-savefig(fig, "06_reconstructions.png")
+teaching.savefig(fig, OUT / "06_reconstructions.png")
 
 steps = torch.linspace(-2.0, 2.0, 8)
 grid = torch.cartesian_prod(steps, steps.flip(0))[:, [0, 1]]  # (64, 2)
@@ -239,7 +281,7 @@ fig, ax = plt.subplots(figsize=(5, 5))
 ax.imshow(canvas.numpy(), cmap="gray_r")
 ax.axis("off")
 ax.set_title("f(z) on a grid of z in [-2, 2]^2")
-savefig(fig, "06_decoder_grid.png")
+teaching.savefig(fig, OUT / "06_decoder_grid.png")
 
 # %% [markdown]
 # ## The project's automatic encoder

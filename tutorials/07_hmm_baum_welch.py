@@ -32,36 +32,16 @@
 # forward-backward written by hand and against brute-force enumeration of every path.
 
 # %%
-import os
-import sys
-from pathlib import Path
-
-import matplotlib
-
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")  # a script writes PNG files; a notebook shows the figures inline
 import matplotlib.pyplot as plt
 import torch
 import pyro
 import pyro.distributions as dist
 
 import ppl_em
+from ppl_em import teaching
 from ppl_em.models import hmm
 
-QUICK = os.environ.get("PPL_EM_QUICK") == "1"  # tiny sizes, for the test suite
-HERE = Path(__file__).parent if "__file__" in globals() else Path.cwd()  # a notebook runs in its folder
-OUT = Path(os.environ.get("PPL_EM_TUTORIAL_OUT", HERE / "_out"))
-OUT.mkdir(parents=True, exist_ok=True)
-
-
-def savefig(fig, name):
-    """Write ``fig`` to OUT/name; in a notebook keep it open so that it is displayed."""
-    fig.savefig(OUT / name, dpi=100, bbox_inches="tight")
-    if "ipykernel" not in sys.modules:
-        plt.close(fig)
-
-
-pyro.set_rng_seed(0)
+QUICK, OUT = teaching.setup(globals().get("__file__"))  # no __file__ in a notebook
 f64 = torch.float64
 
 # %% [markdown]
@@ -155,6 +135,50 @@ assert torch.allclose(log_joint.logsumexp(0), short.log_evidence)
 print(f"{len(paths)} paths: log p(x_0..x_{m - 1}) = {short.log_evidence.item():.4f}")
 
 # %% [markdown]
+# ### Exercise 7.1: the most probable path (Viterbi)
+#
+# Hard EM needs the single most probable path argmax_z p(z | x), not the marginals. Replace
+# the forward recursion's log-sum-exp by a max (and remember which i achieved it) to get
+# delta_t(j) = max over paths ending in j of log p(x_0..x_t, z_0..z_t), then trace the argmax
+# back from the end. Write `viterbi(x, pi, A, mu, sigma)` returning the path (T,) and its
+# log p(x, z). The check compares it with the 256 paths above and with the engine's hard
+# E-step (`posterior="hard"`), which gets the same path by running its enumeration with max
+# in place of sum.
+
+# %% tags=["exercise"]
+def viterbi(x, pi, A, mu, sigma):
+    """argmax_z p(x, z) as a long tensor (T,), and max_z log p(x, z)."""
+    raise NotImplementedError("Exercise 7.1")
+
+
+# %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
+def viterbi(x, pi, A, mu, sigma):
+    log_b = dist.Normal(mu, sigma).log_prob(x[:, None, :]).sum(-1)  # (T, k)
+    delta, back = pi.log() + log_b[0], []
+    for t in range(1, len(x)):
+        scores = delta[:, None] + A.log()  # (k, k): from i to j
+        back.append(scores.argmax(0))  # (k,): the best predecessor of each j
+        delta = scores.max(0).values + log_b[t]
+    path = [int(delta.argmax())]
+    for best in reversed(back):
+        path.insert(0, int(best[path[0]]))
+    return torch.tensor(path), delta.max()
+
+
+# %%
+def check_viterbi():
+    path, best = viterbi(x[:m], **start)
+    assert torch.allclose(best, log_joint.max())  # the best of the 256 paths ...
+    assert torch.equal(path, paths[log_joint.argmax()])  # ... and which one it is
+    pyro.clear_param_store()
+    hard = ppl_em.EM(hmm.model, posterior="hard").e_step(x, k, init=start)
+    mode = torch.stack([hard.marginal(f"z_{t}")[0].argmax(-1) for t in range(T)])  # (T,)
+    assert torch.equal(viterbi(x, **start)[0], mode)
+
+
+teaching.check_exercise("7.1", check_viterbi)
+
+# %% [markdown]
 # ## The M-step: soft counts, normalised
 #
 # Baum-Welch's updates are the GMM's with chained responsibilities:
@@ -226,7 +250,7 @@ axes[2].plot(range(1, T), [post.joint(f"z_{t}")[0][0][order[0], order[1]].item()
 axes[2].set_ylabel("p(z_{t-1}=1, z_t=2 | x)")
 axes[2].set_xlabel("t")
 fig.suptitle("Baum-Welch by enumeration: state and transition posteriors")
-savefig(fig, "07_hmm_posteriors.png")
+teaching.savefig(fig, OUT / "07_hmm_posteriors.png")
 
 fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), constrained_layout=True)
 axes[0].plot(log_lik, "o-", ms=3)
@@ -235,15 +259,20 @@ axes[0].set_ylabel("log p(x; theta)")
 axes[0].set_title("log p(x) never decreases")
 panels = [(counts[order][:, order], "expected transition counts"),
           (fitted["A"][order][:, order], "fitted A (counts, normalised)"), (truth["A"], "true A")]
+contrasts = []
 for ax, (matrix, title) in zip(axes[1:], panels):
-    ax.imshow(matrix.numpy(), cmap="Blues")
+    image = ax.imshow(matrix.numpy(), cmap="Blues")
     for (i, j), v in zip(torch.cartesian_prod(torch.arange(k), torch.arange(k)).tolist(), matrix.flatten()):
-        dark = v > matrix.max() / 2
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if dark else "black")
+        cell = image.cmap(image.norm(v.item()))  # the colour actually drawn under the number
+        ink = teaching.text_color(cell)
+        contrasts.append(teaching.contrast_ratio(ink, cell))
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color=ink)
     ax.set_xticks(range(k), [f"z_t={j + 1}" for j in range(k)])
     ax.set_yticks(range(k), [f"z_(t-1)={i + 1}" for i in range(k)])
     ax.set_title(title)
-savefig(fig, "07_hmm_counts.png")
+# Every number is legible: black or white, whichever contrasts more with its cell (WCAG: >= 4.5).
+assert min(contrasts) >= 4.5, min(contrasts)
+teaching.savefig(fig, OUT / "07_hmm_counts.png")
 
 # %% [markdown]
 # **Summary.** Nothing in ppl_em knows what an HMM is. The model file says which variables
