@@ -64,6 +64,13 @@ def check_available() -> bool:
     return True
 
 
+def all_reduce_ints(values: torch.Tensor, what: str) -> None:
+    """Sum an int64 tensor over the ranks, in place."""
+    buffer = values.to(_device())
+    _collective(dist.all_reduce, what, buffer)
+    values.copy_(buffer.to(values.device))
+
+
 def rank_and_world() -> Tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 

@@ -11,8 +11,9 @@ float64 about the plan's fixed centres, only added in another order).
 A **data source** stands in the place of a tensor of rows among the model's arguments:
 ``em.step(source, k)`` or ``ppl_em.fit(model, source, k)``. Sources are
 
-* a numpy array, typically a memory map ``np.load("big.npy", mmap_mode="r")`` (:class:`Rows`: read in
-  contiguous batches of about :data:`BATCH_BYTES`; rows sampled by index for initialisation);
+* a numpy memory map ``np.load("big.npy", mmap_mode="r")``, or any array wrapped as ``Rows(array)``
+  (:class:`Rows`: read in contiguous batches of about :data:`BATCH_BYTES`; rows sampled by index for
+  initialisation);
 * a ``torch.utils.data.DataLoader`` or any other re-iterable of batches (:class:`Batches`).
 
 Each batch is the rows of that argument (a tensor or numpy array), a tuple of positional arguments
@@ -41,12 +42,18 @@ import torch
 from .statistics import Statistics
 
 __all__ = ["Rows", "Batches", "Source", "as_source", "find", "bind", "Data", "summarize", "log_likelihood",
-           "BATCH_BYTES", "SAMPLE_ROWS"]
+           "BATCH_BYTES", "SAMPLE_ROWS", "CHECK_ROWS"]
 
 # Rows of a memory map read per batch: about 32 MiB of data. EM streams each batch in its own chunks
 # (chunking.CHUNK_BYTES), so a batch bounds only the copy of the data in memory; fewer, larger batches
 # pay the model's per-trace cost fewer times.
 BATCH_BYTES = 32 * 2**20
+# Rows on which fit and a result run the model to check it (parameter shapes, dtypes, the observations
+# per row): never all of a large data set, whose plain run would build per-row tensors (a GMM's Sigma_z of
+# n x d x d); at least as many as any sensible number of components.
+CHECK_ROWS = 4096
+# In-memory data of at most this many elements are used whole where rows would be taken.
+SMALL_ELEMENTS = 2**16
 # Rows drawn (uniformly, without replacement) for initialisation from a source: k-means++ seeding and
 # the model's own initial values (a GMM's data covariance) see this sample, not the whole data.
 SAMPLE_ROWS = 65536
@@ -206,9 +213,9 @@ def as_source(value: Any) -> Optional[Source]:
     the data once per iteration."""
     if isinstance(value, Source):
         return value
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.memmap):
         return Rows(value)
-    if _is_model_argument(value):
+    if isinstance(value, np.ndarray) or _is_model_argument(value):  # an array in memory: wrap it, Rows(x)
         return None
     if isinstance(value, collections.abc.Iterator):
         raise ValueError(one_shot_message(value))
@@ -432,10 +439,13 @@ class Data:
     chunking: Any = None
 
     @classmethod
-    def of(cls, model: Callable, args: tuple, kwargs: dict) -> "Data":
+    def of(cls, model: Callable, args: tuple, kwargs: dict, small: bool = True) -> "Data":
+        """``small``: in-memory data of at most :data:`SMALL_ELEMENTS` elements are used whole (one piece)."""
         found = find(args, kwargs)
         if found is not None:
             return cls(args, kwargs, found[1], found[0])
+        if small and _elements(args, kwargs) <= SMALL_ELEMENTS:
+            return cls(args, kwargs)  # small: the whole data wherever rows would be taken
         return cls(args, kwargs, chunking=_chunking(model, args, kwargs))
 
     @property
@@ -483,18 +493,21 @@ class Data:
         return self.args, self.kwargs
 
 
+def _elements(args: tuple, kwargs: dict) -> int:
+    return sum(v.numel() for v in list(args) + list(kwargs.values()) if torch.is_tensor(v))
+
+
 def _chunking(model: Callable, args: tuple, kwargs: dict):
     """How EM would split these in-memory arguments (None for a model without an exact E-step). Decided in
     a copy of the param store: parameters the model would create are created there and dropped."""
     import pyro
 
     from .em import EM
-    from .posterior import ExactInferenceError
     from .store import capture_store
 
     store = pyro.get_param_store()
     try:
         with store.scope(capture_store()):
             return EM(model)._prepare(args, kwargs, plan=False)
-    except ExactInferenceError:
+    except Exception:  # no exact E-step, or a model that rejects the data: the caller's run of it will say why
         return None
