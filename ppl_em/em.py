@@ -223,7 +223,8 @@ class EM:
         if self.plan.gradient or self.plan.second_pass:
             what = self.plan.gradient or sorted(self.plan.second_pass)
             raise ValueError(f"Parameters {what} cannot be updated from statistics alone "
-                             f"({'; '.join(self.plan.why[p] for p in what)}). Use em.step(...) on the whole data.")
+                             f"({'; '.join(self.plan.why[p] for p in what)}). Use em.step(...) on the whole data, in "
+                             "memory (tensors; not a data source or a batch of a stream), which makes that pass itself.")
         return Statistics.sum(self._summarize_chunk(a, k, None)
                               for a, k in self._workspace.chunks(self._chunks.split(args, kwargs)))
 

@@ -217,10 +217,10 @@ def as_source(value: Any) -> Optional[Source]:
         return Rows(value)
     if isinstance(value, np.ndarray) or _is_model_argument(value):  # an array in memory: wrap it, Rows(x)
         return None
+    _refuse_dataset(value)
     if isinstance(value, collections.abc.Iterator):
         raise ValueError(one_shot_message(value))
     if isinstance(value, collections.abc.Iterable):
-        _refuse_dataset(value)
         return Batches(value)
     return None
 
