@@ -20,7 +20,8 @@ Choices:
   Cappe & Moulines use 0.6; averaging (below) removes much of the remaining noise.
 * **Warm-up**: no M-step until ``warmup`` rows have been summarised (their statistics are summed, as
   batch EM would, and scaled to n), so that the first M-step does not fit a component from a handful
-  of points. Then t = 0, 1, ... counts the M-steps.
+  of points. The warm-up's statistics are s_0 and its M-step is the first; t = 1, 2, ... counts the
+  M-steps made before batch t.
 * **Polyak-Ruppert averaging** (``average``): the iterates theta_t run on, and their running mean
   theta_bar_t = (1 / (t - t_0 + 1)) sum_{s = t_0}^{t} theta_s (in the constrained values: a mean of
   probability vectors, of covariance matrices, is one) is the estimate reported.
@@ -63,7 +64,7 @@ class OnlineEM:
         array; default 10000. A DataLoader or another source brings its own batches.
     step_size : float or callable
         The exponent a of gamma_t = (t + 2)^(-a), 1/2 < a <= 1 (default 0.6), or a function
-        ``t -> gamma_t`` in (0, 1] of the M-step count t = 0, 1, ...
+        ``t -> gamma_t`` in (0, 1] of the number t >= 1 of M-steps made before the batch.
     n : int, optional
         Rows of the whole data set (scales each batch's statistics by n / m); default: the warm-up's rows.
     warmup : int, optional
@@ -214,9 +215,9 @@ class OnlineEM:
 def _step_sizes(step_size) -> Callable[[int], float]:
     """gamma_t as a function of t from an exponent a in (1/2, 1] or a callable (checked at t = 0)."""
     if callable(step_size):
-        first = step_size(0)
+        first = step_size(1)
         if not 0 < first <= 1:
-            raise ValueError(f"step_size(t) must lie in (0, 1]; step_size(0) = {first!r}.")
+            raise ValueError(f"step_size(t) must lie in (0, 1]; step_size(1) = {first!r}.")
         return step_size
     if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not 0.5 < step_size <= 1:
         raise ValueError(f"step_size must be an exponent a in (0.5, 1] (gamma_t = (t + 2)^(-a); the default 0.6) "
