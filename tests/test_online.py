@@ -158,7 +158,7 @@ def test_fit_with_method_online_em():
 
 @pytest.mark.parametrize("options, message", [
     ({"step_size": 0.4}, r"step_size must be an exponent a in \(0.5, 1\].*got 0.4"),
-    ({"step_size": lambda t: 2.0}, r"step_size\(t\) must lie in \(0, 1\]; step_size\(0\) = 2.0"),
+    ({"step_size": lambda t: 2.0}, r"step_size\(t\) must lie in \(0, 1\]; step_size\(1\) = 2.0"),
     ({"batch_size": 0}, "batch_size must be a positive int, got 0"),
     ({"average": -1}, "average must be a bool or an M-step number >= 0, got -1"),
 ])
