@@ -68,7 +68,8 @@ class OnlineEM:
     n : int, optional
         Rows of the whole data set (scales each batch's statistics by n / m); default: the warm-up's rows.
     warmup : int, optional
-        Rows summarised before the first M-step (default :data:`DEFAULT_WARMUP`, at least one batch).
+        Rows summarised before the first M-step (default :data:`DEFAULT_WARMUP`, at least one batch, at
+        most n).
     average : bool or int
         Polyak-Ruppert averaging of the iterates from M-step 0 (True) or from M-step ``average`` (an int);
         :attr:`params` and :meth:`finish` give the average.
@@ -137,7 +138,7 @@ class OnlineEM:
         """s_t from S(batch), or None while warming up."""
         if self.stats is None:
             self._warm = batch if self._warm is None else self._warm + batch
-            if float(self._warm.n) < self.warmup:
+            if float(self._warm.n) < min(self.warmup, self.n or self.warmup):  # a data set smaller: all of it
                 return None
             scale = (self.n or float(self._warm.n)) / float(self._warm.n)
             self._warm, warm = None, self._warm
