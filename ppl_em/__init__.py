@@ -10,8 +10,10 @@ from .fit import ConvergenceWarning, fit
 from .result import FitResult, load
 from .guides import AutoAmortized, AutoCategorical, ExactPosterior
 from .svi import NonFiniteLossError, SafeSVI, default_loss
+from .model_selection import Selection, select
 
 __all__ = ["EM", "ExactInferenceError", "NonFiniteParameterError", "Posterior",
            "ConvergenceWarning", "FitResult", "fit", "load",
-           "AutoAmortized", "AutoCategorical", "ExactPosterior", "NonFiniteLossError", "SafeSVI", "default_loss"]
+           "AutoAmortized", "AutoCategorical", "ExactPosterior", "NonFiniteLossError", "SafeSVI", "default_loss",
+           "Selection", "select"]
 __version__ = "0.1.0"
