@@ -77,7 +77,7 @@ class Selection:
     >>> from ppl_em.models import gmm
     >>> from ppl_em.datasets import load_old_faithful
     >>> x = load_old_faithful()                       # (272, 2)
-    >>> selection = ppl_em.select(gmm.model, x, k=range(1, 5), progress=False)
+    >>> selection = ppl_em.select(gmm.model, x, k=range(1, 5), tol=1e-4, progress=False)
     >>> selection.best_k, sorted(selection.results)
     (2, [1, 2, 3, 4])
     >>> selection.best is selection.results[2]

@@ -73,18 +73,30 @@ class ConvergenceWarning(_PplConvergenceWarning, _SklearnConvergenceWarning):
     """
 
 
-def bic_scorer(estimator: "MixtureEstimator", X: Any, y: Any = None) -> float:
+def bic_scorer(estimator: Any, X: Any, y: Any = None) -> float:
     """-BIC of a fitted estimator on X: a ``scoring`` for ``GridSearchCV`` (higher is better).
 
     Works for any estimator with a ``bic(X)`` method, :class:`sklearn.mixture.GaussianMixture`
-    included, so both search the same criterion.
+    included, so both search the same criterion, and for a ``Pipeline`` that ends in one: X
+    then goes through the earlier steps first. (The BIC of transformed data differs from that
+    of X by the log-Jacobian of the transformation, the same for every k, so the chosen k
+    does not depend on it.)
     """
+    estimator, X = _final_step(estimator, X)
     return -float(estimator.bic(X))
 
 
-def aic_scorer(estimator: "MixtureEstimator", X: Any, y: Any = None) -> float:
-    """-AIC of a fitted estimator on X: a ``scoring`` for ``GridSearchCV`` (higher is better)."""
+def aic_scorer(estimator: Any, X: Any, y: Any = None) -> float:
+    """-AIC of a fitted estimator on X: a ``scoring`` for ``GridSearchCV`` (higher is better); see :func:`bic_scorer`."""
+    estimator, X = _final_step(estimator, X)
     return -float(estimator.aic(X))
+
+
+def _final_step(estimator: Any, X: Any) -> Tuple[Any, Any]:
+    """The last step of a Pipeline and X transformed by the steps before it (the estimator itself otherwise)."""
+    if hasattr(estimator, "steps") and len(estimator.steps) > 1:
+        return estimator[-1], estimator[:-1].transform(X)
+    return estimator, X
 
 
 class MixtureEstimator(DensityMixin, BaseEstimator):
