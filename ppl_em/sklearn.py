@@ -163,7 +163,7 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         theta (for EM it is where the ELBO touches log p(x)).
     n_features_in_ : int
         d, the number of features seen during ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Column names, when X is a DataFrame with string column names.
     result_ : FitResult
         The fit itself (:class:`ppl_em.FitResult`), without the training data and the guide.

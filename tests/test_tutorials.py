@@ -29,6 +29,7 @@ FIGURES = {
     "06_vae.py": ["06_decoder_grid.png", "06_elbo.png", "06_latent_space.png", "06_reconstructions.png"],
     "07_hmm_baum_welch.py": ["07_hmm_counts.png", "07_hmm_posteriors.png"],
     "08_topic_model.py": ["08_log_likelihood.png", "08_topics.png"],
+    "09_choosing_k.py": ["09_criteria.png", "09_selection_bic.png"],
 }
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
