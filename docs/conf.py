@@ -3,7 +3,7 @@
 Build it (warnings are errors) with::
 
     .venv/bin/pip install -q -c constraints.txt -e ".[docs]"
-    .venv/bin/python -m sphinx -W --keep-going -b html docs docs/_build/html
+    .venv/bin/python -m sphinx -W --keep-going -q -b html -d docs/_build/doctrees docs docs/_build/html
 
 Two parts are generated at every build: the API reference (``docs/api/``, one page per module,
 from the docstrings, by numpydoc) and the tutorial gallery (``docs/tutorials/``: every
@@ -30,7 +30,20 @@ from ppl_em_api import write_api  # noqa: E402
 from ppl_em_gallery import ClearSavedFigures, SavedFigureScraper, restore_original_downloads, \
     write_gallery_sources  # noqa: E402
 
+def write_cli_help(target: Path) -> None:
+    """The ``--help`` text of ``ppl-em`` and its commands, for the command-line page."""
+    from ppl_em.cli import build_parser
+
+    target.mkdir(parents=True, exist_ok=True)
+    parser = build_parser()
+    (target / "ppl-em.txt").write_text(parser.format_help())
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        (target / f"ppl-em-{name}.txt").write_text(sub.format_help())
+
+
 write_api(DOCS / "api")
+write_cli_help(DOCS / "_generated")
 write_gallery_sources(ROOT / "tutorials", DOCS / "_tutorials", gallery_dir="tutorials")
 
 project = "ppl_em"
@@ -41,11 +54,10 @@ release = version = ppl_em.__version__
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
-    "sphinx.ext.doctest",
     "numpydoc",
     "sphinx_gallery.gen_gallery",
 ]
-exclude_patterns = ["_build", "_tutorials", "tutorials/*.ipynb", "tutorials/*.py", "tutorials/*.md5",
+exclude_patterns = ["_build", "_tutorials", "_generated", "tutorials/*.ipynb", "tutorials/*.py", "tutorials/*.md5",
                     "tutorials/*.codeobj.json", "tutorials/*.zip"]
 templates_path = []
 default_role = "literal"  # `x` in a docstring reads as code, never as a broken reference

@@ -104,7 +104,7 @@ for row in selection.rows:
     p = (k - 1) + k * d + k * d * (d + 1) // 2
     assert row["n_parameters"] == p
     assert abs(row["bic"] - (-2 * n * row["log_likelihood"] + p * np.log(n))) < 1e-6
-plot_selection(OUT / "09_selection_bic.png", selection)
+figure = plot_selection(OUT / "09_selection_bic.png", selection)  # the PNG's path
 
 # %% [markdown]
 # ## Three criteria side by side

@@ -28,8 +28,12 @@ def public_modules() -> List[str]:
     """Every importable module of the package, in the reference's order."""
     import ppl_em
 
-    found = {info.name for info in pkgutil.walk_packages(ppl_em.__path__, "ppl_em.")
-             if not any(part.startswith("_") for part in info.name.split("."))} - SKIP
+    import ppl_em.models  # installed from models/ (package-dir), so not found under ppl_em.__path__
+
+    infos = list(pkgutil.walk_packages(ppl_em.__path__, "ppl_em.")) + \
+        list(pkgutil.walk_packages(ppl_em.models.__path__, "ppl_em.models."))
+    found = {info.name for info in infos if not any(part.startswith("_") for part in info.name.split("."))}
+    found = (found | {"ppl_em.models"}) - SKIP
     ordered = [name for name in ORDER if name in found]
     models = sorted(name for name in found if name.startswith("ppl_em.models."))
     rest = sorted(found - set(ordered) - set(models))
@@ -70,12 +74,16 @@ def documented_name(module_name: str, attr: str, value, exported: Dict[int, str]
 
 def module_page(name: str, exported: Dict[int, str]) -> str:
     """The reStructuredText of one module's page."""
+    import ppl_em
+
     module = importlib.import_module(name)
+    names = public_names(module)
+    names += [n for n in ppl_em.__all__ if getattr(getattr(ppl_em, n), "__module__", None) == name and n not in names]
     lines = [name, "=" * len(name), "", f".. automodule:: {name}", "   :no-members:"]
     if name in exported.values():  # ppl_em.fit is both a module and the function users call: index the function
         lines.append("   :no-index:")
     lines.append("")
-    for attr in public_names(module):
+    for attr in names:
         value = getattr(module, attr)
         qualified = documented_name(name, attr, value, exported)
         if qualified is None:
