@@ -83,6 +83,7 @@ sphinx_gallery_conf = {
     "remove_config_comments": True,
     "show_signature": False,
     "min_reported_time": 1,
+    "write_computation_times": False,  # its page loads scripts from a CDN
 }
 
 html_theme = "pydata_sphinx_theme"

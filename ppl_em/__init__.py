@@ -1,7 +1,9 @@
 """ppl_em: fit latent-variable models written as plain Pyro programs.
 
 One model file, three ways to fit it: exact EM (:class:`EM`), SVI with ordinary guides,
-and amortized (VAE-style) guides.
+and amortized (VAE-style) guides. :func:`select` chooses the number of components k by BIC,
+AIC or held-out log-likelihood; :mod:`ppl_em.sklearn` (optional, needs scikit-learn) wraps a
+mixture model file as a scikit-learn estimator.
 """
 
 from .em import EM, NonFiniteParameterError

@@ -244,28 +244,36 @@ class MixtureEstimator(DensityMixin, BaseEstimator):
         if self.init_params not in INIT_PARAMS:
             raise ValueError(f"init_params must be one of {tuple(INIT_PARAMS)}, got {self.init_params!r}.")
         x = torch.tensor(X, dtype=torch.float64)
-        with pyro.get_param_store().scope(), warnings.catch_warnings():  # the user's store is left as it was
-            warnings.simplefilter("ignore", _PplConvergenceWarning)  # re-raised below as ours
-            result = _fit(
-                model, x, k, method=self.method, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
-                init=INIT_PARAMS[self.init_params], seed=self._seed(), progress=False,
-                em_options={"reg_covar": self.reg_covar} if self.method in ("em", "hard_em") else None, **kwargs)
-        self.result_ = dataclasses.replace(result, args=(), kwargs={}, guide=None)
-        self._model_, self._model_kwargs_, self._k_ = model, kwargs, k
-        self._latent_site_, self._observed_site_ = _sites(model, x, k, kwargs, result.state)
-        self.params_ = {name: result.params[name].cpu().numpy() for name in _model_params(model, x, k, kwargs,
-                                                                                         result.state)}
-        for name, value in _named_attributes(model, self.params_, k, kwargs).items():
-            setattr(self, name, value)
-        self.converged_, self.n_iter_ = bool(result.converged), int(result.n_iter)
-        self.lower_bound_ = float(result.log_likelihood)
+        result = self._fit_result(model, x, k, kwargs)
+        self._set_fitted(result, model, x, k, kwargs)
         if not result.converged:
-            why = f"it stopped: {result.restarts[result.best]['stopped']}" if result.restarts[result.best].get(
-                "stopped") else f"it reached max_iter={self.max_iter}"
+            stopped = result.restarts[result.best].get("stopped")
+            why = f"it stopped: {stopped}" if stopped else f"it reached max_iter={self.max_iter}"
             warnings.warn(f"{type(self).__name__} did not converge ({why}; tol={self.tol} on the change of the "
                           "mean log-likelihood per sample). Increase max_iter, loosen tol, or try more "
                           "initialisations (n_init).", ConvergenceWarning, stacklevel=2)
         return self
+
+    def _fit_result(self, model: Callable, x: torch.Tensor, k: int, kwargs: dict) -> FitResult:
+        """:func:`ppl_em.fit` with this estimator's options, in a param store of its own."""
+        em_options = {"reg_covar": self.reg_covar} if self.method in ("em", "hard_em") else None
+        with pyro.get_param_store().scope(), warnings.catch_warnings():  # the user's store is left as it was
+            warnings.simplefilter("ignore", _PplConvergenceWarning)  # fit() warns instead, as scikit-learn does
+            return _fit(model, x, k, method=self.method, max_iter=self.max_iter, tol=self.tol, n_init=self.n_init,
+                        init=INIT_PARAMS[self.init_params], seed=self._seed(), progress=False,
+                        em_options=em_options, **kwargs)
+
+    def _set_fitted(self, result: FitResult, model: Callable, x: torch.Tensor, k: int, kwargs: dict) -> None:
+        """The fitted attributes (ending in ``_``), the result kept without the training data."""
+        self.result_ = dataclasses.replace(result, args=(), kwargs={}, guide=None)
+        self._model_, self._model_kwargs_, self._k_ = model, kwargs, k
+        self._latent_site_, self._observed_site_ = _sites(model, x, k, kwargs, result.state)
+        names = _model_params(model, x, k, kwargs, result.state)
+        self.params_ = {name: result.params[name].cpu().numpy() for name in names}
+        for name, value in _named_attributes(model, self.params_, k, kwargs).items():
+            setattr(self, name, value)
+        self.converged_, self.n_iter_ = bool(result.converged), int(result.n_iter)
+        self.lower_bound_ = float(result.log_likelihood)
 
     def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
         """Fit, then label each row of X by its most probable component: ``fit(X).predict(X)``.

@@ -63,8 +63,8 @@ def savefig(fig, name):
 pyro.set_rng_seed(0)
 torch.set_num_threads(1)  # small data: extra threads only synchronise
 f64 = torch.float64
-KS = range(1, 6) if QUICK else range(1, 9)
-OPTIONS = {"n_init": 2, "tol": 1e-5, "max_iter": 300, "progress": False}
+KS = range(1, 5) if QUICK else range(1, 9)
+OPTIONS = {"n_init": 1 if QUICK else 2, "tol": 1e-5, "max_iter": 300, "progress": False}
 
 # %% [markdown]
 # ## Data with three components
@@ -83,8 +83,8 @@ print(x.shape, torch.bincount(z).tolist())
 # %% [markdown]
 # ## The likelihood alone always asks for more components
 #
-# `ppl_em.select` fits the model for every k in `KS` (here with two restarts each, keeping
-# the better) and records l(theta_k) / n, the number of parameters p_k, BIC and AIC. The
+# `ppl_em.select` fits the model for every k in `KS` (with two restarts each in the full
+# run, keeping the better) and records l(theta_k) / n, the number of parameters p_k, BIC and AIC. The
 # log-likelihood per point rises steeply up to k = 3 and by hundredths after it (EM finds a
 # local maximum, so a fit with more components can even come out a hair lower than the one
 # before); BIC's penalty p_k log n grows faster than that, so BIC is lowest at k = 3.
