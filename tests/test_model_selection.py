@@ -274,3 +274,24 @@ def test_one_k_still_means_one_fit(blobs_csv, tmp_path, capsys):
         warnings.simplefilter("error")
         assert cli.components_arg("4") == 4 and cli.components_arg("2:4") == [2, 3, 4]
         assert cli.components_arg("5,2,2") == [2, 5]
+
+
+def test_ppl_em_and_select_work_without_scikit_learn():
+    """scikit-learn is optional: blocked, ppl_em still imports and selects, and ppl_em.sklearn says what to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['sklearn'] = None\n"  # any import of scikit-learn now fails
+        "import torch, ppl_em\n"
+        "from ppl_em.models import kmeans\n"
+        "x = kmeans.generate(60, torch.tensor([[-5.0, 0.0], [5.0, 0.0]], dtype=torch.float64))[0]\n"
+        "assert ppl_em.select(kmeans.model, x, k=[1, 2, 3], progress=False).best_k == 2\n"
+        "try:\n"
+        "    import ppl_em.sklearn\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ppl_em.sklearn needs scikit-learn >= 1.6, which is not installed: pip install 'ppl_em[sklearn]'" in out.stdout
