@@ -6,8 +6,8 @@ block and reStructuredText in its text blocks. So each tutorial is written out a
 gallery (:func:`gallery_source`): the first Markdown cell becomes the docstring, the others
 comment blocks, every cell converted from Markdown to reStructuredText (:func:`markdown_to_rst`);
 the code cells are copied verbatim and in order, so the gallery executes exactly the
-tutorial's code. After the gallery is generated, the downloadable ``.py`` next to each page is
-replaced by the original tutorial.
+tutorial's code. After the gallery is generated, the downloads next to each page are replaced
+by the original tutorial and its jupytext notebook.
 
 The tutorials write their figures with ``fig.savefig(OUT / name)`` (``OUT`` from
 ``PPL_EM_TUTORIAL_OUT``) and close them, so matplotlib's own scraper finds no open figure;
@@ -222,10 +222,14 @@ def write_gallery_sources(tutorials: Path, target: Path, gallery_dir: str = "tut
 
 
 def restore_original_downloads(tutorials: Path, gallery: Path) -> None:
-    """Put the original tutorials where sphinx-gallery left its copies for download."""
+    """Offer the original tutorials for download: the script itself, and the notebook that
+    ``jupytext --to notebook`` makes of it, where sphinx-gallery left its own versions."""
     for path in sorted(tutorials.glob(TUTORIAL_GLOB)):
         if (gallery / path.name).exists():
             shutil.copyfile(path, gallery / path.name)
+        notebook = gallery / path.with_suffix(".ipynb").name
+        if notebook.exists():
+            jupytext.write(jupytext.read(path), notebook)
 
 
 # -- figures ----------------------------------------------------------------------------------
