@@ -190,6 +190,7 @@ def trace_model(
         with torch.set_grad_enabled(log_prob == "grad" and torch.is_grad_enabled()):
             _compute_log_prob(tr, probes=log_prob == "value", workspace=workspace)
         tr.pack_tensors()
+        mark_connected(tr)
     return tr, getattr(leaves, "leaves", {})
 
 
@@ -226,21 +227,82 @@ def sample_sites(tr: Trace) -> List[dict]:
 
 def masked_log_prob(site: dict, probe: Optional[torch.Tensor] = None, fill: float = 0.0) -> torch.Tensor:
     """log p_s (+ ``probe``) in Pyro's unpacked layout, ``fill`` where the site is masked; ignores
-    poutine.scale. The probe is masked too, so a masked position gets no posterior weight."""
+    poutine.scale. The probe is masked too, so a masked position gets no posterior weight.
+
+    An enumerated latent keeps its log-probability under a mask, as ``TraceEnum_ELBO`` scores it
+    (:func:`factor`): there ``fill`` applies only where nothing else depends on the latent."""
     lp = site["unscaled_log_prob"] if probe is None else site["unscaled_log_prob"] + probe
+    mask = _mask(site, lp)
+    if mask is None:
+        return lp
+    return lp.masked_fill(~mask, fill)
+
+
+def _mask(site: dict, lp: torch.Tensor) -> Optional[torch.Tensor]:
+    """Where the site's factor counts: its poutine.mask, widened for an enumerated latent to every
+    position where another factor depends on its value (``site["_connected"]``, see :func:`mark_connected`)."""
     mask = site["mask"]
     if mask is None or mask is True:
-        return lp
-    return lp.masked_fill(~torch.as_tensor(mask, device=lp.device), fill)
+        return None
+    mask = torch.as_tensor(mask, device=lp.device)
+    connected = site.get("_connected")
+    return mask if connected is None else mask | connected
+
+
+def mark_connected(tr: Trace) -> None:
+    """For each masked enumerated latent, where another factor depends on its value (``site["_connected"]``).
+
+    Pyro's ``TraceEnum_ELBO`` ignores a mask on an enumerated site: its factor p(z | parents) stays.
+    Where no other factor varies with z (Pyro's ``obs_mask`` splits z into z_observed and a masked
+    z_unobserved that nothing sees where the label is observed; the padded steps of a chain), summing
+    z out multiplies p(x) by sum_z p(z | parents) = 1, and EM on the model without that placeholder is
+    the same, exactly: the factor is dropped there. Where another factor depends on z, it stays, in
+    log p(x) and in the M-step. Dropped factors can only be reconnected by others, so the marking is
+    repeated until it no longer changes. Call after ``pack_tensors`` (it reads the enumeration symbols).
+    """
+    masked = [s for s in sample_sites(tr) if s["infer"].get("_enumerate_dim") is not None
+              and s["mask"] is not None and s["mask"] is not True]
+    if not masked:
+        return
+    readers = {}
+    for other in sample_sites(tr):
+        for symbol in other["packed"]["log_prob"]._pyro_dims:
+            readers.setdefault(symbol, []).append(other)
+    for site in masked:
+        site["_connected"] = None
+    changed = True
+    while changed:
+        changed = False
+        for site in masked:
+            connected = _connected(site, readers.get(site["infer"]["_enumerate_symbol"], []))
+            old = site["_connected"]
+            if (old is None) != (connected is None) or (old is not None and not torch.equal(old, connected)):
+                site["_connected"], changed = connected, True
+
+
+def _connected(site: dict, readers: List[dict]) -> Optional[torch.Tensor]:
+    """Positions (in ``site``'s log-probability layout) where a factor of ``readers`` varies with the site's value."""
+    dim, lp = site["infer"]["_enumerate_dim"], site["unscaled_log_prob"]
+    connected = None
+    for other in readers:
+        if other is site:
+            continue
+        olp = masked_log_prob(other)
+        if olp.dim() < -dim or olp.shape[dim] == 1:
+            continue
+        varies = olp.amax(dim, keepdim=True) != olp.amin(dim, keepdim=True)
+        extra = [d for d in range(-varies.dim(), 0) if varies.shape[d] > 1 and (-d > lp.dim() or lp.shape[d] == 1)]
+        if extra:
+            varies = varies.any(dim=extra, keepdim=True)
+        varies = varies.reshape(varies.shape[max(0, varies.dim() - lp.dim()):]).expand(lp.shape)
+        connected = varies if connected is None else connected | varies
+    return connected if connected is not None and bool(connected.any()) else None
 
 
 def _masked_fill_value(site: dict, ring) -> float:
-    """0, except -log(number of values) for a masked enumerated site under log-sum-exp.
-
-    At a masked position an enumerated latent is a placeholder that no factor sees (Pyro's
-    ``obs_mask`` splits z into z_observed and such a z_unobserved); summing it out must
-    multiply p(x) by 1, not by its number of values. Under max (hard EM) 0 is right.
-    """
+    """What a masked position of a site contributes where its factor is dropped: 0, except -log(number of
+    values) for an enumerated latent under log-sum-exp, so that summing it out multiplies p(x) by 1
+    (under max, hard EM, 0 is right)."""
     dim = site["infer"].get("_enumerate_dim")
     if dim is None or isinstance(ring, MapRing):
         return 0.0
@@ -249,10 +311,12 @@ def _masked_fill_value(site: dict, ring) -> float:
 
 def expected_log_prob(site: dict, weights) -> torch.Tensor:
     """E_Q[log p_s]: a site's weights times its log-probability, summed; for a chain site, each
-    table of its posterior times the matching log-potentials (the states inside it are latent too)."""
+    table of its posterior times the matching log-potentials (the states inside it are latent too).
+    0 log 0 = 0: a position of no weight (masked) adds nothing, even where its log-probability is -inf."""
     if isinstance(weights, ChainTerms):
         return chains.expected_log_potential(site["chain_terms"], weights)
-    return (weights * masked_log_prob(site)).sum()
+    lp = masked_log_prob(site)
+    return torch.where(weights == 0, torch.zeros((), dtype=lp.dtype), weights * lp).sum()
 
 
 def log_joint_terms(tr: Trace) -> Dict[str, torch.Tensor]:
