@@ -30,6 +30,7 @@ Eisner, "Inside-Outside and Forward-Backward Algorithms Are Just Backprop", 2016
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections import OrderedDict
@@ -45,6 +46,7 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing, MapRing
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import SubsampleMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
@@ -108,6 +110,30 @@ class _PointEstimate(Messenger):
         msg["infer"] = dict(msg["infer"], _map_site=True)
 
 
+@contextlib.contextmanager
+def full_plates():
+    """Every ``pyro.plate`` runs in full: a subsampled plate (``subsample_size``, the ``batch_size`` of
+    Pyro's examples) takes all of its rows, with scale 1.
+
+    EM's E-step sums over every row and its M-step is exact on the whole data; a step goes through
+    large data in chunks by itself (:mod:`ppl_em.chunking`). A subsample is SVI's way to an unbiased
+    gradient, and has no place in an exact step. Only a plate given explicit ``subsample`` indices
+    keeps them (they choose the data, as an argument would).
+    """
+    original = SubsampleMessenger.__dict__["_subsample"]
+
+    def full(name, size=None, subsample_size=None, subsample=None, use_cuda=None, device=None):
+        if size is not None and subsample is None:
+            subsample_size = size
+        return original.__func__(name, size, subsample_size, subsample, use_cuda, device)
+
+    SubsampleMessenger._subsample = staticmethod(full)
+    try:
+        yield
+    finally:
+        SubsampleMessenger._subsample = original
+
+
 @dataclass(frozen=True)
 class ModelStructure:
     """What a first look at the model tells the engine.
@@ -132,16 +158,16 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelStructure:
     # Enumerated, so that a discrete z^(i) is a (k, 1, ...) tensor rather than n draws that
     # would select n copies of every parameter (an (n, d, d) Sigma_z for a GMM).
     enum_model = poutine.enum(config_enumerate(model, default="parallel"), first_available_dim=-_MAX_PLATES - 1)
-    with poutine.block():
+    with poutine.block(), full_plates():
         tr = poutine.trace(enum_model).get_trace(*args, **kwargs)
     tr = prune_subsample_sites(tr)
     sites = [s for s in tr.nodes.values() if s["type"] == "sample"]
-    data_plates = {f.name for s in sites if s["is_observed"] for f in s["cond_indep_stack"]}
+    observed = [frozenset(f.name for f in s["cond_indep_stack"]) for s in sites if s["is_observed"]]
     map_sites = []
     for site in sites:
         if site["is_observed"] or site["fn"].has_enumerate_support:
             continue
-        local = {f.name for f in site["cond_indep_stack"]} & data_plates
+        local = _local_plates(frozenset(f.name for f in site["cond_indep_stack"]), observed)
         if local:
             raise ExactInferenceError(
                 f"Site '{site['name']}' is a continuous latent variable inside the data plate "
@@ -152,6 +178,19 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelStructure:
         map_sites.append(site["name"])
     nesting = max([len([f for f in s["cond_indep_stack"] if f.vectorized]) for s in sites] + [0])
     return ModelStructure(max_plate_nesting=nesting, map_sites=tuple(map_sites))
+
+
+def _local_plates(plates: frozenset, observed: List[frozenset]) -> frozenset:
+    """The plates that make a continuous latent local: one copy per observation, as a VAE's z^(i).
+
+    A latent is local when it shares a plate with an observed site whose every plate it also lies in:
+    each copy then sees the observations of one index alone. A Dirichlet per (feature, component) in a
+    feature plate that the data share is not: each copy is informed by every data point, and is a
+    global point-estimated by MAP-EM."""
+    for obs in observed:
+        if plates & obs and obs <= plates:
+            return plates & obs
+    return frozenset()
 
 
 def trace_model(
@@ -183,7 +222,7 @@ def trace_model(
         config_enumerate(point(model), default="parallel"),
         first_available_dim=-1 - structure.max_plate_nesting,
     )
-    with leaves:
+    with leaves, full_plates():
         tr = poutine.trace(enum_model).get_trace(*args, **kwargs)
     tr = prune_subsample_sites(tr)
     if log_prob != "none":
