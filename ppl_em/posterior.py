@@ -162,7 +162,9 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelStructure:
         tr = poutine.trace(enum_model).get_trace(*args, **kwargs)
     tr = prune_subsample_sites(tr)
     sites = [s for s in tr.nodes.values() if s["type"] == "sample"]
-    observed = [frozenset(f.name for f in s["cond_indep_stack"]) for s in sites if s["is_observed"]]
+    # Observed data, not a prior factor on a parameter (pyro.sample("prior", Beta(a, b), obs=p)).
+    observed = [frozenset(f.name for f in s["cond_indep_stack"]) for s in sites
+                if s["is_observed"] and not (torch.is_tensor(s["value"]) and s["value"].requires_grad)]
     map_sites = []
     for site in sites:
         if site["is_observed"] or site["fn"].has_enumerate_support:
