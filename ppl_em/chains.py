@@ -94,9 +94,17 @@ def chain_terms(fn, value: torch.Tensor, log_prob: Callable) -> ChainTerms:
     """A ``DiscreteHMM``'s log-potentials at observations ``value`` (..., T, *event).
 
     ``log_prob(distribution, value)`` computes the emission table (the engine passes its fast path).
+    Pyro broadcasts a size-1 state dimension (an observation distribution that does not depend on the
+    state, or a one-state initial table): so do the tables here, to the K of the transition matrix.
     """
-    return ChainTerms(fn.initial_logits, fn.transition_logits,
-                      log_prob(fn.observation_dist, emission_value(fn, value)))
+    k = fn.transition_logits.shape[-1]
+    emission = log_prob(fn.observation_dist, emission_value(fn, value))
+    if emission.shape[-1] == 1 and k > 1:
+        emission = emission.expand(emission.shape[:-1] + (k,))
+    initial = fn.initial_logits
+    if initial.shape[-1] == 1 and k > 1:
+        initial = initial.expand(initial.shape[:-1] + (k,))
+    return ChainTerms(initial, fn.transition_logits, emission)
 
 
 def expected_log_potential(terms: ChainTerms, weights: ChainTerms) -> torch.Tensor:

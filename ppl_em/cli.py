@@ -13,6 +13,9 @@
     stepwise EM. Under ``torchrun --nproc-per-node=N -m ppl_em.cli fit ... --distributed`` every
     rank memory-maps its contiguous shard of the rows and EM sums the ranks' statistics
     (:mod:`ppl_em.distributed`); rank 0 writes the outputs and prints.
+``ppl-em fit MODEL --data FILE --components A:B [--criterion bic|aic|heldout]``
+    Fit every k from A to B (:func:`ppl_em.select`), print the table of criteria, choose k;
+    write the chosen fit's checkpoint and figures, ``selection.json`` and ``selection.png``.
 ``ppl-em models``
     List the models ``fit`` accepts.
 
@@ -52,7 +55,7 @@ from .checkpoint import atomic_write, clean_stale_partials, partial_prefix, sync
 from .result import FitResult
 from .validation import MAX_SEED
 
-__all__ = ["main", "load_data", "resolve_model", "IN_MEMORY_BYTES"]
+__all__ = ["main", "load_data", "resolve_model", "components_arg", "IN_MEMORY_BYTES"]
 
 # A .npy file whose data take more bytes than this is read from its memory map batch by batch in
 # every iteration; a smaller one is copied into memory once.
@@ -441,12 +444,38 @@ def _outputs(ns: argparse.Namespace, shard: Optional[Tuple[int, int]]) -> Iterat
         yield out
 
 
+def components_arg(text: str):
+    """``-k`` / ``--components``: ``K`` (one fit), ``A:B`` (every k from A to B, inclusive) or ``K1,K2,...``.
+
+    Returns an int for one K, else the sorted list of the k to choose from.
+    """
+    try:
+        if ":" in text:
+            low, high = (int(part) for part in text.split(":"))
+            ks = list(range(low, high + 1))
+        elif "," in text:
+            ks = sorted({int(part) for part in text.split(",")})
+        else:
+            return int(text)
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected K, A:B with 1 <= A <= B, or K1,K2,... (positive integers), "
+                                         f"got {text!r}; e.g. --components 1:10")
+    return ks
+
+
 def cmd_fit(ns: argparse.Namespace) -> int:
     from .plot import plot_training
 
     model = resolve_model(ns.model, ns.method)
+    if ns.distributed and isinstance(ns.components, list):
+        raise UsageError("--components A:B fits every k in one process; choose k without --distributed, "
+                         "then fit that k with --distributed")
     shard = _start_ranks(ns) if ns.distributed else None
     x = load_data(ns.data, shard)
+    if isinstance(ns.components, list):
+        return cmd_select(ns, model, x)
     rows = _rows_in_file(ns.data, x, shard)
     if not 1 <= ns.components <= rows:
         raise UsageError(f"--components must be between 1 and the number of data points ({rows}), "
@@ -473,6 +502,42 @@ def cmd_fit(ns: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(_table([summary]))
+        print("wrote " + ", ".join(summary["files"]))
+    return 0
+
+
+def cmd_select(ns: argparse.Namespace, model: Callable, x: torch.Tensor) -> int:
+    """``ppl-em fit MODEL --components A:B``: every k fitted, the table, the chosen fit and its figures."""
+    from .model_selection import select
+    from .plot import plot_selection, plot_training
+
+    if ns.components[-1] > len(x):
+        raise UsageError(f"--components must lie between 1 and the number of data points ({len(x)}), "
+                         f"got up to {ns.components[-1]}")
+    if ns.criterion == "heldout" and ns.model.startswith("hmm"):
+        raise UsageError(f"--criterion heldout holds out random rows, but model {ns.model!r} reads the rows as one "
+                         "time series; use --criterion bic or aic")
+    os.makedirs(ns.out, exist_ok=True)
+    _small_problem_threads(x)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the table's conv column reports it
+        selection = select(model, x, k=ns.components, criterion=ns.criterion, method=ns.method,
+                           max_iter=ns.max_iter, seed=ns.seed, n_init=ns.n_init, init=ns.init, progress=False)
+    k, best = selection.best_k, selection.best
+    summary = {"model": ns.model, "data": ns.data, "n": len(x), "d": x.shape[1], "method": ns.method,
+               "criterion": ns.criterion, "chosen_k": k, "split": selection.split, "rows": selection.rows,
+               "seconds_total": round(time.perf_counter() - start, 3)}
+    files = [best.save(os.path.join(ns.out, "checkpoint.pt")),
+             _write_json(os.path.join(ns.out, "selection.json"), summary),
+             plot_selection(os.path.join(ns.out, "selection.png"), selection),
+             plot_training(os.path.join(ns.out, "training.png"), {f"{ns.method}, k = {k}": best})]
+    clusters = _cluster_figure(os.path.join(ns.out, "clusters.png"), best, x, k, f"{ns.model}, {ns.method}, k = {k}")
+    summary["files"] = files + ([clusters] if clusters else [])
+    if ns.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(selection.table())
         print("wrote " + ", ".join(summary["files"]))
     return 0
 
@@ -585,7 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a model of ppl_em.models to a .csv or .npy file")
     f.add_argument("model", help="a model name (see `ppl-em models`), e.g. gmm")
     f.add_argument("--data", required=True, help="a .csv (optional header line) or .npy file of shape (n, d)")
-    f.add_argument("-k", "--components", type=int, required=True, help="number of components K")
+    f.add_argument("-k", "--components", type=components_arg, required=True,
+                   help="number of components K; A:B (or K1,K2,...) fits every k and chooses one by --criterion")
+    f.add_argument("--criterion", default="bic", choices=("bic", "aic", "heldout"),
+                   help="how --components A:B chooses k (default: bic)")
     f.add_argument("--method", default="em", choices=METHODS)
     f.add_argument("--init", default="kmeans++", choices=INITS)
     f.add_argument("--n-init", type=int, default=1, help="restarts; the best is kept (default 1)")

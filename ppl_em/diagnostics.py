@@ -22,6 +22,8 @@ from pyro.infer import config_enumerate
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
 
+from .posterior import full_plates
+
 __all__ = ["non_finite_site", "non_finite_loss_message", "rejected_parameters", "singular_update_message",
            "degenerate_update_message", "explain_failure"]
 
@@ -65,7 +67,7 @@ def _enumerated_trace(model: Callable, args: tuple, kwargs: dict, validate: bool
     enum_model = poutine.enum(config_enumerate(model, default="parallel"), first_available_dim=-_MAX_PLATES - 1)
     state = pyro.util.get_rng_state()
     try:
-        with poutine.block(), pyro.validation_enabled(validate), torch.no_grad():
+        with poutine.block(), pyro.validation_enabled(validate), torch.no_grad(), full_plates():
             trace = prune_subsample_sites(poutine.trace(enum_model).get_trace(*args, **kwargs))
             for site in trace.nodes.values():
                 if site["type"] == "sample" and not validate:

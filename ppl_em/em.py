@@ -38,7 +38,7 @@ from .fast import Workspace
 from .gradient import (StalledError, expected_log_joint, gradient_m_step, stalled_message, stationary,
                        unconstrained_grads)
 from .plan import Plan, make_plan
-from .priors import MAP_BASES, NoMAPError
+from .priors import MAP_BASES, NoMAPError, log_jacobian
 from .posterior import ModelStructure, Posterior, exact_posterior, inspect_model, trace_model
 from .statistics import Statistics
 from .svi import NonFiniteLossError
@@ -152,7 +152,8 @@ class EM:
     # -- the algorithm -----------------------------------------------------------------------
     def step(self, *args, **kwargs) -> float:
         """One EM iteration. Returns -log p(x; theta) - log p(theta) at theta *before* the update
-        (for ``posterior="hard"``: -max_z log p(x, z; theta) - log p(theta)).
+        (for ``posterior="hard"``: -max_z log p(x, z; theta) - log p(theta); with
+        ``map_basis="unconstrained"`` also minus log |det d theta / d u|: the objective EM ascends).
 
         A step that fails (a non-finite log p(x), a singular covariance update) raises an error that
         says why and what to try, and leaves the parameters as they were before it.
@@ -178,13 +179,14 @@ class EM:
         if self.plan.gradient:  # a gradient M-step needs Q(z) of all the data at once
             post = self.e_step(*args, **kwargs)
             self._check_objective(post.objective, args, kwargs)
+            log_prior = float(post.log_prior) + self._log_jacobian()
             self.m_step(post, *args, **kwargs)
-            return -float(post.objective + post.log_prior)
+            return -float(post.objective + log_prior)
         pieces = chunking.split(args, kwargs)
         kept: List[Dict[str, torch.Tensor]] = []  # the weights a second pass needs, per chunk
         stats = Statistics.sum(self._summarize_chunk(a, k, kept) for a, k in self._workspace.chunks(pieces))  # E-step
         self._check_objective(stats.objective, args, kwargs)
-        log_prior = self._log_prior  # log p(theta): a term of every chunk's trace, counted once
+        log_prior = self._log_prior + self._log_jacobian()  # log p(theta): a term of every chunk's trace, counted once
         self._m_step_from(stats, pieces, kept)  # M-step
         return -float(stats.objective + log_prior)
 
@@ -385,7 +387,7 @@ class EM:
         before, reg, failed = self._snapshot(), self.reg_covar, list(self.plan.closed)
         try:
             for self.reg_covar in ((0.0, reg) if reg > 0 else (0.0,)):
-                objective = lambda: expected_log_joint(self.model, self.structure, post, args, kwargs, self.reg_covar)
+                objective = lambda: self._objective(post, args, kwargs, self.reg_covar)
                 try:
                     g_old = unconstrained_grads(objective, failed)
                     g_new = self._gradients_after_update(post, args, kwargs, objective, failed, before)
@@ -450,8 +452,23 @@ class EM:
         return self._plan_or_raise().explain()
 
     def expected_log_joint(self, post: Posterior, *args, **kwargs) -> torch.Tensor:
-        """E_Q[log p(x, z; theta)] + log p(theta) at the current parameters, differentiable in them."""
-        return expected_log_joint(self.model, self.structure, post, args, kwargs)
+        """E_Q[log p(x, z; theta)] + log p(theta) at the current parameters, differentiable in them
+        (with ``map_basis="unconstrained"``, plus log |det d theta / d u| of the parameters with a prior)."""
+        return self._objective(post, args, kwargs, 0.0)
+
+    def _log_jacobian(self) -> float:
+        """With ``map_basis="unconstrained"``: log |det d theta / d u| of the parameters with a prior, the
+        term by which the objective EM ascends differs from log p(x, theta) (see :mod:`ppl_em.priors`)."""
+        if self.map_basis != "unconstrained" or self.plan is None or not self.plan.with_prior:
+            return 0.0
+        with torch.no_grad():
+            return float(log_jacobian(sorted(self.plan.with_prior)))
+
+    def _objective(self, post, args, kwargs, reg: float) -> torch.Tensor:
+        total = expected_log_joint(self.model, self.structure, post, args, kwargs, reg)
+        if self.map_basis == "unconstrained" and self.plan is not None and self.plan.with_prior:
+            total = total + log_jacobian(sorted(self.plan.with_prior)).to(total.dtype)
+        return total
 
     # -- parameter store helpers -------------------------------------------------------------
     def _current(self) -> Dict[str, torch.Tensor]:

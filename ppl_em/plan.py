@@ -128,6 +128,7 @@ class Plan:
     why: Dict[str, str] = field(default_factory=dict)
     shapes: Dict[str, tuple] = field(default_factory=dict)  # the parameters' shapes it was made for
     priors: Dict[str, list] = field(default_factory=dict)  # conjugate prior factors per parameter (ppl_em.priors)
+    with_prior: set = field(default_factory=set)  # every parameter with a prior factor, conjugate or not
 
     @property
     def closed(self) -> List[str]:
@@ -213,7 +214,7 @@ def _attach_priors(plan: Plan, trace, leaves) -> None:
     from .priors import find_priors
 
     kinds = {p: (plan.uses[p][0].rule.canonical, relation(plan.uses[p][0])) for p in plan.closed}
-    priors, not_conjugate = find_priors(trace, leaves, kinds)
+    priors, not_conjugate, plan.with_prior = find_priors(trace, leaves, kinds)
     for p, reason in not_conjugate.items():
         if p in plan.routes and plan.routes[p] == "closed":
             plan.fall_back([p], reason)

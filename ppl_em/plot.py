@@ -8,6 +8,8 @@
   zero for EM right after its E-step, positive for an SVI guide.
 * :func:`plot_latent_space`, :func:`plot_reconstructions`: for amortized (VAE-style) fits,
   given an encoder and a decoder as plain callables.
+* :func:`plot_selection`: a model-selection criterion (BIC, AIC, held-out log-likelihood)
+  against the number of components k, the chosen k marked (:func:`ppl_em.select`).
 
 Each function takes the output path first, writes the PNG atomically (a temporary file in the
 same directory, renamed over the path) and returns the path. Figures are built with
@@ -30,7 +32,7 @@ from .checkpoint import atomic_write
 from .result import FitResult
 
 __all__ = ["plot_clusters", "plot_training", "plot_elbo_gap", "plot_latent_space", "plot_reconstructions",
-           "ellipse_points"]
+           "plot_selection", "ellipse_points"]
 
 COLORS = np.array([[0.12, 0.47, 0.71], [1.00, 0.50, 0.05], [0.17, 0.63, 0.17], [0.84, 0.15, 0.16],
                    [0.58, 0.40, 0.74], [0.55, 0.34, 0.29], [0.89, 0.47, 0.76], [0.50, 0.50, 0.50],
@@ -217,4 +219,39 @@ def plot_reconstructions(path, x, reconstruct: Callable, image_shape: Sequence[i
             axes[row, i].imshow(img.reshape(image_shape), cmap="gray_r", vmin=0, vmax=max(1.0, float(x.max())))
             axes[row, i].set_axis_off()
     fig.suptitle(title or "data (top) and reconstructions (bottom)")
+    return _save(fig, path)
+
+
+def plot_selection(path, selection, title: Optional[str] = None) -> str:
+    """The model-selection criterion against the number of components k, the chosen k marked.
+
+    Parameters
+    ----------
+    path : path-like
+        Output PNG.
+    selection : Selection
+        The result of :func:`ppl_em.select`. Its criterion (BIC, AIC: lower is better; the
+        held-out mean log-likelihood: higher is better) is drawn for every k; the chosen k gets
+        a star and a dashed line, and a fit that did not converge a hollow marker.
+    """
+    ks = np.array(selection.ks)
+    values = np.array([selection.scores[k] for k in selection.ks], dtype=float)
+    converged = np.array([row["converged"] for row in selection.rows], dtype=bool)
+    label = {"bic": "BIC", "aic": "AIC", "heldout": "held-out log p(x) per point"}[selection.criterion]
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.add_subplot()
+    ax.plot(ks, values, "-", color=COLORS[0], lw=1.5)
+    ax.plot(ks[converged], values[converged], "o", color=COLORS[0], ms=6, label="converged")
+    if (~converged).any():
+        ax.plot(ks[~converged], values[~converged], "o", mfc="white", color=COLORS[0], ms=6,
+                label="stopped at max_iter")
+    best = selection.scores[selection.best_k]
+    ax.axvline(selection.best_k, color=COLORS[3], ls="--", lw=1)
+    ax.plot([selection.best_k], [best], "*", color=COLORS[3], ms=16, label=f"chosen k = {selection.best_k}")
+    ax.set_xticks(ks)
+    ax.set_xlabel("number of components k")
+    ax.set_ylabel(f"{label} ({'lower' if selection.lower_is_better else 'higher'} is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"choosing k by {label}")
     return _save(fig, path)

@@ -30,6 +30,7 @@ Eisner, "Inside-Outside and Forward-Backward Algorithms Are Just Backprop", 2016
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections import OrderedDict
@@ -45,6 +46,7 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing, MapRing
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import SubsampleMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
@@ -108,6 +110,30 @@ class _PointEstimate(Messenger):
         msg["infer"] = dict(msg["infer"], _map_site=True)
 
 
+@contextlib.contextmanager
+def full_plates():
+    """Every ``pyro.plate`` runs in full: a subsampled plate (``subsample_size``, the ``batch_size`` of
+    Pyro's examples) takes all of its rows, with scale 1.
+
+    EM's E-step sums over every row and its M-step is exact on the whole data; a step goes through
+    large data in chunks by itself (:mod:`ppl_em.chunking`). A subsample is SVI's way to an unbiased
+    gradient, and has no place in an exact step. Only a plate given explicit ``subsample`` indices
+    keeps them (they choose the data, as an argument would).
+    """
+    original = SubsampleMessenger.__dict__["_subsample"]
+
+    def full(name, size=None, subsample_size=None, subsample=None, use_cuda=None, device=None):
+        if size is not None and subsample is None:
+            subsample_size = size
+        return original.__func__(name, size, subsample_size, subsample, use_cuda, device)
+
+    SubsampleMessenger._subsample = staticmethod(full)
+    try:
+        yield
+    finally:
+        SubsampleMessenger._subsample = original
+
+
 @dataclass(frozen=True)
 class ModelStructure:
     """What a first look at the model tells the engine.
@@ -132,16 +158,18 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelStructure:
     # Enumerated, so that a discrete z^(i) is a (k, 1, ...) tensor rather than n draws that
     # would select n copies of every parameter (an (n, d, d) Sigma_z for a GMM).
     enum_model = poutine.enum(config_enumerate(model, default="parallel"), first_available_dim=-_MAX_PLATES - 1)
-    with poutine.block():
+    with poutine.block(), full_plates():
         tr = poutine.trace(enum_model).get_trace(*args, **kwargs)
     tr = prune_subsample_sites(tr)
     sites = [s for s in tr.nodes.values() if s["type"] == "sample"]
-    data_plates = {f.name for s in sites if s["is_observed"] for f in s["cond_indep_stack"]}
+    # Observed data, not a prior factor on a parameter (pyro.sample("prior", Beta(a, b), obs=p)).
+    observed = [frozenset(f.name for f in s["cond_indep_stack"]) for s in sites
+                if s["is_observed"] and not (torch.is_tensor(s["value"]) and s["value"].requires_grad)]
     map_sites = []
     for site in sites:
         if site["is_observed"] or site["fn"].has_enumerate_support:
             continue
-        local = {f.name for f in site["cond_indep_stack"]} & data_plates
+        local = _local_plates(frozenset(f.name for f in site["cond_indep_stack"]), observed)
         if local:
             raise ExactInferenceError(
                 f"Site '{site['name']}' is a continuous latent variable inside the data plate "
@@ -152,6 +180,19 @@ def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelStructure:
         map_sites.append(site["name"])
     nesting = max([len([f for f in s["cond_indep_stack"] if f.vectorized]) for s in sites] + [0])
     return ModelStructure(max_plate_nesting=nesting, map_sites=tuple(map_sites))
+
+
+def _local_plates(plates: frozenset, observed: List[frozenset]) -> frozenset:
+    """The plates that make a continuous latent local: one copy per observation, as a VAE's z^(i).
+
+    A latent is local when it shares a plate with an observed site whose every plate it also lies in:
+    each copy then sees the observations of one index alone. A Dirichlet per (feature, component) in a
+    feature plate that the data share is not: each copy is informed by every data point, and is a
+    global point-estimated by MAP-EM."""
+    for obs in observed:
+        if plates & obs and obs <= plates:
+            return plates & obs
+    return frozenset()
 
 
 def trace_model(
@@ -183,13 +224,14 @@ def trace_model(
         config_enumerate(point(model), default="parallel"),
         first_available_dim=-1 - structure.max_plate_nesting,
     )
-    with leaves:
+    with leaves, full_plates():
         tr = poutine.trace(enum_model).get_trace(*args, **kwargs)
     tr = prune_subsample_sites(tr)
     if log_prob != "none":
         with torch.set_grad_enabled(log_prob == "grad" and torch.is_grad_enabled()):
             _compute_log_prob(tr, probes=log_prob == "value", workspace=workspace)
         tr.pack_tensors()
+        mark_connected(tr)
     return tr, getattr(leaves, "leaves", {})
 
 
@@ -226,21 +268,82 @@ def sample_sites(tr: Trace) -> List[dict]:
 
 def masked_log_prob(site: dict, probe: Optional[torch.Tensor] = None, fill: float = 0.0) -> torch.Tensor:
     """log p_s (+ ``probe``) in Pyro's unpacked layout, ``fill`` where the site is masked; ignores
-    poutine.scale. The probe is masked too, so a masked position gets no posterior weight."""
+    poutine.scale. The probe is masked too, so a masked position gets no posterior weight.
+
+    An enumerated latent keeps its log-probability under a mask, as ``TraceEnum_ELBO`` scores it
+    (:func:`factor`): there ``fill`` applies only where nothing else depends on the latent."""
     lp = site["unscaled_log_prob"] if probe is None else site["unscaled_log_prob"] + probe
+    mask = _mask(site, lp)
+    if mask is None:
+        return lp
+    return lp.masked_fill(~mask, fill)
+
+
+def _mask(site: dict, lp: torch.Tensor) -> Optional[torch.Tensor]:
+    """Where the site's factor counts: its poutine.mask, widened for an enumerated latent to every
+    position where another factor depends on its value (``site["_connected"]``, see :func:`mark_connected`)."""
     mask = site["mask"]
     if mask is None or mask is True:
-        return lp
-    return lp.masked_fill(~torch.as_tensor(mask, device=lp.device), fill)
+        return None
+    mask = torch.as_tensor(mask, device=lp.device)
+    connected = site.get("_connected")
+    return mask if connected is None else mask | connected
+
+
+def mark_connected(tr: Trace) -> None:
+    """For each masked enumerated latent, where another factor depends on its value (``site["_connected"]``).
+
+    Pyro's ``TraceEnum_ELBO`` ignores a mask on an enumerated site: its factor p(z | parents) stays.
+    Where no other factor varies with z (Pyro's ``obs_mask`` splits z into z_observed and a masked
+    z_unobserved that nothing sees where the label is observed; the padded steps of a chain), summing
+    z out multiplies p(x) by sum_z p(z | parents) = 1, and EM on the model without that placeholder is
+    the same, exactly: the factor is dropped there. Where another factor depends on z, it stays, in
+    log p(x) and in the M-step. Dropped factors can only be reconnected by others, so the marking is
+    repeated until it no longer changes. Call after ``pack_tensors`` (it reads the enumeration symbols).
+    """
+    masked = [s for s in sample_sites(tr) if s["infer"].get("_enumerate_dim") is not None
+              and s["mask"] is not None and s["mask"] is not True]
+    if not masked:
+        return
+    readers = {}
+    for other in sample_sites(tr):
+        for symbol in other["packed"]["log_prob"]._pyro_dims:
+            readers.setdefault(symbol, []).append(other)
+    for site in masked:
+        site["_connected"] = None
+    changed = True
+    while changed:
+        changed = False
+        for site in masked:
+            connected = _connected(site, readers.get(site["infer"]["_enumerate_symbol"], []))
+            old = site["_connected"]
+            if (old is None) != (connected is None) or (old is not None and not torch.equal(old, connected)):
+                site["_connected"], changed = connected, True
+
+
+def _connected(site: dict, readers: List[dict]) -> Optional[torch.Tensor]:
+    """Positions (in ``site``'s log-probability layout) where a factor of ``readers`` varies with the site's value."""
+    dim, lp = site["infer"]["_enumerate_dim"], site["unscaled_log_prob"]
+    connected = None
+    for other in readers:
+        if other is site:
+            continue
+        olp = masked_log_prob(other)
+        if olp.dim() < -dim or olp.shape[dim] == 1:
+            continue
+        varies = olp.amax(dim, keepdim=True) != olp.amin(dim, keepdim=True)
+        extra = [d for d in range(-varies.dim(), 0) if varies.shape[d] > 1 and (-d > lp.dim() or lp.shape[d] == 1)]
+        if extra:
+            varies = varies.any(dim=extra, keepdim=True)
+        varies = varies.reshape(varies.shape[max(0, varies.dim() - lp.dim()):]).expand(lp.shape)
+        connected = varies if connected is None else connected | varies
+    return connected if connected is not None and bool(connected.any()) else None
 
 
 def _masked_fill_value(site: dict, ring) -> float:
-    """0, except -log(number of values) for a masked enumerated site under log-sum-exp.
-
-    At a masked position an enumerated latent is a placeholder that no factor sees (Pyro's
-    ``obs_mask`` splits z into z_observed and such a z_unobserved); summing it out must
-    multiply p(x) by 1, not by its number of values. Under max (hard EM) 0 is right.
-    """
+    """What a masked position of a site contributes where its factor is dropped: 0, except -log(number of
+    values) for an enumerated latent under log-sum-exp, so that summing it out multiplies p(x) by 1
+    (under max, hard EM, 0 is right)."""
     dim = site["infer"].get("_enumerate_dim")
     if dim is None or isinstance(ring, MapRing):
         return 0.0
@@ -249,10 +352,12 @@ def _masked_fill_value(site: dict, ring) -> float:
 
 def expected_log_prob(site: dict, weights) -> torch.Tensor:
     """E_Q[log p_s]: a site's weights times its log-probability, summed; for a chain site, each
-    table of its posterior times the matching log-potentials (the states inside it are latent too)."""
+    table of its posterior times the matching log-potentials (the states inside it are latent too).
+    0 log 0 = 0: a position of no weight (masked) adds nothing, even where its log-probability is -inf."""
     if isinstance(weights, ChainTerms):
         return chains.expected_log_potential(site["chain_terms"], weights)
-    return (weights * masked_log_prob(site)).sum()
+    lp = masked_log_prob(site)
+    return torch.where(weights == 0, torch.zeros((), dtype=lp.dtype), weights * lp).sum()
 
 
 def log_joint_terms(tr: Trace) -> Dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ import pyro.distributions as dist
 
 from .selection import Selection, selection_sources
 
-__all__ = ["Prior", "NoMAPError", "find_priors", "MAP_BASES"]
+__all__ = ["Prior", "NoMAPError", "find_priors", "log_jacobian", "MAP_BASES"]
 
 MAP_BASES = ("constrained", "unconstrained")
 FLAT = (dist.Uniform, dist.ImproperUniform)
@@ -82,8 +82,9 @@ class Prior:
                 "the log / log-odds basis (counts + alpha).")
 
 
-def find_priors(trace, leaves: Dict[str, torch.Tensor], kinds: Dict[str, Tuple[str, str]]) -> Tuple[Dict[str, List[Prior]], Dict[str, str]]:
-    """The conjugate prior factors on parameters, and why a prior factor is not conjugate.
+def find_priors(trace, leaves: Dict[str, torch.Tensor], kinds: Dict[str, Tuple[str, str]]):
+    """The conjugate prior factors on parameters, why a prior factor is not conjugate, and the set of
+    every parameter with a prior factor.
 
     ``kinds[p]`` = (the likelihood's canonical parameter, how p maps to it: "identity" or "reciprocal"),
     for the parameters with a closed-form likelihood update.
@@ -91,6 +92,7 @@ def find_priors(trace, leaves: Dict[str, torch.Tensor], kinds: Dict[str, Tuple[s
     by_id = {id(leaf): name for name, leaf in leaves.items()}
     priors: Dict[str, List[Prior]] = {}
     not_conjugate: Dict[str, str] = {}
+    with_prior = set()
     for site in trace.nodes.values():
         if site["type"] != "sample" or not site["is_observed"] or not torch.is_tensor(site["value"]):
             continue
@@ -101,12 +103,30 @@ def find_priors(trace, leaves: Dict[str, torch.Tensor], kinds: Dict[str, Tuple[s
             continue
         selection = selections[0]
         p = selection.param
+        with_prior.add(p)
         prior, why = _conjugate(site, _base(site["fn"]), selection, kinds.get(p))
         if prior is None:
             not_conjugate.setdefault(p, why)
         else:
             priors.setdefault(p, []).append(prior)
-    return priors, not_conjugate
+    return priors, not_conjugate, with_prior
+
+
+def log_jacobian(names) -> torch.Tensor:
+    """sum of log |det d theta / d u| over the parameters ``names`` at their current values, for the
+    bijections theta = T(u) of their constraints (stick-breaking for a simplex, sigmoid, exp): the term that turns
+    log p(theta) into the log-density of the unconstrained u. For these transforms |det J| = prod theta_i
+    (times prod (1 - theta_i) for an interval), so the mode of a Dirichlet's becomes counts + alpha."""
+    import pyro
+    from torch.distributions import biject_to
+
+    store = pyro.get_param_store()
+    total = torch.zeros((), dtype=torch.float64)
+    for name in names:
+        theta = store[name]  # differentiable in the store's own unconstrained value
+        bijection = biject_to(store._constraints[name])  # a bijection (the store may use an overcomplete softmax)
+        total = total + bijection.log_abs_det_jacobian(bijection.inv(theta), theta).sum()
+    return total
 
 
 def _base(fn):

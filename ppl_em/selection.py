@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .fast import compact
+
 __all__ = ["Selection", "Transform", "selection_sources", "SELECTION_OPS"]
 
 # Autograd nodes that move or copy elements without arithmetic.
@@ -267,12 +269,18 @@ def selection_sources(tensor: torch.Tensor, leaves: Dict[int, str]) -> Tuple[Lis
                 return [], "it depends on a tensor that is not a pyro.param"
             if (maps or _through_cat(chain)) and not _has_shapes(chain):
                 return [], "this torch build's autograd nodes do not expose input shapes"
-            found.append(Selection(leaf, torch.Size(shape), chain, node.variable.shape, tensor, inputs, maps))
+            selection = Selection(leaf, torch.Size(shape), chain, node.variable.shape, tensor, inputs, maps)
+            if any(_is_offset(n) for n in chain) and not _offsets_vanish(selection, node.variable):
+                return [], "it adds a constant to the parameter where the parameter is used"
+            found.append(selection)
             continue
         transform = _transform_of(node)
         if transform is not None:
             nxt = next(n for n, _ in node.next_functions if n is not None)
             paths.append((nxt, chain, inputs, maps + [transform]))
+        elif _is_offset(node):  # S v + c, with c = 0 wherever v is selected (checked below)
+            k, nxt = next((k, n) for k, (n, _) in enumerate(node.next_functions) if n is not None)
+            paths.append((nxt, chain + [node], inputs + [k], maps))
         elif name in SELECTION_OPS or _is_01_mask(node) or name == "CatBackward0":
             nxt = [(k, n) for k, (n, _) in enumerate(node.next_functions) if n is not None]
             if not nxt or (len(nxt) > 1 and name != "CatBackward0"):
@@ -282,6 +290,32 @@ def selection_sources(tensor: torch.Tensor, leaves: Dict[int, str]) -> Tuple[Lis
             return [], f"it is computed from a parameter by {name.replace('Backward0', '').lower()}, " \
                        "which is neither a selection nor an invertible elementwise map"
     return found, ""
+
+
+def _is_offset(node) -> bool:
+    """``S v + c`` or ``S v - c`` with a constant c: an addition with one input in the graph (the first, for a
+    subtraction). It is a selection where c is 0 at every selected position: a constant elsewhere, as
+    ``mask * phi * z + (1 - mask)`` in a capture-recapture model."""
+    name = type(node).__name__
+    if name not in ("AddBackward0", "SubBackward0"):
+        return False
+    inputs = [n for n, _ in node.next_functions]
+    if sum(n is not None for n in inputs) != 1 or (name == "SubBackward0" and inputs[0] is None):
+        return False
+    return float(getattr(node, "_saved_alpha", 1)) == 1
+
+
+def _offsets_vanish(selection: "Selection", leaf: torch.Tensor) -> bool:
+    """The attribute equals S F(v) at every selected position (the added constants are 0 there)."""
+    index = selection.index_map()
+    expected = selection.forward(leaf.detach())
+    actual = compact(selection.tensor.detach())  # the attribute before its broadcast (an expand is a view)
+    try:
+        actual = actual.reshape(actual.shape[actual.dim() - len(selection.shape):]).expand(selection.shape)
+    except RuntimeError:
+        return False
+    selected = index >= 0
+    return bool(torch.equal(actual[selected], expected[selected]))
 
 
 def _through_cat(chain: List) -> bool:

@@ -41,6 +41,13 @@ def test_reduce_product_equals_the_broadcast_product_summed(shapes, target):
     assert torch.allclose(fastpath.reduce_product(ops, target), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_reduce_product_counts_the_copies_of_a_dimension_only_broadcast():
+    w = torch.ones(1, dtype=D).expand(272)[:, None, None]  # (272, 1, 1), stride 0 along the rows
+    assert torch.equal(fastpath.reduce_product([w], (2, 2)), torch.full((2, 2), 272.0, dtype=D))
+    x = torch.rand(3, 1, dtype=D).expand(3, 5)
+    assert torch.allclose(fastpath.reduce_product([x, x], ()), (x * x).sum())
+
+
 def test_reduce_product_reads_expanded_operands_without_copying_them():
     w = torch.rand(3, 1, dtype=D).expand(3, 10**7)  # 240 MB if it were materialised
     x = torch.ones(10**7, dtype=D)

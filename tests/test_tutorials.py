@@ -46,6 +46,7 @@ FIGURES = {
     "11_choosing_k.py": ["11_choosing_k.png", "11_pdata_vs_pmodel.png"],
     "12_em_as_a_picture.py": ["12_elbo_curves.png", "12_em_old_faithful.gif"],
     "13_gans_and_diffusion.py": ["13_diffusion.png", "13_gan_vs_vae.png"],
+    "14_selecting_k_in_practice.py": ["14_criteria.png", "14_selection_bic.png"],
 }
 SIGNATURES = {".png": b"\x89PNG\r\n\x1a\n", ".gif": b"GIF89a"}
 CHECK = re.compile(r'teaching\.check_exercise\("([0-9.]+)"')

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import List, Tuple
 
 import torch
@@ -42,6 +43,8 @@ def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
     ndim = max([len(shape)] + [t.dim() for t in operands])
     full = [1] * ndim
     subscripts, squeezed = [], []
+    sizes_before = torch.broadcast_shapes(*(t.shape for t in operands))
+    sizes_before = (1,) * (ndim - len(sizes_before)) + tuple(sizes_before)
     for t in operands:
         t = compact(t)
         sizes = (1,) * (ndim - t.dim()) + tuple(t.shape)
@@ -61,5 +64,9 @@ def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
     for t, letters in zip(squeezed, subscripts):
         args += [t, letters]
     out = torch.einsum(*args, kept)
+    # A dimension that every operand only broadcasts (stride 0) still counts its copies in a sum over it.
+    copies = math.prod(sizes_before[i] for i in range(ndim) if full[i] == 1 and target[i] == 1)
+    if copies != 1:
+        out = out * copies
     out = out.reshape([full[i] if i in kept else 1 for i in range(ndim)])
     return out.reshape(out.shape[ndim - len(shape):]).expand(shape)
