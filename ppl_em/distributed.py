@@ -92,7 +92,7 @@ def shard(n: int, rank: Optional[int] = None, world: Optional[int] = None) -> sl
 def summarize(em, args: tuple, kwargs: dict) -> Statistics:
     """sum_r summarize(x_r): this rank's statistics, all-reduced. See the module docstring."""
     if em.plan is None:
-        agreed(lambda: _first_plan(em, args, kwargs), em._what() + ": making the M-step plan")
+        agreed(lambda: _first_plan(em, args, kwargs), em._what() + ": making the M-step plan", _parameters_layout)
         broadcast_parameters(em._param_names)
         _broadcast_centres(em.plan)
     stats = agreed(lambda: _local_statistics(em, args, kwargs), em._what(), _layout)
@@ -112,6 +112,15 @@ def _first_plan(em, args: tuple, kwargs: dict) -> None:
         raise ValueError(f"parameters {what} cannot be updated from statistics alone "
                          f"({'; '.join(em.plan.why[p] for p in what)}), which distributed EM sums across ranks. "
                          "Fit this model in one process.")
+    return em._param_names
+
+
+def _parameters_layout(names: List[str]) -> int:
+    """A checksum of the parameters' names and shapes: rank 0's values are about to be broadcast into them."""
+    import pyro
+
+    store = pyro.get_param_store()
+    return zlib.crc32(";".join(f"{n}:{tuple(store[n].shape)}" for n in names if n in store).encode())
 
 
 def _local_statistics(em, args: tuple, kwargs: dict) -> Statistics:
@@ -149,9 +158,9 @@ def agreed(compute: Callable, what: str, checksum: Optional[Callable] = None):
     if failed:
         _raise_failure(failed, failure, what, world)
     if checksum is not None and len(set(flags[:, 1].tolist())) > 1:
-        raise RankError(f"{what}: the ranks' statistics differ in layout (keys, shapes or centres: checksums "
-                        f"{flags[:, 1].tolist()}), so they cannot be summed. Every rank must run the same model, "
-                        "with arguments of the same shapes apart from the number of rows.")
+        raise RankError(f"{what}: the ranks disagree on the layout of what they are about to combine (parameter "
+                        f"or statistics names, shapes or centres: checksums {flags[:, 1].tolist()}). Every rank must "
+                        "run the same model, with arguments of the same shapes apart from the number of rows.")
     return result
 
 
