@@ -249,7 +249,8 @@ class EM:
 
     # -- E-step and M-step over chunks -------------------------------------------------------
     def _summarize_chunk(self, args, kwargs, kept: Optional[list]) -> Statistics:
-        post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior, workspace=self._workspace)
+        post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior, workspace=self._workspace,
+                               leaves=self.plan.needs_graph)
         check_observations(post)
         self._log_prior = float(post.log_prior)
         stats = closed_form.summarize(self.plan, post, rows=self._chunks.rows_of(args, kwargs))
@@ -262,20 +263,16 @@ class EM:
         """The closed forms from ``stats``; then, for scales whose location varies per data point, a
         second pass: their statistics about the new locations (read from a trace at the new parameters,
         with the E-step's weights)."""
-        saved = self._snapshot()
-        try:
-            self.maximize(stats)
-            if self.plan.second_pass:
-                sums: Dict[str, torch.Tensor] = {}
-                uses = [u for p in self.plan.second_pass for u in self.plan.uses[p]]
-                for (c_args, c_kwargs), weights in zip(pieces, kept):
-                    trace, leaves = trace_model(self.model, self.structure, c_args, c_kwargs, log_prob="none")
-                    closed_form.use_statistics(sums, uses, trace, weights, leaves)
-                self._write(closed_form.maximize(self.plan, Statistics(sums), sorted(self.plan.second_pass),
-                                                 self._current(), self.reg_covar, self.map_basis))
-        except BaseException:
-            self._restore(saved)
-            raise
+        # No snapshot here: step, m_step and the plan's check each keep one to restore on failure.
+        self.maximize(stats)
+        if self.plan.second_pass:
+            sums: Dict[str, torch.Tensor] = {}
+            uses = [u for p in self.plan.second_pass for u in self.plan.uses[p]]
+            for (c_args, c_kwargs), weights in zip(pieces, kept):
+                trace, leaves = trace_model(self.model, self.structure, c_args, c_kwargs, log_prob="none")
+                closed_form.use_statistics(sums, uses, trace, weights, leaves)
+            self._write(closed_form.maximize(self.plan, Statistics(sums), sorted(self.plan.second_pass),
+                                             self._current(), self.reg_covar, self.map_basis))
 
     # -- the plan and the data's chunking ------------------------------------------------------
     def _prepare(self, args, kwargs, plan: bool = True) -> chunks_.Chunking:
@@ -431,19 +428,22 @@ class EM:
                     "parameters were kept. Try a larger reg_covar, fewer components, or scaling the data.")
         for name, value in values.items():
             store[name] = value.clone()  # for an unconstrained parameter the store would keep (and alias) the tensor
-            outside = ~store._constraints[name].check(store[name].detach())
-            if outside.any():  # a variance of 0, a singular covariance: a component collapsed onto one point
-                raise ValueError(degenerate_update_message(name, outside, self._what()))
+            constraint = store._constraints[name]
+            if not bool(constraint.check(value).all()):  # a projecting constraint (a sphere) may still take it
+                outside = ~constraint.check(store[name].detach())
+                if outside.any():  # a variance of 0, a singular covariance: a component collapsed onto one point
+                    raise ValueError(degenerate_update_message(name, outside, self._what()))
 
     def _snapshot(self) -> Dict[str, torch.Tensor]:
-        store = pyro.get_param_store()
-        return {n: store[n].unconstrained().detach().clone() for n in self._param_names if n in store}
+        """The parameters' unconstrained values (read without applying their constraints' transforms)."""
+        unconstrained = dict(pyro.get_param_store().named_parameters())
+        return {n: unconstrained[n].detach().clone() for n in self._param_names if n in unconstrained}
 
     def _restore(self, saved: Dict[str, torch.Tensor]) -> None:
-        store = pyro.get_param_store()
+        unconstrained = dict(pyro.get_param_store().named_parameters())
         with torch.no_grad():
             for name, value in saved.items():
-                store[name].unconstrained().copy_(value)
+                unconstrained[name].copy_(value)
 
     def _check_finite(self) -> None:
         store = pyro.get_param_store()
