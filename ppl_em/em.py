@@ -26,6 +26,7 @@ Rubin, JRSS-B 1977; Neal & Hinton, "A view of the EM algorithm", 1998.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -359,7 +360,7 @@ class EM:
         location's update (given the current scale, with a prior: an ECM step) is checked with only the
         phase-1 updates made, a scale's with all of them."""
         self._m_step_from(closed_form.summarize(self.plan, post), [(args, kwargs)], [post.weights])
-        after, grads = self._current(), {}
+        after, grads = {p: v.clone() for p, v in ((p, self._current()[p]) for p in self.plan.closed)}, {}
         for phase in (1, 2):
             checked = [p for p in names if self.plan.phase(p) == phase]
             if checked:
@@ -415,9 +416,9 @@ class EM:
         return total
 
     # -- parameter store helpers -------------------------------------------------------------
-    def _current(self) -> Dict[str, torch.Tensor]:
-        store = pyro.get_param_store()
-        return {n: store[n].detach().clone() for n in self._param_names if n in store}
+    def _current(self) -> Mapping[str, torch.Tensor]:
+        """The parameters' current (constrained) values, each read from the store only when asked for."""
+        return _StoreValues()
 
     def _write(self, values: Dict[str, torch.Tensor]) -> None:
         store = pyro.get_param_store()
@@ -452,6 +453,20 @@ class EM:
                 raise NonFiniteParameterError(
                     f"Parameter '{name}' became non-finite in the M-step; the previous parameters "
                     "were kept. Try a larger reg_covar or scaling the data.")
+
+
+class _StoreValues(Mapping):
+    """A read-only view of the param store's constrained values: a constraint's transform (a softmax, a
+    Cholesky product) runs only for the values an M-step reads (an empty component's previous value)."""
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return pyro.get_param_store()[name].detach().clone()
+
+    def __iter__(self):
+        return iter(pyro.get_param_store().keys())
+
+    def __len__(self) -> int:
+        return len(pyro.get_param_store().keys())
 
 
 def _shapes(names: List[str]) -> Dict[str, tuple]:
