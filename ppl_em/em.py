@@ -142,7 +142,7 @@ class EM:
     def step(self, *args, **kwargs) -> float:
         """One EM iteration. Returns -log p(x; theta) - log p(theta) at theta *before* the update
         (for ``posterior="hard"``: -max_z log p(x, z; theta) - log p(theta); with
-        ``map_basis="unconstrained"`` also minus log |det d theta / d u|: the objective EM ascends).
+        ``map_basis="unconstrained"`` also minus log ``|det d theta / d u|``: the objective EM ascends).
 
         A step that fails (a non-finite log p(x), a singular covariance update) raises an error that
         says why and what to try, and leaves the parameters as they were before it.
@@ -398,11 +398,11 @@ class EM:
 
     def expected_log_joint(self, post: Posterior, *args, **kwargs) -> torch.Tensor:
         """E_Q[log p(x, z; theta)] + log p(theta) at the current parameters, differentiable in them
-        (with ``map_basis="unconstrained"``, plus log |det d theta / d u| of the parameters with a prior)."""
+        (with ``map_basis="unconstrained"``, plus log ``|det d theta / d u|`` of the parameters with a prior)."""
         return self._objective(post, args, kwargs, 0.0)
 
     def _log_jacobian(self) -> float:
-        """With ``map_basis="unconstrained"``: log |det d theta / d u| of the parameters with a prior, the
+        """With ``map_basis="unconstrained"``: log ``|det d theta / d u|`` of the parameters with a prior, the
         term by which the objective EM ascends differs from log p(x, theta) (see :mod:`ppl_em.priors`)."""
         if self.map_basis != "unconstrained" or self.plan is None or not self.plan.with_prior:
             return 0.0
