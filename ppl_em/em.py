@@ -25,6 +25,7 @@ Rubin, JRSS-B 1977; Neal & Hinton, "A view of the EM algorithm", 1998.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional
@@ -137,6 +138,7 @@ class EM:
         self._param_names: List[str] = []
         self._log_prior = 0.0
         self.iterations = 0  # steps completed
+        self._validated: tuple = ()  # the data (ids and versions of the tensor arguments) already validated
 
     # -- the algorithm -----------------------------------------------------------------------
     def step(self, *args, **kwargs) -> float:
@@ -169,11 +171,22 @@ class EM:
             return -float(post.objective + log_prior)
         pieces = chunking.split(args, kwargs)
         kept: List[Dict[str, torch.Tensor]] = []  # the weights a second pass needs, per chunk
-        stats = Statistics.sum(self._summarize_chunk(a, k, kept) for a, k in self._workspace.chunks(pieces))  # E-step
+        with self._validation(args, kwargs):
+            stats = Statistics.sum(self._summarize_chunk(a, k, kept) for a, k in self._workspace.chunks(pieces))  # E-step
         self._check_objective(stats.objective, args, kwargs)
         log_prior = self._log_prior + self._log_jacobian()  # log p(theta): a term of every chunk's trace, counted once
         self._m_step_from(stats, pieces, kept)  # M-step
         return -float(stats.objective + log_prior)
+
+    def _validation(self, args, kwargs):
+        """Pyro's validation for the E-step's traces: on while these data (these very tensors, unchanged)
+        have not been through a step yet, off after: the data were checked, and the parameters are checked
+        when an M-step writes them (a distribution's own checks would repeat both at every step)."""
+        seen = tuple((id(v), v._version) for v in list(args) + list(kwargs.values()) if torch.is_tensor(v))
+        if seen == self._validated:
+            return pyro.validation_enabled(False)
+        self._validated = seen
+        return contextlib.nullcontext()
 
     def _check_objective(self, objective: torch.Tensor, args, kwargs) -> None:
         """The E-step's log p(x) must be finite before any M-step uses its Q(z)."""
