@@ -483,8 +483,9 @@ class _StoreValues(Mapping):
 
 
 def _shapes(names: List[str]) -> Dict[str, tuple]:
-    store = pyro.get_param_store()
-    return {n: tuple(store[n].shape) for n in names if n in store}
+    """The parameters' shapes (those of their unconstrained values: the store's transforms keep the shape)."""
+    unconstrained = dict(pyro.get_param_store().named_parameters())
+    return {n: tuple(unconstrained[n].shape) for n in names if n in unconstrained}
 
 
 def _keep(weights):
