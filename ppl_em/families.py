@@ -29,12 +29,13 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 import pyro.distributions as dist
+from pyro.distributions.torch_distribution import ExpandedDistribution
 from torch.distributions import Independent
 
 from . import chains
 from .fast import broadcast_shape, centre, compact, gaussian_sums, normal_sums, overlap, reduce_product
 
-__all__ = ["Rule", "RULES", "GaussianSums", "unwrap", "view"]
+__all__ = ["Rule", "RULES", "GaussianSums", "attributes", "parts", "unwrap", "view"]
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,31 @@ def normal_centre(x: torch.Tensor, cells) -> torch.Tensor:
     return x.reshape(-1)[:: max(1, x.numel() // 8192)].mean(dtype=dt)
 
 
+def count_vectors(fn, x, w, shape):
+    """N_j = sum_i w^(i) x^(i)_j: a Multinomial's expected counts of each category (its last dim)."""
+    return reduce_product([w.unsqueeze(-1), x], shape), None
+
+
+def exponential_rate(fn, x, w, shape):
+    """(sum_i w^(i), sum_i w^(i) x^(i)): lambda = N / sum w x, an Exponential's rate."""
+    return reduce_product([w], shape), reduce_product([w, x], shape)
+
+
+def gamma_rate(fn, x, w, shape):
+    """(alpha sum_i w^(i), sum_i w^(i) x^(i)): beta = alpha N / sum w x, a Gamma's rate given its concentration."""
+    return reduce_product([w, fn.concentration.detach()], shape), reduce_product([w, x], shape)
+
+
+def geometric_probs(fn, x, w, shape):
+    """(sum_i w^(i), sum_i w^(i) (1 + x^(i))): p = N / (N + sum w x), for x failures before a success."""
+    return reduce_product([w], shape), reduce_product([w, 1 + x], shape)
+
+
+def binomial_probs(fn, x, w, shape):
+    """(sum_i w^(i) x^(i), sum_i w^(i) n^(i)): p = sum w x / sum w n, for a known number of trials n."""
+    return reduce_product([w, x], shape), reduce_product([w, fn.total_count.detach()], shape)
+
+
 def _initial_counts(fn, x, w, shape):
     return reduce_product([w.initial], shape), None
 
@@ -216,6 +242,14 @@ RULES: List[Rule] = [
          "covariance"),
     Rule(dist.DiscreteHMM, "initial_logits", "probs", 1, _initial_counts, normalise, "log", "initial"),
     Rule(dist.DiscreteHMM, "transition_logits", "probs", 1, _transition_counts, normalise, "log", "transition"),
+    Rule(dist.Exponential, "rate", "mean", 1, exponential_rate, ratio, None, "rate"),
+    Rule(dist.Gamma, "rate", "mean", 1, gamma_rate, ratio, None, "rate"),
+    Rule(dist.Geometric, "probs", "mean", 1, geometric_probs, ratio, None, "probs"),
+    Rule(dist.Geometric, "logits", "mean", 1, geometric_probs, ratio, "logit", "probs"),
+    Rule(dist.Binomial, "probs", "mean", 1, binomial_probs, ratio, None, "probs"),
+    Rule(dist.Binomial, "logits", "mean", 1, binomial_probs, ratio, "logit", "probs"),
+    Rule(dist.Multinomial, "probs", "probs", 1, count_vectors, normalise, None, "probs"),
+    Rule(dist.Multinomial, "logits", "probs", 1, count_vectors, normalise, "log", "probs"),
 ]
 
 
@@ -226,7 +260,7 @@ def rules_for(fn) -> List[Rule]:
     (``logits`` of a Categorical made with ``probs``, ``scale_tril`` of a MultivariateNormal made with
     ``covariance_matrix``): of the attributes for one canonical parameter, the first one set is the
     constructor's."""
-    order = {name: i for i, name in enumerate(fn.__dict__)}
+    order = {name: i for i, name in enumerate(attributes(fn))}
     chosen: dict = {}
     for rule in RULES:
         if type(fn) is rule.family and rule.attr in order:
@@ -236,8 +270,14 @@ def rules_for(fn) -> List[Rule]:
     return list(chosen.values())
 
 
+def attributes(fn) -> dict:
+    """The tensors a distribution was made from: its ``__dict__`` (a Multinomial keeps its probabilities
+    in the Categorical it holds)."""
+    return fn._categorical.__dict__ if type(fn) is dist.Multinomial else fn.__dict__
+
+
 def unwrap(fn, w: torch.Tensor):
-    """Strip ``Independent`` and masking wrappers; broadcast the weights to the base batch shape.
+    """Strip ``Independent``, masking and expanding wrappers; broadcast the weights to the base batch shape.
 
     Returns the base distribution and weights of shape ``base.batch_shape``.
     """
@@ -249,14 +289,28 @@ def unwrap(fn, w: torch.Tensor):
         elif isinstance(fn, dist.MaskedDistribution):
             w = w * torch.as_tensor(fn._mask).to(w.dtype)  # _mask may be a bool (pyro.deterministic)
             fn = fn.base_dist
+        elif isinstance(fn, ExpandedDistribution):  # Pyro's broadcast of a family without its own expand
+            fn = fn.base_dist
         else:
             break
-    return fn, w.expand(torch.broadcast_shapes(w.shape, fn.batch_shape))
+    return fn, w.expand(broadcast_shape(w.shape, fn.batch_shape))
 
 
 def base(fn):
     """``fn`` with its ``Independent`` and masking wrappers stripped."""
     return unwrap(fn, torch.ones(()))[0]
+
+
+def parts(fn) -> List[Tuple[str, object]]:
+    """The distributions inside a site's that carry parameters: itself; a chain's observation distribution
+    (``"emission"``); the two components of a ``MaskedMixture`` (``"mixture0"``, ``"mixture1"``)."""
+    found = [("", fn)]
+    if chains.is_chain(fn):
+        found.append(("emission", fn.observation_dist))
+    top = base(fn)
+    if type(top) is dist.MaskedMixture:
+        found += [("mixture0", top.component0), ("mixture1", top.component1)]
+    return found
 
 
 def view(site: dict, weights, part: str = ""):
@@ -275,4 +329,7 @@ def view(site: dict, weights, part: str = ""):
     if isinstance(weights, chains.ChainTerms):
         return site["fn"], site["value"], weights  # the chain's own tables
     fn, w = unwrap(site["fn"], weights)
+    if part.startswith("mixture"):  # component 1 where the mask is true, component 0 elsewhere
+        mask = fn.mask if part == "mixture1" else ~fn.mask
+        fn, w = unwrap(fn.component1 if part == "mixture1" else fn.component0, w * mask.to(w.dtype))
     return fn, site["value"], w

@@ -535,6 +535,10 @@ class _Traced:
     leaves: Dict[str, torch.Tensor]
 
 
+# Attributes that are the mean of an observation, so that a data row is a good starting value.
+LOCATIONS = {(dist.Normal, "loc"), (dist.MultivariateNormal, "loc"), (dist.Bernoulli, "probs"), (dist.Poisson, "rate")}
+
+
 def location_parameters(post) -> Dict[str, tuple]:
     """Parameters that are the location of an observed site, with that site's data rows.
 
@@ -552,6 +556,8 @@ def location_parameters(post) -> Dict[str, tuple]:
         if len({(u.rule.family, u.rule.attr) for u in uses}) != 1 or uses[0].selection.transforms:
             continue
         rule, shape = uses[0].rule, post.leaves[name].shape
+        if (rule.family, rule.attr) not in LOCATIONS:
+            continue
         if rule.attr not in ("loc", "probs", "rate") or rule.family is dist.Categorical or len(shape) < 1:
             continue
         row = shape[1:]

@@ -128,7 +128,7 @@ class OnlineEM:
                              "online.step(source, ...).")
         batch = self.em.summarize(*args, **kwargs)  # the E-step at theta_{t-1}
         self.em._check_objective(batch.objective, args, kwargs)
-        loss = -float(batch.objective + self.em._log_prior)
+        loss = -float(batch.objective + self.em._log_prior + self.em._log_jacobian())
         stats = self._updated(batch)
         if stats is not None:
             self._maximize(stats)

@@ -21,8 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import pyro.distributions as dist
 
-from . import chains
-from .families import GaussianSums, Rule, base, normal_centre, rules_for, view
+from .families import GaussianSums, Rule, attributes, base, normal_centre, parts, rules_for, view
 from .fast import broadcast_shape, centre, compact
 from .selection import Selection, selection_sources
 
@@ -58,18 +57,15 @@ class Use:
 def find_uses(site: dict, leaves: Dict[int, str]) -> Tuple[List[Use], Dict[str, str]]:
     """Every (attribute, parameter) pair of ``site`` that a closed-form rule can update; and, for the
     parameters met in an attribute that no rule can use, why (for :meth:`Plan.explain`)."""
-    parts = [("", site["fn"])]
-    if chains.is_chain(site["fn"]):
-        parts.append(("emission", site["fn"].observation_dist))
     uses, why = [], {}
-    for part, fn in parts:
+    for part, fn in parts(site["fn"]):
         fn = base(fn)
         for rule in rules_for(fn):
-            found, reason = selection_sources(fn.__dict__[rule.attr], leaves)
+            found, reason = selection_sources(attributes(fn)[rule.attr], leaves)
             for path, selection in enumerate(found):
                 uses.append(Use(site["name"], rule, selection, part, path))
             if not found and reason:
-                for name in _params_in(fn.__dict__[rule.attr], leaves):
+                for name in _params_in(attributes(fn)[rule.attr], leaves):
                     why.setdefault(name, f"{fn.__class__.__name__}.{rule.attr} at site {site['name']}: {reason}")
     return uses, why
 
@@ -138,6 +134,12 @@ class Plan:
     def gradient(self) -> List[str]:
         return [p for p, how in self.routes.items() if how == "gradient"]
 
+    @property
+    def needs_graph(self) -> bool:
+        """Whether an E-step's trace must carry the autograd graph from the parameters: only to read the
+        selections that change with the data (theta[doc_i]) again, chunk by chunk."""
+        return any(not u.stable for p in self.closed for u in self.uses[p])
+
     def phase(self, p: str) -> int:
         return self.uses[p][0].rule.phase
 
@@ -160,7 +162,7 @@ class Plan:
 
 
 def _group_key(use: Use) -> str:
-    return use.site + ("/emission" if use.part else "")
+    return use.site + (f"/{use.part}" if use.part else "")
 
 
 def make_plan(names: List[str], trace, leaves: Dict[str, torch.Tensor], weights, mode: str,
@@ -264,7 +266,14 @@ def matrix_layout(selection: Selection) -> str:
     """How a selection into (..., d, d) matrices places the parameter's elements: ``"whole"`` (each cell's
     matrix is one parameter matrix, in order), ``"diagonal"`` (only diagonal entries, e.g. diag_embed or a
     spherical sigma^2 I) or ``"mixed"``."""
-    index = selection.index_map()
+    cached = getattr(selection, "_layout", None)
+    if cached is not None:
+        return cached
+    selection._layout = _layout(selection.index_map(), selection)
+    return selection._layout
+
+
+def _layout(index: torch.Tensor, selection: Selection) -> str:
     d = index.shape[-1]
     eye = torch.eye(d, dtype=torch.bool, device=index.device)
     valid = index >= 0

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import pyro.distributions as dist
 
+from .families import base
 from .selection import Selection, selection_sources
 
 __all__ = ["Prior", "NoMAPError", "find_priors", "log_jacobian", "MAP_BASES"]
@@ -99,12 +100,12 @@ def find_priors(trace, leaves: Dict[str, torch.Tensor], kinds: Dict[str, Tuple[s
         if site["value"].grad_fn is None and id(site["value"]) not in by_id:
             continue
         selections, _ = selection_sources(site["value"], by_id)
-        if len(selections) != 1 or _masked_off(site) or isinstance(_base(site["fn"]), FLAT):
+        if len(selections) != 1 or _masked_off(site) or isinstance(base(site["fn"]), FLAT):
             continue
         selection = selections[0]
         p = selection.param
         with_prior.add(p)
-        prior, why = _conjugate(site, _base(site["fn"]), selection, kinds.get(p))
+        prior, why = _conjugate(site, base(site["fn"]), selection, kinds.get(p))
         if prior is None:
             not_conjugate.setdefault(p, why)
         else:
@@ -113,9 +114,9 @@ def find_priors(trace, leaves: Dict[str, torch.Tensor], kinds: Dict[str, Tuple[s
 
 
 def log_jacobian(names) -> torch.Tensor:
-    """sum of log |det d theta / d u| over the parameters ``names`` at their current values, for the
+    """sum of log ``|det d theta / d u|`` over the parameters ``names`` at their current values, for the
     bijections theta = T(u) of their constraints (stick-breaking for a simplex, sigmoid, exp): the term that turns
-    log p(theta) into the log-density of the unconstrained u. For these transforms |det J| = prod theta_i
+    log p(theta) into the log-density of the unconstrained u. For these transforms ``|det J| = prod theta_i``
     (times prod (1 - theta_i) for an interval), so the mode of a Dirichlet's becomes counts + alpha."""
     import pyro
     from torch.distributions import biject_to
@@ -127,12 +128,6 @@ def log_jacobian(names) -> torch.Tensor:
         bijection = biject_to(store._constraints[name])  # a bijection (the store may use an overcomplete softmax)
         total = total + bijection.log_abs_det_jacobian(bijection.inv(theta), theta).sum()
     return total
-
-
-def _base(fn):
-    while isinstance(fn, (dist.Independent, dist.MaskedDistribution)):
-        fn = fn.base_dist
-    return fn
 
 
 def _masked_off(site) -> bool:

@@ -1,6 +1,6 @@
 """The set-up every tutorial shares, and the tools for its exercises.
 
-A tutorial (``tutorials/NN_name.py``, a jupytext percent script) starts with
+A tutorial (``tutorials/NN_name.py``, a jupytext percent script) starts with::
 
     from ppl_em import teaching
     QUICK, OUT = teaching.setup(globals().get("__file__"))  # no __file__ in a notebook
@@ -18,7 +18,7 @@ Exercises. An exercise is three cells: a stub tagged ``exercise`` whose function
 ``jupyter={"source_hidden": true}``) that redefines it, and a check,
 ``teaching.check_exercise("3.1", ...)``, that asserts what the answer must satisfy. A stub
 left as it is is reported as not attempted; a wrong answer fails its assertions. Student copies
-are the tutorials without their solution cells:
+are the tutorials without their solution cells::
 
     python -m ppl_em.teaching strip tutorials/*.py --out students/
 

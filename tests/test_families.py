@@ -1,0 +1,118 @@
+"""Closed forms of the other families: each M-step against its textbook formula on the E-step's
+responsibilities, and against the gradient M-step's optimum (the same maximiser of E_Q[log p])."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.distributions import constraints
+
+import ppl_em
+
+D = torch.float64
+
+
+def _sample(fn, n, seed):
+    torch.manual_seed(seed)
+    return fn.sample((n,))
+
+
+def _two(fn0, fn1, n=60):
+    return torch.cat([_sample(fn0, n, 1), _sample(fn1, n, 2)])
+
+
+FAMILIES = {
+    # name: (observation given p and z, initial p, its constraint, data, the M-step from w (n, k) and x)
+    "Exponential": (lambda p, z: dist.Exponential(p[z]), [0.5, 2.0], constraints.positive,
+                    _two(torch.distributions.Exponential(torch.tensor(0.3, dtype=D)),
+                         torch.distributions.Exponential(torch.tensor(3.0, dtype=D))),
+                    lambda w, x: w.sum(0) / (w.T @ x)),
+    "Gamma": (lambda p, z: dist.Gamma(torch.tensor(2.0, dtype=D), p[z]), [0.5, 2.0], constraints.positive,
+              _two(torch.distributions.Gamma(2.0, torch.tensor(0.3, dtype=D)),
+                   torch.distributions.Gamma(2.0, torch.tensor(3.0, dtype=D))),
+              lambda w, x: 2.0 * w.sum(0) / (w.T @ x)),
+    "Geometric": (lambda p, z: dist.Geometric(probs=p[z]), [0.3, 0.6], constraints.unit_interval,
+                  _two(torch.distributions.Geometric(torch.tensor(0.1, dtype=D)),
+                       torch.distributions.Geometric(torch.tensor(0.8, dtype=D))),
+                  lambda w, x: w.sum(0) / (w.sum(0) + w.T @ x)),
+    "Binomial": (lambda p, z: dist.Binomial(10, probs=p[z]), [0.3, 0.6], constraints.unit_interval,
+                 _two(torch.distributions.Binomial(10, torch.tensor(0.1, dtype=D)),
+                      torch.distributions.Binomial(10, torch.tensor(0.8, dtype=D))),
+                 lambda w, x: (w.T @ x) / (10 * w.sum(0))),
+    "Binomial logits": (lambda p, z: dist.Binomial(10, logits=p[z]), [-1.0, 0.5], constraints.real,
+                        _two(torch.distributions.Binomial(10, torch.tensor(0.1, dtype=D)),
+                             torch.distributions.Binomial(10, torch.tensor(0.8, dtype=D))),
+                        lambda w, x: torch.logit((w.T @ x) / (10 * w.sum(0)))),
+    "Multinomial": (lambda p, z: dist.Multinomial(8, probs=p[z]), [[0.2, 0.3, 0.5], [0.5, 0.3, 0.2]],
+                    constraints.simplex,
+                    _two(torch.distributions.Multinomial(8, torch.tensor([0.7, 0.2, 0.1], dtype=D)),
+                         torch.distributions.Multinomial(8, torch.tensor([0.1, 0.2, 0.7], dtype=D))),
+                    lambda w, x: (w.T @ x) / (w.T @ x).sum(-1, keepdim=True)),
+}
+
+
+def _mixture(name):
+    obs, start, constraint, _, _ = FAMILIES[name]
+
+    def model(x):
+        phi = pyro.param("phi", torch.tensor([0.5, 0.5], dtype=D), constraint=constraints.simplex)
+        p = pyro.param("p", torch.tensor(start, dtype=D), constraint=constraint)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Categorical(phi), infer={"enumerate": "parallel"})
+            pyro.sample("x", obs(p, z), obs=x)
+    return model
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_each_family_update_is_its_textbook_formula(name):
+    x, formula = FAMILIES[name][3], FAMILIES[name][4]
+    em = ppl_em.EM(_mixture(name))
+    for _ in range(3):
+        w = em.e_step(x).marginal("z")  # (n, 2)
+        em.step(x)
+        assert torch.allclose(em.params["p"], formula(w, x), rtol=1e-10)
+    family = name.split()[0]
+    assert em.explain()["p"].startswith(f"closed form: {family}.")
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_each_family_reaches_the_gradient_m_steps_fixed_point(name):
+    x = FAMILIES[name][3]
+    params = {}
+    for how in ("auto", "gradient"):
+        pyro.clear_param_store()
+        em = ppl_em.EM(_mixture(name), m_step=how)
+        for _ in range(40):
+            em.step(x)
+        params[how] = em.params["p"]
+    assert torch.allclose(params["auto"], params["gradient"], rtol=1e-5, atol=1e-6)
+
+
+def zero_inflated(x):
+    """A MaskedMixture, as Pyro's mixed-effects HMM example writes zero-inflation: a Gamma where x > 0,
+    a point mass at 0 where x = 0 (which component is told by a Categorical observed beside it)."""
+    phi = pyro.param("phi", torch.tensor([0.5, 0.5], dtype=D), constraint=constraints.simplex)
+    rate = pyro.param("rate", torch.tensor([0.5, 2.0], dtype=D), constraint=constraints.positive)
+    zero = pyro.param("zero_logits", torch.zeros(2, 2, dtype=D))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(phi), infer={"enumerate": "parallel"})
+        is_zero = x == 0
+        pyro.sample("zero", dist.Categorical(logits=zero[z]), obs=is_zero.long())
+        step = dist.MaskedMixture(is_zero, dist.Gamma(torch.tensor(2.0, dtype=D), rate[z]),
+                                  dist.Delta(torch.zeros((), dtype=D)))
+        pyro.sample("x", step, obs=x)
+
+
+def test_a_masked_mixtures_components_get_their_closed_forms():
+    x = FAMILIES["Gamma"][3].clone()
+    x[::5] = 0.0
+    em = ppl_em.EM(zero_inflated)
+    w = em.e_step(x).marginal("z")
+    em.step(x)
+    positive = (x > 0).to(D)
+    expected = 2.0 * (w * positive[:, None]).sum(0) / (w.T @ x)  # the Gamma's rate on the x > 0 only
+    assert torch.allclose(em.params["rate"], expected, rtol=1e-10)
+    assert em.explain()["rate"] == "closed form: Gamma.rate at site x"
+    assert em.explain()["zero_logits"] == "closed form: Categorical.logits at site zero"
+    losses = [em.step(x) for _ in range(10)]
+    assert all(b <= a + 1e-9 for a, b in zip(losses, losses[1:]))
