@@ -90,6 +90,8 @@ class Rows(Source):
         Rows per batch; default about :data:`BATCH_BYTES` of data per batch.
     dtype : torch.dtype, optional
         The dtype of the batches (default: the array's own).
+    start, stop : int, optional
+        Only rows [start, stop) (default all): a shard, see :meth:`shard`.
 
     Examples
     --------
@@ -129,7 +131,8 @@ class Rows(Source):
             yield self.read(slice(begin, min(begin + self.batch_size, self.stop)))
 
     def read(self, index) -> torch.Tensor:
-        """Rows ``index`` (a slice, or sorted absolute row numbers) as a tensor of their own (a copy)."""
+        """Rows ``index`` (a slice, or sorted absolute row numbers) as a tensor: a copy of a numpy array's rows
+        (a memory map's slice would alias the file), a tensor's own slice."""
         part = self.data[index]
         if isinstance(part, np.ndarray):  # a memory map's slice is a view of the file: copy it into memory
             part = torch.from_numpy(np.array(part, copy=True))
