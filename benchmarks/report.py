@@ -134,6 +134,25 @@ def markdown(title: str, info: Dict[str, object], sizes: Dict[str, dict], rows: 
     return "\n".join(out)
 
 
+def merged(out_dir: Path, title: str, info: Dict[str, object], sizes: Dict[str, dict], rows: List[Row],
+           targets: List[Target], command: str):
+    """This run's rows and targets with the recorded ones (``out_dir/results.json``) of the workloads it did
+    not run: the recorded title, machine and sizes stay, this run's machine is added under its workloads."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return title, info, sizes, rows, targets, command
+    old = json.loads(path.read_text())
+    ran = {r.workload for r in rows} | {t.workload for t in targets}
+    kept_rows = [Row(**r) for r in old["rows"] if r["workload"] not in ran]
+    kept_targets = [Target(**t) for t in old["targets"] if t["workload"] not in ran]
+    machine = dict(old["machine"])
+    machine[f"run of {', '.join(sorted(ran))}"] = {k: info[k] for k in ("date", "load_average_1min",
+                                                                          "load_average_1min_after") if k in info}
+    order = lambda item: item.workload
+    return (old["title"], machine, {**old["sizes"], **sizes}, sorted(kept_rows + rows, key=order),
+            sorted(kept_targets + targets, key=order), f"{old['command']}; then {command}")
+
+
 def write(out_dir: Path, title: str, info: Dict[str, object], sizes: Dict[str, dict], rows: List[Row],
           targets: List[Target], command: str) -> None:
     """Write ``results.md`` and ``results.json`` into ``out_dir``."""

@@ -7,18 +7,24 @@ Usage (from the repository root)::
     python -m benchmarks.run --only B1,B2,B5 --set B1.n=100000 --set "B5.ns=[10000,100000]"
     python -m benchmarks.run --out some/dir --title "my machine"
     python -m benchmarks.run --only B1 --device cuda   # ppl_em's B1 on a GPU, the peers on the CPU
+    python -m benchmarks.run --only B7,B8,B9 --merge   # re-run some workloads, keep the others' results
 
 Workloads (sizes in :data:`FULL`, overridable with ``--set WORKLOAD.KEY=VALUE``):
 
 B1  GMM, full covariances, n = 1e6, d = 10, k = 16, 20 EM iterations: ppl_em vs scikit-learn's
     ``GaussianMixture`` and pomegranate's ``GeneralMixtureModel``; the log-likelihood
     trajectories must agree with scikit-learn's to 1e-6 relative.
-B2  Peak memory of B1 (a fresh subprocess per library).
+B2  Peak memory of B1 (a fresh subprocess per library), and of whole fits (ppl_em.fit and scikit-learn's
+    GaussianMixture.fit with max_iter=2: initialisation, iterations and final E-step included).
 B3  Gaussian HMM, T = 1e5, K = 8, D = 4, diagonal covariances: ppl_em vs hmmlearn.
 B4  EM vs Pyro SVI (TraceEnum_ELBO, Adam lr 0.1) on a 2-D GMM, n = 2e4, k = 5: wall time to come
     within 1e-3 nats per point of the optimum (EM run to convergence).
 B5  Scaling of one EM iteration with n (d = 2, k = 3) and the cost of a small fit (n = 1000).
 B6  float32 vs float64 data.
+B7  EM on a memory-mapped file of several GB vs the same data in memory: s / iter, peak anonymous memory.
+B8  Online (stepwise) EM vs batch EM by passes over the data: a GMM and a mixture of counts, n = 1e6.
+B9  Data-parallel EM over torch.distributed (1 and 2 processes): s / step, all-reduce bytes and time.
+    (B7-B9: :mod:`benchmarks.scaleout`.)
 
 Every library starts from the same initial parameters (the model file's ``init_params``), gets
 one untimed warm-up iteration, then is timed with ``time.perf_counter``. torch keeps its default
@@ -42,7 +48,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import report, workloads as wl
+from . import report, scaleout, workloads as wl
 from .report import Row, Target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +65,7 @@ FULL: Dict[str, dict] = {
     "B6": {"n": 1_000_000, "d": 10, "k": 16, "iters": 5},
     "B11": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10},
     "B12": {"em_steps": 30, "quick": False},
+    **scaleout.FULL,
 }
 QUICK: Dict[str, dict] = {
     "B1": {"n": 1000, "d": 2, "k": 2, "iters": 3, "device": "cpu"},
@@ -70,11 +77,15 @@ QUICK: Dict[str, dict] = {
     "B6": {"n": 1000, "d": 2, "k": 2, "iters": 2},
     "B11": {"n": 1000, "d": 2, "k": 2, "iters": 2},
     "B12": {"em_steps": 3, "quick": True},
+    **scaleout.QUICK,
 }
-WORKLOADS = ("B1", "B2", "B3", "B4", "B5", "B6", "B11", "B12")
+WORKLOADS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B11", "B12")
 
 GMM_PEERS: Dict[str, Callable] = {"ppl_em": wl.ppl_em_gmm, "scikit-learn": wl.sklearn_gmm,
                                   "pomegranate": wl.pomegranate_gmm}
+# B2 also measures whole fits as a user calls them: initialisation, iterations, the final E-step.
+WHOLE_FITS: Dict[str, Callable] = {"ppl_em (whole fit)": wl.ppl_em_whole_fit,
+                                   "scikit-learn (whole fit)": wl.sklearn_whole_fit}
 HMM_PEERS: Dict[str, Callable] = {"ppl_em": wl.ppl_em_hmm, "hmmlearn": wl.hmmlearn_hmm}
 NOT_INSTALLED = "not installed (pip install -e '.[bench]'); skipped"
 
@@ -232,7 +243,26 @@ def bench_b2(cfg: dict, options: dict, memory: "MemoryProbe") -> Tuple[List[Row]
     sk.ratio = ours.extra_mb / max(sk.extra_mb, 1.0)  # 1 MB floor: tiny (--quick) fits may allocate ~nothing
     sk.target, sk.met = "ppl_em extra MB <= 0.5 x peer's", sk.ratio <= 0.5
     sk.note = f"ppl_em / peer column = ratio of extra MB: {sk.ratio:.2f}"
-    return rows, [Target("B2", "ppl_em extra memory (peak - baseline) <= 1/2 scikit-learn's",
+    targets = [Target("B2", "ppl_em extra memory (peak - baseline) <= 1/2 scikit-learn's",
+                      f"{ours.extra_mb:.0f} MB vs {sk.extra_mb:.0f} MB (ratio {sk.ratio:.2f})", sk.met)]
+    whole_rows, whole_targets = _whole_fits(cfg, memory, installed)
+    return rows + whole_rows, targets + whole_targets
+
+
+def _whole_fits(cfg: dict, memory: "MemoryProbe", installed: List[str]) -> Tuple[List[Row], List[Target]]:
+    """Peak memory of ppl_em.fit and of scikit-learn's GaussianMixture.fit (max_iter=2), one subprocess each."""
+    size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, fit(max_iter={wl.WHOLE_FIT_ITERS}): init, iters, final E-step"
+    libraries = [lib for lib in WHOLE_FITS if lib.split(" (")[0] in installed]
+    print(f"  B2 {', '.join(libraries)} (one subprocess each) ...", flush=True)
+    measured = {lib: memory.measure("B1", cfg, [lib])[lib] for lib in libraries}
+    rows = [Row("B2", lib, size, peak_mb=peak, extra_mb=extra, note="memory only") for lib, (peak, extra) in
+            measured.items()]
+    if len(rows) < 2 or rows[0].extra_mb is None or rows[1].extra_mb is None:
+        return rows, []
+    ours, sk = rows
+    sk.ratio = ours.extra_mb / max(sk.extra_mb, 1.0)
+    sk.target, sk.met = "ppl_em's whole fit extra MB <= peer's", sk.ratio <= 1.0
+    return rows, [Target("B2", "ppl_em.fit's extra memory (the whole fit) <= scikit-learn's GaussianMixture.fit's",
                          f"{ours.extra_mb:.0f} MB vs {sk.extra_mb:.0f} MB (ratio {sk.ratio:.2f})", sk.met)]
 
 
@@ -373,17 +403,18 @@ def child(spec: str, cfg: dict, threads: Optional[int]) -> None:
     workload, library = spec.split(":")
     if workload != "B1":
         raise ValueError(f"memory probes exist for B1's fits only, got {spec!r}")
-    importlib.import_module(wl.LIBRARY_MODULES[library])
+    importlib.import_module(wl.LIBRARY_MODULES[library.split(" (")[0]])
+    fit = {**GMM_PEERS, **WHOLE_FITS}[library]
     set_threads(threads)
     # A first fit on a tiny problem loads every lazily imported module and library (linear algebra,
     # autograd, Pyro's contraction code), so that the baseline below contains them.
     tiny_x, tiny_init = _gmm_problem(dict(cfg, n=max(200, 10 * cfg["k"])))
-    GMM_PEERS[library](tiny_x, cfg["k"], tiny_init, 1)
+    fit(tiny_x, cfg["k"], tiny_init, 1)
     x, init = _gmm_problem(cfg)
     gc.collect()
     reset = wl.reset_peak_rss()
     baseline = wl.current_rss_mb()
-    GMM_PEERS[library](x, cfg["k"], init, 1)
+    fit(x, cfg["k"], init, 1)
     peak = wl.peak_rss_mb()
     # statm and VmHWM round differently: a fit that allocates nothing may read a hair below 0.
     extra = None if baseline is None or not reset else max(peak - baseline, 0.0)
@@ -418,6 +449,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--device", default=None,
                         help="torch device for ppl_em in B1, e.g. cuda (the peers stay on the CPU); "
                              "the same as --set B1.device=\"'cuda'\"")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the recorded rows of the workloads not run (from --out's results.json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -437,6 +470,8 @@ def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]
                "B2": lambda: bench_b2(sizes["B1"], sizes["B2"], MemoryProbe(args.threads)),
                "B3": lambda: bench_b3(sizes["B3"]), "B4": lambda: bench_b4(sizes["B4"]),
                "B5": lambda: bench_b5(sizes["B5"]), "B6": lambda: bench_b6(sizes["B6"]),
+               "B7": lambda: scaleout.bench_b7(sizes["B7"], args.threads), "B8": lambda: scaleout.bench_b8(sizes["B8"]),
+               "B9": lambda: scaleout.bench_b9(sizes["B9"]),
                "B11": lambda: bench_b11(sizes["B11"]), "B12": lambda: bench_b12(sizes["B12"])}
     info = report.machine()  # before the runs: the load average says how busy the machine was
     rows, targets = [], []
@@ -451,6 +486,8 @@ def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]
     mode = "quick" if args.quick else ("custom" if args.set else "full")
     title = args.title or f"ppl_em benchmarks ({mode} sizes)"
     info["load_average_1min_after"] = report.machine()["load_average_1min"]
+    if args.merge:
+        title, info, used, rows, targets, command = report.merged(args.out, title, info, used, rows, targets, command)
     report.write(args.out, title, info, used, rows, targets, command)
     return rows, targets
 

@@ -197,6 +197,28 @@ def ppl_em_until(x: np.ndarray, k: int, init: Init, max_iters: int, tol: float) 
     return Fit(sum(times) / len(times), trajectory, final, times, _m_step_note(em))
 
 
+WHOLE_FIT_ITERS = 2  # the issue's measurement: ppl_em.fit(gmm.model, x, 16, max_iter=2)
+
+
+def ppl_em_whole_fit(x: np.ndarray, k: int, init: Init, iters: int) -> None:
+    """``ppl_em.fit`` as a user calls it: k-means++ from the data, WHOLE_FIT_ITERS iterations, the final
+    E-step (for B2's memory; ``init`` and ``iters`` are not used)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)
+        ppl_em.fit(gmm.model, torch.from_numpy(x), k, max_iter=WHOLE_FIT_ITERS, progress=False)
+
+
+def sklearn_whole_fit(x: np.ndarray, k: int, init: Init, iters: int) -> None:
+    """scikit-learn's ``GaussianMixture(...).fit`` with its own k-means initialisation (for B2's memory)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        GaussianMixture(k, covariance_type="full", reg_covar=REG_COVAR, max_iter=WHOLE_FIT_ITERS,
+                        random_state=0).fit(x)
+
+
 # -- peers ---------------------------------------------------------------------------------------
 def sklearn_gmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
     """scikit-learn ``GaussianMixture`` from the same start, ``max_iter=iters``, ``tol=0``.

@@ -7,7 +7,12 @@
 ``ppl-em fit MODEL --data FILE -k K [--method M] [--out DIR] [--json] [--max-iter N] [--seed S]``
     Fit a model of ``ppl_em.models`` to a .csv or .npy file of shape (n, d); write the
     checkpoint (``checkpoint.pt``, see :func:`ppl_em.load`), the history (``history.json``)
-    and the figures to DIR; ``--json`` prints a machine-readable summary.
+    and the figures to DIR; ``--json`` prints a machine-readable summary. A .npy file is
+    memory-mapped: one larger than :data:`IN_MEMORY_BYTES` is never loaded, but read in batches
+    (``--batch-size`` rows) in every iteration (:mod:`ppl_em.sources`). ``--method online_em`` is
+    stepwise EM. Under ``torchrun --nproc-per-node=N -m ppl_em.cli fit ... --distributed`` every
+    rank memory-maps its contiguous shard of the rows and EM sums the ranks' statistics
+    (:mod:`ppl_em.distributed`); rank 0 writes the outputs and prints.
 ``ppl-em fit MODEL --data FILE --components A:B [--criterion bic|aic|heldout]``
     Fit every k from A to B (:func:`ppl_em.select`), print the table of criteria, choose k;
     write the chosen fit's checkpoint and figures, ``selection.json`` and ``selection.png``.
@@ -44,12 +49,17 @@ import numpy as np
 import pyro
 import torch
 
+from . import distributed as distributed_, sources
 from .fit import INITS, METHODS, ConvergenceWarning, fit
 from .checkpoint import atomic_write, clean_stale_partials, partial_prefix, sync_directory
 from .result import FitResult
 from .validation import MAX_SEED
 
-__all__ = ["main", "load_data", "resolve_model", "components_arg"]
+__all__ = ["main", "load_data", "resolve_model", "components_arg", "IN_MEMORY_BYTES"]
+
+# A .npy file whose data take more bytes than this is read from its memory map batch by batch in
+# every iteration; a smaller one is copied into memory once.
+IN_MEMORY_BYTES = 256 * 2**20
 
 
 class UsageError(Exception):
@@ -62,11 +72,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- input ----------------------------------------------------------------------------------
-def load_data(path: str) -> torch.Tensor:
-    """Read a (n, d) float64 tensor from a .csv (optional header line) or .npy file; validate it.
+def load_data(path: str, shard: Optional[Tuple[int, int]] = None):
+    """Read (n, d) float64 data from a .csv (optional header line) or .npy file; validate it.
 
-    Positions in errors count from 0 for a .npy array's rows and from 1 for a .csv file's lines
-    (the header included) and columns, as an editor shows them.
+    Returns a tensor, or for a .npy file whose data exceed :data:`IN_MEMORY_BYTES` a
+    :class:`ppl_em.Rows` source over its memory map (float64 batches). ``shard = (rank, world)``: only
+    that rank's contiguous share of the rows. Positions in errors count from 0 for a .npy array's rows
+    and from 1 for a .csv file's lines (the header included) and columns, as an editor shows them.
     """
     _check_data_path(path)
     ext = os.path.splitext(path)[1].lower()
@@ -84,7 +96,11 @@ def load_data(path: str) -> torch.Tensor:
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
         raise UsageError(f"data file {path!r}: expected a non-empty table of shape (n, d), got shape {array.shape}")
     _check_finite(path, array, lines)
-    return torch.tensor(array, dtype=torch.float64)
+    if shard is not None:
+        array = array[sources.shard_range(len(array), *shard)]
+    if isinstance(array, np.memmap) and array.nbytes > IN_MEMORY_BYTES:
+        return sources.Rows(array, dtype=torch.float64)
+    return torch.tensor(np.asarray(array), dtype=torch.float64)
 
 
 def _check_data_path(path: str) -> None:
@@ -98,11 +114,20 @@ def _check_data_path(path: str) -> None:
 
 
 def _check_finite(path: str, array: np.ndarray, lines: Optional[List[int]]) -> None:
-    bad = ~np.isfinite(array.astype(np.float64))
-    if bad.any():
-        row, col = (int(i) for i in np.argwhere(bad)[0])
+    """No NaN or inf, checked in blocks of rows (a memory map is read once, never copied whole)."""
+    block = max(1, 2**22 // max(1, array.shape[1]))
+    count, first = 0, None
+    for start in range(0, len(array), block):
+        bad = ~np.isfinite(np.asarray(array[start:start + block], dtype=np.float64))
+        if bad.any():
+            count += int(bad.sum())
+            if first is None:
+                row, col = (int(i) for i in np.argwhere(bad)[0])
+                first = (start + row, col)
+    if count:
+        row, col = first
         where = f"row {row}, column {col}" if lines is None else f"line {lines[row]}, column {col + 1}"
-        raise UsageError(f"data file {path!r} has {int(bad.sum())} NaN/inf value(s), the first at {where}; "
+        raise UsageError(f"data file {path!r} has {count} NaN/inf value(s), the first at {where}; "
                          "remove or impute them")
 
 
@@ -111,7 +136,7 @@ def _read_npy(path: str) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             _check_npy_header(path, f, os.fstat(f.fileno()).st_size)
-        return np.load(path, allow_pickle=False)
+        return np.load(path, mmap_mode="r", allow_pickle=False)  # read as the fit needs it, never whole
     except OSError as e:
         raise UsageError(f"could not read {path!r}: {e.strerror or e}") from None
     except (ValueError, EOFError) as e:
@@ -219,6 +244,8 @@ def resolve_model(name: str, method: str) -> Callable:
     if name not in models:
         raise UsageError(f"unknown model {name!r}; available: {', '.join(sorted(models))}")
     model, methods = models[name]
+    if "em" in methods:  # stepwise EM runs wherever EM does (closed forms from statistics)
+        methods = tuple(methods) + ("online_em",)
     if method not in methods:
         raise UsageError(f"model {name!r} does not support --method {method}; it supports: {', '.join(methods)}")
     params = list(inspect.signature(model).parameters)
@@ -327,9 +354,14 @@ def _fit_quietly(model: Callable, *args: Any, **kwargs: Any) -> FitResult:
         return fit(model, *args, **kwargs)
 
 
-def _summary(result: FitResult, x: torch.Tensor, k: int, seconds: float) -> Dict[str, Any]:
+def _summary(result: FitResult, x, k: int, seconds: float, from_fit: bool = False) -> Dict[str, Any]:
+    """The table's numbers; ``from_fit`` (or data on disk): log p(x), BIC and AIC from the fit's own final
+    E-step, which covered every rank's data, instead of another pass."""
     try:
-        loglik, bic, aic = result.score(x, k), result.bic(x, k), result.aic(x, k)
+        if torch.is_tensor(x) and not from_fit:
+            loglik, bic, aic = result.score(x, k), result.bic(x, k), result.aic(x, k)
+        else:  # the fit's final E-step, over a memory map or every rank's shard: no further pass
+            loglik, bic, aic = _criteria(result, x, k)
     except ValueError:  # no exact E-step (continuous local latents): report the ELBO instead
         loglik = bic = aic = None
     return {"method": result.method, "log_likelihood": loglik, "bic": bic, "aic": aic,
@@ -338,13 +370,27 @@ def _summary(result: FitResult, x: torch.Tensor, k: int, seconds: float) -> Dict
             "final_loss_per_observation": result.losses[-1] / result.n_data}
 
 
-def _cluster_figure(path: str, result: FitResult, x: torch.Tensor, k: int, title: str,
+def _criteria(result: FitResult, x, k: int) -> Tuple[float, float, float]:
+    """(1/n) log p(x), BIC and AIC from the fit's own final E-step (its n and log-likelihood)."""
+    if result.log_likelihood is None:
+        raise ValueError("no exact log-likelihood")
+    n, p = result.n_data, result.n_parameters(x, k)
+    total = result.log_likelihood * n
+    return result.log_likelihood, -2.0 * total + p * math.log(n), -2.0 * total + 2.0 * p
+
+
+PLOTTED_ROWS = 20000  # the cluster figure of a memory map shows a sample of its rows
+
+
+def _cluster_figure(path: str, result: FitResult, x, k: int, title: str,
                     labels: Sequence[str] = ("x_1", "x_2")) -> Optional[str]:
     """The responsibility scatter with ellipses, when the data are 2-D and z has an exact posterior."""
     from .plot import plot_clusters
 
     if x.shape[1] != 2:
         return None
+    if not torch.is_tensor(x):
+        x = x.sample(PLOTTED_ROWS, torch.Generator().manual_seed(0))
     try:
         resp = result.predict_proba(x, k)
     except ValueError:
@@ -358,6 +404,44 @@ def _cluster_figure(path: str, result: FitResult, x: torch.Tensor, k: int, title
     if Sigma is not None and Sigma.shape != (k, 2, 2):  # ellipses for full covariances only
         Sigma = None
     return plot_clusters(path, x, resp, mu, Sigma, title=title, labels=labels)
+
+
+def _start_ranks(ns: argparse.Namespace) -> Tuple[int, int]:
+    """Join torchrun's process group (gloo, with --timeout); (rank, world) of this process."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UsageError("--distributed runs one process per rank under torchrun, which sets RANK and WORLD_SIZE: "
+                         "torchrun --nproc-per-node=N -m ppl_em.cli fit ... --distributed")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=ns.timeout))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _rows_in_file(path: str, x, shard: Optional[Tuple[int, int]]) -> int:
+    """The rows of the whole file (every rank's shard together)."""
+    if shard is None:
+        return len(x)
+    total = torch.tensor([len(x)], dtype=torch.int64)
+    distributed_.all_reduce_ints(total, "counting the rows")
+    return int(total)
+
+
+@contextlib.contextmanager
+def _outputs(ns: argparse.Namespace, shard: Optional[Tuple[int, int]]) -> Iterator[Optional["Outputs"]]:
+    """The command's :class:`Outputs` on rank 0 (None on the other ranks); a bad --out stops every rank."""
+    if shard is None:
+        with Outputs(ns.out) as out:
+            yield out
+        return
+    out = distributed_.agreed(lambda: Outputs(ns.out) if shard[0] == 0 else None, "opening --out")
+    if out is None:
+        yield None
+        return
+    with out:
+        yield out
 
 
 def components_arg(text: str):
@@ -385,19 +469,29 @@ def cmd_fit(ns: argparse.Namespace) -> int:
     from .plot import plot_training
 
     model = resolve_model(ns.model, ns.method)
-    x = load_data(ns.data)
+    if ns.distributed and isinstance(ns.components, list):
+        raise UsageError("--components A:B fits every k in one process; choose k without --distributed, "
+                         "then fit that k with --distributed")
+    shard = _start_ranks(ns) if ns.distributed else None
+    x = load_data(ns.data, shard)
     if isinstance(ns.components, list):
         return cmd_select(ns, model, x)
-    if not 1 <= ns.components <= len(x):
-        raise UsageError(f"--components must be between 1 and the number of data points ({len(x)}), "
+    rows = _rows_in_file(ns.data, x, shard)
+    if not 1 <= ns.components <= rows:
+        raise UsageError(f"--components must be between 1 and the number of data points ({rows}), "
                          f"got {ns.components}")
     _small_problem_threads(x)
-    with Outputs(ns.out) as out:
+    with _outputs(ns, shard) as out:
         start = time.perf_counter()
+        options = {"batch_size": ns.batch_size} if ns.batch_size is not None else {}
+        if ns.distributed:
+            options["distributed"] = True
         result = _fit_quietly(model, x, ns.components, method=ns.method, max_iter=ns.max_iter, seed=ns.seed,
-                              n_init=ns.n_init, init=ns.init, progress=None if not ns.json else False)
-        summary = dict(_summary(result, x, ns.components, time.perf_counter() - start), model=ns.model,
-                       data=ns.data, n=len(x), d=x.shape[1], components=ns.components)
+                              n_init=ns.n_init, init=ns.init, progress=None if not ns.json else False, **options)
+        if out is None:  # ranks other than 0 fitted along; rank 0 writes and prints
+            return 0
+        summary = dict(_summary(result, x, ns.components, time.perf_counter() - start, from_fit=ns.distributed),
+                       model=ns.model, data=ns.data, n=rows, d=x.shape[1], components=ns.components)
         summary["files"] = [out.final(p) for p in (
             result.save(out.path("checkpoint.pt")),
             _write_json(out.path("history.json"), {"summary": summary, "history": result.history}),
@@ -479,7 +573,7 @@ def _small_problem_threads(x: torch.Tensor) -> None:
 
     On a shared 2-core machine a second thread made the Old Faithful fits 5-10x slower.
     """
-    if x.numel() < 100_000:
+    if torch.is_tensor(x) and x.numel() < 100_000:
         torch.set_num_threads(1)
 
 
@@ -535,6 +629,10 @@ def _check_options(ns: argparse.Namespace) -> None:
         raise UsageError(f"--max-iter must be >= 1, got {ns.max_iter}")
     if getattr(ns, "n_init", 1) < 1:
         raise UsageError(f"--n-init must be >= 1, got {ns.n_init}")
+    if getattr(ns, "batch_size", None) is not None and ns.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {ns.batch_size}")
+    if getattr(ns, "timeout", 1.0) <= 0:
+        raise UsageError(f"--timeout must be > 0 seconds, got {ns.timeout}")
     if hasattr(ns, "seed"):
         last = MAX_SEED - (getattr(ns, "n_init", 1) - 1)  # restart r uses seed + r
         if not 0 <= ns.seed <= last:
@@ -563,6 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print a machine-readable summary")
     f.add_argument("--max-iter", type=int, default=None)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--batch-size", type=int, default=None,
+                   help="rows per batch: of online_em's M-steps, or read from a large .npy file")
+    f.add_argument("--distributed", action="store_true",
+                   help="under torchrun: each rank fits its contiguous shard of the rows, EM sums their statistics")
+    f.add_argument("--timeout", type=float, default=600.0,
+                   help="with --distributed: seconds a rank waits for the others before it stops (default 600)")
     f.set_defaults(func=cmd_fit)
     sub.add_parser("models", help="list the models `fit` accepts").set_defaults(func=cmd_models)
     return parser
@@ -587,8 +691,9 @@ def _report(error: BaseException) -> int:
     if _interrupted(error):
         print("ppl-em: interrupted; no output was written", file=sys.stderr)
         return 130
-    if isinstance(error, (UsageError, ValueError, FloatingPointError)):
-        # ValueError, FloatingPointError: the library's own diagnostics (bad data, a singular fit)
+    if isinstance(error, (UsageError, ValueError, FloatingPointError, distributed_.RankError)):
+        # ValueError, FloatingPointError: the library's own diagnostics (bad data, a singular fit);
+        # RankError: one of them, or a rank that stopped answering, on another rank of a --distributed fit
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"ppl-em: error: {message}", file=sys.stderr)
         return 2

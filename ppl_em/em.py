@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import pyro
 
-from . import chunking as chunks_, closed_form
+from . import chunking as chunks_, closed_form, distributed as distributed_, sources
 from .checks import check_arguments, check_observations
 from .diagnostics import degenerate_update_message, explain_failure, non_finite_loss_message
 from .fast import Workspace
@@ -84,6 +84,15 @@ class EM:
         Where MAP-EM takes the mode of a parameter with a conjugate prior (:mod:`ppl_em.priors`):
         of the posterior density of the parameter itself (the default; a :class:`NoMAPError` where
         a concentration below 1 makes it unbounded), or of its log / log-odds (counts + alpha).
+    distributed : bool
+        Data-parallel EM over ``torch.distributed``'s default process group (:mod:`ppl_em.distributed`):
+        each process passes its own shard; the statistics are summed by ``all_reduce`` before every
+        M-step, so every rank ends each step with the same parameters and ``step`` returns the loss of
+        all ranks' data together.
+
+    The data may also be a data source where a tensor of rows would be: a numpy memory map, a
+    ``DataLoader``, a re-iterable of batches (:mod:`ppl_em.sources`); ``step`` then reads it batch by
+    batch, in O(batch) memory.
 
     The loop contract: ``stats = em.summarize(*args)`` (E-step, no parameter changes),
     ``em.maximize(stats)`` (M-step from statistics alone), ``em.step(*args)`` (= maximize of the sum
@@ -117,7 +126,8 @@ class EM:
     """
 
     def __init__(self, model: Callable, posterior: str = "exact", m_step: str = "auto", reg_covar: float = 1e-6,
-                 max_grad_iter: int = 100, chunk_size="auto", map_basis: str = "constrained") -> None:
+                 max_grad_iter: int = 100, chunk_size="auto", map_basis: str = "constrained",
+                 distributed: bool = False) -> None:
         if posterior not in ("exact", "hard"):
             raise ValueError(f"posterior must be 'exact' or 'hard', got {posterior!r}.")
         if m_step not in ("auto", "closed_form", "gradient"):
@@ -129,6 +139,8 @@ class EM:
         if map_basis not in MAP_BASES:
             raise ValueError(f"map_basis must be one of {MAP_BASES}, got {map_basis!r}.")
         self.map_basis = map_basis
+        self.distributed = distributed_.check_available() if distributed else False
+        self._decided: Dict[tuple, chunks_.Chunking] = {}  # chunkings of data shapes seen (a pass's last batch)
         self.model, self.posterior, self.m_step_mode = model, posterior, m_step
         self.reg_covar, self.max_grad_iter, self.chunk_size = reg_covar, max_grad_iter, chunk_size
         self.structure: Optional[ModelStructure] = None
@@ -154,6 +166,8 @@ class EM:
             loss = self._iterate(args, kwargs)
         except Exception as error:
             self._restore(saved)
+            if getattr(error, "explained", False):  # a batch's or another rank's failure, already explained
+                raise
             explained = explain_failure(error, self.model, args, kwargs, self._what())
             if explained is error:
                 raise
@@ -162,6 +176,8 @@ class EM:
         return loss
 
     def _iterate(self, args, kwargs) -> float:
+        if self.distributed or sources.find(args, kwargs) is not None:
+            return self._iterate_from_statistics(args, kwargs)
         chunking = self._prepare(args, kwargs)
         if self.plan.gradient:  # a gradient M-step needs Q(z) of all the data at once
             post = self.e_step(*args, **kwargs)
@@ -176,6 +192,13 @@ class EM:
         self._check_objective(stats.objective, args, kwargs)
         log_prior = self._log_prior + self._log_jacobian()  # log p(theta): a term of every chunk's trace, counted once
         self._m_step_from(stats, pieces, kept)  # M-step
+        return -float(stats.objective + log_prior)
+
+    def _iterate_from_statistics(self, args, kwargs) -> float:
+        """theta := maximize(s), s = the statistics of every batch of a source (summed over the processes)."""
+        stats = self.summarize(*args, **kwargs)  # E-step
+        log_prior = self._log_prior + self._log_jacobian()
+        self.maximize(stats)  # M-step
         return -float(stats.objective + log_prior)
 
     def _validation(self, args, kwargs):
@@ -201,13 +224,23 @@ class EM:
 
         Raises ValueError when some parameter's M-step cannot be made from statistics (a gradient
         M-step needs all of Q(z) at once; a scale whose location varies per data point needs a
-        second pass): :meth:`step` handles those.
+        second pass): :meth:`step` handles those. With a data source among the arguments, the sum over its
+        batches; with ``distributed=True``, the sum over every process's data (an all-reduce).
         """
+        if self.distributed:
+            return distributed_.summarize(self, args, kwargs)
+        return self._summarize_here(args, kwargs)
+
+    def _summarize_here(self, args, kwargs) -> Statistics:
+        """The statistics of this process's data: a source batch by batch, tensors chunk by chunk."""
+        if sources.find(args, kwargs) is not None:
+            return sources.summarize(self, args, kwargs)
         self._prepare(args, kwargs)
         if self.plan.gradient or self.plan.second_pass:
             what = self.plan.gradient or sorted(self.plan.second_pass)
             raise ValueError(f"Parameters {what} cannot be updated from statistics alone "
-                             f"({'; '.join(self.plan.why[p] for p in what)}). Use em.step(...) on the whole data.")
+                             f"({'; '.join(self.plan.why[p] for p in what)}). Use em.step(...) on the whole data, in "
+                             "memory (tensors; not a data source or a batch of a stream), which makes that pass itself.")
         return Statistics.sum(self._summarize_chunk(a, k, None)
                               for a, k in self._workspace.chunks(self._chunks.split(args, kwargs)))
 
@@ -223,6 +256,9 @@ class EM:
 
     def e_step(self, *args, **kwargs) -> Posterior:
         """Q(z) := p(z | x; theta) (or its mode), and log p(x; theta). See :class:`Posterior`."""
+        if sources.find(args, kwargs) is not None:
+            raise ValueError("e_step holds Q(z) of all the data at once, which a data source does not fit; use "
+                             "em.summarize(...) or em.step(...) on the source, or e_step on one batch.")
         check_arguments(args, kwargs)
         if self.structure is None:
             self.structure = inspect_model(self.model, args, kwargs)
@@ -252,7 +288,15 @@ class EM:
             raise
 
     def log_likelihood(self, *args, **kwargs) -> float:
-        """l(theta) = log p(x; theta) at the current parameters, streamed like :meth:`step` (memory O(chunk))."""
+        """l(theta) = log p(x; theta) at the current parameters, streamed like :meth:`step` (memory O(chunk));
+        of every process's data with ``distributed=True``."""
+        if self.distributed:
+            return distributed_.log_likelihood(self, args, kwargs)
+        return self._log_likelihood_here(args, kwargs)
+
+    def _log_likelihood_here(self, args, kwargs) -> float:
+        if sources.find(args, kwargs) is not None:
+            return sources.log_likelihood(self, args, kwargs)
         chunking = self._prepare(args, kwargs, plan=False)
         total = 0.0
         for c_args, c_kwargs in self._workspace.chunks(chunking.split(args, kwargs)):
@@ -298,6 +342,8 @@ class EM:
         sig = chunks_.signature(args, kwargs)
         store = pyro.get_param_store()
         missing = not self._param_names or any(n not in store for n in self._param_names)
+        if (self._chunks is None or self._chunks.signature != sig) and sig in self._decided and not missing:
+            self._chunks = self._decided[sig]  # data of a shape seen before (e.g. the last batch of a pass)
         if self._chunks is None or self._chunks.signature != sig or missing:
             # A full-data trace without log-probabilities is cheap (enumerated tensors are (k, 1, ...)).
             # It initialises any parameter missing from the store from all the data, not from one chunk.
@@ -305,6 +351,7 @@ class EM:
             self._param_names = list(leaves)
             if self._chunks is None or self._chunks.signature != sig:
                 self._chunks = chunks_.decide(self.model, self.structure, trace, args, kwargs, self.chunk_size)
+                self._remember(self._chunks)
                 self._workspace.clear()  # tables sized for other data
         if plan and (self.plan is None or self.plan.shapes != _shapes(self._param_names)):
             first = self._chunks.take(args, kwargs, slice(0, PLAN_ROWS)) if self._chunks.positions else (args, kwargs)
@@ -316,6 +363,12 @@ class EM:
                                  "Use chunk_size='auto' or None.")
             self._chunks.why, self._chunks.rows = f"no streaming: {why}", None
         return self._chunks
+
+    def _remember(self, chunking: chunks_.Chunking) -> None:
+        """Keep the chunkings of a few data shapes: a source's batches come in one or two (the last one)."""
+        self._decided[chunking.signature] = chunking
+        while len(self._decided) > 8:
+            self._decided.pop(next(iter(self._decided)))
 
     def _make_plan(self, post: Posterior, args, kwargs) -> None:
         """Decide, once, which parameters get a closed form; verify each by stationarity."""

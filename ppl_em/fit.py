@@ -24,6 +24,12 @@ Initialisation strategies (all seeded with ``seed + restart``):
     the first uniformly, each next one with probability proportional to its squared
     Euclidean distance to the nearest row already chosen.
 
+Data in memory are initialised from all their rows, in O(chunk) working memory beyond them (the
+model runs under enumeration, so a GMM's Sigma_z is (k, 1, d, d), not (n, d, d)). A data source
+(a memory map, a DataLoader: :mod:`ppl_em.sources`) is initialised from ``sources.SAMPLE_ROWS`` rows
+drawn uniformly without replacement, which the model's own initial values (a GMM's data covariance)
+see too; the data are never loaded.
+
 A location parameter is found generically, from the engine's closed-form detection on one
 E-step trace: a ``pyro.param`` of shape (k, *row) that is selected by a discrete latent
 (``mu[z]``) into the ``loc`` of a Normal / MultivariateNormal, the ``probs`` of a Bernoulli
@@ -53,20 +59,22 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 
+from . import distributed as distributed_, sources
 from .em import EM
+from .online import OnlineEM
 from .plan import find_uses
 from .guides import AutoAmortized, AutoCategorical
-from .posterior import ExactInferenceError
-from .result import FitResult, observations
+from .posterior import ExactInferenceError, inspect_model, trace_model
+from .result import FitResult, observations, scaled_observations
 from .store import capture_store, model_trace, replace_store
 from .svi import NonFiniteLossError, SafeSVI, default_loss
 from .validation import check_arguments, check_k_fits, check_observed_dtypes, check_seed
 
 __all__ = ["fit", "ConvergenceWarning", "METHODS", "INITS"]
 
-METHODS = ("em", "hard_em", "svi", "vae")
+METHODS = ("em", "hard_em", "svi", "vae", "online_em")
 INITS = ("kmeans++", "random", "prior")
-DEFAULT_MAX_ITER = {"em": 100, "hard_em": 100, "svi": 1000, "vae": 1000}
+DEFAULT_MAX_ITER = {"em": 100, "hard_em": 100, "svi": 1000, "vae": 1000, "online_em": 20}  # online: passes
 # SVI losses are noisy: convergence compares the means of two consecutive windows of losses.
 SVI_WINDOW = 20
 
@@ -88,6 +96,9 @@ class _Options:
     log_px_every: int
     n_data: int
     n_init: int
+    data: Any = None  # the arguments as rows (ppl_em.sources.Data)
+    online: Dict[str, Any] = field(default_factory=dict)  # OnlineEM's options (batch_size, step_size)
+    distributed: bool = False
 
 
 @dataclass
@@ -132,6 +143,9 @@ def fit(
     optim: Any = None,
     em_options: Optional[Dict[str, Any]] = None,
     log_px_every: int = 0,
+    batch_size: Optional[int] = None,
+    step_size: Any = None,
+    distributed: bool = False,
     **kwargs: Any,
 ) -> FitResult:
     """Fit a plain Pyro model; ``*args`` and ``**kwargs`` are passed to it untouched.
@@ -139,11 +153,15 @@ def fit(
     Parameters
     ----------
     model : callable
-        A Pyro model, e.g. ``ppl_em.models.gmm.model`` called as ``model(x, k)``.
-    method : {"em", "hard_em", "svi", "vae"}
+        A Pyro model, e.g. ``ppl_em.models.gmm.model`` called as ``model(x, k)``. In the place of a
+        tensor of rows, EM takes a data source (:mod:`ppl_em.sources`): a numpy memory map
+        (``np.load("big.npy", mmap_mode="r")``), a ``DataLoader`` or a re-iterable of batches, read
+        batch by batch in every iteration, in O(batch) memory.
+    method : {"em", "hard_em", "svi", "vae", "online_em"}
         Exact EM (:class:`ppl_em.EM`), hard (classification) EM, SVI with ``guide``
-        (default :class:`ppl_em.guides.AutoCategorical`), or SVI with an amortized encoder
-        guide (default :class:`ppl_em.guides.AutoAmortized`).
+        (default :class:`ppl_em.guides.AutoCategorical`), SVI with an amortized encoder
+        guide (default :class:`ppl_em.guides.AutoAmortized`), or stepwise EM (:class:`ppl_em.OnlineEM`:
+        an M-step after every batch of ``batch_size`` rows; an iteration is one pass over the data).
     guide : guide object or guide class, optional
         For "svi"/"vae". A class (or any ``type``) is instantiated as ``guide(model)`` for each
         restart; an instance is used as is and then needs ``n_init=1``.
@@ -166,10 +184,21 @@ def fit(
     optim : pyro.optim.PyroOptim, optional
         For "svi"/"vae"; default ``pyro.optim.Adam({"lr": 0.05})``, fresh for each restart.
     em_options : dict, optional
-        Keyword arguments of :class:`ppl_em.EM` (``reg_covar``, ``m_step``, ...).
+        Keyword arguments of :class:`ppl_em.EM` (``reg_covar``, ``m_step``, ...); for "online_em" also
+        those of :class:`ppl_em.OnlineEM` (``warmup``, ``average``).
     log_px_every : int
         For SVI: every that many iterations, also record the exact (1/n) log p(x) in the
         history (``log_px``) when the model has an exact E-step; its cost is not timed.
+    batch_size : int, optional
+        For "online_em", the rows of each batch (each followed by an M-step); for EM on a numpy
+        array (a memory map), the rows read per batch.
+    step_size : float or callable, optional
+        For "online_em": the exponent a of gamma_t = (t + 2)^(-a) (default 0.6), or a function t -> gamma_t.
+    distributed : bool
+        For "em" and "hard_em": data-parallel EM over torch.distributed's default process group
+        (:mod:`ppl_em.distributed`); each process passes its own shard of the data, rank 0's
+        initialisation is every rank's start, and every rank returns the same result (its
+        ``log_likelihood`` and ``n_data`` are of all ranks' data together).
 
     Returns
     -------
@@ -196,8 +225,10 @@ def fit(
         If the kept restart did not converge within ``max_iter`` (or an SVI run stopped on a
         non-finite step, keeping its last finite parameters).
     """
+    args, kwargs = _batched(args, kwargs, method, batch_size)
     opts = _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, seed, progress, optim,
-                          em_options, log_px_every)
+                          em_options, log_px_every, distributed)
+    opts.online = {"batch_size": batch_size, "step_size": step_size}
     networks, before = _Networks(args, kwargs), capture_store()
     try:
         runs = _restarts(model, args, kwargs, opts, seed, networks)
@@ -263,7 +294,7 @@ class _Networks:
 
 
 def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, seed, progress, optim,
-                   em_options, log_px_every) -> _Options:
+                   em_options, log_px_every, distributed=False) -> _Options:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if init not in INITS:
@@ -282,20 +313,59 @@ def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, in
         raise ValueError("A guide instance cannot be reset between restarts; pass its class "
                          "(e.g. guide=AutoCategorical) so that each restart builds a fresh one, or use n_init=1.")
     check_seed(seed, n_init)
-    n_data = _check_data(model, args, kwargs)
+    if distributed and method not in ("em", "hard_em"):
+        raise ValueError(f"distributed=True sums EM's statistics across processes; method={method!r} has none. "
+                         "Use method='em' or 'hard_em', or fit in one process.")
+    if distributed:
+        distributed_.check_available()
+        n_data, data = distributed_.agreed(lambda: _check_data(model, args, kwargs), "checking the data")
+        n_data = _sum_over_ranks(n_data)
+    else:
+        n_data, data = _check_data(model, args, kwargs)
     return _Options(method, guide, max_iter, float(tol), init, progress, optim, dict(em_options or {}),
-                    int(log_px_every), n_data, n_init)
+                    int(log_px_every), n_data, n_init, data, distributed=bool(distributed))
 
 
-def _check_data(model: Callable, args: tuple, kwargs: dict) -> int:
-    """Validate the model arguments before the model runs, then look at one run of it in an empty
-    param store (what a previous fit left there must not leak in); returns n, the observations."""
-    check_arguments(model, args, kwargs)
-    trace = model_trace(model, args, kwargs)
+def _check_data(model: Callable, args: tuple, kwargs: dict):
+    """Validate the model arguments before the model runs, then look at one run of it on its first rows in
+    an empty param store (what a previous fit left there must not leak in); returns n, the observations
+    (of all rows), and the arguments as rows (:class:`ppl_em.sources.Data`)."""
+    if sources.find(args, kwargs) is None:
+        check_arguments(model, args, kwargs)
+    data = sources.Data.of(model, args, kwargs)
+    first = data.first(sources.CHECK_ROWS)
+    if data.source is not None:
+        check_arguments(model, *first)
+    trace = model_trace(model, *first)
     check_observed_dtypes(trace)
-    n_data = observations(trace)
+    n_data = scaled_observations(observations(trace), data, sources.CHECK_ROWS)
     check_k_fits(model, args, kwargs, n_data)
-    return n_data
+    return n_data, data
+
+
+def _sum_over_ranks(n: int) -> int:
+    total = torch.tensor([n], dtype=torch.int64)
+    distributed_.all_reduce_ints(total, "counting the observations")
+    return int(total)
+
+
+def _batched(args: tuple, kwargs: dict, method: str, batch_size: Optional[int]):
+    """The arguments with a numpy array (memory map) read in batches of ``batch_size`` rows (for EM)."""
+    if batch_size is None or method == "online_em":
+        return args, kwargs
+    found = sources.find(args, kwargs) if method in ("em", "hard_em") else None
+    if found is None or not isinstance(found[1], sources.Rows):
+        raise ValueError(f"batch_size={batch_size!r} applies to method='online_em', and to EM on a numpy array or "
+                         "memory map (rows read per batch); a DataLoader brings its own batch size, and EM on a tensor "
+                         "takes em_options={'chunk_size': ...}.")
+    rows = found[1]
+    return _replace(args, kwargs, found[0], sources.Rows(rows.data, batch_size, rows.dtype, rows.start, rows.stop))
+
+
+def _replace(args: tuple, kwargs: dict, key, value):
+    if isinstance(key, int):
+        return args[:key] + (value,) + args[key + 1:], kwargs
+    return args, {**kwargs, key: value}
 
 
 # -- one restart ----------------------------------------------------------------------------
@@ -303,9 +373,10 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
     """Fresh store, seeded initialisation, then ``engine.step`` until tol or max_iter."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    run = _Run(seed=seed, init_params=initialise(model, args, kwargs, opts.init, seed))
-    engine, run.guide = _engine(model, args, kwargs, opts)
-    window = 1 if opts.method in ("em", "hard_em") else SVI_WINDOW
+    start = lambda: initialise(model, args, kwargs, opts.init, seed, opts.data)
+    run = _Run(seed=seed, init_params=distributed_.agreed(start, "initialisation") if opts.distributed else start())
+    engine, run.guide = _engine(model, args, kwargs, opts, seed)
+    window = SVI_WINDOW if opts.method in ("svi", "vae") else 1
     elapsed = 0.0
     with _progress_bar(opts, seed) as bar:
         for it in range(1, opts.max_iter + 1):
@@ -329,7 +400,9 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
             if _settled(run.losses, window, opts.tol * opts.n_data):
                 run.converged = True
                 break
-    run.log_px = exact_log_px(model, args, kwargs, opts.n_data)
+    if isinstance(engine, OnlineEM):
+        engine.finish()  # the Polyak-Ruppert average, where asked for, is the result
+    run.log_px = exact_log_px(model, args, kwargs, opts.n_data, opts.distributed)
     run.state = capture_store()
     return run
 
@@ -343,7 +416,7 @@ def _step(engine: Any, model: Callable, args: tuple, kwargs: dict, it: int) -> f
     :func:`ppl_em.diagnostics.explain_failure`) and leaves the parameters of the step before; it is
     deterministic, so from the same parameters it fails the same way, and the fit ends with that error.
     An SVI step that went non-finite keeps the last finite parameters: a stopped run, kept."""
-    if isinstance(engine, EM):
+    if isinstance(engine, (EM, OnlineEM)):
         return engine.step(*args, **kwargs)
     try:
         return engine.step(*args, **kwargs)
@@ -360,21 +433,27 @@ def _settled(losses: List[float], window: int, tol: float) -> bool:
     return abs(last - before) < tol
 
 
-def exact_log_px(model: Callable, args: tuple, kwargs: dict, n_data: int) -> Optional[float]:
-    """(1/n) log p(x; theta) at the parameters in the store, by one exact E-step; None if intractable."""
+def exact_log_px(model: Callable, args: tuple, kwargs: dict, n_data: int,
+                 distributed: bool = False) -> Optional[float]:
+    """(1/n) log p(x; theta) at the parameters in the store, by one exact E-step (streamed; of every rank's
+    data with ``distributed``); None if intractable."""
     try:
         with poutine.block():
-            return EM(model, **_tiny_data_options(n_data)).log_likelihood(*args, **kwargs) / n_data
+            em = EM(model, distributed=distributed, **_tiny_data_options(n_data))
+            return em.log_likelihood(*args, **kwargs) / n_data
     except ExactInferenceError:
         return None
 
 
-def _engine(model: Callable, args: tuple, kwargs: dict, opts: _Options):
+def _engine(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: int = 0):
     """The object whose ``step(*args, **kwargs) -> float`` runs one iteration, and the guide."""
     if opts.method in ("em", "hard_em"):
         posterior = "exact" if opts.method == "em" else "hard"
         options = {**_tiny_data_options(opts.n_data), **opts.em_options}
-        return EM(model, posterior=posterior, **options), None
+        return EM(model, posterior=posterior, distributed=opts.distributed, **options), None
+    if opts.method == "online_em":
+        online = {k: v for k, v in opts.online.items() if v is not None}
+        return OnlineEM(model, n=opts.data.rows or opts.n_data, seed=seed, **online, **opts.em_options), None
     guide = opts.guide
     if guide is None:
         guide = AutoCategorical if opts.method == "svi" else AutoAmortized
@@ -400,25 +479,24 @@ def _progress_bar(opts: _Options, seed: int):
 
 
 # -- initialisation -------------------------------------------------------------------------
-def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: int) -> List[str]:
+def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: int,
+               data: Optional[sources.Data] = None) -> List[str]:
     """Create every parameter with the model's initialisers, then set the location ones.
 
     Returns the names of the parameters set from data rows (empty for "prior" or when the
-    model has none). See the module docstring for what each strategy does.
+    model has none). See the module docstring for what each strategy does. ``data``: the
+    arguments as rows, if already known (a source is initialised from a sample of its rows).
     """
-    with poutine.block():
-        poutine.trace(model).get_trace(*args, **kwargs)  # every pyro.param now exists
-    if strategy == "prior":
-        return []
-    try:
-        with poutine.block():
-            post = EM(model).e_step(*args, **kwargs)
-    except ExactInferenceError:
-        return []
     generator = torch.Generator().manual_seed(seed)
+    data = data if data is not None else sources.Data.of(model, args, kwargs)
+    if data.source is not None:
+        args, kwargs = data.sample(sources.SAMPLE_ROWS, generator)
+    traced = _create_parameters(model, args, kwargs)  # every pyro.param now exists
+    if strategy == "prior" or traced is None:
+        return []
     store = pyro.get_param_store()
     chosen = []
-    for name, (rows, attr) in location_parameters(post).items():
+    for name, (rows, attr) in location_parameters(traced).items():
         k = store[name].shape[0]
         if rows.shape[0] < k:
             raise ValueError(f"init={strategy!r} needs at least k = {k} observations to place parameter '{name}', "
@@ -432,6 +510,29 @@ def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: 
         store[name] = value.to(store[name].dtype)
         chosen.append(name)
     return chosen
+
+
+def _create_parameters(model: Callable, args: tuple, kwargs: dict):
+    """Run the model once under enumeration, which creates its parameters from its own initialisers (a
+    discrete z is (k, 1), so nothing of size n k d^2 is built); the trace and its parameter leaves, or
+    None (after a plain run) for a model without an exact E-step."""
+    try:
+        with poutine.block():
+            structure = inspect_model(model, args, kwargs)
+            trace, leaves = trace_model(model, structure, args, kwargs, log_prob="none")
+    except ExactInferenceError:
+        with poutine.block():
+            poutine.trace(model).get_trace(*args, **kwargs)
+        return None
+    return _Traced(trace, leaves)
+
+
+@dataclass
+class _Traced:
+    """A run of the model under enumeration: what :func:`location_parameters` reads."""
+
+    trace: Any
+    leaves: Dict[str, torch.Tensor]
 
 
 # Attributes that are the mean of an observation, so that a data row is a good starting value.
@@ -469,9 +570,9 @@ def location_parameters(post) -> Dict[str, tuple]:
                 continue
             rows.append(value.detach().reshape((-1,) + tuple(row)).to(post.leaves[name].dtype))
         if rows:
-            rows = torch.cat(rows)
+            rows = torch.cat(rows) if len(rows) > 1 else rows[0]  # the data themselves, not a copy
             finite = torch.isfinite(rows.reshape(rows.shape[0], -1)).all(-1)  # skip NaN rows (masked data)
-            found[name] = (rows[finite], rule.attr)
+            found[name] = (rows if finite.all() else rows[finite], rule.attr)
     return found
 
 
@@ -481,7 +582,7 @@ def kmeans_plus_plus(rows: torch.Tensor, k: int, generator: torch.Generator) -> 
     flat = rows.reshape(rows.shape[0], -1).detach().cpu()  # (m, p)
     first = torch.randint(flat.shape[0], (1,), generator=generator)
     chosen = [int(first)]
-    d2 = ((flat - flat[first]) ** 2).sum(-1)  # (m,) squared distance to the nearest chosen row
+    d2 = _squared_distances(flat, flat[first])  # (m,) squared distance to the nearest chosen row
     for _ in range(1, k):
         weights = d2.clamp_min(0)
         if not weights.sum() > 0:  # every row coincides with a chosen one: pick among the rest uniformly
@@ -489,5 +590,11 @@ def kmeans_plus_plus(rows: torch.Tensor, k: int, generator: torch.Generator) -> 
             weights[chosen] = 0
         nxt = int(torch.multinomial(weights, 1, generator=generator))
         chosen.append(nxt)
-        d2 = torch.minimum(d2, ((flat - flat[nxt]) ** 2).sum(-1))
+        d2 = torch.minimum(d2, _squared_distances(flat, flat[nxt]))
     return torch.tensor(chosen)
+
+
+def _squared_distances(flat: torch.Tensor, centre: torch.Tensor, block: int = 65536) -> torch.Tensor:
+    """|x^(i) - c|^2 for every row of ``flat`` (m, p), shape (m,); in blocks of rows, so that the (m, p)
+    difference is never held whole."""
+    return torch.cat([((flat[i:i + block] - centre) ** 2).sum(-1) for i in range(0, flat.shape[0], block)])

@@ -37,7 +37,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import transform_to
 
-from . import checkpoint
+from . import checkpoint, sources
 from .chains import is_chain
 from .checkpoint import atomic_write, constraint_to_json, qualified_name
 from .em import EM
@@ -47,7 +47,7 @@ from .svi import default_loss
 from .validation import check_arguments, check_seed
 
 __all__ = ["FitResult", "load", "free_parameters", "atomic_write", "count_observations", "observations",
-           "capture_store", "replace_store"]
+           "scaled_observations", "capture_store", "replace_store"]
 # Matrix constraints whose unconstrained parametrisation in Pyro's store is over-complete.
 _TRIANGULAR = (type(constraints.positive_definite), type(constraints.positive_semidefinite),
                type(constraints.lower_cholesky), type(constraints.softplus_lower_cholesky),
@@ -93,9 +93,22 @@ def count_observations(model: Callable, args: tuple, kwargs: dict, state: Option
     set under a MultivariateNormal counts n, an HMM with T observed steps counts T (a chain site,
     ``DiscreteHMM``, counts each of its steps). This is the n of the mean log-likelihood
     (1/n) log p(x) and of BIC's log n. The model runs once with a param store holding exactly
-    ``state`` (empty by default: whatever Pyro's store holds is never read).
+    ``state`` (empty by default: whatever Pyro's store holds is never read), on the first
+    ``sources.CHECK_ROWS`` rows of the data plate, scaled to all of them (every observed site lies in the
+    plate where rows can be taken); the arguments may hold a data source (:mod:`ppl_em.sources`).
     """
-    return observations(model_trace(model, args, kwargs, state))
+    data = sources.Data.of(model, args, kwargs)
+    first = data.first(sources.CHECK_ROWS)
+    return scaled_observations(observations(model_trace(model, *first, state)), data, sources.CHECK_ROWS)
+
+
+def scaled_observations(observed: int, data: sources.Data, m: int) -> int:
+    """n of all rows, from the ``observed`` count of a run on the first min(m, rows) of them."""
+    if not data.splits:
+        return observed
+    rows = data.rows
+    first = min(m, rows)
+    return observed if first == rows else round(observed * rows / first)
 
 
 def observations(trace: Trace) -> int:
@@ -211,9 +224,17 @@ class FitResult:
         Returns
         -------
         torch.Tensor
-            Shape (n, k) for a mixture (plate shape + (k,) in general).
+            Shape (n, k) for a mixture (plate shape + (k,) in general). Computed chunk by chunk of the
+            data plate (batch by batch of a data source): the output is the only O(n) memory.
         """
-        post = self._e_step(args, kwargs)
+        args, kwargs = self._model_args(args, kwargs)
+        with self._active():
+            pieces = sources.Data.of(self.model, args, kwargs).pieces()
+            parts = [self._marginals(self._posterior(*piece), site) for piece in pieces]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @staticmethod
+    def _marginals(post, site: Optional[str]) -> torch.Tensor:
         names = [site] if site is not None else post.enumerated_sites
         if not names:
             raise ValueError("The model has no discrete latent site to predict; predict_proba needs one.")
@@ -234,10 +255,12 @@ class FitResult:
 
         Raises :class:`ppl_em.ExactInferenceError` for a model with continuous local latents
         (a VAE), whose log p(x) has no closed form; use :meth:`elbo` there, a lower bound.
+        Streamed chunk by chunk (batch by batch of a data source): O(chunk) memory.
         """
         args, kwargs = self._model_args(args, kwargs)
-        post = self._e_step(args, kwargs)
-        return float(post.log_evidence) / count_observations(self.model, args, kwargs, self.state)
+        with self._active(), self._exact():
+            total = EM(self.model).log_likelihood(*args, **kwargs)
+        return total / count_observations(self.model, args, kwargs, self.state)
 
     def elbo(self, *args: Any, num_particles: int = 16, **kwargs: Any) -> float:
         """Mean ELBO(x; Q, theta) per observation with the fitted guide Q (a lower bound on score)."""
@@ -245,6 +268,9 @@ class FitResult:
             raise ValueError(f"This {self.method!r} result has no guide; elbo() needs an SVI or VAE fit. "
                              "Use score() for the exact log-likelihood.")
         args, kwargs = self._model_args(args, kwargs)
+        if sources.find(args, kwargs) is not None:
+            raise ValueError("elbo() runs the guide on all the data at once; pass the data as tensors (or a "
+                             "sample of its rows), not a data source.")
         loss = default_loss(self.model, *args, **kwargs)
         loss.num_particles = num_particles
         with self._active(), torch.no_grad():
@@ -291,6 +317,8 @@ class FitResult:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"sample(n) needs a number of draws n >= 0, got {n!r}.")
         args, kwargs = self._model_args(args, kwargs)
+        if sources.find(args, kwargs) is not None:  # the row shape and dtype from a source's first row
+            args, kwargs = sources.Data.of(self.model, args, kwargs).first(1)
         position = next((i for i, a in enumerate(args) if torch.is_tensor(a)), None)
         if position is None:
             raise ValueError("sample() needs the data tensor among the model arguments to know the row shape; "
@@ -357,26 +385,39 @@ class FitResult:
 
     def _check_model(self, args: tuple, kwargs: dict) -> None:
         """The arguments can be fitted, and the model reads exactly this result's parameters (checked
-        once per argument shape)."""
-        check_arguments(self.model, args, kwargs)  # NaN data: a clear error before the model runs
+        once per argument shape, on the first rows: a data source's first batch)."""
         key = _signature(args, kwargs)
+        if sources.find(args, kwargs) is None:
+            check_arguments(self.model, args, kwargs)  # NaN data: a clear error before the model runs
+        elif key not in self._checked:
+            check_arguments(self.model, *self._first(args, kwargs))
         if key not in self._checked:
-            checkpoint.check_model(self.state, self.model, args, kwargs, self.source or "This result")
+            checkpoint.check_model(self.state, self.model, *self._first(args, kwargs), self.source or "This result")
             self._checked.add(key)
 
-    def _e_step(self, args: tuple, kwargs: dict):
-        args, kwargs = self._model_args(args, kwargs)
+    def _first(self, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+        """The arguments for the first ``sources.CHECK_ROWS`` rows (all of them for small data)."""
         with self._active():
-            try:
-                return EM(self.model).e_step(*args, **kwargs)
-            except ExactInferenceError as e:
-                raise ExactInferenceError(
-                    f"{e} This {self.method!r} result has no exact posterior or log p(x); "
-                    "result.elbo(...) gives the ELBO, a lower bound on log p(x)."
-                ) from None
+            return sources.Data.of(self.model, args, kwargs).first(sources.CHECK_ROWS)
+
+    @contextlib.contextmanager
+    def _exact(self) -> Iterator[None]:
+        try:
+            yield
+        except ExactInferenceError as e:
+            raise ExactInferenceError(
+                f"{e} This {self.method!r} result has no exact posterior or log p(x); "
+                "result.elbo(...) gives the ELBO, a lower bound on log p(x)."
+            ) from None
+
+    def _posterior(self, args: tuple, kwargs: dict):
+        """The exact E-step on these (checked) arguments, with this result's parameters active."""
+        with self._exact():
+            return EM(self.model).e_step(*args, **kwargs)
 
     def _model_param_names(self, args: tuple, kwargs: dict) -> List[str]:
         """Parameters the model itself reads (not the guide's), plus point-estimated global latents."""
+        args, kwargs = self._first(args, kwargs)
         with self._active(), poutine.block(), fresh_rng():
             tr = poutine.trace(self.model).get_trace(*args, **kwargs)
             try:

@@ -56,7 +56,8 @@ def check_arguments(model: Callable, args: tuple, kwargs: dict) -> None:
         label = f"argument {name!r}"
         if isinstance(value, np.ndarray):
             raise ValueError(f"The model's {label} is a numpy array of shape {value.shape}; ppl_em fits torch "
-                             f"tensors. Pass torch.as_tensor({name}) (float64 keeps numpy's precision).")
+                             f"tensors. Pass torch.as_tensor({name}) (float64 keeps numpy's precision), or ppl_em.Rows({name}) "
+                             "to read it in batches (a memory map from np.load(path, mmap_mode='r') is read so).")
         if torch.is_tensor(value):
             _check_data_tensor(label, name, value)
         for inner_label, inner in _nested_tensors(label, value):

@@ -46,9 +46,9 @@ def test_writes_markdown_and_json_with_expected_columns(results):
     assert "| workload | target | measured | met? | source |" in markdown
     assert data["columns"] == COLUMNS
     assert MACHINE_KEYS <= set(data["machine"])
-    assert {w for w, _ in rows} == {"B1", "B2", "B3", "B4", "B5", "B6", "B11", "B12"}
+    assert {w for w, _ in rows} == {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B11", "B12"}
     assert all(ROW_KEYS <= set(row) for row in data["rows"])
-    assert {t["workload"] for t in data["targets"]} == {"B1", "B2", "B3", "B4", "B5", "B6", "B11", "B12"}
+    assert {t["workload"] for t in data["targets"]} == {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B11", "B12"}
     assert all(t["met"] in (True, False) for t in data["targets"])
 
 
@@ -87,3 +87,27 @@ def test_b4_em_reaches_the_optimum_sooner_than_svi(results):
     tol = data["sizes"]["B4"]["tol"]
     reached = [i for i, v in enumerate(svi["trajectory"]) if v >= optimum - tol]
     assert svi["seconds"] is None or reached == [len(svi["trajectory"]) - 1]
+
+
+def test_b7_memory_map_equals_memory_and_measures_anonymous_memory(results):
+    _, _, rows = results
+    memory, disk = rows["B7", "ppl_em, data in memory"], rows["B7", "ppl_em, memory map (Rows)"]
+    assert relative_deviation(disk["trajectory"], memory["trajectory"]) <= 1e-10
+    assert disk["sec_per_iter"] > 0 and memory["peak_mb"] > 0 and disk["extra_mb"] is not None
+
+
+def test_b8_online_em_approaches_the_optimum_of_batch_em(results):
+    _, data, _ = results
+    b8 = [r for r in data["rows"] if r["workload"] == "B8"]
+    for size in {r["size"] for r in b8}:
+        here = {r["library"]: r["final_ll"] for r in b8 if r["size"] == size}
+        optimum = next(v for k, v in here.items() if k.startswith("batch EM, optimum"))
+        assert all(v <= optimum + 1e-9 for v in here.values())  # nothing beats the optimum of batch EM
+        assert here["online EM, 2 passes"] > here["online EM, 1 pass"]
+
+
+def test_b9_two_processes_equal_one(results):
+    _, data, rows = results
+    one, two = rows["B9", "1 process, 1 thread"], rows["B9", "2 processes x 1 thread, distributed=True"]
+    assert relative_deviation(two["trajectory"], one["trajectory"]) <= 1e-10
+    assert "all-reduce of" in two["note"]

@@ -275,7 +275,7 @@ def test_convergence_warning_is_both_scikit_learns_and_ppl_ems():
     ({"n_components": 500}, "Expected n_samples >= n_components but got n_components = 500, n_samples = 300"),
     ({"init_params": "kmeans"}, r"init_params must be one of \('k-means\+\+', 'random_from_data', 'prior'\), got 'kmeans'"),
     ({"model_kwargs": {"k": 2}}, "model_kwargs must not contain 'k'.*use n_components"),
-    ({"method": "mcmc"}, r"method must be one of \('em', 'hard_em', 'svi', 'vae'\), got 'mcmc'"),
+    ({"method": "mcmc"}, r"method must be one of \('em', 'hard_em', 'svi', 'vae', 'online_em'\), got 'mcmc'"),
 ])
 def test_bad_parameters_say_what_was_expected(params, match):
     with pytest.raises(ValueError, match=match):
