@@ -32,7 +32,7 @@ import torch
 import pyro
 
 from . import chunking as chunks_, closed_form
-from .checks import check_arguments, check_observations
+from .checks import check_arguments, check_missing, check_observations
 from .diagnostics import degenerate_update_message, explain_failure, non_finite_loss_message
 from .fast import Workspace
 from .gradient import (StalledError, expected_log_joint, gradient_m_step, stalled_message, stationary,
@@ -82,6 +82,12 @@ class EM:
         Where MAP-EM takes the mode of a parameter with a conjugate prior (:mod:`ppl_em.priors`):
         of the posterior density of the parameter itself (the default; a :class:`NoMAPError` where
         a concentration below 1 makes it unbounded), or of its log / log-odds (counts + alpha).
+    missing : {"error", "marginalize"}
+        NaN in a tensor argument: an error (the default), or a missing value that the model masks
+        (``"marginalize"``: the NaN reaches the model, which observes p(x_obs^(i) | z^(i)); a NaN that
+        reaches an observed site unmasked is still an error; an inf is an error either way). A model
+        may write the rows that hold a NaN differently (``ppl_em.models.gmm``), so the M-step plan is
+        then made on all the rows of the first data, not on its first ``PLAN_ROWS``.
 
     The loop contract: ``stats = em.summarize(*args)`` (E-step, no parameter changes),
     ``em.maximize(stats)`` (M-step from statistics alone), ``em.step(*args)`` (= maximize of the sum
@@ -115,7 +121,8 @@ class EM:
     """
 
     def __init__(self, model: Callable, posterior: str = "exact", m_step: str = "auto", reg_covar: float = 1e-6,
-                 max_grad_iter: int = 100, chunk_size="auto", map_basis: str = "constrained") -> None:
+                 max_grad_iter: int = 100, chunk_size="auto", map_basis: str = "constrained",
+                 missing: str = "error") -> None:
         if posterior not in ("exact", "hard"):
             raise ValueError(f"posterior must be 'exact' or 'hard', got {posterior!r}.")
         if m_step not in ("auto", "closed_form", "gradient"):
@@ -126,7 +133,7 @@ class EM:
             raise ValueError(f"chunk_size must be a positive int, 'auto' or None, got {chunk_size!r}.")
         if map_basis not in MAP_BASES:
             raise ValueError(f"map_basis must be one of {MAP_BASES}, got {map_basis!r}.")
-        self.map_basis = map_basis
+        self.map_basis, self.missing = map_basis, check_missing(missing)
         self.model, self.posterior, self.m_step_mode = model, posterior, m_step
         self.reg_covar, self.max_grad_iter, self.chunk_size = reg_covar, max_grad_iter, chunk_size
         self.structure: Optional[ModelStructure] = None
@@ -209,7 +216,7 @@ class EM:
 
     def e_step(self, *args, **kwargs) -> Posterior:
         """Q(z) := p(z | x; theta) (or its mode), and log p(x; theta). See :class:`Posterior`."""
-        check_arguments(args, kwargs)
+        check_arguments(args, kwargs, self.missing)
         if self.structure is None:
             self.structure = inspect_model(self.model, args, kwargs)
         post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior)
@@ -281,7 +288,7 @@ class EM:
     def _prepare(self, args, kwargs, plan: bool = True) -> chunks_.Chunking:
         """Inspect the model once; decide (once per data shape) how step() chunks the data; make the plan
         (once per model and parameter shapes: it holds for data of any number of rows)."""
-        check_arguments(args, kwargs)
+        check_arguments(args, kwargs, self.missing)
         if self.structure is None:
             self.structure = inspect_model(self.model, args, kwargs)
         sig = chunks_.signature(args, kwargs)
@@ -296,7 +303,10 @@ class EM:
                 self._chunks = chunks_.decide(self.model, self.structure, trace, args, kwargs, self.chunk_size)
                 self._workspace.clear()  # tables sized for other data
         if plan and (self.plan is None or self.plan.shapes != _shapes(self._param_names)):
-            first = self._chunks.take(args, kwargs, slice(0, PLAN_ROWS)) if self._chunks.positions else (args, kwargs)
+            # With missing values a model may write the rows that hold a NaN differently (the GMM with a full
+            # Sigma): the plan is made on all the rows, so that it sees them.
+            cut = self._chunks.positions and self.missing == "error"
+            first = self._chunks.take(args, kwargs, slice(0, PLAN_ROWS)) if cut else (args, kwargs)
             self._make_plan(self.e_step(*first[0], **first[1]), *first)
         if plan and self.plan.gradient and self._chunks.rows is not None:
             why = f"parameters {self.plan.gradient} have a gradient M-step, which needs Q(z) of all the data at once"
