@@ -7,7 +7,9 @@
 ``ppl-em fit MODEL --data FILE -k K [--method M] [--out DIR] [--json] [--max-iter N] [--seed S]``
     Fit a model of ``ppl_em.models`` to a .csv or .npy file of shape (n, d); write the
     checkpoint (``checkpoint.pt``, see :func:`ppl_em.load`), the history (``history.json``)
-    and the figures to DIR; ``--json`` prints a machine-readable summary.
+    and the figures to DIR; ``--json`` prints a machine-readable summary. ``--missing
+    marginalize`` fits data with missing values (empty CSV fields, NaN) by marginalising them
+    out (:func:`ppl_em.fit`'s ``missing``); without it they are an error.
 ``ppl-em fit MODEL --data FILE --components A:B [--criterion bic|aic|heldout]``
     Fit every k from A to B (:func:`ppl_em.select`), print the table of criteria, choose k;
     write the chosen fit's checkpoint and figures, ``selection.json`` and ``selection.png``.
@@ -62,11 +64,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- input ----------------------------------------------------------------------------------
-def load_data(path: str) -> torch.Tensor:
+def load_data(path: str, missing: str = "error") -> torch.Tensor:
     """Read a (n, d) float64 tensor from a .csv (optional header line) or .npy file; validate it.
 
     Positions in errors count from 0 for a .npy array's rows and from 1 for a .csv file's lines
-    (the header included) and columns, as an editor shows them.
+    (the header included) and columns, as an editor shows them. An empty CSV field, and ``nan``,
+    is a missing value, NaN in the tensor: an error unless ``missing="marginalize"``, and then
+    still an error for a row or a column without any observed value. An inf is always an error.
     """
     _check_data_path(path)
     ext = os.path.splitext(path)[1].lower()
@@ -83,7 +87,7 @@ def load_data(path: str) -> torch.Tensor:
         array = array[:, None]
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
         raise UsageError(f"data file {path!r}: expected a non-empty table of shape (n, d), got shape {array.shape}")
-    _check_finite(path, array, lines)
+    _check_finite(path, array, lines, missing)
     return torch.tensor(array, dtype=torch.float64)
 
 
@@ -97,13 +101,39 @@ def _check_data_path(path: str) -> None:
                          "expected a .csv or .npy file")
 
 
-def _check_finite(path: str, array: np.ndarray, lines: Optional[List[int]]) -> None:
-    bad = ~np.isfinite(array.astype(np.float64))
+def _check_finite(path: str, array: np.ndarray, lines: Optional[List[int]], missing: str = "error") -> None:
+    values = array.astype(np.float64)
+    bad = np.isinf(values) if missing == "marginalize" else ~np.isfinite(values)
     if bad.any():
-        row, col = (int(i) for i in np.argwhere(bad)[0])
-        where = f"row {row}, column {col}" if lines is None else f"line {lines[row]}, column {col + 1}"
-        raise UsageError(f"data file {path!r} has {int(bad.sum())} NaN/inf value(s), the first at {where}; "
-                         "remove or impute them")
+        where = _position(np.argwhere(bad)[0], lines)
+        what = "inf value(s) (a missing value is an empty field or NaN)" if missing == "marginalize" else \
+            "NaN/inf value(s)"
+        hint = "" if missing == "marginalize" else \
+            " (or, for missing values, pass --missing marginalize: gmm, kmeans, bernoulli_mixture, poisson_mixture)"
+        raise UsageError(f"data file {path!r} has {int(bad.sum())} {what}, the first at {where}; "
+                         f"remove or impute them{hint}")
+    if missing == "marginalize":
+        _check_missing(path, np.isnan(values), lines)
+
+
+def _position(index, lines: Optional[List[int]]) -> str:
+    row, col = (int(i) for i in index)
+    return f"row {row}, column {col}" if lines is None else f"line {lines[row]}, column {col + 1}"
+
+
+def _check_missing(path: str, nan: np.ndarray, lines: Optional[List[int]]) -> None:
+    """A row, or a column, with no observed value says nothing about the parameters: an error."""
+    rows, cols = nan.all(1), nan.all(0)
+    if rows.any():
+        row = int(np.argmax(rows))
+        where = f"row {row}" if lines is None else f"line {lines[row]}"
+        raise UsageError(f"data file {path!r} has {int(rows.sum())} row(s) with every value missing, the first "
+                         f"at {where}; drop them (they say nothing about the parameters)")
+    if cols.any():
+        col = int(np.argmax(cols))
+        where = f"column {col}" if lines is None else f"column {col + 1}"
+        raise UsageError(f"data file {path!r} has {int(cols.sum())} column(s) with every value missing, the first "
+                         f"is {where}; drop them (nothing determines their parameters)")
 
 
 def _read_npy(path: str) -> np.ndarray:
@@ -144,12 +174,22 @@ def _read_csv(path: str) -> Tuple[np.ndarray, List[int]]:
         header = _has_header(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # numpy warns on an empty file
-            array = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=int(header), dtype=np.float64)
+            try:
+                array = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=int(header), dtype=np.float64)
+            except ValueError:  # an empty field is a missing value: parse again, slower, with NaN there
+                array = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=int(header), dtype=np.float64,
+                                   converters=_field)
     except OSError as e:
         raise UsageError(f"could not read {path!r}: {e.strerror or e}") from None
     except ValueError:
         raise UsageError(f"could not parse {path!r} as a numeric CSV table: {_csv_problem(path, header)}") from None
     return array, _data_lines(path, header)
+
+
+def _field(text: str) -> float:
+    """One CSV field as a number; an empty field is a missing value, NaN."""
+    text = text.strip()
+    return float(text) if text else math.nan
 
 
 def _csv_lines(path: str) -> Iterator[Tuple[int, List[str]]]:
@@ -163,7 +203,7 @@ def _csv_lines(path: str) -> Iterator[Tuple[int, List[str]]]:
 
 def _is_number(field: str) -> bool:
     try:
-        float(field)
+        _field(field)
     except ValueError:
         return False
     return True
@@ -352,6 +392,8 @@ def _cluster_figure(path: str, result: FitResult, x: torch.Tensor, k: int, title
     if resp.numel() != x.shape[0] * resp.shape[-1]:  # one row of w per data row, in data order
         return None
     resp = resp.reshape(x.shape[0], -1)
+    complete = ~torch.isnan(x).any(1)  # a row with a missing coordinate has no place in the plane
+    x, resp = x[complete], resp[complete]
     mu, Sigma = result.params.get("mu"), result.params.get("Sigma")
     if mu is not None and mu.shape != (k, 2):
         mu = None
@@ -385,7 +427,7 @@ def cmd_fit(ns: argparse.Namespace) -> int:
     from .plot import plot_training
 
     model = resolve_model(ns.model, ns.method)
-    x = load_data(ns.data)
+    x = load_data(ns.data, ns.missing)
     if isinstance(ns.components, list):
         return cmd_select(ns, model, x)
     if not 1 <= ns.components <= len(x):
@@ -395,7 +437,8 @@ def cmd_fit(ns: argparse.Namespace) -> int:
     with Outputs(ns.out) as out:
         start = time.perf_counter()
         result = _fit_quietly(model, x, ns.components, method=ns.method, max_iter=ns.max_iter, seed=ns.seed,
-                              n_init=ns.n_init, init=ns.init, progress=None if not ns.json else False)
+                              n_init=ns.n_init, init=ns.init, progress=None if not ns.json else False,
+                              missing=ns.missing)
         summary = dict(_summary(result, x, ns.components, time.perf_counter() - start), model=ns.model,
                        data=ns.data, n=len(x), d=x.shape[1], components=ns.components)
         summary["files"] = [out.final(p) for p in (
@@ -429,7 +472,8 @@ def cmd_select(ns: argparse.Namespace, model: Callable, x: torch.Tensor) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # the table's conv column reports it
         selection = select(model, x, k=ns.components, criterion=ns.criterion, method=ns.method,
-                           max_iter=ns.max_iter, seed=ns.seed, n_init=ns.n_init, init=ns.init, progress=False)
+                           max_iter=ns.max_iter, seed=ns.seed, n_init=ns.n_init, init=ns.init, progress=False,
+                           missing=ns.missing)
     k, best = selection.best_k, selection.best
     summary = {"model": ns.model, "data": ns.data, "n": len(x), "d": x.shape[1], "method": ns.method,
                "criterion": ns.criterion, "chosen_k": k, "split": selection.split, "rows": selection.rows,
@@ -562,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="ppl_em_out", help="output folder (default: ppl_em_out)")
     f.add_argument("--json", action="store_true", help="print a machine-readable summary")
     f.add_argument("--max-iter", type=int, default=None)
+    f.add_argument("--missing", default="error", choices=("error", "marginalize"),
+                   help="empty fields or NaN in the data: an error (default), or missing values marginalised out "
+                        "(gmm, kmeans, bernoulli_mixture, poisson_mixture)")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=cmd_fit)
     sub.add_parser("models", help="list the models `fit` accepts").set_defaults(func=cmd_models)

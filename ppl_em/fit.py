@@ -34,6 +34,17 @@ starts at exactly 0 or 1. Every other parameter keeps its "prior" value. A model
 parameter (a VAE decoder network) or without an exact E-step falls back to "prior"; the
 result's ``init["params"]`` lists what was set.
 
+Missing values (``missing="marginalize"``): NaN entries of the data are let through to the model,
+which must marginalise them (the models of ``ppl_em.models`` observe p(x_o^(i) | z^(i)), the
+observed entries o^(i) of each row; see ``ppl_em.models.gmm``). Every engine then sees the same
+NaN data: the E- and M-steps use the observed entries, the result's ``predict_proba``, ``score``,
+``bic`` and ``aic`` accept rows with NaN, and its checkpoint records ``missing``. The
+initialisation places the location parameters on the data with each NaN at its column's mean
+(the mean of the observed entries along every dimension but the last), choosing among the rows
+without NaN where there are at least k of them and the rows map one to one to the data's. A
+model that lets a NaN reach an observed site unmasked, an entirely missing observation (a row of
+NaN) and a column missing in every row are errors before the fit starts.
+
 References: lecture notes, "k-means" (initialisation, non-convexity), "EM algorithm";
 scikit-learn's ``BaseMixture.fit``; Arthur & Vassilvitskii, "k-means++", SODA 2007.
 """
@@ -46,7 +57,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import pyro
@@ -60,7 +71,9 @@ from .posterior import ExactInferenceError
 from .result import FitResult, observations
 from .store import capture_store, model_trace, replace_store
 from .svi import NonFiniteLossError, SafeSVI, default_loss
-from .validation import check_arguments, check_k_fits, check_observed_dtypes, check_seed
+from .checks import check_missing
+from .validation import (check_arguments, check_k_fits, check_masked_observations, check_missing_columns,
+                         check_observed_dtypes, check_seed)
 
 __all__ = ["fit", "ConvergenceWarning", "METHODS", "INITS"]
 
@@ -88,6 +101,7 @@ class _Options:
     log_px_every: int
     n_data: int
     n_init: int
+    missing: str = "error"
 
 
 @dataclass
@@ -132,6 +146,7 @@ def fit(
     optim: Any = None,
     em_options: Optional[Dict[str, Any]] = None,
     log_px_every: int = 0,
+    missing: str = "error",
     **kwargs: Any,
 ) -> FitResult:
     """Fit a plain Pyro model; ``*args`` and ``**kwargs`` are passed to it untouched.
@@ -170,6 +185,10 @@ def fit(
     log_px_every : int
         For SVI: every that many iterations, also record the exact (1/n) log p(x) in the
         history (``log_px``) when the model has an exact E-step; its cost is not timed.
+    missing : {"error", "marginalize"}
+        NaN in the data: an error (the default), or missing entries that the model marginalises
+        out (the models of ``ppl_em.models`` do; see the module docstring). An inf is an error
+        either way.
 
     Returns
     -------
@@ -180,7 +199,8 @@ def fit(
     ------
     ValueError
         Before the model runs, for model arguments that cannot be fitted (NaN or inf, naming
-        the argument and the first index; empty, half-precision or ``requires_grad`` data; a
+        the argument and the first index, NaN allowed with ``missing="marginalize"``; empty,
+        half-precision or ``requires_grad`` data; a
         ``k`` that is not a positive integer no larger than n; see :mod:`ppl_em.validation`),
         and for an EM update that is singular (naming the component where it can).
     NonFiniteLossError
@@ -197,7 +217,7 @@ def fit(
         non-finite step, keeping its last finite parameters).
     """
     opts = _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, seed, progress, optim,
-                          em_options, log_px_every)
+                          em_options, log_px_every, missing)
     networks, before = _Networks(args, kwargs), capture_store()
     try:
         runs = _restarts(model, args, kwargs, opts, seed, networks)
@@ -217,7 +237,8 @@ def fit(
     return FitResult.from_store(
         method=method, losses=run.losses, history=run.history, converged=run.converged, n_iter=len(run.losses),
         n_data=opts.n_data, log_likelihood=run.log_px, restarts=[r.summary(opts.n_data) for r in runs], best=best,
-        init={"strategy": init, "params": run.init_params}, model=model, guide=run.guide, args=args, kwargs=kwargs)
+        init={"strategy": init, "params": run.init_params}, model=model, guide=run.guide, args=args, kwargs=kwargs,
+        missing=missing)
 
 
 def _restarts(model: Callable, args: tuple, kwargs: dict, opts: "_Options", seed: int,
@@ -263,7 +284,7 @@ class _Networks:
 
 
 def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, seed, progress, optim,
-                   em_options, log_px_every) -> _Options:
+                   em_options, log_px_every, missing) -> _Options:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if init not in INITS:
@@ -282,16 +303,24 @@ def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, in
         raise ValueError("A guide instance cannot be reset between restarts; pass its class "
                          "(e.g. guide=AutoCategorical) so that each restart builds a fresh one, or use n_init=1.")
     check_seed(seed, n_init)
-    n_data = _check_data(model, args, kwargs)
+    check_missing(missing)
+    if em_options and "missing" in em_options:
+        raise ValueError("em_options may not hold 'missing': pass it to fit itself, fit(..., missing='marginalize'), "
+                         "and every engine of the fit (EM, SVI, the final E-step) follows it.")
+    n_data = _check_data(model, args, kwargs, missing)
     return _Options(method, guide, max_iter, float(tol), init, progress, optim, dict(em_options or {}),
-                    int(log_px_every), n_data, n_init)
+                    int(log_px_every), n_data, n_init, missing)
 
 
-def _check_data(model: Callable, args: tuple, kwargs: dict) -> int:
+def _check_data(model: Callable, args: tuple, kwargs: dict, missing: str = "error") -> int:
     """Validate the model arguments before the model runs, then look at one run of it in an empty
     param store (what a previous fit left there must not leak in); returns n, the observations."""
-    check_arguments(model, args, kwargs)
+    check_arguments(model, args, kwargs, missing)
+    if missing == "marginalize":
+        check_missing_columns(model, args, kwargs)
     trace = model_trace(model, args, kwargs)
+    if missing == "marginalize":
+        check_masked_observations(trace)
     check_observed_dtypes(trace)
     n_data = observations(trace)
     check_k_fits(model, args, kwargs, n_data)
@@ -303,7 +332,7 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
     """Fresh store, seeded initialisation, then ``engine.step`` until tol or max_iter."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    run = _Run(seed=seed, init_params=initialise(model, args, kwargs, opts.init, seed))
+    run = _Run(seed=seed, init_params=initialise(model, args, kwargs, opts.init, seed, opts.missing))
     engine, run.guide = _engine(model, args, kwargs, opts)
     window = 1 if opts.method in ("em", "hard_em") else SVI_WINDOW
     elapsed = 0.0
@@ -312,7 +341,7 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
             # Monitoring happens before the step, at the theta the step's loss is computed at.
             monitor = opts.log_px_every and (it == 1 or it % opts.log_px_every == 0) \
                 and opts.method in ("svi", "vae")
-            log_px = exact_log_px(model, args, kwargs, opts.n_data) if monitor else None
+            log_px = exact_log_px(model, args, kwargs, opts.n_data, opts.missing) if monitor else None
             start = time.perf_counter()
             try:
                 loss = _step(engine, model, args, kwargs, it)
@@ -329,7 +358,7 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
             if _settled(run.losses, window, opts.tol * opts.n_data):
                 run.converged = True
                 break
-    run.log_px = exact_log_px(model, args, kwargs, opts.n_data)
+    run.log_px = exact_log_px(model, args, kwargs, opts.n_data, opts.missing)
     run.state = capture_store()
     return run
 
@@ -360,11 +389,12 @@ def _settled(losses: List[float], window: int, tol: float) -> bool:
     return abs(last - before) < tol
 
 
-def exact_log_px(model: Callable, args: tuple, kwargs: dict, n_data: int) -> Optional[float]:
+def exact_log_px(model: Callable, args: tuple, kwargs: dict, n_data: int,
+                 missing: str = "error") -> Optional[float]:
     """(1/n) log p(x; theta) at the parameters in the store, by one exact E-step; None if intractable."""
     try:
         with poutine.block():
-            return EM(model, **_tiny_data_options(n_data)).log_likelihood(*args, **kwargs) / n_data
+            return EM(model, missing=missing, **_tiny_data_options(n_data)).log_likelihood(*args, **kwargs) / n_data
     except ExactInferenceError:
         return None
 
@@ -373,7 +403,7 @@ def _engine(model: Callable, args: tuple, kwargs: dict, opts: _Options):
     """The object whose ``step(*args, **kwargs) -> float`` runs one iteration, and the guide."""
     if opts.method in ("em", "hard_em"):
         posterior = "exact" if opts.method == "em" else "hard"
-        options = {**_tiny_data_options(opts.n_data), **opts.em_options}
+        options = {**_tiny_data_options(opts.n_data), "missing": opts.missing, **opts.em_options}
         return EM(model, posterior=posterior, **options), None
     guide = opts.guide
     if guide is None:
@@ -400,16 +430,21 @@ def _progress_bar(opts: _Options, seed: int):
 
 
 # -- initialisation -------------------------------------------------------------------------
-def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: int) -> List[str]:
+def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: int,
+               missing: str = "error") -> List[str]:
     """Create every parameter with the model's initialisers, then set the location ones.
 
     Returns the names of the parameters set from data rows (empty for "prior" or when the
-    model has none). See the module docstring for what each strategy does.
+    model has none). See the module docstring for what each strategy does; with
+    ``missing="marginalize"`` the rows come from the data with each NaN at its column's mean.
     """
     with poutine.block():
         poutine.trace(model).get_trace(*args, **kwargs)  # every pyro.param now exists
     if strategy == "prior":
         return []
+    seen: List[torch.Tensor] = []
+    if missing == "marginalize":
+        args, kwargs, seen = impute_columns(args, kwargs)
     try:
         with poutine.block():
             post = EM(model).e_step(*args, **kwargs)
@@ -420,6 +455,7 @@ def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: 
     chosen = []
     for name, (rows, attr) in location_parameters(post).items():
         k = store[name].shape[0]
+        rows = complete_rows(rows, seen, k)
         if rows.shape[0] < k:
             raise ValueError(f"init={strategy!r} needs at least k = {k} observations to place parameter '{name}', "
                              f"got {rows.shape[0]}. Use fewer components, or init='prior'.")
@@ -432,6 +468,35 @@ def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: 
         store[name] = value.to(store[name].dtype)
         chosen.append(name)
     return chosen
+
+
+def impute_columns(args: tuple, kwargs: dict) -> Tuple[tuple, dict, List[torch.Tensor]]:
+    """The model arguments with each NaN at its column's mean (the mean of the observed entries along
+    every dimension but the last), and the masks of observed entries of the arguments that had NaN."""
+    seen: List[torch.Tensor] = []
+
+    def fill(value: Any) -> Any:
+        if not (torch.is_tensor(value) and value.is_floating_point() and bool(torch.isnan(value).any())):
+            return value
+        observed = ~torch.isnan(value)
+        seen.append(observed)
+        flat = value.reshape(-1, value.shape[-1]) if value.dim() >= 1 else value.reshape(1, 1)
+        means = flat.nanmean(0).nan_to_num(0.0)  # (d,); a column with no observed entry: 0
+        return torch.where(observed, value, means.reshape(value.shape[-1:] if value.dim() else ()))
+
+    filled_args = tuple(fill(a) for a in args)
+    return filled_args, {name: fill(v) for name, v in kwargs.items()}, seen
+
+
+def complete_rows(rows: torch.Tensor, seen: List[torch.Tensor], k: int) -> torch.Tensor:
+    """``rows`` (m, *row) restricted to those without a missing entry, when some mask of observed entries in
+    ``seen`` has their shape (the rows are the data's, one to one) and at least k rows are complete."""
+    for observed in seen:
+        if observed.shape == rows.shape:
+            complete = observed.reshape(rows.shape[0], -1).all(-1)  # (m,)
+            if int(complete.sum()) >= k:
+                return rows[complete.to(rows.device)]
+    return rows
 
 
 # Attributes that are the mean of an observation, so that a data row is a good starting value.

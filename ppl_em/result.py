@@ -152,6 +152,11 @@ class FitResult:
         below when none are passed). After :func:`load`, ``args`` is empty unless passed to it.
     source : str or None
         The checkpoint file a loaded result came from (named in its errors).
+    missing : {"error", "marginalize"}
+        How NaN entries in the data are treated, as in :func:`ppl_em.fit`: with "marginalize"
+        every method below accepts rows with NaN (missing entries marginalised out by the model;
+        a row of NaN is still an error), and a checkpoint keeps the setting. Set the attribute to
+        "marginalize" to score data with missing entries under a fit made without any.
 
     Every method checks, once per shape of its arguments, that the model reads exactly this
     result's parameters, with their shapes and constraints (:func:`ppl_em.checkpoint.check_model`):
@@ -187,6 +192,7 @@ class FitResult:
     kwargs: dict = field(default_factory=dict, repr=False)
     state: Dict[str, Dict[str, Any]] = field(default_factory=dict, repr=False)
     source: Optional[str] = field(default=None, repr=False)
+    missing: str = "error"
     _checked: set = field(default_factory=set, repr=False, compare=False)  # argument signatures checked
 
     @classmethod
@@ -319,7 +325,7 @@ class FitResult:
             "method": self.method, "losses": self.losses, "history": self.history,
             "converged": self.converged, "n_iter": self.n_iter, "n_data": self.n_data,
             "log_likelihood": self.log_likelihood, "restarts": self.restarts, "best": self.best,
-            "init": self.init, "model": qualified_name(self.model),
+            "init": self.init, "model": qualified_name(self.model), "missing": self.missing,
             "constraints": {n: constraint_to_json(c, n) for n, c in self.state["constraints"].items()},
         }
         payload = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "meta": json.dumps(meta),
@@ -358,7 +364,7 @@ class FitResult:
     def _check_model(self, args: tuple, kwargs: dict) -> None:
         """The arguments can be fitted, and the model reads exactly this result's parameters (checked
         once per argument shape)."""
-        check_arguments(self.model, args, kwargs)  # NaN data: a clear error before the model runs
+        check_arguments(self.model, args, kwargs, self.missing)  # NaN data: a clear error before the model runs
         key = _signature(args, kwargs)
         if key not in self._checked:
             checkpoint.check_model(self.state, self.model, args, kwargs, self.source or "This result")
@@ -368,7 +374,7 @@ class FitResult:
         args, kwargs = self._model_args(args, kwargs)
         with self._active():
             try:
-                return EM(self.model).e_step(*args, **kwargs)
+                return EM(self.model, missing=self.missing).e_step(*args, **kwargs)
             except ExactInferenceError as e:
                 raise ExactInferenceError(
                     f"{e} This {self.method!r} result has no exact posterior or log p(x); "
@@ -452,10 +458,12 @@ def load(path: "os.PathLike[str] | str", model: Optional[Callable] = None, args:
     if (args or kwargs) and model is None:
         raise ValueError(f"{source!r} names no model of ppl_em.models; pass the model with the arguments: "
                          "ppl_em.load(path, model=my_model, args=(x, k)).")
+    missing = meta.get("missing", "error")  # absent from checkpoints written before missing values
     if args or kwargs:
-        check_arguments(model, args, kwargs)
+        check_arguments(model, args, kwargs, missing)
         checkpoint.check_model(state, model, args, kwargs, repr(source))
     replace_store(state)
     fields = {name: meta[name] for name in ("method", "losses", "history", "converged", "n_iter", "n_data",
                                             "log_likelihood", "restarts", "best", "init")}
+    fields["missing"] = missing
     return FitResult.from_store(**fields, model=model, args=args, kwargs=kwargs, source=repr(source))
