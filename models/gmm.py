@@ -224,11 +224,16 @@ def observation(mu: torch.Tensor, Sigma: torch.Tensor, z, seen: torch.Tensor, co
     cov = component_covariance(Sigma, z, d, covariance_type)  # (..., d, d)
     if complete:
         return dist.MultivariateNormal(mu[z], covariance_matrix=cov)
-    both = seen[:, :, None] & seen[:, None, :]  # (n, d, d): where Sigma_{z,oo} sits
-    fill = torch.diag_embed((~seen).to(mu.dtype)) / (2 * math.pi)  # (n, d, d): N(0; 0, 1/(2 pi)) = 1
-    cov = torch.where(both, cov, fill)  # (n, d, d) or (k, n, d, d)
     loc = torch.where(seen, mu[z], torch.zeros((), dtype=mu.dtype, device=mu.device))  # (n, d) or (k, n, d)
-    return dist.MultivariateNormal(loc, covariance_matrix=cov, validate_args=False)
+    per_row = cov.dim() >= 3 and cov.shape[-3] == seen.shape[0] > 1  # Sigma_z differs per row (z drawn, labels)
+    # Rows that miss the same coordinates share their factor: one Cholesky per pattern, then picked per row.
+    patterns, which = (seen, None) if per_row else torch.unique(seen, dim=0, return_inverse=True)  # (P, d), (n,)
+    both = patterns[:, :, None] & patterns[:, None, :]  # (P, d, d): where Sigma_{z,oo} sits
+    fill = torch.diag_embed((~patterns).to(mu.dtype)) / (2 * math.pi)  # (P, d, d): N(0; 0, 1/(2 pi)) = 1
+    tril = torch.linalg.cholesky(torch.where(both, cov, fill))  # (P, d, d) or (k, P, d, d)
+    if which is not None:
+        tril = tril[..., which, :, :]  # (n, d, d) or (k, n, d, d)
+    return dist.MultivariateNormal(loc, scale_tril=tril, validate_args=False)
 
 
 def _check_inputs(x, labels, labels_mask) -> Tuple[int, int]:

@@ -39,9 +39,10 @@ which must marginalise them (the models of ``ppl_em.models`` observe p(x_o^(i) |
 observed entries o^(i) of each row; see ``ppl_em.models.gmm``). Every engine then sees the same
 NaN data: the E- and M-steps use the observed entries, the result's ``predict_proba``, ``score``,
 ``bic`` and ``aic`` accept rows with NaN, and its checkpoint records ``missing``. The
-initialisation places the location parameters on the data with each NaN at its column's mean
-(the mean of the observed entries along every dimension but the last), choosing among the rows
-without NaN where there are at least k of them and the rows map one to one to the data's. A
+initialisation places the location parameters on the data with each NaN at the observed value of
+its column nearest to the column's mean (so that a count stays a count, a bit a bit), choosing
+among the rows without NaN where there are at least k of them and the rows map one to one to the
+data's. A
 model that lets a NaN reach an observed site unmasked, an entirely missing observation (a row of
 NaN) and a column missing in every row are errors before the fit starts.
 
@@ -436,7 +437,7 @@ def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: 
 
     Returns the names of the parameters set from data rows (empty for "prior" or when the
     model has none). See the module docstring for what each strategy does; with
-    ``missing="marginalize"`` the rows come from the data with each NaN at its column's mean.
+    ``missing="marginalize"`` the rows come from the data with its NaN filled (:func:`impute_columns`).
     """
     with poutine.block():
         poutine.trace(model).get_trace(*args, **kwargs)  # every pyro.param now exists
@@ -471,18 +472,23 @@ def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: 
 
 
 def impute_columns(args: tuple, kwargs: dict) -> Tuple[tuple, dict, List[torch.Tensor]]:
-    """The model arguments with each NaN at its column's mean (the mean of the observed entries along
-    every dimension but the last), and the masks of observed entries of the arguments that had NaN."""
+    """The model arguments with each NaN at the observed value of its column nearest to the column's mean
+    (columns: the last dimension), and the masks of observed entries of the arguments that had NaN.
+
+    An observed value rather than the mean itself, so that the filled data stay in the data's support
+    (a count stays a count, a bit a bit) and the model accepts them."""
     seen: List[torch.Tensor] = []
 
     def fill(value: Any) -> Any:
-        if not (torch.is_tensor(value) and value.is_floating_point() and bool(torch.isnan(value).any())):
+        if not (torch.is_tensor(value) and value.is_floating_point() and value.dim() >= 1
+                and bool(torch.isnan(value).any())):
             return value
         observed = ~torch.isnan(value)
         seen.append(observed)
-        flat = value.reshape(-1, value.shape[-1]) if value.dim() >= 1 else value.reshape(1, 1)
-        means = flat.nanmean(0).nan_to_num(0.0)  # (d,); a column with no observed entry: 0
-        return torch.where(observed, value, means.reshape(value.shape[-1:] if value.dim() else ()))
+        flat = value.reshape(-1, value.shape[-1])  # (m, d)
+        gap = (flat - flat.nanmean(0)).abs().nan_to_num(nan=math.inf)  # (m, d): distance to the column mean
+        nearest = flat.gather(0, gap.argmin(0, keepdim=True))[0].nan_to_num(0.0)  # (d,); no observed entry: 0
+        return torch.where(observed, value, nearest)
 
     filled_args = tuple(fill(a) for a in args)
     return filled_args, {name: fill(v) for name, v in kwargs.items()}, seen
