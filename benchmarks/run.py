@@ -57,6 +57,8 @@ FULL: Dict[str, dict] = {
            "max_svi_steps": 5000, "lr": 0.1},
     "B5": {"ns": [10_000, 100_000, 1_000_000], "d": 2, "k": 3, "iters": 10, "small_n": 1000, "small_iters": 50},
     "B6": {"n": 1_000_000, "d": 10, "k": 16, "iters": 5},
+    "B11": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10},
+    "B12": {"em_steps": 30, "quick": False},
 }
 QUICK: Dict[str, dict] = {
     "B1": {"n": 1000, "d": 2, "k": 2, "iters": 3, "device": "cpu"},
@@ -66,8 +68,10 @@ QUICK: Dict[str, dict] = {
            "max_svi_steps": 400, "lr": 0.1},
     "B5": {"ns": [500, 1000, 2000], "d": 2, "k": 3, "iters": 2, "small_n": 1000, "small_iters": 3},
     "B6": {"n": 1000, "d": 2, "k": 2, "iters": 2},
+    "B11": {"n": 1000, "d": 2, "k": 2, "iters": 2},
+    "B12": {"em_steps": 3, "quick": True},
 }
-WORKLOADS = ("B1", "B2", "B3", "B4", "B5", "B6")
+WORKLOADS = ("B1", "B2", "B3", "B4", "B5", "B6", "B11", "B12")
 
 GMM_PEERS: Dict[str, Callable] = {"ppl_em": wl.ppl_em_gmm, "scikit-learn": wl.sklearn_gmm,
                                   "pomegranate": wl.pomegranate_gmm}
@@ -172,6 +176,35 @@ def bench_b1(cfg: dict) -> Tuple[List[Row], List[Target]]:
     if "pomegranate" in fits:  # no reg_covar in pomegranate: close, not equal
         dev = max_relative_deviation(fits["ppl_em"].trajectory, fits["pomegranate"].trajectory)
         rows[2].note = f"log-lik trajectory vs ppl_em: max rel. deviation {dev:.1e} (no reg_covar)"
+    return rows, targets
+
+
+def bench_b11(cfg: dict) -> Tuple[List[Row], List[Target]]:
+    """B1's GMM written with ``scale_tril=L[z]`` (a user's idiom, not the model file): the same closed forms
+    through the Cholesky map, at the same speed; trajectory vs scikit-learn."""
+    x, init = _gmm_problem(cfg)
+    size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, {cfg['iters']} iters, scale_tril model"
+    peers = {"ppl_em": wl.ppl_em_gmm_scale_tril, "scikit-learn": wl.sklearn_gmm}
+    rows, fits = _run_peers("B11", size, peers, (x, cfg["k"], init, cfg["iters"]), bracket=True)
+    targets = _compare(rows, rows[0], 15.0)
+    targets.append(_agreement("B11", fits, "scikit-learn"))
+    return rows, targets
+
+
+def bench_b12(cfg: dict) -> Tuple[List[Row], List[Target]]:
+    """Pyro's examples as their authors wrote them: EM against SVI in the same wall time (benchmarks.examples)."""
+    from . import examples
+
+    rows, targets = [], []
+    for record in examples.compare(cfg["quick"], cfg["em_steps"]):
+        size = f"{record['model']}, {record['seconds']:.3g} s each"
+        rows.append(Row("B12", "ppl_em", size, seconds=record["seconds"], timed="same wall time",
+                        final_ll=record["em"], note=f"{record['em_steps']} EM steps"))
+        rows.append(Row("B12", "Pyro SVI", size, seconds=record["seconds"], timed="same wall time",
+                        final_ll=record["svi"], note=f"{record['svi_steps']} SVI steps (Adam lr 0.05)",
+                        target="ppl_em's log p(x) + log p(theta) higher", met=record["met"]))
+        targets.append(Target("B12", f"{record['model']}: EM above SVI in the same wall time",
+                              f"{record['em']:.4f} vs {record['svi']:.4f} nats/observation", record["met"]))
     return rows, targets
 
 
@@ -403,7 +436,8 @@ def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]
     benches = {"B1": lambda: bench_b1(sizes["B1"]),
                "B2": lambda: bench_b2(sizes["B1"], sizes["B2"], MemoryProbe(args.threads)),
                "B3": lambda: bench_b3(sizes["B3"]), "B4": lambda: bench_b4(sizes["B4"]),
-               "B5": lambda: bench_b5(sizes["B5"]), "B6": lambda: bench_b6(sizes["B6"])}
+               "B5": lambda: bench_b5(sizes["B5"]), "B6": lambda: bench_b6(sizes["B6"]),
+               "B11": lambda: bench_b11(sizes["B11"]), "B12": lambda: bench_b12(sizes["B12"])}
     info = report.machine()  # before the runs: the load average says how busy the machine was
     rows, targets = [], []
     for name in args.only:

@@ -157,6 +157,23 @@ def ppl_em_gmm(x: np.ndarray, k: int, init: Init, iters: int, device: str = "cpu
     return ppl_em_fit(gmm.model, (xt, k, init_t), len(x), iters, reg_covar=REG_COVAR)
 
 
+def gmm_scale_tril(x: torch.Tensor, k: int, init: Dict[str, torch.Tensor]) -> None:
+    """The Gaussian mixture as a Pyro user often writes it: a Cholesky factor L_j on ``lower_cholesky``,
+    ``scale_tril=L[z]``, ``infer={"enumerate": "parallel"}``; not ppl_em's own model file."""
+    phi = pyro.param("phi", init["phi"].clone(), constraint=torch.distributions.constraints.simplex)
+    mu = pyro.param("mu", init["mu"].clone())
+    L = pyro.param("L", torch.linalg.cholesky(init["Sigma"]), constraint=torch.distributions.constraints.lower_cholesky)
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", pyro.distributions.Categorical(phi), infer={"enumerate": "parallel"})
+        pyro.sample("x", pyro.distributions.MultivariateNormal(mu[z], scale_tril=L[z]), obs=x)
+
+
+def ppl_em_gmm_scale_tril(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
+    """The same fit as :func:`ppl_em_gmm` on :func:`gmm_scale_tril` (closed forms through the Cholesky map)."""
+    xt = torch.from_numpy(x)
+    return ppl_em_fit(gmm_scale_tril, (xt, k, _torch_init(init, xt.dtype)), len(x), iters, reg_covar=REG_COVAR)
+
+
 def ppl_em_hmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
     """Gaussian HMM (``ppl_em.models.hmm.vectorized_model``: the chain as one ``DiscreteHMM`` site);
     reg_covar = 0 because hmmlearn's M-step adds nothing."""

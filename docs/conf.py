@@ -26,7 +26,7 @@ os.environ["PPL_EM_TUTORIAL_OUT"] = str(FIGURES)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import ppl_em  # noqa: E402
-from ppl_em_api import write_api  # noqa: E402
+from ppl_em_api import escape_bars, write_api  # noqa: E402
 from ppl_em_gallery import ClearSavedFigures, SavedFigureScraper, restore_original_downloads, \
     write_gallery_sources  # noqa: E402
 
@@ -76,7 +76,7 @@ sphinx_gallery_conf = {
     "gallery_dirs": "tutorials",
     "filename_pattern": r"/[0-9]",  # execute every tutorial
     "within_subsection_order": "FileNameSortKey",
-    "image_scrapers": (_scraper, "matplotlib"),
+    "image_scrapers": (_scraper,),  # the saved files; matplotlib's scraper would show each figure twice
     "reset_modules": (ClearSavedFigures(_scraper), "matplotlib"),
     "abort_on_example_error": True,
     "download_all_examples": False,
@@ -84,6 +84,9 @@ sphinx_gallery_conf = {
     "show_signature": False,
     "min_reported_time": 1,
     "write_computation_times": False,  # its page loads scripts from a CDN
+    # A page shows what the script prints, nothing more: a cell's last expression (often the
+    # path that teaching.savefig returns, in the build's own folder) is not echoed.
+    "capture_repr": (),
 }
 
 html_theme = "pydata_sphinx_theme"
@@ -112,6 +115,11 @@ def _shape_stars(app, what, name, obj, options, lines) -> None:
         lines[i] = "".join(part if part.startswith("``") else _SHAPE_STAR.sub(r"\\*", part) for part in parts)
 
 
+def _absolute_bars(app, what, name, obj, options, lines) -> None:
+    """Docstrings write absolute values as the lecture notes do, ``log |det J|``: see :func:`escape_bars`."""
+    escape_bars(lines)
+
+
 def _restore_downloads(app) -> None:
     restore_original_downloads(ROOT / "tutorials", DOCS / "tutorials")
 
@@ -120,3 +128,4 @@ def setup(app):
     # after sphinx-gallery's own builder-inited handler has copied its scripts next to the pages
     app.connect("builder-inited", _restore_downloads, priority=900)
     app.connect("autodoc-process-docstring", _shape_stars)
+    app.connect("autodoc-process-docstring", _absolute_bars)

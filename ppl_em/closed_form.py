@@ -13,7 +13,8 @@ back to the parameter as the model writes it (:func:`to_param`).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import collections
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -73,17 +74,18 @@ def _reselect(use: Use, trace, fresh: Dict[str, dict], leaves):
     return fresh[use.site][use.key]
 
 
-def maximize(plan: Plan, stats: Statistics, names: List[str], current: Dict[str, torch.Tensor],
+def maximize(plan: Plan, stats: Statistics, names: List[str], current: Mapping[str, torch.Tensor],
              reg: float, basis: str = "constrained") -> Dict[str, torch.Tensor]:
     """The new value of each parameter in ``names`` from ``stats``: phase 1 (locations, probabilities,
     rates), then phase 2 (scales) about the new locations. ``current``: the parameters' values now
     (constrained); ``reg``: added to every covariance's (variance's) diagonal; ``basis``: where a MAP
     with a conjugate prior is taken (:mod:`ppl_em.priors`)."""
     new: Dict[str, torch.Tensor] = {}
+    values = collections.ChainMap(new, current)  # the new values where made, else the current ones
     for phase in (1, 2):
         for p in names:
             if plan.phase(p) == phase:
-                new[p] = _update(plan, p, stats, {**current, **new}, reg, basis)
+                new[p] = _update(plan, p, stats, values, reg, basis)
     return new
 
 
@@ -120,14 +122,14 @@ def _update(plan: Plan, p: str, stats: Statistics, values: Dict[str, torch.Tenso
         num = _plus(num, extra_num) if extra_num is not None else num
         den = _plus(den, extra_den) if extra_den is not None else den
         prior.check(num, den)
-    return to_param(plan.uses[p][0], num, den, values[p])
+    return to_param(plan.uses[p][0], num, den, lambda: values[p])
 
 
-def to_param(use: Use, num: torch.Tensor, den: Optional[torch.Tensor], old: torch.Tensor) -> torch.Tensor:
+def to_param(use: Use, num: torch.Tensor, den: Optional[torch.Tensor], old: Callable[[], torch.Tensor]) -> torch.Tensor:
     """The family's formula on the summed statistics (the canonical parameter: probabilities, mean,
     covariance), then its map to the attribute (log, Cholesky, inverse, sqrt) and the inverse of the
     model's own maps (exp, softplus, ...), in the parameter's layout and dtype. An element with no
-    posterior mass keeps its previous value ``old``."""
+    posterior mass keeps its previous value, ``old()`` (read only when needed, or for a branch of a map)."""
     rule, dt = use.rule, num.dtype
     value, empty = rule.finish(num, den)
     layout = matrix_layout(use.selection) if rule.kind == "covariance" else ""
@@ -136,8 +138,11 @@ def to_param(use: Use, num: torch.Tensor, den: Optional[torch.Tensor], old: torc
         value = torch.where(empty, torch.eye(value.shape[-1], dtype=dt, device=value.device), value)
     value = to_attribute(rule.to_attr, value, diagonal=layout == "diagonal")
     for transform in use.selection.transforms:
-        value = transform.inverse(value, old.to(dt))
-    return torch.where(empty, old.to(dt), value).to(old.dtype).detach()
+        value = transform.inverse(value, old().to(dt))
+    dtype = use.selection.leaf_dtype
+    if bool(empty.any()):
+        value = torch.where(empty, old().to(dt), value)
+    return value.to(dtype).detach()
 
 
 def _plus(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:

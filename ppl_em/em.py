@@ -25,7 +25,9 @@ Rubin, JRSS-B 1977; Neal & Hinton, "A view of the EM algorithm", 1998.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -143,12 +145,13 @@ class EM:
         self._param_names: List[str] = []
         self._log_prior = 0.0
         self.iterations = 0  # steps completed
+        self._validated: tuple = ()  # the data (ids and versions of the tensor arguments) already validated
 
     # -- the algorithm -----------------------------------------------------------------------
     def step(self, *args, **kwargs) -> float:
         """One EM iteration. Returns -log p(x; theta) - log p(theta) at theta *before* the update
         (for ``posterior="hard"``: -max_z log p(x, z; theta) - log p(theta); with
-        ``map_basis="unconstrained"`` also minus log |det d theta / d u|: the objective EM ascends).
+        ``map_basis="unconstrained"`` also minus log ``|det d theta / d u|``: the objective EM ascends).
 
         A step that fails (a non-finite log p(x), a singular covariance update) raises an error that
         says why and what to try, and leaves the parameters as they were before it.
@@ -175,11 +178,22 @@ class EM:
             return -float(post.objective + log_prior)
         pieces = chunking.split(args, kwargs)
         kept: List[Dict[str, torch.Tensor]] = []  # the weights a second pass needs, per chunk
-        stats = Statistics.sum(self._summarize_chunk(a, k, kept) for a, k in self._workspace.chunks(pieces))  # E-step
+        with self._validation(args, kwargs):
+            stats = Statistics.sum(self._summarize_chunk(a, k, kept) for a, k in self._workspace.chunks(pieces))  # E-step
         self._check_objective(stats.objective, args, kwargs)
         log_prior = self._log_prior + self._log_jacobian()  # log p(theta): a term of every chunk's trace, counted once
         self._m_step_from(stats, pieces, kept)  # M-step
         return -float(stats.objective + log_prior)
+
+    def _validation(self, args, kwargs):
+        """Pyro's validation for the E-step's traces: on while these data (these very tensors, unchanged)
+        have not been through a step yet, off after: the data were checked, and the parameters are checked
+        when an M-step writes them (a distribution's own checks would repeat both at every step)."""
+        seen = tuple((id(v), v._version) for v in list(args) + list(kwargs.values()) if torch.is_tensor(v))
+        if seen == self._validated:
+            return pyro.validation_enabled(False)
+        self._validated = seen
+        return contextlib.nullcontext()
 
     def _check_objective(self, objective: torch.Tensor, args, kwargs) -> None:
         """The E-step's log p(x) must be finite before any M-step uses its Q(z)."""
@@ -256,7 +270,8 @@ class EM:
 
     # -- E-step and M-step over chunks -------------------------------------------------------
     def _summarize_chunk(self, args, kwargs, kept: Optional[list]) -> Statistics:
-        post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior, workspace=self._workspace)
+        post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior, workspace=self._workspace,
+                               leaves=self.plan.needs_graph)
         check_observations(post)
         self._log_prior = float(post.log_prior)
         stats = closed_form.summarize(self.plan, post, rows=self._chunks.rows_of(args, kwargs))
@@ -269,20 +284,16 @@ class EM:
         """The closed forms from ``stats``; then, for scales whose location varies per data point, a
         second pass: their statistics about the new locations (read from a trace at the new parameters,
         with the E-step's weights)."""
-        saved = self._snapshot()
-        try:
-            self.maximize(stats)
-            if self.plan.second_pass:
-                sums: Dict[str, torch.Tensor] = {}
-                uses = [u for p in self.plan.second_pass for u in self.plan.uses[p]]
-                for (c_args, c_kwargs), weights in zip(pieces, kept):
-                    trace, leaves = trace_model(self.model, self.structure, c_args, c_kwargs, log_prob="none")
-                    closed_form.use_statistics(sums, uses, trace, weights, leaves)
-                self._write(closed_form.maximize(self.plan, Statistics(sums), sorted(self.plan.second_pass),
-                                                 self._current(), self.reg_covar, self.map_basis))
-        except BaseException:
-            self._restore(saved)
-            raise
+        # No snapshot here: step, m_step and the plan's check each keep one to restore on failure.
+        self.maximize(stats)
+        if self.plan.second_pass:
+            sums: Dict[str, torch.Tensor] = {}
+            uses = [u for p in self.plan.second_pass for u in self.plan.uses[p]]
+            for (c_args, c_kwargs), weights in zip(pieces, kept):
+                trace, leaves = trace_model(self.model, self.structure, c_args, c_kwargs, log_prob="none")
+                closed_form.use_statistics(sums, uses, trace, weights, leaves)
+            self._write(closed_form.maximize(self.plan, Statistics(sums), sorted(self.plan.second_pass),
+                                             self._current(), self.reg_covar, self.map_basis))
 
     # -- the plan and the data's chunking ------------------------------------------------------
     def _prepare(self, args, kwargs, plan: bool = True) -> chunks_.Chunking:
@@ -372,7 +383,7 @@ class EM:
         location's update (given the current scale, with a prior: an ECM step) is checked with only the
         phase-1 updates made, a scale's with all of them."""
         self._m_step_from(closed_form.summarize(self.plan, post), [(args, kwargs)], [post.weights])
-        after, grads = self._current(), {}
+        after, grads = {p: v.clone() for p, v in ((p, self._current()[p]) for p in self.plan.closed)}, {}
         for phase in (1, 2):
             checked = [p for p in names if self.plan.phase(p) == phase]
             if checked:
@@ -410,11 +421,11 @@ class EM:
 
     def expected_log_joint(self, post: Posterior, *args, **kwargs) -> torch.Tensor:
         """E_Q[log p(x, z; theta)] + log p(theta) at the current parameters, differentiable in them
-        (with ``map_basis="unconstrained"``, plus log |det d theta / d u| of the parameters with a prior)."""
+        (with ``map_basis="unconstrained"``, plus log ``|det d theta / d u|`` of the parameters with a prior)."""
         return self._objective(post, args, kwargs, 0.0)
 
     def _log_jacobian(self) -> float:
-        """With ``map_basis="unconstrained"``: log |det d theta / d u| of the parameters with a prior, the
+        """With ``map_basis="unconstrained"``: log ``|det d theta / d u|`` of the parameters with a prior, the
         term by which the objective EM ascends differs from log p(x, theta) (see :mod:`ppl_em.priors`)."""
         if self.map_basis != "unconstrained" or self.plan is None or not self.plan.with_prior:
             return 0.0
@@ -428,9 +439,9 @@ class EM:
         return total
 
     # -- parameter store helpers -------------------------------------------------------------
-    def _current(self) -> Dict[str, torch.Tensor]:
-        store = pyro.get_param_store()
-        return {n: store[n].detach().clone() for n in self._param_names if n in store}
+    def _current(self) -> Mapping[str, torch.Tensor]:
+        """The parameters' current (constrained) values, each read from the store only when asked for."""
+        return _StoreValues()
 
     def _write(self, values: Dict[str, torch.Tensor]) -> None:
         store = pyro.get_param_store()
@@ -441,19 +452,22 @@ class EM:
                     "parameters were kept. Try a larger reg_covar, fewer components, or scaling the data.")
         for name, value in values.items():
             store[name] = value.clone()  # for an unconstrained parameter the store would keep (and alias) the tensor
-            outside = ~store._constraints[name].check(store[name].detach())
-            if outside.any():  # a variance of 0, a singular covariance: a component collapsed onto one point
-                raise ValueError(degenerate_update_message(name, outside, self._what()))
+            constraint = store._constraints[name]
+            if not bool(constraint.check(value).all()):  # a projecting constraint (a sphere) may still take it
+                outside = ~constraint.check(store[name].detach())
+                if outside.any():  # a variance of 0, a singular covariance: a component collapsed onto one point
+                    raise ValueError(degenerate_update_message(name, outside, self._what()))
 
     def _snapshot(self) -> Dict[str, torch.Tensor]:
-        store = pyro.get_param_store()
-        return {n: store[n].unconstrained().detach().clone() for n in self._param_names if n in store}
+        """The parameters' unconstrained values (read without applying their constraints' transforms)."""
+        unconstrained = dict(pyro.get_param_store().named_parameters())
+        return {n: unconstrained[n].detach().clone() for n in self._param_names if n in unconstrained}
 
     def _restore(self, saved: Dict[str, torch.Tensor]) -> None:
-        store = pyro.get_param_store()
+        unconstrained = dict(pyro.get_param_store().named_parameters())
         with torch.no_grad():
             for name, value in saved.items():
-                store[name].unconstrained().copy_(value)
+                unconstrained[name].copy_(value)
 
     def _check_finite(self) -> None:
         store = pyro.get_param_store()
@@ -464,9 +478,24 @@ class EM:
                     "were kept. Try a larger reg_covar or scaling the data.")
 
 
+class _StoreValues(Mapping):
+    """A read-only view of the param store's constrained values: a constraint's transform (a softmax, a
+    Cholesky product) runs only for the values an M-step reads (an empty component's previous value)."""
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return pyro.get_param_store()[name].detach().clone()
+
+    def __iter__(self):
+        return iter(pyro.get_param_store().keys())
+
+    def __len__(self) -> int:
+        return len(pyro.get_param_store().keys())
+
+
 def _shapes(names: List[str]) -> Dict[str, tuple]:
-    store = pyro.get_param_store()
-    return {n: tuple(store[n].shape) for n in names if n in store}
+    """The parameters' shapes (those of their unconstrained values: the store's transforms keep the shape)."""
+    unconstrained = dict(pyro.get_param_store().named_parameters())
+    return {n: tuple(unconstrained[n].shape) for n in names if n in unconstrained}
 
 
 def _keep(weights):

@@ -293,7 +293,7 @@ def unwrap(fn, w: torch.Tensor):
             fn = fn.base_dist
         else:
             break
-    return fn, w.expand(torch.broadcast_shapes(w.shape, fn.batch_shape))
+    return fn, w.expand(broadcast_shape(w.shape, fn.batch_shape))
 
 
 def base(fn):

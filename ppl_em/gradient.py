@@ -62,7 +62,7 @@ def unconstrained_grads(objective: Callable[[], torch.Tensor], names: List[str])
 
 
 def stationary(g_old: torch.Tensor, g_new: torch.Tensor, power: float) -> bool:
-    """|gradient after| <= eps^power (1 + |gradient before|): the update is a stationary point (up to rounding)."""
+    """``max |gradient after| <= eps^power (1 + max |gradient before|)``: the update is a stationary point (up to rounding)."""
     eps = torch.finfo(g_new.dtype).eps
     return bool(g_new.abs().max() <= eps ** power * (1 + g_old.abs().max())) if g_new.numel() else True
 

@@ -134,6 +134,12 @@ class Plan:
     def gradient(self) -> List[str]:
         return [p for p, how in self.routes.items() if how == "gradient"]
 
+    @property
+    def needs_graph(self) -> bool:
+        """Whether an E-step's trace must carry the autograd graph from the parameters: only to read the
+        selections that change with the data (theta[doc_i]) again, chunk by chunk."""
+        return any(not u.stable for p in self.closed for u in self.uses[p])
+
     def phase(self, p: str) -> int:
         return self.uses[p][0].rule.phase
 
@@ -260,7 +266,14 @@ def matrix_layout(selection: Selection) -> str:
     """How a selection into (..., d, d) matrices places the parameter's elements: ``"whole"`` (each cell's
     matrix is one parameter matrix, in order), ``"diagonal"`` (only diagonal entries, e.g. diag_embed or a
     spherical sigma^2 I) or ``"mixed"``."""
-    index = selection.index_map()
+    cached = getattr(selection, "_layout", None)
+    if cached is not None:
+        return cached
+    selection._layout = _layout(selection.index_map(), selection)
+    return selection._layout
+
+
+def _layout(index: torch.Tensor, selection: Selection) -> str:
     d = index.shape[-1]
     eye = torch.eye(d, dtype=torch.bool, device=index.device)
     valid = index >= 0

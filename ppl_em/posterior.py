@@ -51,7 +51,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
 from . import chains
-from .fast import Workspace, compact, log_prob as fast_log_prob, new_table
+from .fast import Workspace, broadcast_shape, compact, log_prob as fast_log_prob, new_table
 from .chains import ChainTerms
 
 __all__ = ["Posterior", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
@@ -203,6 +203,7 @@ def trace_model(
     leaf_params: bool = True,
     log_prob: str = "grad",
     workspace: Optional[Workspace] = None,
+    graph: bool = True,
 ) -> Tuple[Trace, Dict[str, torch.Tensor]]:
     """Run the model once under parallel enumeration.
 
@@ -224,7 +225,7 @@ def trace_model(
         config_enumerate(point(model), default="parallel"),
         first_available_dim=-1 - structure.max_plate_nesting,
     )
-    with leaves, full_plates():
+    with leaves, full_plates(), torch.set_grad_enabled(graph and torch.is_grad_enabled()):
         tr = poutine.trace(enum_model).get_trace(*args, **kwargs)
     tr = prune_subsample_sites(tr)
     if log_prob != "none":
@@ -448,7 +449,7 @@ def _sum_and_normalise(terms: List[torch.Tensor], dim: int,
     terms = sorted(terms, key=lambda t: -compact(t).numel())
     if any(t.requires_grad for t in terms) and torch.is_grad_enabled():
         return _normalise_exp(functools.reduce(torch.add, terms), dim, in_place=True)
-    shape = torch.broadcast_shapes(*(t.shape for t in terms))
+    shape = functools.reduce(broadcast_shape, (t.shape for t in terms))
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in terms))
     stride = torch.empty_like(terms[0], device="meta").stride() if terms[0].shape == shape else None
     total = new_table(workspace, shape, dtype, terms[0].device, stride)
@@ -617,7 +618,7 @@ class Posterior:
 @torch.enable_grad()
 def exact_posterior(
     model: Callable, structure: ModelStructure, args: tuple, kwargs: dict, mode: str = "exact",
-    workspace: Optional[Workspace] = None,
+    workspace: Optional[Workspace] = None, leaves: bool = True,
 ) -> Posterior:
     """The E-step. See the module docstring for the probe-gradient mechanism.
 
@@ -632,8 +633,12 @@ def exact_posterior(
         (the joint mode, e.g. the Viterbi path of an HMM).
     workspace : ppl_em.fast.Workspace, optional
         Lends the chunk-sized tables of the fast paths (a streaming pass recycles them between chunks).
+    leaves : bool
+        Whether the trace's distributions carry an autograd graph from fresh leaves standing for the
+        parameters (``Posterior.leaves``, for the M-step plan); without, the model runs without a graph.
     """
-    tr, leaves = trace_model(model, structure, args, kwargs, log_prob="value", workspace=workspace)
+    tr, leaves = trace_model(model, structure, args, kwargs, log_prob="value", workspace=workspace,
+                             leaf_params=leaves, graph=leaves)
     sites = sample_sites(tr)
     scale = _common_scale(tr)
     single = _one_latent_posterior(tr, scale, workspace) if mode == "exact" else None

@@ -114,9 +114,9 @@ def find_priors(trace, leaves: Dict[str, torch.Tensor], kinds: Dict[str, Tuple[s
 
 
 def log_jacobian(names) -> torch.Tensor:
-    """sum of log |det d theta / d u| over the parameters ``names`` at their current values, for the
+    """sum of log ``|det d theta / d u|`` over the parameters ``names`` at their current values, for the
     bijections theta = T(u) of their constraints (stick-breaking for a simplex, sigmoid, exp): the term that turns
-    log p(theta) into the log-density of the unconstrained u. For these transforms |det J| = prod theta_i
+    log p(theta) into the log-density of the unconstrained u. For these transforms ``|det J| = prod theta_i``
     (times prod (1 - theta_i) for an interval), so the mode of a Dirichlet's becomes counts + alpha."""
     import pyro
     from torch.distributions import biject_to

@@ -161,7 +161,12 @@ class Selection:
     tensor: torch.Tensor  # A itself, for torch builds whose autograd nodes do not expose input shapes
     inputs: List[int] = field(default_factory=list)
     transforms: List[Transform] = field(default_factory=list)
+    leaf_dtype: Optional[torch.dtype] = None  # the parameter's dtype (the attribute's, unless a cast lies between)
     _index: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.leaf_dtype is None:
+            self.leaf_dtype = self.tensor.dtype
 
     def vjp(self, u: torch.Tensor) -> torch.Tensor:
         """S^T u: ``u`` of :attr:`shape` summed onto the parameter's elements, shape ``leaf_shape``."""
@@ -247,7 +252,8 @@ def selection_sources(tensor: torch.Tensor, leaves: Dict[int, str]) -> Tuple[Lis
     """
     if tensor.grad_fn is None:
         leaf = leaves.get(id(tensor))
-        return ([], "it is a constant") if leaf is None else ([Selection(leaf, tensor.shape, [], tensor.shape, tensor)], "")
+        return ([], "it is a constant") if leaf is None else ([Selection(leaf, tensor.shape, [], tensor.shape, tensor,
+                                                                          leaf_dtype=tensor.dtype)], "")
     node, shape = _below_broadcast(tensor.grad_fn, tensor.shape)
     while True:
         if type(node).__name__ == "DivBackward0" and _is_normalisation(node):
@@ -269,7 +275,8 @@ def selection_sources(tensor: torch.Tensor, leaves: Dict[int, str]) -> Tuple[Lis
                 return [], "it depends on a tensor that is not a pyro.param"
             if (maps or _through_cat(chain)) and not _has_shapes(chain):
                 return [], "this torch build's autograd nodes do not expose input shapes"
-            selection = Selection(leaf, torch.Size(shape), chain, node.variable.shape, tensor, inputs, maps)
+            selection = Selection(leaf, torch.Size(shape), chain, node.variable.shape, tensor, inputs, maps,
+                                  leaf_dtype=node.variable.dtype)
             if any(_is_offset(n) for n in chain) and not _offsets_vanish(selection, node.variable):
                 return [], "it adds a constant to the parameter where the parameter is used"
             found.append(selection)

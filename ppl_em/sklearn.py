@@ -19,7 +19,8 @@ they mean the same:
 
 Because ``score`` is the mean log-likelihood, ``GridSearchCV(MixtureEstimator(), {"n_components":
 ...})`` chooses k by held-out (cross-validated) log-likelihood; pass ``scoring=bic_scorer`` to
-choose by BIC on each training fold as in scikit-learn's own GMM selection example.
+choose by the BIC of each held-out fold (at the parameters fitted on the other folds), as in
+scikit-learn's own GMM selection example.
 
 scikit-learn is an optional dependency: ``pip install ppl_em[sklearn]``.
 

@@ -46,9 +46,9 @@ def test_writes_markdown_and_json_with_expected_columns(results):
     assert "| workload | target | measured | met? | source |" in markdown
     assert data["columns"] == COLUMNS
     assert MACHINE_KEYS <= set(data["machine"])
-    assert {w for w, _ in rows} == {"B1", "B2", "B3", "B4", "B5", "B6"}
+    assert {w for w, _ in rows} == {"B1", "B2", "B3", "B4", "B5", "B6", "B11", "B12"}
     assert all(ROW_KEYS <= set(row) for row in data["rows"])
-    assert {t["workload"] for t in data["targets"]} == {"B1", "B2", "B3", "B4", "B5", "B6"}
+    assert {t["workload"] for t in data["targets"]} == {"B1", "B2", "B3", "B4", "B5", "B6", "B11", "B12"}
     assert all(t["met"] in (True, False) for t in data["targets"])
 
 

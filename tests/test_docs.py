@@ -2,7 +2,8 @@
 
 The site itself is built by ``.ci/run`` (Sphinx, warnings as errors). Here: every tutorial
 becomes a sphinx-gallery script with exactly its own code, its Markdown becomes valid-looking
-reStructuredText, and the API reference lists every public name.
+reStructuredText, the exercises' solutions are folded away, figures (PNG and GIF) are picked
+up, and the API reference lists every public name.
 """
 
 import ast
@@ -16,8 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs" / "_ext"))
 
-from ppl_em_api import public_modules, public_names, write_api  # noqa: E402
-from ppl_em_gallery import code_cells, gallery_source, markdown_to_rst, tutorial_link_target, write_gallery_sources  # noqa: E402
+import jupytext  # noqa: E402
+from ppl_em_api import escape_bars, public_modules, public_names, write_api  # noqa: E402
+from ppl_em_gallery import SOLUTION_CLOSE, SOLUTION_OPEN, SavedFigureScraper, code_cells, gallery_source, \
+    markdown_to_rst, tutorial_link_target, write_gallery_sources  # noqa: E402
 
 TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9]*.py"))
 
@@ -54,6 +57,68 @@ def test_code_cells_keep_their_comments_as_code(path):
     for cell in cells:
         assert cell in code, cell[:80]
     assert re.sub(r"\s", "", code) == re.sub(r"\s", "", "".join(cells))  # nothing else runs
+
+
+@pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.name)
+def test_solutions_are_folded_away_in_the_gallery(path):
+    """Every cell tagged solution sits inside a <details> fold (one per run of consecutive solution cells),
+    and nothing else does."""
+    source = gallery_source(path)
+    runs, previous = [], False
+    for cell in jupytext.read(path)["cells"]:
+        solution = "solution" in cell["metadata"].get("tags", [])
+        if solution and not previous:
+            runs.append([])
+        if solution:
+            runs[-1].append(cell)
+        previous = solution
+    assert runs and source.count(SOLUTION_OPEN) == source.count(SOLUTION_CLOSE) == len(runs)
+    folds = re.findall(re.escape(SOLUTION_OPEN) + "(.*?)" + re.escape(SOLUTION_CLOSE), source, flags=re.S)
+    assert len(folds) == len(runs)
+    outside = re.sub(re.escape(SOLUTION_OPEN) + ".*?" + re.escape(SOLUTION_CLOSE), "", source, flags=re.S)
+    for fold, run in zip(folds, runs):
+        for cell in run:
+            if cell["cell_type"] == "code":
+                assert cell["source"].strip() in fold and cell["source"].strip() not in outside
+            else:
+                first_line = markdown_to_rst(cell["source"].strip().splitlines()[0]).strip().splitlines()[0]
+                assert first_line in fold.replace("# ", "")
+
+
+def test_the_scraper_shows_png_and_gif_figures(tmp_path):
+    import matplotlib.pyplot as plt
+
+    figures, images = tmp_path / "figures", tmp_path / "images"
+    figures.mkdir()
+    images.mkdir()
+    (figures / "a.png").write_bytes(b"\x89PNG")
+    (figures / "b.gif").write_bytes(b"GIF89a")
+    (figures / "notes.txt").write_text("not a figure")
+    scraper = SavedFigureScraper(figures)
+    paths = (str(images / f"sphx_glr_x_{i:03d}.png") for i in range(1, 10))
+    plt.figure()  # left open by teaching.savefig under sphinx-gallery: closed, not shown again
+    rst = scraper(None, {"image_path_iterator": paths}, {"src_dir": str(tmp_path)})
+    assert plt.get_fignums() == []
+    assert sorted(p.name for p in images.iterdir()) == ["sphx_glr_x_001.png", "sphx_glr_x_002.gif"]
+    assert "sphx_glr_x_002.gif" in rst and "notes" not in rst
+    assert scraper(None, {"image_path_iterator": paths}, {"src_dir": str(tmp_path)}) == ""  # nothing new
+
+
+@pytest.mark.parametrize("line, escaped", [
+    ("log |det d theta / d u|: the objective", "log \\|det d theta / d u\\|: the objective"),
+    ("|after| <= eps (1 + |before|)", "\\|after\\| <= eps (1 + \\|before\\|)"),
+    ("``bic|aic|heldout`` and |x|", "``bic|aic|heldout`` and \\|x\\|"),
+    (">>> p(x_t | w_t) |z|", ">>> p(x_t | w_t) |z|"),  # a doctest line
+    ("(..., T|1, K) and ||x - mu_j||^2", "(..., T|1, K) and ||x - mu_j||^2"),  # single bars, norms
+    ("\\|already\\|", "\\|already\\|"),
+])
+def test_escape_bars(line, escaped):
+    assert escape_bars([line]) == [escaped]
+
+
+def test_escape_bars_leaves_literal_blocks_alone():
+    lines = ["Run::", "", "    a |b| c", "", "then |y|"]
+    assert escape_bars(lines) == ["Run::", "", "    a |b| c", "", "then \\|y\\|"]
 
 
 @pytest.mark.parametrize("markdown, rst", [

@@ -16,7 +16,7 @@ from torch.distributions import constraints
 import ppl_em
 from ppl_em.priors import NoMAPError
 
-import pyro_style as ps
+from benchmarks import pyro_style as ps
 
 D = torch.float64
 SEQS, LENGTHS = ps.binary_sequences()

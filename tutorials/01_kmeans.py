@@ -244,10 +244,11 @@ teaching.check_exercise("1.2", check_dsquared)
 # ## k-means is hard EM on a mixture
 #
 # `models/kmeans.py` is the mixture z^(i) ~ Uniform{1..k}, x^(i) | z^(i) = j ~ N(mu_j, sigma^2 I)
-# with only the centroids as parameters. Then log p(x^(i), z^(i) = j) = -||x^(i) - mu_j||^2 / (2 sigma^2)
-# + const, so **hard EM** (Q one-hot at the most probable z) assigns each point to its nearest
-# centroid and re-estimates mu_j as the mean of its points: the two steps above, from the same
-# start, to the same answer. Its loss is J / (2 sigma^2) plus a constant.
+# with only the centroids as parameters. Then log p(x^(i), z^(i) = j) =
+# -||x^(i) - mu_j||^2 / (2 sigma^2) + const, so **hard EM** (Q one-hot at the most probable z)
+# assigns each point to its nearest centroid and re-estimates mu_j as the mean of its points:
+# the two steps above, from the same start, to the same answer. Its loss is J / (2 sigma^2)
+# plus a constant.
 
 # %% [markdown]
 # **The param store and `init=`.** Model parameters are `pyro.param` sites, and Pyro keeps

@@ -25,8 +25,11 @@
 # * the **silhouette**, which scores the clustering's geometry and needs no model at all;
 # * the **adjusted Rand index** against true labels, where (as here) they are known.
 #
-# (Read after tutorial 3. Model selection uses `FitResult.bic`, `aic` and `score`.
-# scikit-learn, installed with the test extras, is the oracle for the two clustering metrics.)
+# (Read after tutorial 3. The fits, their log-likelihoods, BIC and AIC come from
+# `ppl_em.select`; the held-out scores from `FitResult.score` on a fresh test set.
+# scikit-learn, installed with the test extras, is the oracle for the two clustering metrics.
+# Tutorial 14 puts the same choice into practice: `plot_selection`, a held-out split of the
+# data themselves, and scikit-learn's `GridSearchCV` and `Pipeline`.)
 
 # %%
 import math
@@ -62,26 +65,39 @@ log_p_data = teaching.log_joint_table(x_test, **truth).logsumexp(-1)  # (m,): lo
 # %% [markdown]
 # ## Fitting k = 1, ..., 6
 #
-# Each k is fitted by EM from several k-means++ starts (`n_init`; quick mode uses fewer and
-# stops EM earlier), and every yardstick is computed from the `FitResult`: `score(x)` is (1/n) log p(x; theta), `bic(x)` and `aic(x)`
-# count the free parameters from each parameter's constraint.
+# `ppl_em.select` fits the model for every k in `ks` by EM from several k-means++ starts
+# (`n_init`; quick mode uses fewer and stops EM earlier), keeps the best start of each, and
+# records per k the training log-likelihood (1/n) log p(x; theta_k), the number p_k of free
+# parameters (counted from each parameter's constraint), BIC and AIC; `selection.table()`
+# prints them, `selection.best_k` is the k of the lowest BIC. Every other yardstick is
+# computed from the fits it returns, `selection.results[k]`: `score(x_test, k=k)` is
+# (1/m) log p(x_test; theta_k) on the fresh test set. (`criterion="heldout"` would hold out a
+# part of x itself, as in tutorial 14; here P_data gives us a fresh test set instead, on which
+# the KL divergence to the truth can be estimated too.)
 
 # %%
 ks = list(range(1, 7))
+selection = ppl_em.select(gmm.model, x, k=ks, criterion="bic", n_init=2 if QUICK else 5, max_iter=1000,
+                          tol=1e-4 if QUICK else 1e-6, progress=False)
+print(selection.table())
 rows = []
-for kk in ks:
-    result = ppl_em.fit(gmm.model, x, kk, n_init=2 if QUICK else 5, max_iter=1000, tol=1e-4 if QUICK else 1e-6,
-                        progress=False)
-    c = result.predict(x, kk)
+for entry in selection.rows:
+    kk, result = entry["k"], selection.results[entry["k"]]
+    c = result.predict(x, k=kk)
     log_p_model = teaching.log_joint_table(x_test, *(result.params[p] for p in ("phi", "mu", "Sigma"))).logsumexp(-1)
     gap = log_p_data - log_p_model  # (m,): log P_data - log P_model at each test point
-    rows.append({"k": kk, "fit": result, "labels": c, "train": result.score(x, kk),
-                 "held-out": result.score(x_test, kk), "BIC": result.bic(x, kk), "AIC": result.aic(x, kk),
+    rows.append({"k": kk, "fit": result, "labels": c, "n_parameters": entry["n_parameters"],
+                 "train": entry["log_likelihood"], "held-out": result.score(x_test, k=kk),
+                 "BIC": entry["bic"], "AIC": entry["aic"],
                  "KL": gap.mean().item(), "KL se": (gap.std() / math.sqrt(n_test)).item(),
                  "silhouette": silhouette_score(x.numpy(), c.numpy()) if kk > 1 else float("nan"),
                  "ARI": adjusted_rand_score(z.numpy(), c.numpy())})
+    # The table's numbers are the fit's own: score, BIC and AIC of theta_k on the training set.
+    assert math.isclose(entry["log_likelihood"], result.score(x, k=kk), rel_tol=1e-9)
+    assert math.isclose(entry["bic"], result.bic(x, k=kk), rel_tol=1e-9)
+    assert math.isclose(entry["aic"], result.aic(x, k=kk), rel_tol=1e-9)
     assert math.isclose(rows[-1]["held-out"], log_p_model.mean().item(), rel_tol=1e-9)
-columns = ("train", "held-out", "BIC", "AIC", "KL", "silhouette", "ARI")
+columns = ("held-out", "KL", "silhouette", "ARI")  # the yardsticks that select does not compute
 print("k  " + "  ".join(f"{name:>10s}" for name in columns))
 for row in rows:
     print(f"{row['k']}  " + "  ".join(f"{row[name]:10.3f}" for name in columns))
@@ -111,7 +127,7 @@ assert all(b >= a - 1e-9 for a, b in zip(train, train[1:])), "the training log-l
 assert best("held-out") == 3 and best("KL", min) == 3
 assert all(r["KL"] > -3 * r["KL se"] for r in rows)  # consistent with KL >= 0
 assert all(math.isclose(r["held-out"], log_p_data.mean().item() - r["KL"], rel_tol=1e-9) for r in rows)
-assert best("BIC", min) == 3 and best("AIC", min) >= best("BIC", min)
+assert best("BIC", min) == selection.best_k == 3 and best("AIC", min) >= best("BIC", min)
 assert best("silhouette") == 3 and best("ARI") == 3
 print(f"chosen k: held-out {best('held-out')}, BIC {best('BIC', min)}, AIC {best('AIC', min)}, "
       f"silhouette {best('silhouette')}, ARI {best('ARI')}")
@@ -210,9 +226,9 @@ def penalised_choice(log_lik, n_params, penalty):
 
 # %% [markdown] tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 # **Solution.** Let k_B minimise BIC(k) = -2 l_k + p_k log n, and take any k < k_B, so
-# p_k < p_{k_B}. Then AIC(k) = BIC(k) - p_k (log n - 2) >= BIC(k_B) - p_k (log n - 2)
-# > BIC(k_B) - p_{k_B} (log n - 2) = AIC(k_B), using log n - 2 > 0 in the strict step. So
-# every k below k_B has a larger AIC than k_B, and AIC's minimiser is at least k_B.
+# p_k < p_{k_B}. Then AIC(k) = BIC(k) - p_k (log n - 2) >= BIC(k_B) - p_k (log n - 2), and
+# that is > BIC(k_B) - p_{k_B} (log n - 2) = AIC(k_B), using log n - 2 > 0 in the strict step.
+# So every k below k_B has a larger AIC than k_B, and AIC's minimiser is at least k_B.
 
 # %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def penalised_choice(log_lik, n_params, penalty):
@@ -223,7 +239,7 @@ def penalised_choice(log_lik, n_params, penalty):
 # %%
 def check_choice():
     log_lik = [r["train"] * n_train for r in rows]
-    n_params = [r["fit"].n_parameters(x, r["k"]) for r in rows]
+    n_params = [r["n_parameters"] for r in rows]
     assert ks[penalised_choice(log_lik, n_params, math.log(n_train))] == best("BIC", min)
     assert ks[penalised_choice(log_lik, n_params, 2.0)] == best("AIC", min)
     g = torch.Generator().manual_seed(0)

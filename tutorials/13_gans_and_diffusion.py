@@ -223,9 +223,10 @@ def forward_marginal(x0, t):
 # %% [markdown] tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 # **Solution.** For t = 1 it is the definition, with abar_1 = alpha_1. If
 # x_{t-1} = sqrt(abar_{t-1}) x_0 + sqrt(1 - abar_{t-1}) e with e ~ N(0, I), then
-# x_t = sqrt(alpha_t) x_{t-1} + sqrt(1 - alpha_t) e' = sqrt(abar_t) x_0 + [sqrt(alpha_t (1 - abar_{t-1})) e
-# + sqrt(1 - alpha_t) e']. The bracket is a sum of independent centred Gaussians, with variance
-# alpha_t (1 - abar_{t-1}) + 1 - alpha_t = 1 - abar_t. So q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I).
+# x_t = sqrt(alpha_t) x_{t-1} + sqrt(1 - alpha_t) e' =
+# sqrt(abar_t) x_0 + [sqrt(alpha_t (1 - abar_{t-1})) e + sqrt(1 - alpha_t) e']. The bracket is a
+# sum of independent centred Gaussians, with variance alpha_t (1 - abar_{t-1}) + 1 - alpha_t =
+# 1 - abar_t. So q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I).
 
 # %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def forward_marginal(x0, t):

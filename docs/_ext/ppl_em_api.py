@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import re
 from pathlib import Path
 from typing import Dict, List
 
@@ -130,3 +131,36 @@ def write_api(target: Path) -> List[Path]:
     index += [f"   {name}" for name in modules]
     (target / "index.rst").write_text("\n".join(index) + "\n")
     return pages
+
+
+# -- docstrings --------------------------------------------------------------------------------
+_LITERAL = re.compile(r"(``.*?``)")
+# A pair of bars around text, |x|, that reStructuredText would read as a substitution reference.
+_BARS = re.compile(r"(?<![\\\w|])\|(?=\S)([^|`]*?\S)\|(?![\w|])")
+
+
+def escape_bars(lines: List[str]) -> List[str]:
+    """Escape the bars of plain-text absolute values and determinants, ``|det J|``, in place.
+
+    Docstrings write mathematics in the lecture notes' plain notation; reStructuredText would
+    read ``|det J|`` as a reference to a substitution that the site never defines. Inline
+    literals, doctest lines and ``::`` literal blocks are left as they are, and so are single
+    bars (``T|1``) and norms (``||x||``).
+
+    >>> escape_bars(["log |det J| and ``a|b|c``", ">>> abs(x) |y|"])
+    ['log \\\\|det J\\\\| and ``a|b|c``', '>>> abs(x) |y|']
+    """
+    literal_indent = None  # the indentation of the line that opened a ``::`` block
+    for i, line in enumerate(lines):
+        indent = len(line) - len(line.lstrip())
+        if literal_indent is not None:
+            if not line.strip() or indent > literal_indent:
+                continue
+            literal_indent = None
+        if line.rstrip().endswith("::"):
+            literal_indent = indent
+        if line.lstrip().startswith((">>>", "... ")):
+            continue
+        parts = _LITERAL.split(line)
+        lines[i] = "".join(part if part.startswith("``") else _BARS.sub(r"\\|\1\\|", part) for part in parts)
+    return lines

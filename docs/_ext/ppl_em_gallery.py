@@ -6,13 +6,18 @@ block and reStructuredText in its text blocks. So each tutorial is written out a
 gallery (:func:`gallery_source`): the first Markdown cell becomes the docstring, the others
 comment blocks, every cell converted from Markdown to reStructuredText (:func:`markdown_to_rst`);
 the code cells are copied verbatim and in order, so the gallery executes exactly the
-tutorial's code. After the gallery is generated, the downloads next to each page are replaced
-by the original tutorial and its jupytext notebook.
+tutorial's code. The solutions of the exercises (cells tagged ``solution``, hidden in a
+notebook) run too, but each is folded away behind a "Solution" toggle (an HTML ``<details>``
+element) so that the page does not give the answer away. After the gallery is generated, the
+downloads next to each page are replaced by the original tutorial and its jupytext notebook.
 
-The tutorials write their figures with ``fig.savefig(OUT / name)`` (``OUT`` from
-``PPL_EM_TUTORIAL_OUT``) and close them, so matplotlib's own scraper finds no open figure;
-:class:`SavedFigureScraper` instead picks up the PNG files a code block wrote to that folder
-and shows them under the block.
+The tutorials write their figures to files, ``teaching.savefig(fig, OUT / name)`` (``OUT`` from
+``PPL_EM_TUTORIAL_OUT``), and some are drawn on figures that pyplot does not know of
+(``ppl_em.plot``) or are animations. So the page shows the files: :class:`SavedFigureScraper`
+picks up the PNG and GIF files (tutorial 12's animation) a code block wrote to that folder and
+shows them under the block. It is the only scraper: ``teaching.savefig`` leaves a figure open
+under sphinx-gallery, as in a notebook, and matplotlib's scraper would show it a second time.
+The scraper closes such figures after each block instead, as matplotlib's does.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ from markdown_it import MarkdownIt
 from markdown_it.tree import SyntaxTreeNode
 
 TUTORIAL_GLOB = "[0-9]*.py"
+SOLUTION_TAG = "solution"  # the tag of ppl_em.teaching's solution cells
+FIGURE_SUFFIXES = (".png", ".gif")
+# A solution folded away on the page; the two halves sit in the text blocks around it.
+SOLUTION_OPEN = ('<details class="ppl-em-solution"><summary><strong>Solution</strong> '
+                 "(try the exercise first; click to show)</summary>")
+SOLUTION_CLOSE = "</details>"
 UNDERLINES = {1: "=", 2: "-", 3: "~", 4: "^", 5: '"', 6: "'"}
 # Characters with a meaning in reStructuredText inline text; a backslash makes each literal.
 _SPECIAL = re.compile(r"([\\`*_|<>\[\]])")
@@ -173,9 +184,23 @@ def tutorial_link_target(gallery_dir: str):
     return target
 
 
+def _raw_html(html: str) -> str:
+    return f".. raw:: html\n\n   {html}\n"
+
+
+def _text_block(rst: str) -> str:
+    """A sphinx-gallery text block: ``# %%`` and the reStructuredText as comment lines."""
+    return "# %%\n" + "".join(f"# {line}".rstrip() + "\n" for line in rst.splitlines()) + "\n"
+
+
 def gallery_source(path: Path, gallery_dir: str = "tutorials") -> str:
     """The sphinx-gallery script of one tutorial: its first Markdown cell as the docstring, the
-    other Markdown cells as ``# %%`` comment blocks, its code cells verbatim and in order."""
+    other Markdown cells as ``# %%`` comment blocks, its code cells verbatim and in order.
+
+    The cells tagged ``solution`` are wrapped in an HTML ``<details>`` element: folded on the
+    page, one click away. The element opens and closes in text blocks (a Markdown solution's own,
+    or one of its own before and after a code solution); consecutive solution cells share one.
+    """
     notebook = jupytext.read(path)
     cells = notebook["cells"]
     if not cells or cells[0]["cell_type"] != "markdown":
@@ -185,14 +210,30 @@ def gallery_source(path: Path, gallery_dir: str = "tutorials") -> str:
     head = markdown_to_rst(cells[0]["source"], link).replace('"""', '\\"\\"\\"')
     parts = [f'r"""\n{head}"""\n']
     previous = "markdown"
-    for cell in cells[1:]:
+    rest = cells[1:]
+    solutions = [SOLUTION_TAG in cell["metadata"].get("tags", []) for cell in rest]
+    for i, cell in enumerate(rest):
+        # Consecutive solution cells (a derivation, then its code) share one fold.
+        opens = solutions[i] and not (i > 0 and solutions[i - 1])
+        closes = solutions[i] and not (i + 1 < len(rest) and solutions[i + 1])
         if cell["cell_type"] == "markdown":
             text = markdown_to_rst(cell["source"], link)
-            parts.append("# %%\n" + "".join(f"# {line}".rstrip() + "\n" for line in text.splitlines()) + "\n")
+            if opens:
+                text = f"{_raw_html(SOLUTION_OPEN)}\n{text}"
+            if closes:
+                text = f"{text}\n{_raw_html(SOLUTION_CLOSE)}"
+            parts.append(_text_block(text))
         elif cell["cell_type"] == "code":
+            if opens:
+                parts.append(_text_block(_raw_html(SOLUTION_OPEN)))
+                previous = "markdown"
             # After a text block the code follows its blank line; after code, an empty "# %%" starts a new block
             # (the blank line after it keeps a comment at the top of the cell out of the text).
             parts.append(("" if previous == "markdown" else "# %%\n\n") + cell["source"].rstrip("\n") + "\n\n")
+            if closes:  # the code's printed output, if any, stays inside the fold
+                parts.append(_text_block(_raw_html(SOLUTION_CLOSE)))
+                previous = "markdown"
+                continue
         previous = cell["cell_type"]
     return "".join(parts)
 
@@ -233,11 +274,16 @@ def restore_original_downloads(tutorials: Path, gallery: Path) -> None:
 
 
 # -- figures ----------------------------------------------------------------------------------
+def _saved_figures(folder: Path) -> List[Path]:
+    return [p for p in folder.glob("*") if p.suffix in FIGURE_SUFFIXES and p.is_file()]
+
+
 class SavedFigureScraper:
     """A sphinx-gallery image scraper for figures written to a folder rather than left open.
 
-    After each code block, every PNG in ``folder`` that is new or rewritten since the last look
-    is copied to the gallery's next image path, and shown under the block.
+    After each code block, every PNG or GIF in ``folder`` that is new or rewritten since the last
+    look is copied to the gallery's next image path (a GIF keeps its suffix, so that it animates),
+    and shown under the block; the pyplot figures left open are closed.
     """
 
     def __init__(self, folder: Path) -> None:
@@ -251,19 +297,22 @@ class SavedFigureScraper:
         from sphinx_gallery.scrapers import figure_rst
 
         images = []
-        for png in sorted(self.folder.glob("*.png"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
-            stamp = (png.stat().st_mtime_ns, png.stat().st_size)
-            if self.seen.get(png.name) == stamp:
+        for figure in sorted(_saved_figures(self.folder), key=lambda p: (p.stat().st_mtime_ns, p.name)):
+            stamp = (figure.stat().st_mtime_ns, figure.stat().st_size)
+            if self.seen.get(figure.name) == stamp:
                 continue
-            self.seen[png.name] = stamp
-            destination = next(block_vars["image_path_iterator"])
-            shutil.copyfile(png, destination)
-            images.append(destination)
+            self.seen[figure.name] = stamp
+            destination = Path(next(block_vars["image_path_iterator"])).with_suffix(figure.suffix)
+            shutil.copyfile(figure, destination)
+            images.append(str(destination))
+        import matplotlib.pyplot as plt
+
+        plt.close("all")  # shown from their files, not again from memory
         return figure_rst(images, gallery_conf["src_dir"])
 
 
 class ClearSavedFigures:
-    """A sphinx-gallery ``reset_modules`` entry: an empty figure folder before each tutorial."""
+    """A sphinx-gallery ``reset_modules`` entry: no saved figure left from the previous tutorial."""
 
     def __init__(self, scraper: SavedFigureScraper) -> None:
         self.scraper = scraper
@@ -273,6 +322,6 @@ class ClearSavedFigures:
 
     def __call__(self, gallery_conf, fname, when=None) -> None:
         self.scraper.folder.mkdir(parents=True, exist_ok=True)
-        for png in self.scraper.folder.glob("*.png"):
-            png.unlink()
+        for figure in _saved_figures(self.scraper.folder):
+            figure.unlink()
         self.scraper.seen.clear()

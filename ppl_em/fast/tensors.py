@@ -43,8 +43,10 @@ def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
     ndim = max([len(shape)] + [t.dim() for t in operands])
     full = [1] * ndim
     subscripts, squeezed = [], []
-    sizes_before = torch.broadcast_shapes(*(t.shape for t in operands))
-    sizes_before = (1,) * (ndim - len(sizes_before)) + tuple(sizes_before)
+    sizes_before = [1] * ndim
+    for t in operands:
+        for i, size in enumerate(t.shape, ndim - t.dim()):
+            sizes_before[i] = max(sizes_before[i], size)
     for t in operands:
         t = compact(t)
         sizes = (1,) * (ndim - t.dim()) + tuple(t.shape)

@@ -1,4 +1,4 @@
-"""Test models written the way Pyro's own examples and tutorials write them, not the way ppl_em's
+"""Models written the way Pyro's own examples and tutorials write them, not the way ppl_em's
 model files do: priors as ``pyro.sample`` sites (point-estimated by EM), ``poutine.mask`` around
 prior and padded time steps, ``pyro.markov`` loops, ``Vindex``, ``config_enumerate`` or
 ``infer={"enumerate": "parallel"}``, subsampled plates, a ``DiscreteHMM`` with a size-1 state
