@@ -18,7 +18,7 @@
 
 Bad input (a missing or malformed file, NaN, a wrong shape, K larger than the number of
 points, an unknown model or method, an ``--out`` that cannot be written) and the library's own
-diagnostics (a singular fit) print one line on stderr and exit with status 2; Ctrl-C prints
+diagnostics (a singular fit, a gradient M-step that cannot move) print one line on stderr and exit with status 2; Ctrl-C prints
 one line and exits with status 130. The outputs of a run appear together when it succeeds,
 and not at all otherwise (:class:`Outputs`).
 """
@@ -47,6 +47,7 @@ import pyro
 import torch
 
 from .fit import INITS, METHODS, ConvergenceWarning, fit
+from .gradient import StalledError
 from .checkpoint import atomic_write, clean_stale_partials, partial_prefix, sync_directory
 from .result import FitResult
 from .validation import MAX_SEED
@@ -634,8 +635,9 @@ def _report(error: BaseException) -> int:
     if _interrupted(error):
         print("ppl-em: interrupted; no output was written", file=sys.stderr)
         return 130
-    if isinstance(error, (UsageError, ValueError, FloatingPointError)):
-        # ValueError, FloatingPointError: the library's own diagnostics (bad data, a singular fit)
+    if isinstance(error, (UsageError, ValueError, FloatingPointError, StalledError)):
+        # ValueError, FloatingPointError, StalledError: the library's own diagnostics (bad data, a singular
+        # fit, a gradient M-step stalled, as a full-covariance GMM with missing values can on tiny data)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"ppl-em: error: {message}", file=sys.stderr)
         return 2

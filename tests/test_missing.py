@@ -418,3 +418,19 @@ def test_cli_refuses_an_empty_row_with_its_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"ppl-em: error: data file {str(data)!r} has 1 row(s) with every value "
                                                "missing, the first at line 3; drop them (they say nothing about the "
                                                "parameters)")
+
+
+def test_cli_reports_a_stalled_gradient_m_step_in_one_line(monkeypatch, tmp_path, capsys):
+    """The full GMM's gradient M-step (missing values) can stall on degenerate data: a diagnostic, not a bug."""
+    def stalled(*args, **kwargs):
+        raise ppl_em.StalledError("The gradient M-step for ['mu', 'Sigma'] tried parameters that the model "
+                                  "rejects.\nSecond line.")
+
+    monkeypatch.setattr("ppl_em.cli.fit", stalled)
+    data = tmp_path / "gaps.csv"
+    data.write_text("1,2\n,3\n5,6\n7,\n")
+    assert main(["fit", "gmm", "--data", str(data), "-k", "2", "--missing", "marginalize",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("ppl-em: error: The gradient M-step for ['mu', 'Sigma'] tried parameters "
+                                       "that the model rejects.\n")
+
