@@ -530,7 +530,7 @@ def _max_plus_blocks(e, tr, lay: _Layout):
 
 def _best_paths(init, e, tr, blocks, pointers, lay: _Layout):
     """The best path of every full chain: (score (F,), states (F, T) of w_0 .. w_{T-1}, w_{-1} (F,))."""
-    F, N, T, K, L, nb, main = init.shape[0], lay.N, lay.T, lay.K, lay.L, lay.nb, lay.main
+    F, N, T, L, nb, main = init.shape[0], lay.N, lay.T, lay.L, lay.nb, lay.main
     chain_of = torch.arange(N, device=init.device).reshape(lay.batch).expand(lay.full).reshape(F)  # full -> batch
     delta, back = init, []  # back[c]: the best state before block c (or step) for each state after it
     for c in range(nb):
