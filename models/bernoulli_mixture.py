@@ -13,6 +13,12 @@ torch clamps it by machine epsilon when it evaluates log-probabilities.
 
 Parameters: ``phi`` (k,) on the simplex, ``p`` (k, d) in [0, 1].
 
+Missing values: a NaN entry x_l^(i) is missing. The coordinates are independent given z, so
+marginalising the missing ones out leaves p(x_o^(i) | z^(i) = j) = prod_{l in o^(i)} p_jl^{x_l}
+(1 - p_jl)^{1 - x_l}: the site is ``Bernoulli(p[z]).mask(observed).to_event(1)`` on x with each NaN
+replaced by the placeholder 0, and the M-step stays in closed form over the observed entries,
+p_jl = sum_i w_j^(i) o_l^(i) x_l^(i) / sum_i w_j^(i) o_l^(i) with o_l^(i) = 1{x_l^(i) observed}.
+
 Reference: lecture notes, "EM algorithm" (EM as the general recipe for any p(x, z));
 Bishop, PRML, section 9.3.3.
 """
@@ -43,8 +49,8 @@ def _check_binary(x: torch.Tensor) -> None:
     if not x.is_floating_point():
         raise ValueError(f"x must hold 0/1 values as a floating-point tensor, got dtype {x.dtype}. "
                          "Convert it with x.double().")
-    if not ((x == 0) | (x == 1)).all():
-        bad = x[(x != 0) & (x != 1)][0].item()
+    if not ((x == 0) | (x == 1) | torch.isnan(x)).all():  # NaN: a missing entry
+        bad = x[(x != 0) & (x != 1) & ~torch.isnan(x)][0].item()
         raise ValueError(f"x must be binary (0 or 1), found the value {bad}. Binarise the data first, "
                          "e.g. (x >= threshold).double(), or use the Poisson mixture for counts.")
 
@@ -60,7 +66,8 @@ def _start(name: str, init: Optional[Dict[str, torch.Tensor]], defaults) -> torc
 
 
 def model(x: torch.Tensor, k: int = 2, init: Optional[Dict[str, torch.Tensor]] = None) -> None:
-    """Bernoulli mixture on binary data ``x`` of shape (n, d) with ``k`` components.
+    """Bernoulli mixture on binary data ``x`` of shape (n, d) with ``k`` components; NaN marks a
+    missing entry, marginalised out (module docstring).
 
     ``init`` holds initial values for ``phi`` and ``p`` (default :func:`init_params`); values
     already in Pyro's param store take precedence.
@@ -69,9 +76,13 @@ def model(x: torch.Tensor, k: int = 2, init: Optional[Dict[str, torch.Tensor]] =
     defaults = partial(init_params, x, k)
     phi = pyro.param("phi", lambda: _start("phi", init, defaults), constraint=constraints.simplex)  # (k,)
     p = pyro.param("p", lambda: _start("p", init, defaults), constraint=constraints.unit_interval)  # (k, d)
+    seen = ~torch.isnan(x)  # (n, d): False at a missing entry
     with pyro.plate("data", len(x)):
         z = pyro.sample("z", dist.Categorical(phi), infer={"enumerate": "parallel"})  # (n,) or (k, 1)
-        pyro.sample("x", dist.Bernoulli(p[z]).to_event(1), obs=x)
+        coords = dist.Bernoulli(p[z])
+        if not bool(seen.all()):  # p(x_o^(i) | z^(i)): the missing entries marginalised out
+            coords = coords.mask(seen)
+        pyro.sample("x", coords.to_event(1), obs=x.masked_fill(~seen, 0.0))
 
 
 def generate(n: int, phi: torch.Tensor, p: torch.Tensor, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:

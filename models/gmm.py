@@ -17,8 +17,10 @@ parameter ``Sigma`` is stored in scikit-learn's ``covariances_`` layout:
     "spherical"  Sigma_j = Sigma[j] I                          Sigma: (k,)
     "tied"       Sigma_j = Sigma, shared by every component    Sigma: (d, d)
 
-Each is written as a *selection* of ``Sigma`` (indexing, ``diag_embed``, a product with the
-0/1 identity, broadcasting), so EM's M-step finds the weighted-MLE closed form for all four.
+"full" and "tied" observe x^(i) under a ``MultivariateNormal`` whose covariance is a *selection*
+of ``Sigma`` (indexing, broadcasting); "diag" and "spherical" under d independent
+``Normal(mu_jl, sqrt(Sigma_jl))`` (``.to_event(1)``), the scale a square root of a selection. EM's
+M-step finds the weighted-MLE closed form for all four.
 
 Observed z (Gaussian discriminant analysis, GDA): when ``labels`` c^(i) are given, z^(i) is
 observed and l(phi, mu, Sigma) = sum_i log p(x^(i), z^(i) = c^(i)) has the closed-form
@@ -31,9 +33,44 @@ Parameters are ``pyro.param`` sites: ``phi`` (k,) on the simplex, ``mu`` (k, d) 
 if absent, from the data (:func:`init_params`). Values already in Pyro's param store take
 precedence.
 
-Reference: lecture notes, "Gaussian Mixture Model", "GDA" and "EM algorithm".
+Missing values: a NaN entry x_l^(i) is missing, and the model observes only the rest of the
+row, o^(i) = {l : x_l^(i) observed}, by marginalising the missing coordinates out:
+
+    p(x_o^(i) | z^(i) = j) = N(x_o^(i); mu_{j,o}, Sigma_{j,oo})
+
+(a Gaussian's marginal is the Gaussian of the selected coordinates). Rows without NaN are
+modelled exactly as above; the site is still ``"x"``, with one observation per row, observed
+at x with each NaN replaced by the placeholder 0 (:func:`observation`).
+
+* "diag" and "spherical": the coordinates are independent given z, so the marginal is an
+  element-wise mask, ``Normal(mu[z], sqrt(Sigma[z])).mask(observed).to_event(1)``. The M-step
+  stays in closed form, the weighted MLE over the observed entries, o_l^(i) = 1{x_l^(i) observed}:
+
+      mu_jl = sum_i w_j^(i) o_l^(i) x_l^(i) / sum_i w_j^(i) o_l^(i),
+      Sigma_jl = sum_i w_j^(i) o_l^(i) (x_l^(i) - mu_jl)^2 / sum_i w_j^(i) o_l^(i)
+
+  (summed over l as well for "spherical").
+* "full" and "tied": a row with missing entries gets one d-dimensional Gaussian whose observed
+  block is (mu_{j,o}, Sigma_{j,oo}) and whose missing coordinates have mean 0, variance
+  1/(2 pi) and no correlation with the rest: the placeholder's density there is
+  N(0; 0, 1/(2 pi)) = 1, so the row's density is exactly N(x_o; mu_{j,o}, Sigma_{j,oo}), and
+  the E-step is exact. The exact M-step would need E[x_mis | x_o, z] and its second moment
+  (Ghahramani & Jordan 1994), which are not statistics of the observed entries: the weighted
+  mean of the observed entries maximises E_Q[log p(x_o, z)] over mu only where Sigma_j is
+  diagonal. So mu and Sigma are selected with ``torch.where``, which EM does not read as a
+  selection, and get the gradient M-step (L-BFGS on the exact E_Q[log p(x_o, z; theta)],
+  which a step never decreases): a generalised EM, whose log p(x) never decreases either.
+  phi keeps its closed form. Such a row costs a d x d Cholesky factorisation per component
+  at every run of the model, and EM does not stream the data.
+
+The default initial values (:func:`init_params`) fill each missing entry with its column's
+mean over the observed entries. A column without any observed entry is an error.
+
+Reference: lecture notes, "Gaussian Mixture Model", "GDA" and "EM algorithm"; Ghahramani &
+Jordan, "Supervised learning from incomplete data via an EM approach", NIPS 1994.
 """
 
+import math
 from functools import partial
 from typing import Dict, Optional, Tuple
 
@@ -70,9 +107,11 @@ def init_params(x: torch.Tensor, k: int, seed: int = 0, covariance_type: str = "
     Returns
     -------
     dict
-        ``phi`` (k,), ``mu`` (k, d), ``Sigma`` in the layout of ``covariance_type``.
+        ``phi`` (k,), ``mu`` (k, d), ``Sigma`` in the layout of ``covariance_type``; for data with
+        NaN, those of the data with each NaN at its column's mean (:func:`impute_means`).
     """
     _check_covariance_type(covariance_type)
+    x = impute_means(x)
     n, d = x.shape
     if n < 2:
         raise ValueError(f"The default initial Sigma is the covariance of the data, which needs at least 2 rows; "
@@ -90,6 +129,23 @@ def init_params(x: torch.Tensor, k: int, seed: int = 0, covariance_type: str = "
         "tied": cov,
     }[covariance_type]
     return {"phi": torch.full((k,), 1.0 / k, dtype=x.dtype), "mu": x[idx].clone(), "Sigma": Sigma.clone()}
+
+
+def impute_means(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (n, d) with each NaN replaced by the mean of its column's observed entries.
+
+    Raises a ValueError for a column without any observed entry: nothing is known about it.
+    """
+    seen = ~torch.isnan(x)  # (n, d)
+    if bool(seen.all()):
+        return x
+    counts = seen.sum(0)  # (d,)
+    if not bool((counts > 0).all()):
+        column = int((counts == 0).nonzero()[0])
+        raise ValueError(f"Column {column} of x has no observed value (NaN in every row): its mean and variance "
+                         "cannot be estimated. Drop that column, or pass init={'mu': ..., 'Sigma': ...}.")
+    means = x.masked_fill(~seen, 0.0).sum(0) / counts  # (d,) mean over the observed entries
+    return torch.where(seen, x, means)
 
 
 def component_covariance(Sigma: torch.Tensor, z, d: int, covariance_type: str) -> torch.Tensor:
@@ -121,7 +177,7 @@ def model(
     Parameters
     ----------
     x : torch.Tensor
-        Observations x^(i), shape (n, d).
+        Observations x^(i), shape (n, d); NaN marks a missing entry, marginalised out (module docstring).
     k : int
         Number of components.
     init : dict, optional
@@ -137,12 +193,47 @@ def model(
     _check_covariance_type(covariance_type)
     n, d = _check_inputs(x, labels, labels_mask)
     phi, mu, Sigma = _params(x, k, init, covariance_type)
+    seen = ~torch.isnan(x)  # (n, d): False at a missing entry
     with pyro.plate("data", n):
         # Pyro splits a masked site into z_observed and z_unobserved; only the latter is enumerated.
         z = pyro.sample("z", dist.Categorical(phi), obs=labels, obs_mask=labels_mask,
                         infer={"enumerate": "parallel"})  # (n,) or (k, 1)
-        cov = component_covariance(Sigma, z, d, covariance_type)
-        pyro.sample("x", dist.MultivariateNormal(mu[z], covariance_matrix=cov), obs=x)
+        pyro.sample("x", observation(mu, Sigma, z, seen, covariance_type), obs=x.masked_fill(~seen, 0.0))
+
+
+def observation(mu: torch.Tensor, Sigma: torch.Tensor, z, seen: torch.Tensor, covariance_type: str):
+    """p(x_o^(i) | z^(i) = j) = N(x_o^(i); mu_{j,o}, Sigma_{j,oo}): the distribution of site ``x``.
+
+    ``seen`` (n, d) is False at the missing entries, where the observed value is the placeholder 0.
+    "diag" and "spherical": the independent coordinates N(mu_jl, Sigma_jl), masked where x is
+    missing (closed-form M-step). "full" and "tied": N(mu_z, Sigma_z) for a row without NaN;
+    where a row has some, the observed block of (mu_z, Sigma_z) and mean 0, variance 1/(2 pi)
+    at the missing coordinates, whose density there is exactly 1 (a gradient M-step; see the
+    module docstring). The family and its attributes do not depend on whether a chunk of rows
+    holds a NaN ("diag", "spherical") so that every chunk follows the same M-step plan. Batch
+    shape (n,) or (k, n), event (d,).
+    """
+    d = seen.shape[-1]
+    complete = bool(seen.all())
+    if covariance_type in ("diag", "spherical"):
+        scale = Sigma[z].sqrt()  # (..., d) or (...,): sigma_z
+        if covariance_type == "spherical":
+            scale = scale[..., None].expand(scale.shape + (d,))
+        base = dist.Normal(mu[z], scale)
+        return (base if complete else base.mask(seen)).to_event(1)
+    cov = component_covariance(Sigma, z, d, covariance_type)  # (..., d, d)
+    if complete:
+        return dist.MultivariateNormal(mu[z], covariance_matrix=cov)
+    loc = torch.where(seen, mu[z], torch.zeros((), dtype=mu.dtype, device=mu.device))  # (n, d) or (k, n, d)
+    per_row = cov.dim() >= 3 and cov.shape[-3] == seen.shape[0] > 1  # Sigma_z differs per row (z drawn, labels)
+    # Rows that miss the same coordinates share their factor: one Cholesky per pattern, then picked per row.
+    patterns, which = (seen, None) if per_row else torch.unique(seen, dim=0, return_inverse=True)  # (P, d), (n,)
+    both = patterns[:, :, None] & patterns[:, None, :]  # (P, d, d): where Sigma_{z,oo} sits
+    fill = torch.diag_embed((~patterns).to(mu.dtype)) / (2 * math.pi)  # (P, d, d): N(0; 0, 1/(2 pi)) = 1
+    tril = torch.linalg.cholesky(torch.where(both, cov, fill))  # (P, d, d) or (k, P, d, d)
+    if which is not None:
+        tril = tril[..., which, :, :]  # (n, d, d) or (k, n, d, d)
+    return dist.MultivariateNormal(loc, scale_tril=tril, validate_args=False)
 
 
 def _check_inputs(x, labels, labels_mask) -> Tuple[int, int]:

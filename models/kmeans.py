@@ -24,6 +24,20 @@ centroid of largest cosine similarity, and the M-step's weighted mean is project
 the sphere by the constraint: mu_j := sum_{c^(i) = j} x^(i) / ||sum_{c^(i) = j} x^(i)||, the
 mean direction (the von Mises-Fisher maximum-likelihood mean).
 
+Missing values (``metric="euclidean"``): a NaN entry x_l^(i) is missing. The coordinates are
+independent given z, so marginalising the missing ones out leaves the observed ones,
+``Normal(mu[z], sigma).mask(observed).to_event(1)`` on x with each NaN replaced by the placeholder
+0; distances are taken over the observed coordinates o^(i) and the centroids average the
+observed entries:
+
+    c^(i) := argmin_j sum_{l in o^(i)} (x_l^(i) - mu_jl)^2
+    mu_jl := sum_i 1{c^(i) = j, l in o^(i)} x_l^(i) / sum_i 1{c^(i) = j, l in o^(i)}
+
+(the closed form EM finds from the mask). :func:`assign`, :func:`distortion` and
+:func:`kmeans_plusplus` do the same; :func:`init_params` seeds on the data with each NaN at its
+column's mean. ``metric="cosine"`` needs whole rows (a direction has no missing part) and
+refuses NaN.
+
 Reference: lecture notes, "K-Means clustering Algorithm", "Distortion function", squared
 distance vs cosine similarity; Dhillon & Modha, "Concept decompositions for large sparse text
 data using clustering", 2001 (spherical k-means); Arthur & Vassilvitskii, "k-means++", 2007.
@@ -57,6 +71,11 @@ def prepare(x: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
                          "Convert it with x.double().")
     if metric == "euclidean":
         return x
+    if bool(torch.isnan(x).any()):
+        first = tuple(int(i) for i in torch.isnan(x).nonzero()[0])
+        raise ValueError(f"metric='cosine' clusters the directions of whole rows, but x has missing values "
+                         f"(NaN, the first at index {first}). Impute or drop them, or use metric='euclidean', "
+                         "which marginalises missing entries.")
     norm = x.norm(dim=-1, keepdim=True)  # (n, 1)
     if (norm == 0).any():
         first = int((norm[:, 0] == 0).nonzero()[0])
@@ -84,13 +103,14 @@ def kmeans_plusplus(x: torch.Tensor, k: int, seed: int = 0) -> Tuple[torch.Tenso
     Returns
     -------
     centres : torch.Tensor
-        Shape (k, d), rows of ``x``.
+        Shape (k, d), rows of ``x`` (a NaN entry at its column's mean, :func:`impute_means`).
     indices : torch.Tensor
         Long, shape (k,): which rows.
     """
     n = len(x)
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and the number of points ({n}), got {k}.")
+    x = impute_means(x)
     g = torch.Generator().manual_seed(seed)
     indices = [int(torch.randint(n, (1,), generator=g))]
     d2 = ((x - x[indices[0]]) ** 2).sum(-1)  # (n,) squared distance to the nearest centre
@@ -103,15 +123,41 @@ def kmeans_plusplus(x: torch.Tensor, k: int, seed: int = 0) -> Tuple[torch.Tenso
     return x[indices].clone(), indices
 
 
+def impute_means(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (n, d) with each NaN replaced by the mean of its column's observed entries.
+
+    Raises a ValueError for a column without any observed entry: nothing is known about it.
+    """
+    seen = ~torch.isnan(x)  # (n, d)
+    if bool(seen.all()):
+        return x
+    counts = seen.sum(0)  # (d,)
+    if not bool((counts > 0).all()):
+        column = int((counts == 0).nonzero()[0])
+        raise ValueError(f"Column {column} of x has no observed value (NaN in every row): no centroid "
+                         "coordinate can be placed there. Drop that column, or pass init={'mu': ...}.")
+    return torch.where(seen, x, x.masked_fill(~seen, 0.0).sum(0) / counts)
+
+
+def squared_distances(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """||x^(i) - mu_j||^2 over the observed coordinates of x^(i) (all of them without NaN), shape (n, k)."""
+    seen = ~torch.isnan(x)  # (n, d)
+    if bool(seen.all()):
+        # Exact distances: the matrix-product shortcut of cdist can flip near-ties.
+        return torch.cdist(x, mu, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    diff = x.masked_fill(~seen, 0.0)[:, None, :] - mu  # (n, k, d)
+    return (diff * diff * seen[:, None, :]).sum(-1)
+
+
 def assign(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """c^(i) = argmin_j ||x^(i) - mu_j||^2, long, shape (n,), for x (n, d) and mu (k, d)."""
-    # Exact distances: the matrix-product shortcut of cdist can flip near-ties.
-    return torch.cdist(x, mu, compute_mode="donot_use_mm_for_euclid_dist").argmin(-1)
+    """c^(i) = argmin_j ||x^(i) - mu_j||^2, long, shape (n,), for x (n, d) and mu (k, d); a NaN entry of x
+    is missing and left out of the distance."""
+    return squared_distances(x, mu).argmin(-1)
 
 
 def distortion(x: torch.Tensor, mu: torch.Tensor, c: Optional[torch.Tensor] = None,
                metric: str = "euclidean") -> torch.Tensor:
-    """J(c, mu) = sum_i ||x^(i) - mu_{c(i)}||^2, a scalar.
+    """J(c, mu) = sum_i ||x^(i) - mu_{c(i)}||^2, a scalar (over the observed entries where x has NaN).
 
     ``c`` defaults to the nearest-centroid assignment :func:`assign`, which minimises J over c.
     With ``metric="cosine"`` the rows of x are normalised first, so J = 2 sum_i (1 - cos(x^(i), mu_c(i)))
@@ -119,7 +165,8 @@ def distortion(x: torch.Tensor, mu: torch.Tensor, c: Optional[torch.Tensor] = No
     """
     x = prepare(x, metric)
     c = assign(x, mu) if c is None else c
-    return ((x - mu[c]) ** 2).sum()
+    seen = ~torch.isnan(x)  # (n, d): a missing entry adds nothing
+    return ((x.masked_fill(~seen, 0.0) - mu[c]) ** 2 * seen).sum()
 
 
 def init_params(x: torch.Tensor, k: int, seed: int = 0, metric: str = "euclidean") -> Dict[str, torch.Tensor]:
@@ -144,7 +191,7 @@ def model(x: torch.Tensor, k: int = 2, init: Optional[Dict[str, torch.Tensor]] =
     Parameters
     ----------
     x : torch.Tensor
-        Observations x^(i), shape (n, d).
+        Observations x^(i), shape (n, d); NaN marks a missing entry (``metric="euclidean"`` only).
     k : int
         Number of clusters.
     init : dict, optional
@@ -160,9 +207,13 @@ def model(x: torch.Tensor, k: int = 2, init: Optional[Dict[str, torch.Tensor]] =
     defaults = partial(init_params, x, k)
     mu = pyro.param("mu", lambda: _start("mu", init, defaults), constraint=sphere)  # (k, d)
     phi = x.new_full((k,), 1.0 / k)  # fixed uniform weights: not a parameter
+    seen = ~torch.isnan(x)  # (n, d): False at a missing entry
     with pyro.plate("data", n):
         z = pyro.sample("z", dist.Categorical(phi), infer={"enumerate": "parallel"})  # (n,) or (k, 1)
-        pyro.sample("x", dist.Normal(mu[z], scale).to_event(1), obs=x)
+        coords = dist.Normal(mu[z], scale)
+        if not bool(seen.all()):  # p(x_o^(i) | z^(i)): the missing entries marginalised out (module docstring)
+            coords = coords.mask(seen)
+        pyro.sample("x", coords.to_event(1), obs=x.masked_fill(~seen, 0.0))
 
 
 def generate(n: int, mu: torch.Tensor, seed: int = 0, scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:

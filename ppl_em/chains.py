@@ -154,7 +154,7 @@ def log_evidence(initial: torch.Tensor, transition: torch.Tensor, emission: torc
     if semiring == "sum":
         return _ChainLogProb.apply(initial, transition, emission)
     if semiring == "max":
-        return _log_space(initial, transition, emission, _max).to(emission.dtype)
+        return _ChainViterbi.apply(initial, transition, emission)
     raise ValueError(f"semiring must be 'sum' or 'max', got {semiring!r}.")
 
 
@@ -447,7 +447,126 @@ def _to_input(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return grad.sum_to_size(x.shape).to(x.dtype)
 
 
-# -- log space: max-sum (Viterbi), and the fallback for sums ---------------------------------------
+# -- max-sum (Viterbi): block products with back-pointers, no autograd graph --------------------------
+class _ChainViterbi(torch.autograd.Function):
+    """max over paths of log p(x, w) of a chain, and as its gradient the 0/1 indicators of the best path.
+
+    delta_t[j] = max_i delta_{t-1}[i] + log M_t[i, j] (log M_t = log A_t + emission_t), blocked as the sums
+    are: one pass over the L steps of every block at once gives each block's max-plus product D_c with
+    back-pointers for every start state; one pass over the blocks (and the tail) chains them; the best
+    path is then read back block by block, again for all blocks at once. No autograd graph is kept: the
+    backward returns the path's indicators (initial state, transition counts, states) times the incoming
+    gradient, what autograd through the max would give, for a fraction of its time and memory.
+    """
+
+    @staticmethod
+    def forward(ctx, initial, transition, emission):
+        lay = _layout(initial, transition, emission)
+        e, tr, init = _viterbi_tables(initial, transition, emission, lay)
+        blocks, pointers = _max_plus_blocks(e, tr, lay)
+        score, states, first = _best_paths(init, e, tr, blocks, pointers, lay)
+        ctx.save_for_backward(initial, transition, emission)
+        ctx.path = (states, first, lay)
+        return score.reshape(lay.full).to(emission.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        initial, transition, emission = ctx.saved_tensors
+        states, first, lay = ctx.path  # (F, T) states w_0 .. w_{T-1} and (F,) w_{-1} of every full chain
+        K, F = lay.K, states.shape[0]
+        g = g.to(torch.float64).expand(lay.full).reshape(F)
+        q0 = torch.nn.functional.one_hot(first, K).to(torch.float64) * g[:, None]  # (F, K)
+        gamma = torch.nn.functional.one_hot(states, K).to(torch.float64) * g[:, None, None]  # (F, T, K)
+        prev = torch.cat([first[:, None], states[:, :-1]], 1)  # w_{t-1}
+        pair = prev * K + states  # (F, T)
+        if lay.homogeneous and transition.dim() == 2:
+            counts = torch.zeros(F, K * K, dtype=torch.float64, device=g.device)
+            counts.scatter_add_(1, pair, g[:, None].expand_as(pair).contiguous())
+            xi = counts.sum(0).reshape(K, K)
+        else:
+            xi = torch.nn.functional.one_hot(pair, K * K).to(torch.float64) * g[:, None, None]
+            xi = xi.reshape(lay.full + (lay.T, K, K))
+            if transition.shape[-3] == 1:
+                xi = xi.sum(-3, keepdim=True)
+        return (_to_input(q0.reshape(lay.full + (K,)), initial), _to_input(xi, transition),
+                _to_input(gamma.reshape(lay.full + (lay.T, K)), emission))
+
+
+def _viterbi_tables(initial, transition, emission, lay: _Layout):
+    """Log-space tables in float64: e (N, T, K), transitions (1|N, T|1, K, K), initial (F, K) over the full batch."""
+    N, T, K = lay.N, lay.T, lay.K
+    e = emission.detach().to(torch.float64).expand(lay.batch + (T, K)).reshape(N, T, K)
+    tr = transition.detach().to(torch.float64)
+    tr = tr.reshape((1,) * (3 - tr.dim()) + tr.shape) if tr.dim() < 3 else tr
+    Tt = tr.shape[-3]
+    tr = tr.reshape(1, Tt, K, K) if lay.shared else tr.expand(lay.batch + (Tt, K, K)).reshape(N, Tt, K, K)
+    init = initial.detach().to(torch.float64).expand(lay.full + (K,)).reshape(-1, K)
+    return e, tr, init
+
+
+def _log_m(e, tr, t) -> torch.Tensor:
+    """log M_t = log A_t[i, j] + emission_t[j], (N|1, K, K)."""
+    return tr[:, 0 if tr.shape[1] == 1 else t] + e[:, t, None, :]
+
+
+def _max_plus_blocks(e, tr, lay: _Layout):
+    """D_c = max-plus product of the L steps of every block c, (N, nb, K, K), and the back-pointers
+    (L - 1, N, nb, K, K): at step l of block c, from start state i, the best state at step l - 1 before j."""
+    N, K, L, nb, main = lay.N, lay.K, lay.L, lay.nb, lay.main
+    e_blocks = e[:, :main].reshape(N, nb, L, K)
+    tr_blocks = tr if tr.shape[1] == 1 else tr[:, :main].reshape(tr.shape[0], nb, L, K, K)
+
+    def step(l):  # log M at step l of every block, (N|1, nb, K, K)
+        a = tr_blocks[:, :1] if tr.shape[1] == 1 else tr_blocks[:, :, l]
+        return a + e_blocks[:, :, l, None, :]
+
+    blocks = step(0).expand(N, nb, K, K)
+    pointers = []
+    for l in range(1, L):
+        blocks, index = (blocks.unsqueeze(-1) + step(l).unsqueeze(-3)).max(-2)
+        pointers.append(index.to(torch.uint8) if K <= 256 else index)
+    return blocks, pointers
+
+
+def _best_paths(init, e, tr, blocks, pointers, lay: _Layout):
+    """The best path of every full chain: (score (F,), states (F, T) of w_0 .. w_{T-1}, w_{-1} (F,))."""
+    F, N, T, L, nb, main = init.shape[0], lay.N, lay.T, lay.L, lay.nb, lay.main
+    chain_of = torch.arange(N, device=init.device).reshape(lay.batch).expand(lay.full).reshape(F)  # full -> batch
+    delta, back = init, []  # back[c]: the best state before block c (or step) for each state after it
+    for c in range(nb):
+        delta, index = (delta.unsqueeze(-1) + blocks[chain_of, c]).max(-2)  # (F, K)
+        back.append(index)
+    tail_back = []
+    for t in range(main, T):
+        delta, index = (delta.unsqueeze(-1) + _log_m(e, tr, t)[chain_of if tr.shape[0] > 1 or e.shape[0] > 1 else 0]).max(-2)
+        tail_back.append(index)
+    score, last = delta.max(-1)
+    states = torch.empty(F, T, dtype=torch.long, device=init.device)
+    current = last
+    for t in range(T - 1, main - 1, -1):  # the tail, backwards
+        states[:, t] = current
+        current = tail_back[t - main].gather(1, current[:, None]).squeeze(1)
+    ends = torch.empty(F, nb, dtype=torch.long, device=init.device)  # the state at the last step of each block
+    starts = torch.empty(F, nb, dtype=torch.long, device=init.device)  # the state before each block
+    for c in range(nb - 1, -1, -1):
+        ends[:, c] = current
+        current = back[c].gather(1, current[:, None]).squeeze(1)
+        starts[:, c] = current
+    first = current  # w_{-1}
+    if nb:
+        rows = chain_of[:, None].expand(F, nb)
+        cols = torch.arange(nb, device=init.device).expand(F, nb)
+        state = ends
+        block_states = torch.empty(F, nb, L, dtype=torch.long, device=init.device)
+        for l in range(L - 1, -1, -1):
+            block_states[:, :, l] = state
+            if l:
+                state = pointers[l - 1][rows, cols, starts, state].long()
+        states[:, :main] = block_states.reshape(F, main)
+    return score, states, first
+
+
+# -- log space: the fallback for sums (and the reference max-sum of the tests) ---------------------
 def _logsumexp(t: torch.Tensor, dim: int) -> torch.Tensor:
     # torch.logsumexp's gradient is NaN where every term is -inf (states that cannot follow each
     # other); this one is 0 there.

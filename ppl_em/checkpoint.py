@@ -218,6 +218,12 @@ _META = {
 }
 
 
+# optional meta fields (absent from older checkpoints) -> (test, what it must be)
+_OPTIONAL_META = {
+    "missing": (lambda v: v in ("error", "marginalize"), "'error' or 'marginalize'"),
+}
+
+
 def read(path: "os.PathLike[str] | str") -> Tuple[State, Dict[str, Any]]:
     """The validated parameters (a param-store state) and metadata of a checkpoint file.
 
@@ -268,6 +274,10 @@ def _parse_meta(text: Any, source: str) -> Dict[str, Any]:
         if name not in meta or not test(meta[name]):
             got = f"got {meta[name]!r}"[:120] if name in meta else "it is missing"
             raise ValueError(f"{source!r}: the checkpoint field meta[{name!r}] must be {kind}; {got}.")
+    for name, (test, kind) in _OPTIONAL_META.items():
+        if name in meta and not test(meta[name]):
+            raise ValueError(f"{source!r}: the checkpoint field meta[{name!r}] must be {kind}; "
+                             f"got {meta[name]!r}"[:200] + ".")
     if meta["restarts"] and meta["best"] >= len(meta["restarts"]):
         raise ValueError(f"{source!r}: meta['best'] = {meta['best']} is not the index of one of its "
                          f"{len(meta['restarts'])} restarts.")

@@ -13,6 +13,8 @@
     stepwise EM. Under ``torchrun --nproc-per-node=N -m ppl_em.cli fit ... --distributed`` every
     rank memory-maps its contiguous shard of the rows and EM sums the ranks' statistics
     (:mod:`ppl_em.distributed`); rank 0 writes the outputs and prints.
+    ``--missing marginalize`` fits data with missing values (empty CSV fields, NaN) by marginalising
+    them out (:func:`ppl_em.fit`'s ``missing``); without it they are an error.
 ``ppl-em fit MODEL --data FILE --components A:B [--criterion bic|aic|heldout]``
     Fit every k from A to B (:func:`ppl_em.select`), print the table of criteria, choose k;
     write the chosen fit's checkpoint and figures, ``selection.json`` and ``selection.png``.
@@ -21,7 +23,7 @@
 
 Bad input (a missing or malformed file, NaN, a wrong shape, K larger than the number of
 points, an unknown model or method, an ``--out`` that cannot be written) and the library's own
-diagnostics (a singular fit) print one line on stderr and exit with status 2; Ctrl-C prints
+diagnostics (a singular fit, a gradient M-step that cannot move) print one line on stderr and exit with status 2; Ctrl-C prints
 one line and exits with status 130. The outputs of a run appear together when it succeeds,
 and not at all otherwise (:class:`Outputs`).
 """
@@ -51,6 +53,7 @@ import torch
 
 from . import distributed as distributed_, sources
 from .fit import INITS, METHODS, ConvergenceWarning, fit
+from .gradient import StalledError
 from .checkpoint import atomic_write, clean_stale_partials, partial_prefix, sync_directory
 from .result import FitResult
 from .validation import MAX_SEED
@@ -72,13 +75,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- input ----------------------------------------------------------------------------------
-def load_data(path: str, shard: Optional[Tuple[int, int]] = None):
+def load_data(path: str, shard: Optional[Tuple[int, int]] = None, missing: str = "error"):
     """Read (n, d) float64 data from a .csv (optional header line) or .npy file; validate it.
 
     Returns a tensor, or for a .npy file whose data exceed :data:`IN_MEMORY_BYTES` a
     :class:`ppl_em.Rows` source over its memory map (float64 batches). ``shard = (rank, world)``: only
     that rank's contiguous share of the rows. Positions in errors count from 0 for a .npy array's rows
     and from 1 for a .csv file's lines (the header included) and columns, as an editor shows them.
+    An empty CSV field, and ``nan``, is a missing value, NaN in the tensor: an error unless
+    ``missing="marginalize"``, and then still an error for a row or a column without any observed
+    value. An inf is always an error.
     """
     _check_data_path(path)
     ext = os.path.splitext(path)[1].lower()
@@ -95,7 +101,7 @@ def load_data(path: str, shard: Optional[Tuple[int, int]] = None):
         array = array[:, None]
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
         raise UsageError(f"data file {path!r}: expected a non-empty table of shape (n, d), got shape {array.shape}")
-    _check_finite(path, array, lines)
+    _check_finite(path, array, lines, missing)
     if shard is not None:
         array = array[sources.shard_range(len(array), *shard)]
     if isinstance(array, np.memmap) and array.nbytes > IN_MEMORY_BYTES:
@@ -113,22 +119,56 @@ def _check_data_path(path: str) -> None:
                          "expected a .csv or .npy file")
 
 
-def _check_finite(path: str, array: np.ndarray, lines: Optional[List[int]]) -> None:
-    """No NaN or inf, checked in blocks of rows (a memory map is read once, never copied whole)."""
+def _check_finite(path: str, array: np.ndarray, lines: Optional[List[int]], missing: str = "error") -> None:
+    """No NaN (unless ``missing="marginalize"``) or inf, checked in blocks of rows (a memory map is read
+    once, never copied whole); with missing values, no row or column without an observed value."""
     block = max(1, 2**22 // max(1, array.shape[1]))
     count, first = 0, None
+    empty_rows, first_empty, any_seen = 0, None, np.zeros(array.shape[1], dtype=bool)
     for start in range(0, len(array), block):
-        bad = ~np.isfinite(np.asarray(array[start:start + block], dtype=np.float64))
+        values = np.asarray(array[start:start + block], dtype=np.float64)
+        bad = np.isinf(values) if missing == "marginalize" else ~np.isfinite(values)
         if bad.any():
             count += int(bad.sum())
             if first is None:
                 row, col = (int(i) for i in np.argwhere(bad)[0])
                 first = (start + row, col)
+        if missing == "marginalize":
+            nan = np.isnan(values)
+            empty = np.flatnonzero(nan.all(1))
+            if len(empty) and first_empty is None:
+                first_empty = start + int(empty[0])
+            empty_rows += len(empty)
+            any_seen |= ~nan.all(0)
     if count:
-        row, col = first
-        where = f"row {row}, column {col}" if lines is None else f"line {lines[row]}, column {col + 1}"
-        raise UsageError(f"data file {path!r} has {count} NaN/inf value(s), the first at {where}; "
-                         "remove or impute them")
+        where = _position(first, lines)
+        what = "inf value(s) (a missing value is an empty field or NaN)" if missing == "marginalize" else \
+            "NaN/inf value(s)"
+        hint = "" if missing == "marginalize" else \
+            " (or, for missing values, pass --missing marginalize: gmm, kmeans, bernoulli_mixture, poisson_mixture)"
+        raise UsageError(f"data file {path!r} has {count} {what}, the first at {where}; remove or impute them{hint}")
+    if missing == "marginalize":
+        _check_missing(path, first_empty, empty_rows, ~any_seen, lines)
+
+
+def _position(index, lines: Optional[List[int]]) -> str:
+    row, col = (int(i) for i in index)
+    return f"row {row}, column {col}" if lines is None else f"line {lines[row]}, column {col + 1}"
+
+
+def _check_missing(path: str, first_row: Optional[int], n_rows: int, empty_cols: np.ndarray,
+                   lines: Optional[List[int]]) -> None:
+    """A row, or a column, with no observed value says nothing about the parameters: an error."""
+    if n_rows:
+        row = first_row
+        where = f"row {row}" if lines is None else f"line {lines[row]}"
+        raise UsageError(f"data file {path!r} has {n_rows} row(s) with every value missing, the first "
+                         f"at {where}; drop them (they say nothing about the parameters)")
+    if empty_cols.any():
+        col = int(np.argmax(empty_cols))
+        where = f"column {col}" if lines is None else f"column {col + 1}"
+        raise UsageError(f"data file {path!r} has {int(empty_cols.sum())} column(s) with every value missing, "
+                         f"the first is {where}; drop them (nothing determines their parameters)")
 
 
 def _read_npy(path: str) -> np.ndarray:
@@ -169,12 +209,22 @@ def _read_csv(path: str) -> Tuple[np.ndarray, List[int]]:
         header = _has_header(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # numpy warns on an empty file
-            array = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=int(header), dtype=np.float64)
+            try:
+                array = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=int(header), dtype=np.float64)
+            except ValueError:  # an empty field is a missing value: parse again, slower, with NaN there
+                array = np.loadtxt(path, delimiter=",", ndmin=2, skiprows=int(header), dtype=np.float64,
+                                   converters=_field)
     except OSError as e:
         raise UsageError(f"could not read {path!r}: {e.strerror or e}") from None
     except ValueError:
         raise UsageError(f"could not parse {path!r} as a numeric CSV table: {_csv_problem(path, header)}") from None
     return array, _data_lines(path, header)
+
+
+def _field(text: str) -> float:
+    """One CSV field as a number; an empty field is a missing value, NaN."""
+    text = text.strip()
+    return float(text) if text else math.nan
 
 
 def _csv_lines(path: str) -> Iterator[Tuple[int, List[str]]]:
@@ -188,7 +238,7 @@ def _csv_lines(path: str) -> Iterator[Tuple[int, List[str]]]:
 
 def _is_number(field: str) -> bool:
     try:
-        float(field)
+        _field(field)
     except ValueError:
         return False
     return True
@@ -398,6 +448,8 @@ def _cluster_figure(path: str, result: FitResult, x, k: int, title: str,
     if resp.numel() != x.shape[0] * resp.shape[-1]:  # one row of w per data row, in data order
         return None
     resp = resp.reshape(x.shape[0], -1)
+    complete = ~torch.isnan(x).any(1)  # a row with a missing coordinate has no place in the plane
+    x, resp = x[complete], resp[complete]
     mu, Sigma = result.params.get("mu"), result.params.get("Sigma")
     if mu is not None and mu.shape != (k, 2):
         mu = None
@@ -473,7 +525,7 @@ def cmd_fit(ns: argparse.Namespace) -> int:
         raise UsageError("--components A:B fits every k in one process; choose k without --distributed, "
                          "then fit that k with --distributed")
     shard = _start_ranks(ns) if ns.distributed else None
-    x = load_data(ns.data, shard)
+    x = load_data(ns.data, shard, ns.missing)
     if isinstance(ns.components, list):
         return cmd_select(ns, model, x)
     rows = _rows_in_file(ns.data, x, shard)
@@ -487,7 +539,8 @@ def cmd_fit(ns: argparse.Namespace) -> int:
         if ns.distributed:
             options["distributed"] = True
         result = _fit_quietly(model, x, ns.components, method=ns.method, max_iter=ns.max_iter, seed=ns.seed,
-                              n_init=ns.n_init, init=ns.init, progress=None if not ns.json else False, **options)
+                              n_init=ns.n_init, init=ns.init, progress=None if not ns.json else False,
+                              missing=ns.missing, **options)
         if out is None:  # ranks other than 0 fitted along; rank 0 writes and prints
             return 0
         summary = dict(_summary(result, x, ns.components, time.perf_counter() - start, from_fit=ns.distributed),
@@ -523,7 +576,8 @@ def cmd_select(ns: argparse.Namespace, model: Callable, x: torch.Tensor) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # the table's conv column reports it
         selection = select(model, x, k=ns.components, criterion=ns.criterion, method=ns.method,
-                           max_iter=ns.max_iter, seed=ns.seed, n_init=ns.n_init, init=ns.init, progress=False)
+                           max_iter=ns.max_iter, seed=ns.seed, n_init=ns.n_init, init=ns.init, progress=False,
+                           missing=ns.missing)
     k, best = selection.best_k, selection.best
     summary = {"model": ns.model, "data": ns.data, "n": len(x), "d": x.shape[1], "method": ns.method,
                "criterion": ns.criterion, "chosen_k": k, "split": selection.split, "rows": selection.rows,
@@ -660,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="ppl_em_out", help="output folder (default: ppl_em_out)")
     f.add_argument("--json", action="store_true", help="print a machine-readable summary")
     f.add_argument("--max-iter", type=int, default=None)
+    f.add_argument("--missing", default="error", choices=("error", "marginalize"),
+                   help="empty fields or NaN in the data: an error (default), or missing values marginalised out "
+                        "(gmm, kmeans, bernoulli_mixture, poisson_mixture)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--batch-size", type=int, default=None,
                    help="rows per batch: of online_em's M-steps, or read from a large .npy file")
@@ -691,8 +748,9 @@ def _report(error: BaseException) -> int:
     if _interrupted(error):
         print("ppl-em: interrupted; no output was written", file=sys.stderr)
         return 130
-    if isinstance(error, (UsageError, ValueError, FloatingPointError, distributed_.RankError)):
-        # ValueError, FloatingPointError: the library's own diagnostics (bad data, a singular fit);
+    if isinstance(error, (UsageError, ValueError, FloatingPointError, StalledError, distributed_.RankError)):
+        # ValueError, FloatingPointError, StalledError: the library's own diagnostics (bad data, a singular
+        # fit, a gradient M-step stalled, as a full-covariance GMM with missing values can on tiny data);
         # RankError: one of them, or a rank that stopped answering, on another rank of a --distributed fit
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"ppl-em: error: {message}", file=sys.stderr)

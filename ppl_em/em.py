@@ -34,7 +34,7 @@ import torch
 import pyro
 
 from . import chunking as chunks_, closed_form, distributed as distributed_, sources
-from .checks import check_arguments, check_observations
+from .checks import check_arguments, check_missing, check_observations
 from .diagnostics import degenerate_update_message, explain_failure, non_finite_loss_message
 from .fast import Workspace
 from .gradient import (StalledError, expected_log_joint, gradient_m_step, stalled_message, stationary,
@@ -93,6 +93,12 @@ class EM:
     The data may also be a data source where a tensor of rows would be: a numpy memory map, a
     ``DataLoader``, a re-iterable of batches (:mod:`ppl_em.sources`); ``step`` then reads it batch by
     batch, in O(batch) memory.
+    missing : {"error", "marginalize"}
+        NaN in a tensor argument: an error (the default), or a missing value that the model masks
+        (``"marginalize"``: the NaN reaches the model, which observes p(x_obs^(i) | z^(i)); a NaN that
+        reaches an observed site unmasked is still an error; an inf is an error either way). A model
+        may write the rows that hold a NaN differently (``ppl_em.models.gmm``), so the M-step plan is
+        then made on all the rows of the first data, not on its first ``PLAN_ROWS``.
 
     The loop contract: ``stats = em.summarize(*args)`` (E-step, no parameter changes),
     ``em.maximize(stats)`` (M-step from statistics alone), ``em.step(*args)`` (= maximize of the sum
@@ -127,7 +133,7 @@ class EM:
 
     def __init__(self, model: Callable, posterior: str = "exact", m_step: str = "auto", reg_covar: float = 1e-6,
                  max_grad_iter: int = 100, chunk_size="auto", map_basis: str = "constrained",
-                 distributed: bool = False) -> None:
+                 distributed: bool = False, missing: str = "error") -> None:
         if posterior not in ("exact", "hard"):
             raise ValueError(f"posterior must be 'exact' or 'hard', got {posterior!r}.")
         if m_step not in ("auto", "closed_form", "gradient"):
@@ -138,7 +144,7 @@ class EM:
             raise ValueError(f"chunk_size must be a positive int, 'auto' or None, got {chunk_size!r}.")
         if map_basis not in MAP_BASES:
             raise ValueError(f"map_basis must be one of {MAP_BASES}, got {map_basis!r}.")
-        self.map_basis = map_basis
+        self.map_basis, self.missing = map_basis, check_missing(missing)
         self.distributed = distributed_.check_available() if distributed else False
         self._decided: Dict[tuple, chunks_.Chunking] = {}  # chunkings of data shapes seen (a pass's last batch)
         self.model, self.posterior, self.m_step_mode = model, posterior, m_step
@@ -259,7 +265,7 @@ class EM:
         if sources.find(args, kwargs) is not None:
             raise ValueError("e_step holds Q(z) of all the data at once, which a data source does not fit; use "
                              "em.summarize(...) or em.step(...) on the source, or e_step on one batch.")
-        check_arguments(args, kwargs)
+        check_arguments(args, kwargs, self.missing)
         if self.structure is None:
             self.structure = inspect_model(self.model, args, kwargs)
         post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior)
@@ -336,7 +342,7 @@ class EM:
     def _prepare(self, args, kwargs, plan: bool = True) -> chunks_.Chunking:
         """Inspect the model once; decide (once per data shape) how step() chunks the data; make the plan
         (once per model and parameter shapes: it holds for data of any number of rows)."""
-        check_arguments(args, kwargs)
+        check_arguments(args, kwargs, self.missing)
         if self.structure is None:
             self.structure = inspect_model(self.model, args, kwargs)
         sig = chunks_.signature(args, kwargs)
@@ -354,7 +360,10 @@ class EM:
                 self._remember(self._chunks)
                 self._workspace.clear()  # tables sized for other data
         if plan and (self.plan is None or self.plan.shapes != _shapes(self._param_names)):
-            first = self._chunks.take(args, kwargs, slice(0, PLAN_ROWS)) if self._chunks.positions else (args, kwargs)
+            # With missing values a model may write the rows that hold a NaN differently (the GMM with a full
+            # Sigma): the plan is made on all the rows, so that it sees them.
+            cut = self._chunks.positions and self.missing == "error"
+            first = self._chunks.take(args, kwargs, slice(0, PLAN_ROWS)) if cut else (args, kwargs)
             self._make_plan(self.e_step(*first[0], **first[1]), *first)
         if plan and self.plan.gradient and self._chunks.rows is not None:
             why = f"parameters {self.plan.gradient} have a gradient M-step, which needs Q(z) of all the data at once"

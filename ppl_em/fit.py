@@ -40,6 +40,18 @@ starts at exactly 0 or 1. Every other parameter keeps its "prior" value. A model
 parameter (a VAE decoder network) or without an exact E-step falls back to "prior"; the
 result's ``init["params"]`` lists what was set.
 
+Missing values (``missing="marginalize"``): NaN entries of the data are let through to the model,
+which must marginalise them (the models of ``ppl_em.models`` observe p(x_o^(i) | z^(i)), the
+observed entries o^(i) of each row; see ``ppl_em.models.gmm``). Every engine then sees the same
+NaN data: the E- and M-steps use the observed entries, the result's ``predict_proba``, ``score``,
+``bic`` and ``aic`` accept rows with NaN, and its checkpoint records ``missing``. The
+initialisation places the location parameters on the data with each NaN at the observed value of
+its column nearest to the column's mean (so that a count stays a count, a bit a bit), choosing
+among the rows without NaN where there are at least k of them and the rows map one to one to the
+data's. A
+model that lets a NaN reach an observed site unmasked, an entirely missing observation (a row of
+NaN) and a column missing in every row are errors before the fit starts.
+
 References: lecture notes, "k-means" (initialisation, non-convexity), "EM algorithm";
 scikit-learn's ``BaseMixture.fit``; Arthur & Vassilvitskii, "k-means++", SODA 2007.
 """
@@ -52,7 +64,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import pyro
@@ -68,7 +80,9 @@ from .posterior import ExactInferenceError, inspect_model, trace_model
 from .result import FitResult, observations, scaled_observations
 from .store import capture_store, model_trace, replace_store
 from .svi import NonFiniteLossError, SafeSVI, default_loss
-from .validation import check_arguments, check_k_fits, check_observed_dtypes, check_seed
+from .checks import check_missing
+from .validation import (check_arguments, check_k_fits, check_masked_observations, check_missing_columns,
+                         check_observed_dtypes, check_seed)
 
 __all__ = ["fit", "ConvergenceWarning", "METHODS", "INITS"]
 
@@ -99,6 +113,7 @@ class _Options:
     data: Any = None  # the arguments as rows (ppl_em.sources.Data)
     online: Dict[str, Any] = field(default_factory=dict)  # OnlineEM's options (batch_size, step_size)
     distributed: bool = False
+    missing: str = "error"
 
 
 @dataclass
@@ -146,6 +161,7 @@ def fit(
     batch_size: Optional[int] = None,
     step_size: Any = None,
     distributed: bool = False,
+    missing: str = "error",
     **kwargs: Any,
 ) -> FitResult:
     """Fit a plain Pyro model; ``*args`` and ``**kwargs`` are passed to it untouched.
@@ -199,6 +215,10 @@ def fit(
         (:mod:`ppl_em.distributed`); each process passes its own shard of the data, rank 0's
         initialisation is every rank's start, and every rank returns the same result (its
         ``log_likelihood`` and ``n_data`` are of all ranks' data together).
+    missing : {"error", "marginalize"}
+        NaN in the data: an error (the default), or missing entries that the model marginalises
+        out (the models of ``ppl_em.models`` do; see the module docstring). An inf is an error
+        either way.
 
     Returns
     -------
@@ -209,7 +229,8 @@ def fit(
     ------
     ValueError
         Before the model runs, for model arguments that cannot be fitted (NaN or inf, naming
-        the argument and the first index; empty, half-precision or ``requires_grad`` data; a
+        the argument and the first index, NaN allowed with ``missing="marginalize"``; empty,
+        half-precision or ``requires_grad`` data; a
         ``k`` that is not a positive integer no larger than n; see :mod:`ppl_em.validation`),
         and for an EM update that is singular (naming the component where it can).
     NonFiniteLossError
@@ -227,7 +248,7 @@ def fit(
     """
     args, kwargs = _batched(args, kwargs, method, batch_size)
     opts = _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, seed, progress, optim,
-                          em_options, log_px_every, distributed)
+                          em_options, log_px_every, distributed, missing)
     opts.online = {"batch_size": batch_size, "step_size": step_size}
     networks, before = _Networks(args, kwargs), capture_store()
     try:
@@ -248,7 +269,8 @@ def fit(
     return FitResult.from_store(
         method=method, losses=run.losses, history=run.history, converged=run.converged, n_iter=len(run.losses),
         n_data=opts.n_data, log_likelihood=run.log_px, restarts=[r.summary(opts.n_data) for r in runs], best=best,
-        init={"strategy": init, "params": run.init_params}, model=model, guide=run.guide, args=args, kwargs=kwargs)
+        init={"strategy": init, "params": run.init_params}, model=model, guide=run.guide, args=args, kwargs=kwargs,
+        missing=missing)
 
 
 def _restarts(model: Callable, args: tuple, kwargs: dict, opts: "_Options", seed: int,
@@ -294,7 +316,7 @@ class _Networks:
 
 
 def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, init, seed, progress, optim,
-                   em_options, log_px_every, distributed=False) -> _Options:
+                   em_options, log_px_every, distributed=False, missing="error") -> _Options:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if init not in INITS:
@@ -313,30 +335,38 @@ def _check_options(model, args, kwargs, method, guide, max_iter, tol, n_init, in
         raise ValueError("A guide instance cannot be reset between restarts; pass its class "
                          "(e.g. guide=AutoCategorical) so that each restart builds a fresh one, or use n_init=1.")
     check_seed(seed, n_init)
+    check_missing(missing)
+    if em_options and "missing" in em_options:
+        raise ValueError("em_options may not hold 'missing': pass it to fit itself, fit(..., missing='marginalize'), "
+                         "and every engine of the fit (EM, SVI, the final E-step) follows it.")
     if distributed and method not in ("em", "hard_em"):
         raise ValueError(f"distributed=True sums EM's statistics across processes; method={method!r} has none. "
                          "Use method='em' or 'hard_em', or fit in one process.")
     if distributed:
         distributed_.check_available()
-        n_data, data = distributed_.agreed(lambda: _check_data(model, args, kwargs), "checking the data")
+        n_data, data = distributed_.agreed(lambda: _check_data(model, args, kwargs, missing), "checking the data")
         n_data = _sum_over_ranks(n_data)
     else:
-        n_data, data = _check_data(model, args, kwargs)
+        n_data, data = _check_data(model, args, kwargs, missing)
     return _Options(method, guide, max_iter, float(tol), init, progress, optim, dict(em_options or {}),
-                    int(log_px_every), n_data, n_init, data, distributed=bool(distributed))
+                    int(log_px_every), n_data, n_init, data, distributed=bool(distributed), missing=missing)
 
 
-def _check_data(model: Callable, args: tuple, kwargs: dict):
+def _check_data(model: Callable, args: tuple, kwargs: dict, missing: str = "error"):
     """Validate the model arguments before the model runs, then look at one run of it on its first rows in
     an empty param store (what a previous fit left there must not leak in); returns n, the observations
     (of all rows), and the arguments as rows (:class:`ppl_em.sources.Data`)."""
     if sources.find(args, kwargs) is None:
-        check_arguments(model, args, kwargs)
+        check_arguments(model, args, kwargs, missing)
+        if missing == "marginalize":
+            check_missing_columns(model, args, kwargs)
     data = sources.Data.of(model, args, kwargs)
     first = data.first(sources.CHECK_ROWS)
     if data.source is not None:
-        check_arguments(model, *first)
+        check_arguments(model, *first, missing)
     trace = model_trace(model, *first)
+    if missing == "marginalize":
+        check_masked_observations(trace)
     check_observed_dtypes(trace)
     n_data = scaled_observations(observations(trace), data, sources.CHECK_ROWS)
     check_k_fits(model, args, kwargs, n_data)
@@ -373,7 +403,7 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
     """Fresh store, seeded initialisation, then ``engine.step`` until tol or max_iter."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    start = lambda: initialise(model, args, kwargs, opts.init, seed, opts.data)
+    start = lambda: initialise(model, args, kwargs, opts.init, seed, opts.data, opts.missing)
     run = _Run(seed=seed, init_params=distributed_.agreed(start, "initialisation") if opts.distributed else start())
     engine, run.guide = _engine(model, args, kwargs, opts, seed)
     window = SVI_WINDOW if opts.method in ("svi", "vae") else 1
@@ -383,7 +413,7 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
             # Monitoring happens before the step, at the theta the step's loss is computed at.
             monitor = opts.log_px_every and (it == 1 or it % opts.log_px_every == 0) \
                 and opts.method in ("svi", "vae")
-            log_px = exact_log_px(model, args, kwargs, opts.n_data) if monitor else None
+            log_px = exact_log_px(model, args, kwargs, opts.n_data, opts.missing) if monitor else None
             start = time.perf_counter()
             try:
                 loss = _step(engine, model, args, kwargs, it)
@@ -402,7 +432,7 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
                 break
     if isinstance(engine, OnlineEM):
         engine.finish()  # the Polyak-Ruppert average, where asked for, is the result
-    run.log_px = exact_log_px(model, args, kwargs, opts.n_data, opts.distributed)
+    run.log_px = exact_log_px(model, args, kwargs, opts.n_data, opts.distributed, opts.missing)
     run.state = capture_store()
     return run
 
@@ -434,12 +464,12 @@ def _settled(losses: List[float], window: int, tol: float) -> bool:
 
 
 def exact_log_px(model: Callable, args: tuple, kwargs: dict, n_data: int,
-                 distributed: bool = False) -> Optional[float]:
+                 distributed: bool = False, missing: str = "error") -> Optional[float]:
     """(1/n) log p(x; theta) at the parameters in the store, by one exact E-step (streamed; of every rank's
     data with ``distributed``); None if intractable."""
     try:
         with poutine.block():
-            em = EM(model, distributed=distributed, **_tiny_data_options(n_data))
+            em = EM(model, distributed=distributed, missing=missing, **_tiny_data_options(n_data))
             return em.log_likelihood(*args, **kwargs) / n_data
     except ExactInferenceError:
         return None
@@ -449,11 +479,12 @@ def _engine(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: in
     """The object whose ``step(*args, **kwargs) -> float`` runs one iteration, and the guide."""
     if opts.method in ("em", "hard_em"):
         posterior = "exact" if opts.method == "em" else "hard"
-        options = {**_tiny_data_options(opts.n_data), **opts.em_options}
+        options = {**_tiny_data_options(opts.n_data), "missing": opts.missing, **opts.em_options}
         return EM(model, posterior=posterior, distributed=opts.distributed, **options), None
     if opts.method == "online_em":
         online = {k: v for k, v in opts.online.items() if v is not None}
-        return OnlineEM(model, n=opts.data.rows or opts.n_data, seed=seed, **online, **opts.em_options), None
+        return OnlineEM(model, n=opts.data.rows or opts.n_data, seed=seed, missing=opts.missing, **online,
+                        **opts.em_options), None
     guide = opts.guide
     if guide is None:
         guide = AutoCategorical if opts.method == "svi" else AutoAmortized
@@ -480,17 +511,21 @@ def _progress_bar(opts: _Options, seed: int):
 
 # -- initialisation -------------------------------------------------------------------------
 def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: int,
-               data: Optional[sources.Data] = None) -> List[str]:
+               data: Optional[sources.Data] = None, missing: str = "error") -> List[str]:
     """Create every parameter with the model's initialisers, then set the location ones.
 
     Returns the names of the parameters set from data rows (empty for "prior" or when the
     model has none). See the module docstring for what each strategy does. ``data``: the
-    arguments as rows, if already known (a source is initialised from a sample of its rows).
+    arguments as rows, if already known (a source is initialised from a sample of its rows); with
+    ``missing="marginalize"`` the rows come from the data with its NaN filled (:func:`impute_columns`).
     """
     generator = torch.Generator().manual_seed(seed)
     data = data if data is not None else sources.Data.of(model, args, kwargs)
     if data.source is not None:
         args, kwargs = data.sample(sources.SAMPLE_ROWS, generator)
+    seen: List[torch.Tensor] = []
+    if missing == "marginalize":
+        args, kwargs, seen = impute_columns(args, kwargs)
     traced = _create_parameters(model, args, kwargs)  # every pyro.param now exists
     if strategy == "prior" or traced is None:
         return []
@@ -498,6 +533,7 @@ def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: 
     chosen = []
     for name, (rows, attr) in location_parameters(traced).items():
         k = store[name].shape[0]
+        rows = complete_rows(rows, seen, k)
         if rows.shape[0] < k:
             raise ValueError(f"init={strategy!r} needs at least k = {k} observations to place parameter '{name}', "
                              f"got {rows.shape[0]}. Use fewer components, or init='prior'.")
@@ -533,6 +569,40 @@ class _Traced:
 
     trace: Any
     leaves: Dict[str, torch.Tensor]
+
+
+def impute_columns(args: tuple, kwargs: dict) -> Tuple[tuple, dict, List[torch.Tensor]]:
+    """The model arguments with each NaN at the observed value of its column nearest to the column's mean
+    (columns: the last dimension), and the masks of observed entries of the arguments that had NaN.
+
+    An observed value rather than the mean itself, so that the filled data stay in the data's support
+    (a count stays a count, a bit a bit) and the model accepts them."""
+    seen: List[torch.Tensor] = []
+
+    def fill(value: Any) -> Any:
+        if not (torch.is_tensor(value) and value.is_floating_point() and value.dim() >= 1
+                and bool(torch.isnan(value).any())):
+            return value
+        observed = ~torch.isnan(value)
+        seen.append(observed)
+        flat = value.reshape(-1, value.shape[-1])  # (m, d)
+        gap = (flat - flat.nanmean(0)).abs().nan_to_num(nan=math.inf)  # (m, d): distance to the column mean
+        nearest = flat.gather(0, gap.argmin(0, keepdim=True))[0].nan_to_num(0.0)  # (d,); no observed entry: 0
+        return torch.where(observed, value, nearest)
+
+    filled_args = tuple(fill(a) for a in args)
+    return filled_args, {name: fill(v) for name, v in kwargs.items()}, seen
+
+
+def complete_rows(rows: torch.Tensor, seen: List[torch.Tensor], k: int) -> torch.Tensor:
+    """``rows`` (m, *row) restricted to those without a missing entry, when some mask of observed entries in
+    ``seen`` has their shape (the rows are the data's, one to one) and at least k rows are complete."""
+    for observed in seen:
+        if observed.shape == rows.shape:
+            complete = observed.reshape(rows.shape[0], -1).all(-1)  # (m,)
+            if int(complete.sum()) >= k:
+                return rows[complete.to(rows.device)]
+    return rows
 
 
 # Attributes that are the mean of an observation, so that a data row is a good starting value.

@@ -165,6 +165,11 @@ class FitResult:
         below when none are passed). After :func:`load`, ``args`` is empty unless passed to it.
     source : str or None
         The checkpoint file a loaded result came from (named in its errors).
+    missing : {"error", "marginalize"}
+        How NaN entries in the data are treated, as in :func:`ppl_em.fit`: with "marginalize"
+        every method below accepts rows with NaN (missing entries marginalised out by the model;
+        a row of NaN is still an error), and a checkpoint keeps the setting. Set the attribute to
+        "marginalize" to score data with missing entries under a fit made without any.
 
     Every method checks, once per shape of its arguments, that the model reads exactly this
     result's parameters, with their shapes and constraints (:func:`ppl_em.checkpoint.check_model`):
@@ -200,6 +205,7 @@ class FitResult:
     kwargs: dict = field(default_factory=dict, repr=False)
     state: Dict[str, Dict[str, Any]] = field(default_factory=dict, repr=False)
     source: Optional[str] = field(default=None, repr=False)
+    missing: str = "error"
     _checked: set = field(default_factory=set, repr=False, compare=False)  # argument signatures checked
 
     @classmethod
@@ -259,7 +265,7 @@ class FitResult:
         """
         args, kwargs = self._model_args(args, kwargs)
         with self._active(), self._exact():
-            total = EM(self.model).log_likelihood(*args, **kwargs)
+            total = EM(self.model, missing=self.missing).log_likelihood(*args, **kwargs)
         return total / count_observations(self.model, args, kwargs, self.state)
 
     def elbo(self, *args: Any, num_particles: int = 16, **kwargs: Any) -> float:
@@ -347,7 +353,7 @@ class FitResult:
             "method": self.method, "losses": self.losses, "history": self.history,
             "converged": self.converged, "n_iter": self.n_iter, "n_data": self.n_data,
             "log_likelihood": self.log_likelihood, "restarts": self.restarts, "best": self.best,
-            "init": self.init, "model": qualified_name(self.model),
+            "init": self.init, "model": qualified_name(self.model), "missing": self.missing,
             "constraints": {n: constraint_to_json(c, n) for n, c in self.state["constraints"].items()},
         }
         payload = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "meta": json.dumps(meta),
@@ -388,9 +394,9 @@ class FitResult:
         once per argument shape, on the first rows: a data source's first batch)."""
         key = _signature(args, kwargs)
         if sources.find(args, kwargs) is None:
-            check_arguments(self.model, args, kwargs)  # NaN data: a clear error before the model runs
+            check_arguments(self.model, args, kwargs, self.missing)  # NaN data: a clear error before the model runs
         elif key not in self._checked:
-            check_arguments(self.model, *self._first(args, kwargs))
+            check_arguments(self.model, *self._first(args, kwargs), self.missing)
         if key not in self._checked:
             checkpoint.check_model(self.state, self.model, *self._first(args, kwargs), self.source or "This result")
             self._checked.add(key)
@@ -413,7 +419,7 @@ class FitResult:
     def _posterior(self, args: tuple, kwargs: dict):
         """The exact E-step on these (checked) arguments, with this result's parameters active."""
         with self._exact():
-            return EM(self.model).e_step(*args, **kwargs)
+            return EM(self.model, missing=self.missing).e_step(*args, **kwargs)
 
     def _model_param_names(self, args: tuple, kwargs: dict) -> List[str]:
         """Parameters the model itself reads (not the guide's), plus point-estimated global latents."""
@@ -493,10 +499,12 @@ def load(path: "os.PathLike[str] | str", model: Optional[Callable] = None, args:
     if (args or kwargs) and model is None:
         raise ValueError(f"{source!r} names no model of ppl_em.models; pass the model with the arguments: "
                          "ppl_em.load(path, model=my_model, args=(x, k)).")
+    missing = meta.get("missing", "error")  # absent from checkpoints written before missing values
     if args or kwargs:
-        check_arguments(model, args, kwargs)
+        check_arguments(model, args, kwargs, missing)
         checkpoint.check_model(state, model, args, kwargs, repr(source))
     replace_store(state)
     fields = {name: meta[name] for name in ("method", "losses", "history", "converged", "n_iter", "n_data",
                                             "log_likelihood", "restarts", "best", "init")}
+    fields["missing"] = missing
     return FitResult.from_store(**fields, model=model, args=args, kwargs=kwargs, source=repr(source))

@@ -12,6 +12,14 @@ half precision, ``requires_grad``, emptiness, and values so large that sums of t
 squares overflow the dtype. The number of components ``k`` must be a positive integer, and
 at most the number of observations (:func:`check_k_fits`); observed sites of continuous
 families must receive floating-point data (:func:`check_observed_dtypes`).
+
+Missing values (``missing="marginalize"``): a NaN in a tensor argument (not in one nested in a
+dict, list or tuple) is a missing entry, let through to the model, which masks it. An inf is still
+an error, and so is an observation that is missing entirely (NaN along the whole last dimension:
+a row of an (n, d) table): it says nothing about theta, and would count as an observation in
+(1/n) log p(x) and in BIC. :func:`check_missing_columns` (for a fit) refuses a column that is
+missing in every row, whose parameters nothing determines; :func:`check_masked_observations` a
+model that lets a NaN reach an observed site unmasked.
 """
 
 from __future__ import annotations
@@ -24,7 +32,10 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["check_arguments", "check_k_fits", "check_observed_dtypes", "check_seed", "named_arguments"]
+from .checks import MISSING_REMEDY, check_missing, check_observed_sites
+
+__all__ = ["check_arguments", "check_k_fits", "check_masked_observations", "check_missing_columns",
+           "check_observed_dtypes", "check_seed", "named_arguments"]
 
 HALF = (torch.float16, torch.bfloat16)
 MAX_SEED = 2 ** 32 - 1  # numpy's global seed, which pyro.set_rng_seed also sets, is 32-bit
@@ -49,8 +60,10 @@ def named_arguments(model: Callable, args: tuple, kwargs: dict) -> Dict[str, Any
     return named
 
 
-def check_arguments(model: Callable, args: tuple, kwargs: dict) -> None:
-    """Raise a ValueError for the first model argument that cannot be fitted (see the module docstring)."""
+def check_arguments(model: Callable, args: tuple, kwargs: dict, missing: str = "error") -> None:
+    """Raise a ValueError for the first model argument that cannot be fitted (see the module docstring);
+    ``missing="marginalize"`` lets NaN entries of the data through."""
+    check_missing(missing)
     named = named_arguments(model, args, kwargs)
     for name, value in named.items():
         label = f"argument {name!r}"
@@ -59,9 +72,10 @@ def check_arguments(model: Callable, args: tuple, kwargs: dict) -> None:
                              f"tensors. Pass torch.as_tensor({name}) (float64 keeps numpy's precision), or ppl_em.Rows({name}) "
                              "to read it in batches (a memory map from np.load(path, mmap_mode='r') is read so).")
         if torch.is_tensor(value):
-            _check_data_tensor(label, name, value)
+            _check_data_tensor(label, name, value, missing)
         for inner_label, inner in _nested_tensors(label, value):
-            _check_finite(inner_label, inner)
+            if inner is not value:
+                _check_finite(inner_label, inner)
     if "k" in named:
         check_k(named["k"])
 
@@ -76,7 +90,7 @@ def _nested_tensors(label: str, value: Any) -> Iterator[Tuple[str, torch.Tensor]
         yield from ((f"{label}[{i}]", v) for i, v in enumerate(value) if torch.is_tensor(v))
 
 
-def _check_data_tensor(label: str, name: str, value: torch.Tensor) -> None:
+def _check_data_tensor(label: str, name: str, value: torch.Tensor, missing: str = "error") -> None:
     shape = tuple(value.shape)
     if value.requires_grad:
         raise ValueError(f"The model's {label} (shape {shape}) requires grad; fit treats the data as constants "
@@ -89,11 +103,15 @@ def _check_data_tensor(label: str, name: str, value: torch.Tensor) -> None:
                          f"CPU). Pass {name}.float() or {name}.double().")
     if value.is_complex():
         raise ValueError(f"The model's {label} has the complex dtype {value.dtype}; pass real data.")
-    _check_finite(label, value)
+    if missing == "marginalize" and value.is_floating_point() and bool(torch.isnan(value).any()):
+        _check_missing_entries(label, name, value)
+        value = value.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)  # the observed entries
+    else:
+        _check_finite(label, value, remedy=True)
     _check_magnitude(label, name, value)
 
 
-def _check_finite(label: str, value: torch.Tensor) -> None:
+def _check_finite(label: str, value: torch.Tensor, remedy: bool = False) -> None:
     # One sum is finite unless some entry is not (or it overflows): the elementwise test only then.
     if not value.is_floating_point() or bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all()):
         return
@@ -102,7 +120,48 @@ def _check_finite(label: str, value: torch.Tensor) -> None:
     raise ValueError(
         f"The data in {label} (shape {tuple(value.shape)}) has {int(bad.sum())} non-finite value(s) (NaN or inf); "
         f"the first is at index {first}: {value[first].item()}. Remove or impute those rows before fitting, "
-        "or mask them with obs_mask / poutine.mask and pass finite placeholders.")
+        "or mask them with obs_mask / poutine.mask and pass finite placeholders." + (f" {MISSING_REMEDY}" if remedy else ""))
+
+
+def _check_missing_entries(label: str, name: str, value: torch.Tensor) -> None:
+    """With missing values allowed: no inf, and no observation missing along its whole last dimension."""
+    if bool(value.isinf().any()):
+        first = tuple(int(i) for i in value.isinf().nonzero()[0])
+        raise ValueError(f"The data in {label} (shape {tuple(value.shape)}) has an inf at index {first}. "
+                         "missing='marginalize' treats NaN as a missing value, but an inf is not one: remove or "
+                         f"impute it, or set it to NaN ({name}[{name}.isinf()] = float('nan')).")
+    empty = torch.isnan(value).all(-1) if value.dim() >= 2 else torch.isnan(value)
+    if bool(empty.any()):
+        rows = empty.nonzero()
+        first = tuple(int(i) for i in rows[0])
+        raise ValueError(f"The data in {label} (shape {tuple(value.shape)}) have {len(rows)} observation(s) with "
+                         f"every entry missing; the first is {name}[{', '.join(map(str, first))}]. An entirely "
+                         "missing observation says nothing about the parameters: drop it, e.g. "
+                         f"{name}[~{name}.isnan().all(-1)].")
+
+
+def check_missing_columns(model: Callable, args: tuple, kwargs: dict) -> None:
+    """For a fit with missing values: no coordinate (an index of the last dimension) may be missing in
+    every observation of a tensor argument; nothing would determine its parameters."""
+    for name, value in named_arguments(model, args, kwargs).items():
+        if not (torch.is_tensor(value) and value.is_floating_point() and value.dim() >= 2):
+            continue
+        never = torch.isnan(value).reshape(-1, value.shape[-1]).all(0)  # (d,)
+        if bool(never.any()):
+            column = int(never.nonzero()[0])
+            raise ValueError(f"Column {column} of argument {name!r} (shape {tuple(value.shape)}) is missing (NaN) "
+                             "in every observation: nothing determines its parameters. Drop that column, e.g. "
+                             f"{name}[..., ~{name}.isnan().reshape(-1, {name}.shape[-1]).all(0)].")
+
+
+def check_masked_observations(trace) -> None:
+    """With missing values allowed: every NaN must be masked before it reaches an observed site
+    (a model that does not marginalise missing values would get NaN log-probabilities)."""
+    try:
+        check_observed_sites(trace)
+    except ValueError as e:
+        raise ValueError(f"missing='marginalize' let NaN entries through to the model, but it does not mask "
+                         f"them: {e}") from None
 
 
 def _check_magnitude(label: str, name: str, value: torch.Tensor) -> None:

@@ -105,6 +105,23 @@ def test_max_semiring_gives_the_indicators_of_the_best_path():
     assert torch.equal(g_trans, counts)
 
 
+@pytest.mark.parametrize("T", [1, 7, 50, 203])
+@pytest.mark.parametrize("homogeneous", [True, False])
+def test_viterbi_with_back_pointers_equals_autograd_through_the_max_sum_recursion(T, homogeneous):
+    """The blocked Viterbi (block products with back-pointers, no graph) against the log-space max-sum
+    recursion differentiated by autograd: the same best score per chain and the same path indicators,
+    with batch dimensions that only the first state has and weights per chain."""
+    initial, transition, emission = _random_tables((2,), T, 4, not homogeneous, seed=T + 7)
+    initial = torch.randn(3, 1, 4, dtype=D).log_softmax(-1)
+    ours = [t.clone().requires_grad_() for t in (initial, transition, emission)]
+    ref = [t.clone().requires_grad_() for t in (initial, transition, emission)]
+    weights = torch.rand(3, 2, dtype=D)
+    a, b = chains.log_evidence(*ours, semiring="max"), chains._log_space(*ref, chains._max)
+    assert a.shape == (3, 2) and torch.allclose(a, b, rtol=1e-12)
+    for ga, gb in zip(torch.autograd.grad(a, ours, weights), torch.autograd.grad(b, ref, weights)):
+        assert torch.allclose(ga, gb, atol=1e-12)
+
+
 def test_an_underflowing_scaled_recursion_falls_back_to_log_space():
     # From state 0 the chain can only stay in 0, whose observation at t = 2 is 1000 nats less likely
     # than state 1's: scaled by the best state, every reachable probability underflows to 0.

@@ -116,7 +116,9 @@ def test_the_installed_command_reports_bad_input_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"ppl-em: error: data file {bad!r} has 1 NaN/inf value(s), "
-                                                "the first at line 2, column 1; remove or impute them"]
+                                                "the first at line 2, column 1; remove or impute them (or, for "
+                                                "missing values, pass --missing marginalize: gmm, kmeans, "
+                                                "bernoulli_mixture, poisson_mixture)"]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 

@@ -233,7 +233,14 @@ def test_selection_vjp_equals_autograd(covariance_type):
             continue
         for use in find_uses(site, by_id)[0]:
             u = torch.randn(use.selection.shape, dtype=D)
-            assert torch.allclose(use.selection.vjp(u), use.selection._vjp_by_autograd(u), rtol=1e-12, atol=1e-12)
+            # A = S F(v): autograd differentiates the elementwise map F too, S^T does not (F'(v) S^T u).
+            v = post.leaves[use.param].detach().requires_grad_()
+            y = v
+            for t in reversed(use.selection.transforms):
+                y = t.forward(y)
+            slope, = torch.autograd.grad(y.sum(), v)
+            assert torch.allclose(slope * use.selection.vjp(u), use.selection._vjp_by_autograd(u),
+                                  rtol=1e-12, atol=1e-12)
             found += 1
     assert found == 3  # phi at z; mu and Sigma at x
 
