@@ -147,6 +147,7 @@ class EM:
         self.map_basis, self.missing = map_basis, check_missing(missing)
         self.distributed = distributed_.check_available() if distributed else False
         self._decided: Dict[tuple, chunks_.Chunking] = {}  # chunkings of data shapes seen (a pass's last batch)
+        self.on_batch: Optional[Callable[[int], None]] = None  # called with the rows of each batch read (progress)
         self.model, self.posterior, self.m_step_mode = model, posterior, m_step
         self.reg_covar, self.max_grad_iter, self.chunk_size = reg_covar, max_grad_iter, chunk_size
         self.structure: Optional[ModelStructure] = None

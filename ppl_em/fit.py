@@ -409,6 +409,7 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
     window = SVI_WINDOW if opts.method in ("svi", "vae") else 1
     elapsed = 0.0
     with _progress_bar(opts, seed) as bar:
+        by_rows = _count_rows(engine, opts, bar)
         for it in range(1, opts.max_iter + 1):
             # Monitoring happens before the step, at the theta the step's loss is computed at.
             monitor = opts.log_px_every and (it == 1 or it % opts.log_px_every == 0) \
@@ -425,7 +426,7 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
             run.history.append({"iteration": it, "loss": loss, "time": elapsed})
             if log_px is not None:
                 run.history[-1]["log_px"] = log_px
-            bar.update(1)
+            bar.update(0 if by_rows else 1)
             bar.set_postfix(loss=f"{loss / opts.n_data:.4g}", refresh=False)
             if _settled(run.losses, window, opts.tol * opts.n_data):
                 run.converged = True
@@ -506,7 +507,24 @@ def _progress_bar(opts: _Options, seed: int):
     if show is None:  # long fits on an interactive terminal only; never under pytest or in pipes
         show = (sys.stderr.isatty() and "PYTEST_CURRENT_TEST" not in os.environ
                 and opts.max_iter * opts.n_init >= 200)
+    if _reads_rows(opts):  # data read batch by batch: the bar counts rows, every iteration reads each once
+        return tqdm(total=opts.max_iter * opts.data.rows, desc=f"{opts.method} (seed {seed})", unit="rows",
+                    unit_scale=True, disable=not show, leave=False)
     return tqdm(total=opts.max_iter, desc=f"{opts.method} (seed {seed})", disable=not show, leave=False)
+
+
+def _reads_rows(opts: _Options) -> bool:
+    return opts.data is not None and (opts.data.source is not None or opts.method == "online_em") and \
+        opts.data.rows is not None
+
+
+def _count_rows(engine: Any, opts: _Options, bar) -> bool:
+    """Hook the bar to the rows the engine reads (a source's batches, stepwise EM's batches)."""
+    if not _reads_rows(opts):
+        return False
+    em = engine.em if isinstance(engine, OnlineEM) else engine
+    em.on_batch = lambda rows: bar.update(rows)
+    return True
 
 
 # -- initialisation -------------------------------------------------------------------------

@@ -128,6 +128,8 @@ class OnlineEM:
                              "online.step(source, ...).")
         batch = self.em.summarize(*args, **kwargs)  # the E-step at theta_{t-1}
         self.em._check_objective(batch.objective, args, kwargs)
+        if self.em.on_batch is not None:
+            self.em.on_batch(int(batch.n))
         loss = -float(batch.objective + self.em._log_prior + self.em._log_jacobian())
         stats = self._updated(batch)
         if stats is not None:

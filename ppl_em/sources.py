@@ -296,6 +296,8 @@ def summarize(em, args: tuple, kwargs: dict) -> Statistics:
     for b_args, b_kwargs in batches(args, kwargs):
         stats = _batch_statistics(em, b_args, b_kwargs, start)
         start += int(stats.n)
+        if em.on_batch is not None:
+            em.on_batch(int(stats.n))
         total = stats if total is None else total + stats
     if total is None:
         raise ValueError("The data source yielded no batch: nothing to summarise. Pass a source with at least "

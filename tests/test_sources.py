@@ -6,6 +6,7 @@ losses agree to rounding after every step. Memory: anonymous memory (RssAnon) sa
 over a memory map stays far below the size of the data.
 """
 
+import importlib
 import threading
 import time
 import warnings
@@ -277,3 +278,17 @@ def test_batches_counts_rows_and_samples_uniformly():
     assert counts.sum() == 3000 and counts.min() > 15 and counts.max() < 75  # about 43 each
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(9, 2)), batch_size=4)
     assert ppl_em.Batches(loader).rows == 9 and sources._loader_rows(loader) == 9
+
+
+def test_the_progress_bar_counts_rows_of_a_source(tmp_path, monkeypatch):
+    fitting = importlib.import_module("ppl_em.fit")  # the module (ppl_em.fit is also the function)
+
+    bars, original = [], fitting._progress_bar
+    monkeypatch.setattr(fitting, "_progress_bar", lambda opts, seed: bars.append(original(opts, seed)) or bars[-1])
+    (x,), kwargs = REGISTRY["gmm"]["make_data"](9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)
+        ppl_em.fit(gmm.model, sources.Rows(memmap(tmp_path, x.numpy()), batch_size=50), max_iter=4, tol=0,
+                   progress=True, **kwargs)
+    (bar,) = bars
+    assert (bar.unit, bar.total, bar.n) == ("rows", 600, 600)  # 4 iterations x 150 rows, batch by batch
