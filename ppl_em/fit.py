@@ -413,7 +413,7 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
             # Monitoring happens before the step, at the theta the step's loss is computed at.
             monitor = opts.log_px_every and (it == 1 or it % opts.log_px_every == 0) \
                 and opts.method in ("svi", "vae")
-            log_px = exact_log_px(model, args, kwargs, opts.n_data, opts.missing) if monitor else None
+            log_px = exact_log_px(model, args, kwargs, opts.n_data, missing=opts.missing) if monitor else None
             start = time.perf_counter()
             try:
                 loss = _step(engine, model, args, kwargs, it)
