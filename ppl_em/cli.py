@@ -31,6 +31,7 @@ and not at all otherwise (:class:`Outputs`).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib
 import inspect
@@ -469,6 +470,9 @@ def _start_ranks(ns: argparse.Namespace) -> Tuple[int, int]:
                          "torchrun --nproc-per-node=N -m ppl_em.cli fit ... --distributed")
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=ns.timeout))
+        # Leave the group before the interpreter tears down: gloo's threads, still running at exit, can
+        # abort the process ("terminate called without an active exception") after a successful fit.
+        atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
     return dist.get_rank(), dist.get_world_size()
 
 
