@@ -158,6 +158,7 @@ class EM:
         self._log_prior = 0.0
         self.iterations = 0  # steps completed
         self._validated: tuple = ()  # the data (ids and versions of the tensor arguments) already validated
+        self._last = None  # (data, loss, parameters after) of the last step, for the objective's watch (_watch)
 
     # -- the algorithm -----------------------------------------------------------------------
     def step(self, *args, **kwargs) -> float:
@@ -179,8 +180,45 @@ class EM:
             if explained is error:
                 raise
             raise explained from error
+        self._watch(loss, args, kwargs, saved)
         self.iterations += 1
         return loss
+
+    def _watch(self, loss: float, args, kwargs, before: Dict[str, torch.Tensor]) -> None:
+        """EM's objective never falls from one step to the next on the same data (the loss never rises),
+        so a fall says that a closed form accepted at the plan's starting point does not hold here (an
+        update right for some parameter values only): the plan is made and checked again at the next step."""
+        data = tuple((id(v), v._version) for v in list(args) + list(kwargs.values()) if torch.is_tensor(v))
+        last = self._last
+        untouched = last is not None and last[0] == data and before.keys() == last[2].keys() and all(
+            torch.equal(v, last[2][n]) for n, v in before.items())
+        if untouched and loss > last[1] + 1e-8 * (1 + abs(last[1])) and self.plan is not None and self.plan.closed:
+            warnings.warn(f"{self._what()}: the loss rose from {last[1]:.10g} to {loss:.10g}, which EM's updates "
+                          "cannot do: a closed form accepted at the first step does not hold at these parameters. "
+                          "The M-step plan is checked again at the next step.", RuntimeWarning)
+            self.plan = None
+        elif untouched and abs(loss - last[1]) <= 1e-9 * (1 + abs(last[1])):
+            self._recheck_at_rest(args, kwargs)
+        self._last = (data, loss, self._snapshot())
+
+    def _recheck_at_rest(self, args, kwargs) -> None:
+        """Where EM has come to rest, each closed form must be a stationary point of E_Q[log p]: checked once
+        per plan, on data that fit in one chunk. A closed form right only for some parameter values (a mean
+        that ignores how Sigma_j couples the coordinates) can pass the first check and still lead EM to a
+        point that is not a maximum; it then gets the gradient M-step, and EM goes on from there."""
+        plan = self.plan
+        if plan is None or plan.rechecked or not plan.closed or self._chunks.rows is not None:
+            return
+        plan.rechecked = True
+        post = self.e_step(*args, **kwargs)
+        grads = unconstrained_grads(lambda: self._objective(post, args, kwargs, self.reg_covar), plan.closed)
+        moving = [p for p, g in grads.items() if g.numel() and float(g.abs().max()) > 1e-2 * (1 + plan.start_gradient.get(p, 0.0))]
+        if moving:
+            warnings.warn(f"{self._what()}: EM came to rest where E_Q[log p(x, z; theta)] is not stationary in "
+                          f"{moving}: their closed form does not hold here, and they get the gradient M-step from now "
+                          "on (em.explain() says so).", RuntimeWarning)
+            plan.fall_back(moving, "its closed form was accepted at the first step, but EM came to rest where the "
+                                   "gradient of E_Q[log p(x, z; theta)] in it does not vanish")
 
     def _iterate(self, args, kwargs) -> float:
         if self.distributed or sources.find(args, kwargs) is not None:
@@ -283,8 +321,10 @@ class EM:
         try:
             self._m_step_from(closed_form.summarize(self.plan, post), [(args, kwargs)], [post.weights])
             moved = any(not torch.equal(v, saved[n]) for n, v in self._snapshot().items())
-            stalled = gradient_m_step(lambda: self.expected_log_joint(post, *args, **kwargs), self.plan.gradient,
-                                      max(1.0, _total_weight(post)), self.max_grad_iter)
+            # The objective the closed forms maximise exactly: with reg_covar, minus (reg/2) sum N tr(Sigma^-1).
+            objective = (lambda: self._objective(post, args, kwargs, self.reg_covar)) if self.reg_covar else \
+                (lambda: self.expected_log_joint(post, *args, **kwargs))
+            stalled = gradient_m_step(objective, self.plan.gradient, max(1.0, _total_weight(post)), self.max_grad_iter)
             if stalled and not moved:
                 raise StalledError(stalled_message(stalled))
             if stalled:
@@ -411,6 +451,7 @@ class EM:
                 objective = lambda: self._objective(post, args, kwargs, self.reg_covar)
                 try:
                     g_old = unconstrained_grads(objective, failed)
+                    self.plan.start_gradient = {p: float(g.abs().max()) if g.numel() else 0.0 for p, g in g_old.items()}
                     g_new = self._gradients_after_update(post, args, kwargs, objective, failed, before)
                 except (RuntimeError, ValueError, FloatingPointError):
                     if self.reg_covar == reg:

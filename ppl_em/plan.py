@@ -125,6 +125,8 @@ class Plan:
     shapes: Dict[str, tuple] = field(default_factory=dict)  # the parameters' shapes it was made for
     priors: Dict[str, list] = field(default_factory=dict)  # conjugate prior factors per parameter (ppl_em.priors)
     with_prior: set = field(default_factory=set)  # every parameter with a prior factor, conjugate or not
+    start_gradient: Dict[str, float] = field(default_factory=dict)  # max |d E_Q[log p] / d u| at the first check
+    rechecked: bool = False  # the closed forms were checked again where EM came to rest
 
     @property
     def closed(self) -> List[str]:
@@ -316,17 +318,26 @@ def _make_groups(plan: Plan, trace, weights) -> None:
         scale = kinds.get("covariance") or kinds.get("variance")
         if scale is None or loc is None:
             continue
-        if not loc.stable:
-            plan.second_pass.add(scale.param)  # a location per data point: the scale's sums need the new one
-            continue
-        if not scale.stable:
+        if not loc.stable or not scale.stable:
+            # a location per data point, or a scale read again from each chunk: the scale's sums about the
+            # new location come from a second pass over the data
+            plan.second_pass.add(scale.param)
             continue
         site = trace.nodes[loc.site]
         fn, x, w = view(site, weights[loc.site], loc.part)
         elementwise = loc.rule.kind == "loc" and scale.rule.kind == "variance"
         cells = _cells(loc, scale, elementwise)
+        if elementwise and _shared_across(loc.selection.shape, cells):
+            # one location for cells of different scales (a scale mixture): sum w x / sigma^2 over sum w / sigma^2
+            loc.weighted = True
         c = normal_centre(x, cells) if elementwise else centre(compact(x).reshape(-1, x.shape[-1]))
         plan.groups[key] = GaussianGroup(key, loc, scale, c, cells, GaussianSums(elementwise))
+
+
+def _shared_across(shape, cells) -> bool:
+    """Whether a selection of ``shape`` is broadcast over some dimension along which ``cells`` vary."""
+    shape = (1,) * (len(cells) - len(shape)) + tuple(shape)
+    return any(a == 1 and b > 1 for a, b in zip(shape, cells))
 
 
 def _cells(loc: Use, scale: Use, elementwise: bool) -> torch.Size:

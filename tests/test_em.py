@@ -143,7 +143,7 @@ def test_a_gradient_m_step_that_steps_outside_the_support_keeps_the_previous_val
     is stuck and says so (a StalledError, not the same loss forever); the parameters are unchanged."""
     x = torch.cat([torch.randn(30, generator=torch.Generator().manual_seed(8), dtype=D) - 2,
                    torch.randn(30, generator=torch.Generator().manual_seed(9), dtype=D) + 2])
-    em = ppl_em.EM(mixture, m_step="gradient")
+    em = ppl_em.EM(mixture, m_step="gradient", reg_covar=0.0)
     post = em.e_step(x)
     before = em.params
     calls = {"n": 0}
@@ -294,3 +294,85 @@ def test_constructor_rejects_unknown_options():
         ppl_em.EM(mixture, posterior="soft")
     with pytest.raises(ValueError, match="m_step must be"):
         ppl_em.EM(mixture, m_step="newton")
+
+
+# -- closed forms that hold only at some parameter values ------------------------------------------
+def scale_mixture(x):
+    """One location shared by two components of different scales: mu = sum w x / sigma^2 / sum w / sigma^2."""
+    phi = pyro.param("phi", torch.tensor([0.5, 0.5], dtype=D), constraint=constraints.simplex)
+    mu = pyro.param("mu", torch.tensor(1.0, dtype=D))
+    sigma = pyro.param("sigma", torch.tensor([0.5, 2.0], dtype=D), constraint=constraints.positive)
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(phi))
+        pyro.sample("x", dist.Normal(mu, sigma[z]), obs=x)
+
+
+def _scale_mixture_data():
+    g = torch.Generator().manual_seed(0)
+    return torch.cat([0.05 * torch.randn(100, generator=g, dtype=D), 3 + 3 * torch.randn(100, generator=g, dtype=D)])
+
+
+def test_a_location_shared_by_components_of_different_scales_is_precision_weighted():
+    x = _scale_mixture_data()
+    params = {}
+    for how in ("auto", "gradient"):
+        pyro.clear_param_store()
+        em = ppl_em.EM(scale_mixture, m_step=how)
+        for _ in range(80):
+            em.step(x)
+        params[how] = em.params
+        if how == "auto":
+            assert em.explain()["mu"] == "closed form: Normal.loc at site x"
+    for name in params["auto"]:
+        assert torch.allclose(params["auto"][name], params["gradient"][name], atol=1e-5), name
+
+
+def masked_mean(x, seen):
+    """A shortcut for missing entries: mean and data zeroed where unseen, a full Sigma_j. Averaging the seen
+    entries is mu_j's maximiser only while Sigma_j is diagonal, as it is at the start (Sigma_j = I)."""
+    phi = pyro.param("phi", torch.tensor([0.5, 0.5], dtype=D), constraint=constraints.simplex)
+    mu = pyro.param("mu", torch.tensor([[-1.0, 0.0], [1.0, 1.0]], dtype=D))
+    Sigma = pyro.param("Sigma", torch.eye(2, dtype=D).expand(2, 2, 2).clone(), constraint=constraints.positive_definite)
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(phi))
+        pyro.sample("x", dist.MultivariateNormal(mu[z] * seen, Sigma[z]), obs=x * seen)
+
+
+def test_a_closed_form_right_only_at_the_start_is_dropped_where_em_comes_to_rest():
+    g = torch.Generator().manual_seed(1)
+    factor = torch.linalg.cholesky(torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=D)).T
+    x = torch.cat([torch.randn(150, 2, generator=g, dtype=D) @ factor - 2, torch.randn(150, 2, generator=g, dtype=D) @ factor + 2])
+    seen = torch.rand(300, 2, generator=g) > 0.3
+    em = ppl_em.EM(masked_mean)
+    assert em.step(x, seen) and em.explain()["mu"].startswith("closed form")  # it passes the first check
+    with pytest.warns(RuntimeWarning, match=r"came to rest where .* not stationary in \['mu'\]"):
+        losses = [em.step(x, seen) for _ in range(80)]
+    assert em.explain()["mu"].startswith("gradient") and "came to rest" in em.explain()["mu"]
+    assert all(b <= a + 1e-9 * abs(a) for a, b in zip(losses, losses[1:]))
+    pyro.clear_param_store()
+    reference = ppl_em.EM(masked_mean, m_step="gradient")
+    for _ in range(40):
+        best = reference.step(x, seen)
+    assert losses[-1] == pytest.approx(best, rel=1e-7)
+
+
+def test_a_rise_of_the_loss_makes_the_plan_be_checked_again(monkeypatch):
+    """EM's loss cannot rise on the same data: if an update lowers the objective (here one made worse on
+    purpose), the engine says so and makes its plan again at the next step."""
+    x = _scale_mixture_data()
+    em = ppl_em.EM(mixture)
+    em.step(x)
+    real = ppl_em.closed_form.maximize
+
+    def worse(plan, stats, names, current, reg, basis="constrained"):
+        new = real(plan, stats, names, current, reg, basis)
+        return {**new, "mu": new["mu"] + 3.0}
+
+    monkeypatch.setattr(ppl_em.closed_form, "maximize", worse)
+    em.step(x)
+    monkeypatch.setattr(ppl_em.closed_form, "maximize", real)
+    with pytest.warns(RuntimeWarning, match="the loss rose from"):
+        em.step(x)
+    assert em.plan is None  # made again, and checked, at the next step
+    em.step(x)
+    assert em.plan is not None and all(how.startswith("closed form") for how in em.explain().values())
