@@ -209,6 +209,8 @@ class EM:
         plan = self.plan
         if plan is None or plan.rechecked or not plan.closed or self._chunks.rows is not None:
             return
+        if self.distributed or sources.find(args, kwargs) is not None:
+            return  # no rank's check alone may change a plan all ranks share; a source is never all in memory
         plan.rechecked = True
         post = self.e_step(*args, **kwargs)
         grads = unconstrained_grads(lambda: self._objective(post, args, kwargs, self.reg_covar), plan.closed)

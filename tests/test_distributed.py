@@ -129,3 +129,24 @@ def test_distributed_needs_an_initialised_process_group():
         ppl_em.EM(gmm.model, distributed=True)
     with pytest.raises(ValueError, match="distributed=True sums EM's statistics.*method='svi' has none"):
         ppl_em.fit(gmm.model, torch.zeros(4, 2, dtype=torch.float64), 2, method="svi", distributed=True)
+
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    """A gloo process group of this process alone (a file store in tmp_path), destroyed after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_group_of_one_runs_to_rest_like_one_process(group_of_one):
+    """150 steps, to where EM comes to rest, in a process group made in this process."""
+    x, init = worker.make_data()
+    alone = worker.em_steps(x, init, steps=150)
+    grouped = worker.em_steps(x, init, steps=150, distributed=True)
+    assert abs(alone["losses"][-1] - alone["losses"][-2]) < 1e-8 * abs(alone["losses"][-1])
+    assert grouped["losses"] == pytest.approx(alone["losses"], rel=1e-10)
+    for name, value in alone["params"].items():
+        torch.testing.assert_close(grouped["params"][name], value, rtol=1e-9, atol=1e-9)

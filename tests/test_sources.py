@@ -292,3 +292,13 @@ def test_the_progress_bar_counts_rows_of_a_source(tmp_path, monkeypatch):
                    progress=True, **kwargs)
     (bar,) = bars
     assert (bar.unit, bar.total, bar.n) == ("rows", 600, 600)  # 4 iterations x 150 rows, batch by batch
+
+
+def test_em_on_a_source_comes_to_rest_like_em_in_memory():
+    """Run to rest: the check EM makes where it comes to rest needs all of Q(z), which a source never holds."""
+    (x,), kwargs = REGISTRY["gmm"]["make_data"](10)
+    state = start_state(gmm.model, (x,), kwargs)
+    in_memory = em_steps(gmm.model, (x,), kwargs, state, steps=150)
+    on_batches = em_steps(gmm.model, (ppl_em.Batches([x[:70], x[70:]]),), kwargs, state, steps=150)
+    assert abs(in_memory[0][-1] - in_memory[0][-2]) < 1e-9  # at rest
+    assert_same_fit(on_batches, in_memory, rtol=1e-8)
