@@ -49,7 +49,7 @@ __all__ = ["EM", "NonFiniteParameterError", "StalledError", "NoMAPError"]
 
 # The M-step plan (which closed forms apply, verified by a gradient) is made on at most this many
 # rows of the first chunk: its check runs with autograd, whose graph would otherwise scale with the chunk.
-PLAN_ROWS = 65536
+PLAN_ROWS = 16384
 CHUNK_BYTES = chunks_.CHUNK_BYTES
 
 
