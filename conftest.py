@@ -11,6 +11,15 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test on one intra-op thread, as above, whatever a test before it set."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_pyro_state():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)

@@ -18,14 +18,6 @@ from ppl_em.models import gmm
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def faithful(step=4):
     return load_old_faithful()[::step]  # (68, 2)

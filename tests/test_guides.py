@@ -18,15 +18,6 @@ from test_posterior import hmm, mixture, two_latents
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: on a busy 2-core machine torch's thread pool only adds contention (10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- models and data ---------------------------------------------------------------------------
 def poisson_mixture(x, k=2):
     """A 1-d Poisson mixture with no enumeration marks: z^(i) ~ Cat(phi), x^(i) ~ Poisson(rate_z)."""

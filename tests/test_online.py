@@ -21,13 +21,6 @@ from ppl_em.store import capture_store, replace_store
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def gmm_data(n=20000, seed=0):
     phi = torch.tensor([0.3, 0.3, 0.4], dtype=D)

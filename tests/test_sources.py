@@ -19,18 +19,11 @@ import torch
 
 import ppl_em
 from ppl_em import sources
-from ppl_em.models import REGISTRY, gmm, hmm
+from ppl_em.models import REGISTRY, gmm
 from ppl_em.store import capture_store, replace_store
 
 D = torch.float64
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def memmap(tmp_path, array: np.ndarray, name: str = "x.npy") -> np.ndarray:

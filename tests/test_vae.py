@@ -14,15 +14,6 @@ from ppl_em.models import vae
 from ppl_em.svi import SafeSVI, default_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: on a busy 2-core machine torch's thread pool only adds contention (10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def split_digits():
     images, _ = load_digits()  # (1797, 64) float64 in {0, 1}
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
