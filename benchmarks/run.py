@@ -63,6 +63,7 @@ FULL: Dict[str, dict] = {
            "max_svi_steps": 5000, "lr": 0.1},
     "B5": {"ns": [10_000, 100_000, 1_000_000], "d": 2, "k": 3, "iters": 10, "small_n": 1000, "small_iters": 50},
     "B6": {"n": 1_000_000, "d": 10, "k": 16, "iters": 5},
+    "B10": {"n": 5000, "d": 2, "k": 3, "n_init": 10, "ks": list(range(1, 11)), "tol": 1e-3, "max_iter": 100},
     "B11": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10},
     "B12": {"em_steps": 30, "quick": False},
     **scaleout.FULL,
@@ -75,11 +76,12 @@ QUICK: Dict[str, dict] = {
            "max_svi_steps": 400, "lr": 0.1},
     "B5": {"ns": [500, 1000, 2000], "d": 2, "k": 3, "iters": 2, "small_n": 1000, "small_iters": 3},
     "B6": {"n": 1000, "d": 2, "k": 2, "iters": 2},
+    "B10": {"n": 300, "d": 2, "k": 2, "n_init": 2, "ks": [1, 2, 3], "tol": 1e-3, "max_iter": 20},
     "B11": {"n": 1000, "d": 2, "k": 2, "iters": 2},
     "B12": {"em_steps": 3, "quick": True},
     **scaleout.QUICK,
 }
-WORKLOADS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B11", "B12")
+WORKLOADS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12")
 
 GMM_PEERS: Dict[str, Callable] = {"ppl_em": wl.ppl_em_gmm, "scikit-learn": wl.sklearn_gmm,
                                   "pomegranate": wl.pomegranate_gmm}
@@ -369,6 +371,30 @@ def bench_b6(cfg: dict) -> Tuple[List[Row], List[Target]]:
     return rows, targets
 
 
+def bench_b10(cfg: dict) -> Tuple[List[Row], List[Target]]:
+    """Whole fits as users run them: ``n_init`` restarts at one k, and a sweep over k (one fit each),
+    ppl_em.fit vs scikit-learn's GaussianMixture.fit with the same tol, max_iter and reg_covar, each from
+    its own k-means++ seeding. The wall time of everything (seeding, iterations, final scoring) is
+    compared; iterations differ with the seeds, so s / iteration is given beside it."""
+    x, _ = _gmm_problem(cfg)
+    for fit in (wl.ppl_em_fits, wl.sklearn_fits):  # untimed warm-up: first calls, imports
+        fit(x, [cfg["k"]], 1, cfg["tol"], 5)
+    rows: List[Row] = []
+    jobs = [(f"n_init={cfg['n_init']}, k={cfg['k']}", [cfg["k"]], cfg["n_init"]),
+            (f"k in {cfg['ks'][0]}..{cfg['ks'][-1]}, one fit each", cfg["ks"], 1)]
+    for label, ks, n_init in jobs:
+        size = f"n={cfg['n']} d={cfg['d']}, {label}, tol {cfg['tol']:g}"
+        pair = []
+        for library, fit in (("ppl_em", wl.ppl_em_fits), ("scikit-learn", wl.sklearn_fits)):
+            print(f"  B10 {library} {label} ...", flush=True)
+            seconds, iters, best = fit(x, ks, n_init, cfg["tol"], cfg["max_iter"])
+            pair.append(Row("B10", library, size, sec_per_iter=seconds / iters, seconds=seconds, timed="s, all fits",
+                            final_ll=best, note=f"{seconds:.3g} s for {iters} EM iterations in all"))
+        _ratios(pair, pair[0])
+        rows += pair
+    return rows, []
+
+
 # -- memory: one fresh subprocess per (workload, library) ------------------------------------
 class MemoryProbe:
     """Runs (workload, library) fits in fresh Python processes and reads their peak resident set size.
@@ -472,6 +498,7 @@ def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]
                "B5": lambda: bench_b5(sizes["B5"]), "B6": lambda: bench_b6(sizes["B6"]),
                "B7": lambda: scaleout.bench_b7(sizes["B7"], args.threads), "B8": lambda: scaleout.bench_b8(sizes["B8"]),
                "B9": lambda: scaleout.bench_b9(sizes["B9"]),
+               "B10": lambda: bench_b10(sizes["B10"]),
                "B11": lambda: bench_b11(sizes["B11"]), "B12": lambda: bench_b12(sizes["B12"])}
     info = report.machine()  # before the runs: the load average says how busy the machine was
     rows, targets = [], []

@@ -330,6 +330,40 @@ def svi_gmm(x: np.ndarray, k: int, init: Init, max_steps: int, stop_at: float, l
     return Fit(sum(times) / len(times), trajectory, trajectory[-1], times, note="per SVI step")
 
 
+def ppl_em_fits(x: np.ndarray, ks: List[int], n_init: int, tol: float, max_iter: int) -> Tuple[float, int, float]:
+    """``ppl_em.fit(gmm.model, x, k, n_init=...)`` for each k: (wall seconds, EM iterations, best log-lik / point
+    of the last k)."""
+    xt = torch.from_numpy(x)
+    start, iters = time.perf_counter(), 0
+    for k in ks:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)
+            result = ppl_em.fit(gmm.model, xt, k, n_init=n_init, tol=tol, max_iter=max_iter, progress=False,
+                                em_options={"reg_covar": REG_COVAR})
+        iters += sum(r["n_iter"] for r in result.restarts)
+    return time.perf_counter() - start, iters, result.log_likelihood
+
+
+def sklearn_fits(x: np.ndarray, ks: List[int], n_init: int, tol: float, max_iter: int) -> Tuple[float, int, float]:
+    """scikit-learn's ``GaussianMixture(k, n_init=..., init_params="k-means++").fit(x)`` for each k: as
+    :func:`ppl_em_fits`; the iterations of every restart are counted by the M-steps run."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    m_steps = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        start = time.perf_counter()
+        for k in ks:
+            model = GaussianMixture(k, covariance_type="full", tol=tol, max_iter=max_iter, n_init=n_init,
+                                    reg_covar=REG_COVAR, init_params="k-means++", random_state=0)
+            m_step = model._m_step
+            model._m_step = lambda *a, _m=m_step, **kw: m_steps.append(1) or _m(*a, **kw)  # count, then M-step
+            model.fit(x)
+        seconds = time.perf_counter() - start
+    return seconds, len(m_steps), float(model.score(x))
+
+
 def _seconds(fn: Callable, *args) -> float:
     start = time.perf_counter()
     fn(*args)

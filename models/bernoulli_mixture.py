@@ -80,9 +80,10 @@ def model(x: torch.Tensor, k: int = 2, init: Optional[Dict[str, torch.Tensor]] =
     with pyro.plate("data", len(x)):
         z = pyro.sample("z", dist.Categorical(phi), infer={"enumerate": "parallel"})  # (n,) or (k, 1)
         coords = dist.Bernoulli(p[z])
-        if not bool(seen.all()):  # p(x_o^(i) | z^(i)): the missing entries marginalised out
+        complete = bool(seen.all())
+        if not complete:  # p(x_o^(i) | z^(i)): the missing entries marginalised out
             coords = coords.mask(seen)
-        pyro.sample("x", coords.to_event(1), obs=x.masked_fill(~seen, 0.0))
+        pyro.sample("x", coords.to_event(1), obs=x if complete else x.masked_fill(~seen, 0.0))
 
 
 def generate(n: int, phi: torch.Tensor, p: torch.Tensor, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -193,12 +193,14 @@ def model(
     _check_covariance_type(covariance_type)
     n, d = _check_inputs(x, labels, labels_mask)
     phi, mu, Sigma = _params(x, k, init, covariance_type)
-    seen = ~torch.isnan(x)  # (n, d): False at a missing entry
+    missing = torch.isnan(x)  # (n, d): True at a missing entry
+    seen = ~missing
+    observed = x.masked_fill(missing, 0.0) if bool(missing.any()) else x  # the placeholder 0 where missing
     with pyro.plate("data", n):
         # Pyro splits a masked site into z_observed and z_unobserved; only the latter is enumerated.
         z = pyro.sample("z", dist.Categorical(phi), obs=labels, obs_mask=labels_mask,
                         infer={"enumerate": "parallel"})  # (n,) or (k, 1)
-        pyro.sample("x", observation(mu, Sigma, z, seen, covariance_type), obs=x.masked_fill(~seen, 0.0))
+        pyro.sample("x", observation(mu, Sigma, z, seen, covariance_type), obs=observed)
 
 
 def observation(mu: torch.Tensor, Sigma: torch.Tensor, z, seen: torch.Tensor, covariance_type: str):

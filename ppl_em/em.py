@@ -184,6 +184,17 @@ class EM:
         self.iterations += 1
         return loss
 
+    def reset(self) -> "EM":
+        """Start a new run from other parameters (a restart): the iteration count and the objective's
+        watch start again, and the check at rest is made again; what is known of the model and the data
+        stays (the model's structure, the data's chunking, the M-step plan, the data's validation), so the
+        run's first step costs what any step does. The parameters themselves are the param store's:
+        clear it or set them before the next step. Returns the EM object."""
+        self.iterations, self._last = 0, None
+        if self.plan is not None:
+            self.plan.rechecked = False
+        return self
+
     def _watch(self, loss: float, args, kwargs, before: Dict[str, torch.Tensor]) -> None:
         """EM's objective never falls from one step to the next on the same data (the loss never rises),
         so a fall says that a closed form accepted at the plan's starting point does not hold here (an
@@ -288,8 +299,9 @@ class EM:
             raise ValueError(f"Parameters {what} cannot be updated from statistics alone "
                              f"({'; '.join(self.plan.why[p] for p in what)}). Use em.step(...) on the whole data, in "
                              "memory (tensors; not a data source or a batch of a stream), which makes that pass itself.")
-        return Statistics.sum(self._summarize_chunk(a, k, None)
-                              for a, k in self._workspace.chunks(self._chunks.split(args, kwargs)))
+        with self._validation(args, kwargs):
+            return Statistics.sum(self._summarize_chunk(a, k, None)
+                                  for a, k in self._workspace.chunks(self._chunks.split(args, kwargs)))
 
     def maximize(self, stats: Statistics) -> None:
         """theta := argmax_theta E_Q[log p(x, z; theta)] from statistics alone: the closed forms.
@@ -348,10 +360,11 @@ class EM:
             return sources.log_likelihood(self, args, kwargs)
         chunking = self._prepare(args, kwargs, plan=False)
         total = 0.0
-        for c_args, c_kwargs in self._workspace.chunks(chunking.split(args, kwargs)):
-            post = exact_posterior(self.model, self.structure, c_args, c_kwargs, workspace=self._workspace)
-            check_observations(post)
-            total += float(post.log_evidence)
+        with self._validation(args, kwargs):
+            for c_args, c_kwargs in self._workspace.chunks(chunking.split(args, kwargs)):
+                post = exact_posterior(self.model, self.structure, c_args, c_kwargs, workspace=self._workspace)
+                check_observations(post)
+                total += float(post.log_evidence)
         return total
 
     # -- E-step and M-step over chunks -------------------------------------------------------

@@ -276,9 +276,12 @@ def fit(
 def _restarts(model: Callable, args: tuple, kwargs: dict, opts: "_Options", seed: int,
               networks: "_Networks") -> List["_Run"]:
     runs = []
+    # EM's restarts share one EM object: the model is traced, the data's chunking decided and the
+    # M-step plan made once, not once per restart (EM.reset).
+    shared = _engine(model, args, kwargs, opts)[0] if opts.method in ("em", "hard_em") else None
     for r in range(opts.n_init):
         networks.start(r, seed + r)
-        runs.append(_fit_once(model, args, kwargs, opts, seed + r))
+        runs.append(_fit_once(model, args, kwargs, opts, seed + r, shared))
         runs[-1].networks = networks.snapshot()
     return runs
 
@@ -399,13 +402,15 @@ def _replace(args: tuple, kwargs: dict, key, value):
 
 
 # -- one restart ----------------------------------------------------------------------------
-def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: int) -> _Run:
-    """Fresh store, seeded initialisation, then ``engine.step`` until tol or max_iter."""
+def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: int,
+              em: Optional[EM] = None) -> _Run:
+    """Fresh store, seeded initialisation, then ``engine.step`` until tol or max_iter (``em``: the EM
+    object that the restarts share, reset for this one)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     start = lambda: initialise(model, args, kwargs, opts.init, seed, opts.data, opts.missing)
     run = _Run(seed=seed, init_params=distributed_.agreed(start, "initialisation") if opts.distributed else start())
-    engine, run.guide = _engine(model, args, kwargs, opts, seed)
+    engine, run.guide = (em.reset(), None) if em is not None else _engine(model, args, kwargs, opts, seed)
     window = SVI_WINDOW if opts.method in ("svi", "vae") else 1
     elapsed = 0.0
     with _progress_bar(opts, seed) as bar:
@@ -433,7 +438,8 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
                 break
     if isinstance(engine, OnlineEM):
         engine.finish()  # the Polyak-Ruppert average, where asked for, is the result
-    run.log_px = exact_log_px(model, args, kwargs, opts.n_data, distributed=opts.distributed, missing=opts.missing)
+    run.log_px = exact_log_px(model, args, kwargs, opts.n_data, distributed=opts.distributed, missing=opts.missing,
+                              em=em)
     run.state = capture_store()
     return run
 
@@ -465,12 +471,14 @@ def _settled(losses: List[float], window: int, tol: float) -> bool:
 
 
 def exact_log_px(model: Callable, args: tuple, kwargs: dict, n_data: int,
-                 distributed: bool = False, missing: str = "error") -> Optional[float]:
+                 distributed: bool = False, missing: str = "error", em: Optional[EM] = None) -> Optional[float]:
     """(1/n) log p(x; theta) at the parameters in the store, by one exact E-step (streamed; of every rank's
-    data with ``distributed``); None if intractable."""
+    data with ``distributed``; by ``em`` where the fit has an EM object for this model and data, which knows
+    them already); None if intractable."""
     try:
         with poutine.block():
-            em = EM(model, distributed=distributed, missing=missing, **_tiny_data_options(n_data))
+            em = em if em is not None else EM(model, distributed=distributed, missing=missing,
+                                               **_tiny_data_options(n_data))
             return em.log_likelihood(*args, **kwargs) / n_data
     except ExactInferenceError:
         return None

@@ -46,7 +46,7 @@ def test_writes_markdown_and_json_with_expected_columns(results):
     assert "| workload | target | measured | met? | source |" in markdown
     assert data["columns"] == COLUMNS
     assert MACHINE_KEYS <= set(data["machine"])
-    assert {w for w, _ in rows} == {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B11", "B12"}
+    assert {w for w, _ in rows} == {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12"}
     assert all(ROW_KEYS <= set(row) for row in data["rows"])
     assert {t["workload"] for t in data["targets"]} == {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B11", "B12"}
     assert all(t["met"] in (True, False) for t in data["targets"])
@@ -111,3 +111,32 @@ def test_b9_two_processes_equal_one(results):
     one, two = rows["B9", "1 process, 1 thread"], rows["B9", "2 processes x 1 thread, distributed=True"]
     assert relative_deviation(two["trajectory"], one["trajectory"]) <= 1e-10
     assert "all-reduce of" in two["note"]
+
+
+def test_b10_times_whole_fits_and_counts_every_restart(results):
+    _, data, _ = results
+    b10 = [r for r in data["rows"] if r["workload"] == "B10"]
+    assert {r["library"] for r in b10} == {"ppl_em", "scikit-learn"} and len(b10) == 4
+    for row in b10:
+        iters = int(row["note"].split(" for ")[1].split()[0])
+        assert iters >= 1 and row["sec_per_iter"] == pytest.approx(row["seconds"] / iters, rel=1e-9)
+        assert -10 < row["final_ll"] < 0
+    for peer in (r for r in b10 if r["library"] == "scikit-learn"):
+        ours = next(r for r in b10 if r["library"] == "ppl_em" and r["size"] == peer["size"])
+        assert peer["ratio"] == pytest.approx(ours["seconds"] / peer["seconds"])
+
+
+def test_profile_writes_where_the_time_goes(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.profile", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    text = (tmp_path / "profile.md").read_text()
+    assert not (tmp_path / "profile.md.partial").exists()
+    for name in ("## B1:", "## B5-small:"):
+        section = text.split(name)[1].split("\n## ")[0]
+        shares = [float(line.rsplit("|", 2)[1].strip().rstrip("%")) for line in section.splitlines()
+                  if line.startswith("| ") and line.strip().endswith("% |")]
+        assert len(shares) >= 5 and sum(shares) == pytest.approx(100, abs=0.5)  # every layer's share, summing to all
+        assert "E-step (summarize)" in section and "page faults" in section
+    roof = float(text.split("reaches ")[1].split("%")[0])
+    assert 0 < roof <= 100

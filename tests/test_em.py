@@ -375,3 +375,32 @@ def test_a_rise_of_the_loss_makes_the_plan_be_checked_again(monkeypatch):
     assert em.plan is None  # made again, and checked, at the next step
     em.step(x)
     assert em.plan is not None and all(how.startswith("closed form") for how in em.explain().values())
+
+
+def _poisson_mixture(x):
+    rate = pyro.param("rate", torch.tensor([1.0, 3.0], dtype=torch.float64), constraint=constraints.positive)
+    phi = pyro.param("phi", torch.ones(2, dtype=torch.float64) / 2, constraint=constraints.simplex)
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(phi), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.Poisson(rate[z]), obs=x)
+
+
+@pytest.mark.parametrize("call", ["step", "summarize", "log_likelihood"])
+def test_data_are_validated_once_and_again_when_they_change(call, monkeypatch):
+    """Pyro's checks of the observations run on data the EM object has not seen (these very tensors,
+    unchanged), and not again on every step: changed in place, they are checked again and refused."""
+    checks = []
+    original = dist.Poisson._validate_sample
+    monkeypatch.setattr(dist.Poisson, "_validate_sample", lambda self, value: checks.append(1) or original(self, value))
+    x = torch.poisson(torch.full((50,), 2.0, dtype=torch.float64), generator=torch.Generator().manual_seed(0))
+    em = ppl_em.EM(_poisson_mixture)
+    em.step(x)
+    y = x.clone()
+    getattr(em, call)(y)
+    assert checks, "new data must be checked"
+    checks.clear()
+    getattr(em, call)(y)
+    assert not checks, "the same, unchanged data must not be checked again"
+    y[0] = 0.5  # not a count: Poisson's support check refuses it
+    with pytest.raises(ValueError, match="support"):
+        getattr(em, call)(y)

@@ -75,6 +75,37 @@ def test_restarts_keep_the_best_and_leave_it_in_the_param_store():
     assert result.score() == pytest.approx(result.log_likelihood, rel=1e-12)
 
 
+@pytest.mark.parametrize("method", ["em", "hard_em"])
+def test_restarts_share_one_plan_and_each_equals_its_fit_alone(method, monkeypatch):
+    """EM's restarts reuse the traced model, chunking and M-step plan (made once), and restart r is
+    still exactly the fit alone with seed + r."""
+    plans = []
+    original = ppl_em.em.make_plan
+    monkeypatch.setattr(ppl_em.em, "make_plan", lambda *a, **k: plans.append(1) or original(*a, **k))
+    x = load_old_faithful()[::2]
+    result = quiet_fit(gmm.model, x, 3, method=method, init="random", n_init=3, max_iter=30, tol=1e-6, seed=5)
+    assert len(plans) == 1
+    for r, restart in enumerate(result.restarts):
+        alone = quiet_fit(gmm.model, x, 3, method=method, init="random", max_iter=30, tol=1e-6, seed=5 + r)
+        assert restart["n_iter"] == alone.n_iter
+        assert restart["log_likelihood"] == pytest.approx(alone.log_likelihood, rel=1e-12)
+        assert restart["final_loss"] == pytest.approx(alone.losses[-1] / len(x), rel=1e-12)
+
+
+def test_a_reset_em_object_runs_as_a_new_one():
+    x = faithful()
+    em = ppl_em.EM(gmm.model)
+    first = [em.step(x, 2) for _ in range(5)]
+    pyro.clear_param_store()
+    em.reset()
+    assert em.iterations == 0
+    again = [em.step(x, 2) for _ in range(5)]
+    assert again == pytest.approx(first, rel=1e-12) and em.iterations == 5
+    pyro.clear_param_store()
+    fresh = ppl_em.EM(gmm.model)
+    assert [fresh.step(x, 2) for _ in range(5)] == pytest.approx(first, rel=1e-12)
+
+
 def test_convergence_warning_when_max_iter_is_too_small():
     assert issubclass(ppl_em.ConvergenceWarning, UserWarning)
     with pytest.warns(ppl_em.ConvergenceWarning, match=r"did not converge \(it reached max_iter=2.*n_init"):
