@@ -38,6 +38,7 @@ class Row:
     note: str = ""
     trajectory: List[float] = field(default_factory=list)
     times: List[float] = field(default_factory=list)
+    usage: Dict[str, float] = field(default_factory=dict)  # CPU user/system s and page faults per iteration
 
 
 @dataclass
@@ -157,7 +158,11 @@ def write(out_dir: Path, title: str, info: Dict[str, object], sizes: Dict[str, d
           targets: List[Target], command: str) -> None:
     """Write ``results.md`` and ``results.json`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.md").write_text(markdown(title, info, sizes, rows, targets, command))
     payload = {"title": title, "command": command, "machine": info, "sizes": sizes,
                "columns": COLUMNS, "rows": [asdict(r) for r in rows], "targets": [asdict(t) for t in targets]}
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    texts = {"results.md": markdown(title, info, sizes, rows, targets, command),
+             "results.json": json.dumps(payload, indent=1, default=float) + "\n"}
+    for name, text in texts.items():  # each file whole or not at all: written aside, then renamed
+        partial = out_dir / (name + ".partial")
+        partial.write_text(text)
+        partial.replace(out_dir / name)

@@ -66,6 +66,27 @@ class Fit:
     final_ll: float
     times: List[float] = field(default_factory=list)
     note: str = ""
+    usage: Dict[str, float] = field(default_factory=dict)
+
+
+class Usage:
+    """This process's CPU seconds (user, system) and page faults (minor, major) over a ``with`` block,
+    from ``getrusage``: a machine's slow phase shows up as system time and faults beside the seconds.
+    ``per(count)``: each divided by ``count`` (iterations)."""
+
+    FIELDS = ("ru_utime", "ru_stime", "ru_minflt", "ru_majflt")
+    NAMES = ("user_s", "sys_s", "minor_faults", "major_faults")
+
+    def __enter__(self) -> "Usage":
+        self._start = resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        self.total = {name: float(getattr(end, f) - getattr(self._start, f)) for name, f in zip(self.NAMES, self.FIELDS)}
+
+    def per(self, count: int) -> Dict[str, float]:
+        return {name: value / max(count, 1) for name, value in self.total.items()}
 
 
 def available(library: str) -> bool:
@@ -134,6 +155,11 @@ def _fresh_steps(em: ppl_em.EM, args: tuple, iters: int) -> Tuple[List[float], L
     return times, losses
 
 
+def usage_note(usage: Dict[str, float]) -> str:
+    return (f"per iteration: CPU user {usage['user_s']:.3g} s, system {usage['sys_s']:.3g} s, "
+            f"{usage['minor_faults']:.0f} minor page faults")
+
+
 def _m_step_note(em: ppl_em.EM) -> str:
     gradient = [p for p, how in em.explain().items() if not how.startswith("closed form")]
     return f"gradient M-step for {gradient}" if gradient else "closed-form M-step for every parameter"
@@ -143,9 +169,10 @@ def ppl_em_fit(model: Callable, args: tuple, n: int, iters: int, **em_options) -
     """Warm-up step (it also makes the M-step plan), then ``iters`` timed steps from the start again."""
     em = ppl_em.EM(model, **em_options)
     _fresh_steps(em, args, 1)
-    times, losses = _fresh_steps(em, args, iters)
+    with Usage() as usage:
+        times, losses = _fresh_steps(em, args, iters)
     final = em.log_likelihood(*args) / n
-    return Fit(sum(times) / iters, [-loss / n for loss in losses], final, times, _m_step_note(em))
+    return Fit(sum(times) / iters, [-loss / n for loss in losses], final, times, _m_step_note(em), usage.per(iters))
 
 
 def ppl_em_gmm(x: np.ndarray, k: int, init: Init, iters: int, device: str = "cpu") -> Fit:
@@ -238,11 +265,12 @@ def sklearn_gmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
         warnings.simplefilter("ignore", ConvergenceWarning)  # tol=0 on purpose: run every iteration
         make(1).fit(x)  # warm-up
         model = make(iters)
-        fit_seconds = _seconds(model.fit, x)
+        with Usage() as usage:
+            fit_seconds = _seconds(model.fit, x)
     score_seconds = _seconds(model.score, x)
     per_iter = max(fit_seconds - score_seconds, 0.0) / iters
     return Fit(per_iter, [float(v) for v in model.lower_bounds_], float(model.score(x)),
-               note="s / iter = (fit - one E-step) / iters")
+               note="s / iter = (fit - one E-step) / iters", usage=usage.per(iters))
 
 
 def pomegranate_gmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
@@ -273,9 +301,10 @@ def pomegranate_gmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
 
     steps(make(), 1)  # warm-up
     model = make()
-    times, trajectory = steps(model, iters)
+    with Usage() as usage:
+        times, trajectory = steps(model, iters)
     final = float(model.log_probability(xt).sum()) / len(x)
-    return Fit(sum(times) / iters, trajectory, final, times)
+    return Fit(sum(times) / iters, trajectory, final, times, usage=usage.per(iters))
 
 
 def hmmlearn_hmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
