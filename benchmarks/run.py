@@ -64,7 +64,7 @@ FULL: Dict[str, dict] = {
     "B5": {"ns": [10_000, 100_000, 1_000_000], "d": 2, "k": 3, "iters": 10, "small_n": 1000, "small_iters": 50},
     "B6": {"n": 1_000_000, "d": 10, "k": 16, "iters": 5},
     "B10": {"n": 5000, "d": 2, "k": 3, "n_init": 10, "ks": list(range(1, 11)), "tol": 1e-3, "max_iter": 100},
-    "B11": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10},
+    "B11": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10, "repeats": 3},
     "B12": {"em_steps": 30, "quick": False},
     **scaleout.FULL,
 }
@@ -77,7 +77,7 @@ QUICK: Dict[str, dict] = {
     "B5": {"ns": [500, 1000, 2000], "d": 2, "k": 3, "iters": 2, "small_n": 1000, "small_iters": 3},
     "B6": {"n": 1000, "d": 2, "k": 2, "iters": 2},
     "B10": {"n": 300, "d": 2, "k": 2, "n_init": 2, "ks": [1, 2, 3], "tol": 1e-3, "max_iter": 20},
-    "B11": {"n": 1000, "d": 2, "k": 2, "iters": 2},
+    "B11": {"n": 1000, "d": 2, "k": 2, "iters": 2, "repeats": 2},
     "B12": {"em_steps": 3, "quick": True},
     **scaleout.QUICK,
 }
@@ -177,61 +177,16 @@ def _gmm_problem(cfg: dict) -> Tuple[np.ndarray, dict]:
 
 
 def bench_b1(cfg: dict) -> Tuple[List[Row], List[Target]]:
-    """GMM, full covariances: s / iter and log-lik trajectories vs scikit-learn and pomegranate.
-
-    Interleaved repetitions: ppl_em, scikit-learn, ppl_em, scikit-learn, ..., ppl_em (``repeats`` runs of
-    scikit-learn), then pomegranate and ppl_em once more. Each peer run's speed-up is its s / iter over the
-    mean of the two ppl_em runs either side of it, so that both sample the machine's drifting speed alike;
-    a peer's row gives the median of its speed-ups and their spread, each library's s / iter is the median
-    over its runs, and CPU system time and page faults per iteration are recorded beside them.
-    """
+    """GMM, full covariances: s / iter and log-lik trajectories vs scikit-learn and pomegranate, timed by
+    :func:`_interleaved`."""
     x, init = _gmm_problem(cfg)
     size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, {cfg['iters']} iters"
     ours = wl.ppl_em_gmm
     if cfg["device"] != "cpu":  # ppl_em on the accelerator (data and parameters there); the peers on the CPU
         ours = functools.partial(wl.ppl_em_gmm, device=cfg["device"])
         size += f" (ppl_em on {cfg['device']})"
-    args = (x, cfg["k"], init, cfg["iters"])
     order = ["scikit-learn"] * cfg["repeats"] + ["pomegranate"]
-    runs: Dict[str, List[wl.Fit]] = {"ppl_em": [], "scikit-learn": [], "pomegranate": []}
-    speedups: Dict[str, List[float]] = {"scikit-learn": [], "pomegranate": []}
-    print("  B1 ppl_em ...", flush=True)
-    runs["ppl_em"].append(ours(*args))
-    for peer in order:
-        if not wl.available(peer):
-            continue
-        print(f"  B1 {peer} ...", flush=True)
-        runs[peer].append(GMM_PEERS[peer](*args))
-        print("  B1 ppl_em ...", flush=True)
-        runs["ppl_em"].append(ours(*args))
-        around = (runs["ppl_em"][-2].sec_per_iter + runs["ppl_em"][-1].sec_per_iter) / 2
-        speedups[peer].append(runs[peer][-1].sec_per_iter / around)
-    rows = []
-    for library in ("ppl_em", "scikit-learn", "pomegranate"):
-        if not runs[library]:
-            rows.append(Row("B1", library, size, note=NOT_INSTALLED))
-            continue
-        fits = runs[library]
-        median = float(np.median([f.sec_per_iter for f in fits]))
-        fit = min(fits, key=lambda f: abs(f.sec_per_iter - median))  # the median run: its trajectory and usage
-        row = _row("B1", library, size, wl.Fit(median, fit.trajectory, fit.final_ll, fit.times, fit.note, fit.usage))
-        times = ", ".join(f"{f.sec_per_iter:.3g}" for f in fits)
-        row.note = f"median of {len(fits)} runs ({times} s / iter); " + row.note
-        rows.append(row)
-    _compare(rows, rows[0], 10.0)  # the targets' wording; the speed-ups are the interleaved runs' below
-    for row in rows[1:]:
-        if speedups.get(row.library):
-            ups = speedups[row.library]
-            row.speedup = float(np.median(ups))
-            row.ratio = 1.0 / row.speedup
-            row.met = row.speedup >= 10.0
-            row.note = (f"speed-up per interleaved run {', '.join(f'{u:.3g}' for u in ups)}: median "
-                        f"{row.speedup:.3g}, spread {min(ups):.3g}-{max(ups):.3g}; ") + row.note
-    targets = [Target("B1", f"{rows[0].library} >= 10x faster (s / iter) than {row.library}",
-                      f"{row.speedup:.3g}x (median of {len(speedups[row.library])} interleaved runs)", row.met)
-               for row in rows[1:] if speedups.get(row.library)]
-    fits = {library: next(f for f in runs[library] if f.trajectory) for library in runs if runs[library]}
-    targets.append(_agreement("B1", fits, "scikit-learn"))
+    rows, targets, fits = _interleaved("B1", size, ours, order, (x, cfg["k"], init, cfg["iters"]), 10.0)
     if "pomegranate" in fits:  # no reg_covar in pomegranate: close, not equal
         dev = max_relative_deviation(fits["ppl_em"].trajectory, fits["pomegranate"].trajectory)
         rows[2].note += f"; log-lik trajectory vs ppl_em: max rel. deviation {dev:.1e} (no reg_covar)"
@@ -240,14 +195,66 @@ def bench_b1(cfg: dict) -> Tuple[List[Row], List[Target]]:
 
 def bench_b11(cfg: dict) -> Tuple[List[Row], List[Target]]:
     """B1's GMM written with ``scale_tril=L[z]`` (a user's idiom, not the model file): the same closed forms
-    through the Cholesky map, at the same speed; trajectory vs scikit-learn."""
+    through the Cholesky map, at the same speed; trajectory vs scikit-learn. Timed like B1."""
     x, init = _gmm_problem(cfg)
     size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, {cfg['iters']} iters, scale_tril model"
-    peers = {"ppl_em": wl.ppl_em_gmm_scale_tril, "scikit-learn": wl.sklearn_gmm}
-    rows, fits = _run_peers("B11", size, peers, (x, cfg["k"], init, cfg["iters"]), bracket=True)
-    targets = _compare(rows, rows[0], 15.0)
-    targets.append(_agreement("B11", fits, "scikit-learn"))
+    rows, targets, _ = _interleaved("B11", size, wl.ppl_em_gmm_scale_tril, ["scikit-learn"] * cfg["repeats"],
+                                    (x, cfg["k"], init, cfg["iters"]), 15.0)
     return rows, targets
+
+
+def _interleaved(workload: str, size: str, ours: Callable, order: List[str], args: tuple,
+                 factor: float) -> Tuple[List[Row], List[Target], Dict[str, wl.Fit]]:
+    """ppl_em and its peers in interleaved repetitions: ppl_em, peer, ppl_em, peer, ..., ppl_em (``order``
+    names the peer of each repetition).
+
+    Each peer run's speed-up is its s / iter over the mean of the two ppl_em runs either side of it, so
+    that both sample the machine's drifting speed alike; a peer's row gives the median of its speed-ups
+    and their spread (target: at least ``factor``), each library's s / iter is the median over its runs,
+    and CPU system time and page faults per iteration are recorded beside them. Also returns one fit per
+    library (for trajectories); the targets include the trajectory's agreement with scikit-learn.
+    """
+    libraries = ["ppl_em"] + list(dict.fromkeys(order))
+    runs: Dict[str, List[wl.Fit]] = {library: [] for library in libraries}
+    speedups: Dict[str, List[float]] = {library: [] for library in libraries[1:]}
+    print(f"  {workload} ppl_em ...", flush=True)
+    runs["ppl_em"].append(ours(*args))
+    for peer in order:
+        if not wl.available(peer):
+            continue
+        print(f"  {workload} {peer} ...", flush=True)
+        runs[peer].append(GMM_PEERS[peer](*args))
+        print(f"  {workload} ppl_em ...", flush=True)
+        runs["ppl_em"].append(ours(*args))
+        around = (runs["ppl_em"][-2].sec_per_iter + runs["ppl_em"][-1].sec_per_iter) / 2
+        speedups[peer].append(runs[peer][-1].sec_per_iter / around)
+    rows = []
+    for library in libraries:
+        if not runs[library]:
+            rows.append(Row(workload, library, size, note=NOT_INSTALLED))
+            continue
+        fits = runs[library]
+        median = float(np.median([f.sec_per_iter for f in fits]))
+        fit = min(fits, key=lambda f: abs(f.sec_per_iter - median))  # the median run: its trajectory and usage
+        row = _row(workload, library, size, wl.Fit(median, fit.trajectory, fit.final_ll, fit.times, fit.note, fit.usage))
+        times = ", ".join(f"{f.sec_per_iter:.3g}" for f in fits)
+        row.note = f"median of {len(fits)} runs ({times} s / iter); " + row.note
+        rows.append(row)
+    _compare(rows, rows[0], factor)  # the targets' wording; the speed-ups are the interleaved runs' below
+    for row in rows[1:]:
+        if speedups.get(row.library):
+            ups = speedups[row.library]
+            row.speedup = float(np.median(ups))
+            row.ratio = 1.0 / row.speedup
+            row.met = row.speedup >= factor
+            row.note = (f"speed-up per interleaved run {', '.join(f'{u:.3g}' for u in ups)}: median "
+                        f"{row.speedup:.3g}, spread {min(ups):.3g}-{max(ups):.3g}; ") + row.note
+    targets = [Target(workload, f"{rows[0].library} >= {factor:g}x faster (s / iter) than {row.library}",
+                      f"{row.speedup:.3g}x (median of {len(speedups[row.library])} interleaved runs)", row.met)
+               for row in rows[1:] if speedups.get(row.library)]
+    fits = {library: next(f for f in runs[library] if f.trajectory) for library in runs if runs[library]}
+    targets.append(_agreement(workload, fits, "scikit-learn"))
+    return rows, targets, fits
 
 
 def bench_b12(cfg: dict) -> Tuple[List[Row], List[Target]]:
