@@ -58,7 +58,7 @@ FULL: Dict[str, dict] = {
     "B1": {"n": 1_000_000, "d": 10, "k": 16, "iters": 20, "device": "cpu", "repeats": 3},
     # B1's sizes; one library at a time, so that big peaks do not add up on a shared machine
     "B2": {"libraries": ["ppl_em", "scikit-learn", "pomegranate"], "parallel": False},
-    "B3": {"T": 100_000, "K": 8, "D": 4, "iters": 3},
+    "B3": {"T": 100_000, "K": 8, "D": 4, "iters": 3, "hard_repeats": 3, "hard_iters": 10},
     "B4": {"n": 20_000, "d": 2, "k": 5, "tol": 1e-3, "em_tol": 1e-10, "max_em_iters": 3000,
            "max_svi_steps": 5000, "lr": 0.1},
     "B5": {"ns": [10_000, 100_000, 1_000_000], "d": 2, "k": 3, "iters": 10, "small_n": 1000, "small_iters": 50},
@@ -71,7 +71,7 @@ FULL: Dict[str, dict] = {
 QUICK: Dict[str, dict] = {
     "B1": {"n": 1000, "d": 2, "k": 2, "iters": 3, "device": "cpu", "repeats": 2},
     "B2": {"libraries": ["ppl_em", "scikit-learn"], "parallel": True},  # pomegranate's import (numba) is slow
-    "B3": {"T": 20, "K": 2, "D": 2, "iters": 2},
+    "B3": {"T": 20, "K": 2, "D": 2, "iters": 2, "hard_repeats": 1, "hard_iters": 2},
     "B4": {"n": 600, "d": 2, "k": 3, "tol": 1e-3, "em_tol": 1e-7, "max_em_iters": 300,
            "max_svi_steps": 400, "lr": 0.1},
     "B5": {"ns": [500, 1000, 2000], "d": 2, "k": 3, "iters": 2, "small_n": 1000, "small_iters": 3},
@@ -331,7 +331,35 @@ def bench_b3(cfg: dict) -> Tuple[List[Row], List[Target]]:
     targets = _compare(rows, rows[0], 1.0)
     rows[0].note += f"; {rows[0].sec_per_iter / cfg['T'] * 1e6:.3g} µs per time step"
     targets.append(_agreement("B3", fits, "hmmlearn"))
-    return rows, targets
+    hard_rows, hard_target = _hard_vs_exact(x, init, f"T={cfg['T']} K={cfg['K']} D={cfg['D']}, {cfg['hard_iters']} iters", cfg)
+    return rows + hard_rows, targets + [hard_target]
+
+
+def _hard_vs_exact(x, init, size: str, cfg: dict) -> Tuple[List[Row], Target]:
+    """Hard EM (Viterbi paths) against exact EM on the same vectorised HMM, ``hard_iters`` iterations each, in
+    ``hard_repeats`` interleaved pairs (exact, hard, exact, hard, ...): the median of the pairs' time ratios.
+    Hard EM's E-step also computes the exact log p(x) (what its steps report), one sum-product pass."""
+    runs: Dict[str, List[wl.Fit]] = {"exact": [], "hard": []}
+    for _ in range(cfg["hard_repeats"]):
+        for posterior in runs:
+            print(f"  B3 ppl_em {posterior} EM ...", flush=True)
+            runs[posterior].append(wl.ppl_em_hmm_posterior(x, cfg["K"], init, cfg["hard_iters"], posterior))
+    ratios = [h.sec_per_iter / e.sec_per_iter for e, h in zip(runs["exact"], runs["hard"])]
+    ratio = float(np.median(ratios))
+    rows = []
+    for posterior, label in (("exact", "ppl_em exact EM (reg_covar 1e-6)"), ("hard", "ppl_em hard EM (Viterbi)")):
+        fits = runs[posterior]
+        median = float(np.median([f.sec_per_iter for f in fits]))
+        row = _row("B3", label, size, wl.Fit(median, fits[0].trajectory, fits[0].final_ll, fits[0].times,
+                                             fits[0].note, fits[0].usage))
+        row.note = f"median of {len(fits)} runs ({', '.join(f'{f.sec_per_iter:.3g}' for f in fits)} s / iter); " + row.note
+        rows.append(row)
+    met = ratio <= 1.0
+    rows[1].target, rows[1].met = "hard EM s / iter <= exact EM's", met
+    rows[1].note = f"hard / exact per interleaved pair {', '.join(f'{r:.3g}' for r in ratios)}; " + rows[1].note
+    target = Target("B3", "hard EM (Viterbi) s / iter <= exact EM's on the vectorised HMM",
+                    f"hard / exact = {ratio:.3g} (median of {len(ratios)} interleaved pairs)", met)
+    return rows, target
 
 
 def _time_to(fit: wl.Fit, level: float) -> Optional[Tuple[float, int]]:

@@ -208,6 +208,14 @@ def ppl_em_hmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
     return ppl_em_fit(hmm.vectorized_model, (xt, k, _torch_init(init, xt.dtype)), len(x), iters, reg_covar=0.0)
 
 
+def ppl_em_hmm_posterior(x: np.ndarray, k: int, init: Init, iters: int, posterior: str) -> Fit:
+    """The vectorised Gaussian HMM under exact EM (Baum-Welch) or hard EM (Viterbi paths), reg_covar = 1e-6
+    (a hard state may hold few points)."""
+    xt = torch.from_numpy(x)
+    return ppl_em_fit(hmm.vectorized_model, (xt, k, _torch_init(init, xt.dtype)), len(x), iters, reg_covar=1e-6,
+                      posterior=posterior)
+
+
 def ppl_em_until(x: np.ndarray, k: int, init: Init, max_iters: int, tol: float) -> Fit:
     """EM until (1/n) log p(x) rises by less than ``tol`` in one iteration (B4's optimum)."""
     xt = torch.from_numpy(x)

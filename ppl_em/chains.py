@@ -447,49 +447,77 @@ def _to_input(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return grad.sum_to_size(x.shape).to(x.dtype)
 
 
-# -- max-sum (Viterbi): block products with back-pointers, no autograd graph --------------------------
+# -- max-sum (Viterbi): block products, then each block's path from its start, no autograd graph ------
 class _ChainViterbi(torch.autograd.Function):
     """max over paths of log p(x, w) of a chain, and as its gradient the 0/1 indicators of the best path.
 
     delta_t[j] = max_i delta_{t-1}[i] + log M_t[i, j] (log M_t = log A_t + emission_t), blocked as the sums
-    are: one pass over the L steps of every block at once gives each block's max-plus product D_c with
-    back-pointers for every start state; one pass over the blocks (and the tail) chains them; the best
-    path is then read back block by block, again for all blocks at once. No autograd graph is kept: the
-    backward returns the path's indicators (initial state, transition counts, states) times the incoming
-    gradient, what autograd through the max would give, for a fraction of its time and memory.
+    are. One pass over the L steps of every block at once gives each block's max-plus product D_c (the best
+    score from every start state to every end state, K^3 terms per step); one pass over the blocks (and the
+    tail) chains them, which fixes the state before each block and at its end. A second pass over the L
+    steps reruns the recursion of every block from its one start state (K^2 terms per step: row s_c of the
+    first pass's products, the same sums in the same order), keeping its back-pointers, and the path is read
+    back from each block's end. No autograd graph is kept: the backward returns the path's indicators
+    (initial state, transition counts, states) times the incoming gradient, what autograd through the max
+    would give, for a fraction of its time and memory.
     """
 
     @staticmethod
     def forward(ctx, initial, transition, emission):
         lay = _layout(initial, transition, emission)
         e, tr, init = _viterbi_tables(initial, transition, emission, lay)
-        blocks, pointers = _max_plus_blocks(e, tr, lay)
-        score, states, first = _best_paths(init, e, tr, blocks, pointers, lay)
+        score, chained = _chain_max(init, e, tr, _max_plus_blocks(e, tr, lay), lay)
         ctx.save_for_backward(initial, transition, emission)
-        ctx.path = (states, first, lay)
+        ctx.state = (e, tr, lay, chained)
         return score.reshape(lay.full).to(emission.dtype)
 
     @staticmethod
     def backward(ctx, g):
+        """The paths are read back here, for the chains whose incoming gradient is not 0 only: under hard
+        EM the other values of an enumerated first state (all but the best) get none."""
         initial, transition, emission = ctx.saved_tensors
-        states, first, lay = ctx.path  # (F, T) states w_0 .. w_{T-1} and (F,) w_{-1} of every full chain
-        K, F = lay.K, states.shape[0]
+        e, tr, lay, chained = ctx.state
+        K, F = lay.K, lay.full.numel()
         g = g.to(torch.float64).expand(lay.full).reshape(F)
-        q0 = torch.nn.functional.one_hot(first, K).to(torch.float64) * g[:, None]  # (F, K)
-        gamma = torch.nn.functional.one_hot(states, K).to(torch.float64) * g[:, None, None]  # (F, T, K)
+        live = g.nonzero().squeeze(-1)
+        states, first = _read_paths(live, chained, e, tr, lay)  # (F', T) states w_0 .. w_{T-1}, (F',) w_{-1}
+        g_live, chain_live = g[live], chained[-1][live]
+        q0 = _spread(_indicators(first, K, g_live), live, F)  # (F, K)
+        gamma = _per_batch(_indicators(states, K, g_live), chain_live, lay.N)  # (N, T, K)
         prev = torch.cat([first[:, None], states[:, :-1]], 1)  # w_{t-1}
-        pair = prev * K + states  # (F, T)
+        pair = prev * K + states  # (F', T)
         if lay.homogeneous and transition.dim() == 2:
-            counts = torch.zeros(F, K * K, dtype=torch.float64, device=g.device)
-            counts.scatter_add_(1, pair, g[:, None].expand_as(pair).contiguous())
+            counts = torch.zeros(len(live), K * K, dtype=torch.float64, device=g.device)
+            counts.scatter_add_(1, pair, g_live[:, None].expand_as(pair).contiguous())
             xi = counts.sum(0).reshape(K, K)
         else:
-            xi = torch.nn.functional.one_hot(pair, K * K).to(torch.float64) * g[:, None, None]
-            xi = xi.reshape(lay.full + (lay.T, K, K))
+            xi = _per_batch(_indicators(pair, K * K, g_live), chain_live, lay.N).reshape(lay.batch + (lay.T, K, K))
             if transition.shape[-3] == 1:
                 xi = xi.sum(-3, keepdim=True)
         return (_to_input(q0.reshape(lay.full + (K,)), initial), _to_input(xi, transition),
-                _to_input(gamma.reshape(lay.full + (lay.T, K)), emission))
+                _to_input(gamma.reshape(lay.batch + (lay.T, K)), emission))
+
+
+def _per_batch(rows: torch.Tensor, chain_of: torch.Tensor, N: int) -> torch.Tensor:
+    """Rows of full chains (F', ...) summed into their batch chains, ``chain_of`` (F',): (N, ...). The
+    dims that only the first state has are summed out of the emission's and transitions' gradients anyway."""
+    if len(chain_of) == N and bool((chain_of == torch.arange(N, device=chain_of.device)).all()):
+        return rows
+    return rows.new_zeros((N,) + rows.shape[1:]).index_add_(0, chain_of, rows)
+
+
+def _spread(rows: torch.Tensor, live: torch.Tensor, F: int) -> torch.Tensor:
+    """The rows of the chains ``live`` (F', ...) placed among F chains, zeros elsewhere."""
+    if len(live) == F:
+        return rows
+    return rows.new_zeros((F,) + rows.shape[1:]).index_copy_(0, live, rows)
+
+
+def _indicators(index: torch.Tensor, K: int, g: torch.Tensor) -> torch.Tensor:
+    """g[f] at the state ``index`` names, 0 elsewhere: (F, ..., K) float64 from indices (F, ...) and g (F,)."""
+    out = torch.zeros(index.shape + (K,), dtype=torch.float64, device=index.device)
+    out.scatter_(-1, index.unsqueeze(-1), 1.0)
+    return out.mul_(g.reshape((-1,) + (1,) * index.dim()))
 
 
 def _viterbi_tables(initial, transition, emission, lay: _Layout):
@@ -509,61 +537,128 @@ def _log_m(e, tr, t) -> torch.Tensor:
     return tr[:, 0 if tr.shape[1] == 1 else t] + e[:, t, None, :]
 
 
-def _max_plus_blocks(e, tr, lay: _Layout):
-    """D_c = max-plus product of the L steps of every block c, (N, nb, K, K), and the back-pointers
-    (L - 1, N, nb, K, K): at step l of block c, from start state i, the best state at step l - 1 before j."""
-    N, K, L, nb, main = lay.N, lay.K, lay.L, lay.nb, lay.main
-    e_blocks = e[:, :main].reshape(N, nb, L, K)
-    tr_blocks = tr if tr.shape[1] == 1 else tr[:, :main].reshape(tr.shape[0], nb, L, K, K)
+class _BlockSteps:
+    """The tables of step l of every block, for the max-plus recursion written as
+    D_l[i, j] = max_m (D_{l-1}[i, m] + log A_l[m, j]) + emission_l[j] (the emission is the same for every m,
+    so it is added after the max, to K^2 numbers instead of K^3).
 
-    def step(l):  # log M at step l of every block, (N|1, nb, K, K)
-        a = tr_blocks[:, :1] if tr.shape[1] == 1 else tr_blocks[:, :, l]
-        return a + e_blocks[:, :, l, None, :]
+    Two layouts of the same numbers: for the products' pass, the summed-out state m first, so that the
+    max runs over whole contiguous tables (``a_state`` (m, j, 1|N, 1|nb), ``e_state`` (j, N, nb)); for the
+    paths' pass, blocks first (``a_block`` (1|N, 1|nb, j, m), ``e_block`` (N, nb, j)). Both passes add,
+    take the max and add in the same order, so the paths' pass reproduces the products' numbers exactly.
+    """
 
-    blocks = step(0).expand(N, nb, K, K)
-    pointers = []
-    for l in range(1, L):
-        blocks, index = (blocks.unsqueeze(-1) + step(l).unsqueeze(-3)).max(-2)
-        pointers.append(index.to(torch.uint8) if K <= 256 else index)
-    return blocks, pointers
+    def __init__(self, e, tr, lay: _Layout, products: bool = True) -> None:
+        N, K, L, nb, main = lay.N, lay.K, lay.L, lay.nb, lay.main
+        self.homogeneous = tr.shape[1] == 1
+        e = e[:, :main].reshape(N, nb, L, K)
+        self.e_block = e.permute(2, 0, 1, 3).contiguous()  # (L, N, nb, j)
+        if self.homogeneous:  # tr (1|N, 1, m, j)
+            self.a_block = tr[:, 0].transpose(-1, -2).unsqueeze(1)  # (1|N, 1, j, m)
+        else:
+            blocks = tr[:, :main].reshape(tr.shape[0], nb, L, K, K)  # (1|N, nb, L, m, j)
+            self.a_block = blocks.transpose(-1, -2)  # (1|N, nb, L, j, m)
+        if products:  # the products' layout (copies)
+            self.e_state = e.permute(2, 3, 0, 1).contiguous()  # (L, j, N, nb)
+            self.a_state = tr[:, 0].permute(1, 2, 0).unsqueeze(-1).contiguous() if self.homogeneous else \
+                blocks.permute(2, 3, 4, 0, 1).contiguous()  # (m, j, 1|N, 1) or (L, m, j, 1|N, nb)
+
+    def state_tables(self, l: int):
+        """(a (m, j, 1|N, 1|nb), e (j, N, nb)) of step l."""
+        return (self.a_state if self.homogeneous else self.a_state[l]), self.e_state[l]
+
+    def block_tables(self, l: int):
+        """(a (1|N, 1|nb, j, m), e (N, nb, j)) of step l."""
+        return (self.a_block if self.homogeneous else self.a_block[:, :, l]), self.e_block[l]
 
 
-def _best_paths(init, e, tr, blocks, pointers, lay: _Layout):
-    """The best path of every full chain: (score (F,), states (F, T) of w_0 .. w_{T-1}, w_{-1} (F,))."""
-    F, N, T, L, nb, main = init.shape[0], lay.N, lay.T, lay.L, lay.nb, lay.main
+def _max_plus_blocks(e, tr, lay: _Layout) -> torch.Tensor:
+    """D_c[i, j] = max-plus product of the L steps of every block c, from state i before the block to state
+    j at its last step: (N, nb, K, K).
+
+    The running product is kept as (j, N, nb, i), so that a step is one sum table (m, j, N, nb, i) =
+    D[m, ..., i] + log A[m, j, ...], a max over its first dimension, m (the state at the step before),
+    and the emission added to the (j, N, nb, i) result.
+    """
+    N, K, L, nb = lay.N, lay.K, lay.L, lay.nb
+    steps = _BlockSteps(e, tr, lay)
+    a, e0 = steps.state_tables(0)
+    D = (a.permute(1, 2, 3, 0) + e0.unsqueeze(-1)).expand(K, N, nb, K).contiguous()  # (j, N, nb, i)
+    if L > 1:
+        table = e.new_empty((K, K, N, nb, K))
+        out = torch.empty_like(D)
+        for l in range(1, L):
+            a, e_l = steps.state_tables(l)
+            torch.add(D.unsqueeze(1), a.unsqueeze(-1), out=table)
+            torch.amax(table, 0, out=out).add_(e_l.unsqueeze(-1))
+            D, out = out, D
+    return D.permute(1, 2, 3, 0)  # (N, nb, i, j)
+
+
+def _chain_max(init, e, tr, blocks, lay: _Layout):
+    """The best score of every full chain (F,), and what reading its path back needs: the best state
+    before each block (and tail step) for each state after it, (nb + r, F, K), the best last state (F,),
+    and each full chain's batch chain (F,)."""
+    F, N, T, nb, main = init.shape[0], lay.N, lay.T, lay.nb, lay.main
     chain_of = torch.arange(N, device=init.device).reshape(lay.batch).expand(lay.full).reshape(F)  # full -> batch
-    delta, back = init, []  # back[c]: the best state before block c (or step) for each state after it
-    for c in range(nb):
-        delta, index = (delta.unsqueeze(-1) + blocks[chain_of, c]).max(-2)  # (F, K)
-        back.append(index)
-    tail_back = []
-    for t in range(main, T):
-        delta, index = (delta.unsqueeze(-1) + _log_m(e, tr, t)[chain_of if tr.shape[0] > 1 or e.shape[0] > 1 else 0]).max(-2)
-        tail_back.append(index)
+    products = list((blocks if N == 1 else blocks[chain_of]).unbind(1))  # nb x (1|F, K, K)
+    products += [_log_m(e, tr, t)[chain_of if tr.shape[0] > 1 or e.shape[0] > 1 else 0] for t in range(main, T)]
+    delta = init
+    back = torch.empty((len(products),) + init.shape, dtype=torch.long, device=init.device)
+    for c, (D, out) in enumerate(zip(products, back.unbind(0))):  # the blocks, then the tail steps
+        delta, index = (delta.unsqueeze(-1) + D).max(-2)  # (F, K)
+        out.copy_(index)
     score, last = delta.max(-1)
-    states = torch.empty(F, T, dtype=torch.long, device=init.device)
-    current = last
-    for t in range(T - 1, main - 1, -1):  # the tail, backwards
-        states[:, t] = current
-        current = tail_back[t - main].gather(1, current[:, None]).squeeze(1)
-    ends = torch.empty(F, nb, dtype=torch.long, device=init.device)  # the state at the last step of each block
-    starts = torch.empty(F, nb, dtype=torch.long, device=init.device)  # the state before each block
-    for c in range(nb - 1, -1, -1):
-        ends[:, c] = current
-        current = back[c].gather(1, current[:, None]).squeeze(1)
-        starts[:, c] = current
-    first = current  # w_{-1}
-    if nb:
-        rows = chain_of[:, None].expand(F, nb)
-        cols = torch.arange(nb, device=init.device).expand(F, nb)
-        state = ends
-        block_states = torch.empty(F, nb, L, dtype=torch.long, device=init.device)
-        for l in range(L - 1, -1, -1):
-            block_states[:, :, l] = state
-            if l:
-                state = pointers[l - 1][rows, cols, starts, state].long()
-        states[:, :main] = block_states.reshape(F, main)
-    return score, states, first
+    return score, (back, last, chain_of)
+
+
+def _read_paths(live: torch.Tensor, chained, e, tr, lay: _Layout):
+    """The best paths of the full chains ``live`` (F',): (states (F', T) of w_0 .. w_{T-1}, w_{-1} (F',))."""
+    back, last, chain_of = chained
+    F, T, nb, main = len(live), lay.T, lay.nb, lay.main
+    if F != back.shape[1]:
+        back = back[:, live]
+    before = torch.empty(back.shape[0] + 1, F, dtype=torch.long, device=last.device)  # the state before each
+    slots = before.unbind(0)  # block and tail step, then the last state
+    current = slots[-1]
+    current.copy_(last[live])
+    for c in range(back.shape[0] - 1, -1, -1):  # backwards: the tail steps, then the blocks
+        torch.gather(back[c], 1, current.unsqueeze(1), out=slots[c].unsqueeze(1))
+        current = slots[c]
+    states = torch.empty(F, T, dtype=torch.long, device=last.device)
+    states[:, main:] = before[nb + 1:].T  # the state at each tail step
+    if nb and F:
+        starts, ends = before[:nb].T, before[1:nb + 1].T  # (F', nb): before each block, at its last step
+        states[:, :main] = _block_paths(e, tr, lay, chain_of[live], starts, ends).reshape(F, main)
+    return states, before[0]  # before[0]: w_{-1}
+
+
+def _block_paths(e, tr, lay: _Layout, chain_of, starts, ends) -> torch.Tensor:
+    """The best path through every block c from the state before it, ``starts`` (F, nb), to the state at
+    its last step, ``ends`` (F, nb): the recursion of :func:`_max_plus_blocks` for the one start state,
+    with back-pointers. (F, nb, L)."""
+    F, K, L, nb = starts.shape[0], lay.K, lay.L, lay.nb
+    steps = _BlockSteps(e, tr, lay, products=False)
+    same = F == lay.N and bool((chain_of == torch.arange(F, device=chain_of.device)).all())  # no gather needed
+
+    def tables(l):  # (a (F|1, nb|1, j, m), e (F, nb, j))
+        a, e_l = steps.block_tables(l)
+        return (a, e_l) if same else (a if a.shape[0] == 1 else a[chain_of], e_l[chain_of])
+
+    a, e0 = tables(0)
+    delta = a.expand(F, nb, K, K).gather(-1, starts[:, :, None, None].expand(F, nb, K, 1)).squeeze(-1) + e0  # (F, nb, j)
+    pointers = torch.empty(L, F, nb, K, dtype=torch.long, device=starts.device)  # pointers[l]: the state at l - 1
+    values = torch.empty_like(delta)
+    for l, out in zip(range(1, L), pointers.unbind(0)[1:]):
+        a, e_l = tables(l)
+        torch.max(delta.unsqueeze(-2) + a, -1, out=(values, out))
+        delta, values = torch.add(values, e_l, out=delta), delta
+    path = torch.empty(L, F, nb, dtype=torch.long, device=starts.device)
+    slots = path.unbind(0)
+    slots[-1].copy_(ends)
+    for l in range(L - 1, 0, -1):
+        torch.gather(pointers[l], -1, slots[l].unsqueeze(-1), out=slots[l - 1].unsqueeze(-1))
+    return path.permute(1, 2, 0)
 
 
 # -- log space: the fallback for sums (and the reference max-sum of the tests) ---------------------

@@ -80,6 +80,16 @@ def test_b3_trajectory_equals_hmmlearn(results):
     assert relative_deviation(ours["trajectory"] + [ours["final_ll"]], peer["trajectory"] + [peer["final_ll"]]) <= 1e-6
 
 
+def test_b3_times_hard_em_against_exact_em_on_the_same_hmm(results):
+    _, data, rows = results
+    exact, hard = rows["B3", "ppl_em exact EM (reg_covar 1e-6)"], rows["B3", "ppl_em hard EM (Viterbi)"]
+    assert exact["sec_per_iter"] > 0 and hard["sec_per_iter"] > 0 and "hard / exact per interleaved pair" in hard["note"]
+    # hard EM's trajectory is its own objective, max_w log p(x, w) per point: it never decreases
+    assert all(b >= a - 1e-9 for a, b in zip(hard["trajectory"], hard["trajectory"][1:]))
+    assert hard["trajectory"][0] <= exact["trajectory"][0] + 1e-12  # max_w log p(x, w) <= log p(x)
+    assert any(t["workload"] == "B3" and t["target"].startswith("hard EM") for t in data["targets"])
+
+
 def test_b4_em_reaches_the_optimum_sooner_than_svi(results):
     _, data, rows = results
     em, svi = rows["B4", "ppl_em"], rows["B4", "Pyro SVI"]

@@ -122,6 +122,24 @@ def test_viterbi_with_back_pointers_equals_autograd_through_the_max_sum_recursio
         assert torch.allclose(ga, gb, atol=1e-12)
 
 
+@pytest.mark.parametrize("homogeneous", [True, False])
+def test_viterbi_reads_back_only_the_paths_that_get_a_gradient(homogeneous):
+    """Under hard EM the enumerated first state's other values get an incoming gradient of 0: their paths
+    are not read back, and the gradients equal autograd's through the max-sum recursion, zeros included."""
+    initial, transition, emission = _random_tables((2,), 60, 3, not homogeneous, seed=11)
+    initial = torch.randn(4, 1, 3, dtype=D).log_softmax(-1)
+    ours = [t.clone().requires_grad_() for t in (initial, transition, emission)]
+    ref = [t.clone().requires_grad_() for t in (initial, transition, emission)]
+    weights = torch.zeros(4, 2, dtype=D)
+    weights[1, 0], weights[3, 1] = 1.0, 0.5  # one live chain per batch element, at different first states
+    a, b = chains.log_evidence(*ours, semiring="max"), chains._log_space(*ref, chains._max)
+    assert torch.allclose(a, b, rtol=1e-12)
+    grads = torch.autograd.grad(a, ours, weights)
+    for ga, gb in zip(grads, torch.autograd.grad(b, ref, weights)):
+        assert torch.allclose(ga, gb, atol=1e-12)
+    assert float(grads[0][0].abs().sum()) == 0.0 and float(grads[2].sum()) == pytest.approx(1.5 * 60)
+
+
 def test_an_underflowing_scaled_recursion_falls_back_to_log_space():
     # From state 0 the chain can only stay in 0, whose observation at t = 2 is 1000 nats less likely
     # than state 1's: scaled by the best state, every reachable probability underflows to 0.
