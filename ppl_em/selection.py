@@ -163,6 +163,7 @@ class Selection:
     transforms: List[Transform] = field(default_factory=list)
     leaf_dtype: Optional[torch.dtype] = None  # the parameter's dtype (the attribute's, unless a cast lies between)
     _index: Optional[torch.Tensor] = field(default=None, repr=False)
+    _identity: bool = field(default=False, repr=False)  # S is a reshape: A's elements are v's, in order
 
     def __post_init__(self) -> None:
         if self.leaf_dtype is None:
@@ -200,6 +201,9 @@ class Selection:
                 back = self._through_nodes(u).reshape(-1) if self.nodes else u.reshape(-1)
                 forward, = torch.autograd.grad(back, u, labels.to(back.dtype).reshape(back.shape))
             self._index = forward.round().long() - 1
+            flat = self._index.reshape(-1)
+            self._identity = flat.numel() == self.leaf_shape.numel() and bool(
+                torch.equal(flat, torch.arange(flat.numel(), device=flat.device)))
         return self._index
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
@@ -209,6 +213,8 @@ class Selection:
         for t in reversed(self.transforms):
             y = t.forward(y)
         flat = y.reshape(-1)
+        if self._identity:
+            return flat.reshape(self.shape)
         return torch.where(index >= 0, flat[index.clamp_min(0)], torch.zeros((), dtype=flat.dtype, device=flat.device))
 
     def release(self) -> None:
@@ -217,6 +223,8 @@ class Selection:
         self.nodes, self.tensor = [], self.tensor.detach()
 
     def _scatter(self, u: torch.Tensor) -> torch.Tensor:
+        if self._identity:  # a fresh tensor, as below: statistics never alias the E-step's tables
+            return u.expand(self.shape).reshape(self.leaf_shape).clone()
         index = self._index.reshape(-1)
         keep = index >= 0
         out = torch.zeros(self.leaf_shape.numel(), dtype=u.dtype, device=u.device)

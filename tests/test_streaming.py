@@ -30,6 +30,10 @@ D = torch.float64
     ([(4, 7, 1)], (4, 1, 5)),                          # the target is larger: expanded
     ([(2, 1, 3), (1, 5, 3)], (2, 5, 3)),               # nothing summed
     ([(6,), (6,)], ()),                                # a dot product
+    ([(4, 7)], (4, 1)),                                # one operand: a plain sum (the counts N_j)
+    ([(4, 7)], (7,)),
+    ([(4, 7)], ()),
+    ([(4, 7)], (2, 4, 7)),                             # one operand, a larger target: expanded
 ])
 def test_reduce_product_equals_the_broadcast_product_summed(shapes, target):
     g = torch.Generator().manual_seed(0)
@@ -39,6 +43,13 @@ def test_reduce_product_equals_the_broadcast_product_summed(shapes, target):
         full = full * t
     expected = full.expand(torch.broadcast_shapes(full.shape, target)).sum_to_size(target)
     assert torch.allclose(fastpath.reduce_product(ops, target), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reduce_product_of_one_operand_is_a_new_tensor():
+    """Statistics hold what it returns while the E-step's tables are recycled for the next chunk."""
+    w = torch.rand(4, 7, dtype=D)
+    out = fastpath.reduce_product([w], (4, 7))
+    assert torch.equal(out, w) and out.data_ptr() != w.data_ptr()
 
 
 def test_reduce_product_counts_the_copies_of_a_dimension_only_broadcast():

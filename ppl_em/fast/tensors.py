@@ -40,6 +40,9 @@ def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
     Where ``shape`` is larger than the operands' broadcast shape the result is expanded.
     """
     shape = torch.Size(shape)
+    if len(operands) == 1 and _plain_sum(operands[0], shape):  # one operand: no product to avoid
+        t = operands[0]
+        return t.clone() if t.shape == shape else t.sum_to_size(shape)
     ndim = max([len(shape)] + [t.dim() for t in operands])
     full = [1] * ndim
     subscripts, squeezed = [], []
@@ -72,3 +75,12 @@ def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
         out = out * copies
     out = out.reshape([full[i] if i in kept else 1 for i in range(ndim)])
     return out.reshape(out.shape[ndim - len(shape):]).expand(shape)
+
+
+def _plain_sum(t: torch.Tensor, shape: torch.Size) -> bool:
+    """Whether ``t.sum_to_size(shape)`` is :func:`reduce_product` of ``[t]``: ``shape`` only sums ``t``'s
+    dimensions (none grows) and none is expanded (a stride-0 dimension's copies count in the sum
+    either way, but its einsum reads one copy)."""
+    if len(shape) > t.dim() or any(st == 0 and sz > 1 for sz, st in zip(t.shape, t.stride())):
+        return False
+    return all(s in (1, n) for s, n in zip(shape, t.shape[t.dim() - len(shape):]))
