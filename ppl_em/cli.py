@@ -540,6 +540,7 @@ def cmd_fit(ns: argparse.Namespace) -> int:
     with _outputs(ns, shard) as out:
         start = time.perf_counter()
         options = {"batch_size": ns.batch_size} if ns.batch_size is not None else {}
+        options.update(_tol(ns))
         if ns.distributed:
             options["distributed"] = True
         result = _fit_quietly(model, x, ns.components, method=ns.method, max_iter=ns.max_iter, seed=ns.seed,
@@ -581,7 +582,7 @@ def cmd_select(ns: argparse.Namespace, model: Callable, x: torch.Tensor) -> int:
         warnings.simplefilter("ignore", ConvergenceWarning)  # the table's conv column reports it
         selection = select(model, x, k=ns.components, criterion=ns.criterion, method=ns.method,
                            max_iter=ns.max_iter, seed=ns.seed, n_init=ns.n_init, init=ns.init, progress=False,
-                           missing=ns.missing)
+                           missing=ns.missing, **_tol(ns))
     k, best = selection.best_k, selection.best
     summary = {"model": ns.model, "data": ns.data, "n": len(x), "d": x.shape[1], "method": ns.method,
                "criterion": ns.criterion, "chosen_k": k, "split": selection.split, "rows": selection.rows,
@@ -681,12 +682,19 @@ def cmd_models(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _tol(ns: argparse.Namespace) -> dict:
+    """``tol=`` for fit and select when ``--tol`` was given (their own default otherwise)."""
+    return {"tol": ns.tol} if getattr(ns, "tol", None) is not None else {}
+
+
 # -- entry point ----------------------------------------------------------------------------
 def _check_options(ns: argparse.Namespace) -> None:
     if getattr(ns, "max_iter", None) is not None and ns.max_iter < 1:
         raise UsageError(f"--max-iter must be >= 1, got {ns.max_iter}")
     if getattr(ns, "n_init", 1) < 1:
         raise UsageError(f"--n-init must be >= 1, got {ns.n_init}")
+    if getattr(ns, "tol", None) is not None and not 0 <= ns.tol < math.inf:
+        raise UsageError(f"--tol must be a finite number >= 0, got {ns.tol}")
     if getattr(ns, "batch_size", None) is not None and ns.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {ns.batch_size}")
     if getattr(ns, "timeout", 1.0) <= 0:
@@ -718,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="ppl_em_out", help="output folder (default: ppl_em_out)")
     f.add_argument("--json", action="store_true", help="print a machine-readable summary")
     f.add_argument("--max-iter", type=int, default=None)
+    f.add_argument("--tol", type=float, default=None,
+                   help="stop when the mean loss per observation changes by less than this (default: fit's, 1e-6; "
+                        "0 runs all of --max-iter)")
     f.add_argument("--missing", default="error", choices=("error", "marginalize"),
                    help="empty fields or NaN in the data: an error (default), or missing values marginalised out "
                         "(gmm, kmeans, bernoulli_mixture, poisson_mixture)")

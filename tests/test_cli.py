@@ -50,6 +50,17 @@ def test_fit_writes_checkpoint_history_figures_and_a_json_summary(faithful_csv, 
     assert [h["loss"] for h in history["history"]] == pytest.approx(direct.losses, rel=1e-12)
 
 
+def test_fit_tol_is_passed_to_the_fit(faithful_csv, tmp_path, capsys):
+    """--tol 0 never settles: the fit runs all of --max-iter, as ppl_em.fit(..., tol=0) does."""
+    rc = cli.main(["fit", "gmm", "--data", faithful_csv, "-k", "2", "--out", str(tmp_path / "o"), "--json",
+                   "--tol", "0", "--max-iter", "7"])
+    summary = json.loads(capsys.readouterr().out)
+    with pytest.warns(ppl_em.ConvergenceWarning):  # tol=0: stopped by max_iter
+        direct = ppl_em.fit(gmm.model, load_old_faithful()[::4], 2, tol=0, max_iter=7, progress=False)
+    assert rc == 0 and summary["n_iter"] == direct.n_iter == 7
+    assert summary["log_likelihood"] == pytest.approx(direct.score(), rel=1e-10)
+
+
 def test_fit_reads_npy_and_prints_a_table(tmp_path, capsys):
     path = tmp_path / "x.npy"
     np.save(path, load_old_faithful()[::4].numpy())

@@ -139,6 +139,8 @@ def test_an_out_folder_that_cannot_be_written(csv, tmp_path, capsys, monkeypatch
     (["--seed", "4294967296"], r"--seed must lie in \[0, 4294967295\] \(seeds are 32-bit\), got 4294967296"),
     (["--seed", "-1"], r"--seed must lie in \[0, 4294967295\]"),
     (["--seed", "4294967295", "--n-init", "3"], r"--seed must lie in \[0, 4294967293\]"),
+    (["--tol", "-1"], r"--tol must be a finite number >= 0, got -1.0"),
+    (["--tol", "nan"], r"--tol must be a finite number >= 0, got nan"),
 ])
 def test_a_seed_out_of_range_names_the_option(argv, message, csv, tmp_path, capsys):
     rc, stdout, err = run(["fit", "gmm", "--data", csv, "-k", "2", "--out", str(tmp_path / "o")] + argv, capsys)
@@ -184,8 +186,9 @@ def test_sigint_to_the_installed_command(csv, tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "ppl-em")
     command = [script] if os.path.exists(script) else [sys.executable, "-m", "ppl_em.cli"]
     out = tmp_path / "out"
+    # --tol 0: the fit never settles, so it is still running when the signal comes
     proc = subprocess.Popen(command + ["fit", "gmm", "--data", csv, "-k", "2", "--method", "svi", "--max-iter",
-                                       "1000000", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       "1000000", "--tol", "0", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 120
     while not (out.exists() and any(PARTIAL in n for n in os.listdir(out))):  # the fit has started
