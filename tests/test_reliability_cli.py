@@ -186,17 +186,25 @@ def test_sigint_to_the_installed_command(csv, tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "ppl-em")
     command = [script] if os.path.exists(script) else [sys.executable, "-m", "ppl_em.cli"]
     out = tmp_path / "out"
-    # --tol 0: the fit never settles, so it is still running when the signal comes
+    # --tol 0: the fit never settles, so it is still running when the signal comes. SIGINT is set back to
+    # its default in the child: a test run started in the background of a shell inherits it ignored, and
+    # Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen(command + ["fit", "gmm", "--data", csv, "-k", "2", "--method", "svi", "--max-iter",
-                                       "1000000", "--tol", "0", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while not (out.exists() and any(PARTIAL in n for n in os.listdir(out))):  # the fit has started
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+                                       "1000000", "--tol", "0", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and any(PARTIAL in n for n in os.listdir(out))):  # the fit has started
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave the fit running past the test
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, stderr
     assert stderr.splitlines() == ["ppl-em: interrupted; no output was written"] and stdout == ""
     assert not out.exists()
