@@ -544,7 +544,7 @@ class _BlockSteps:
 
     Two layouts of the same numbers: for the products' pass, the summed-out state m first, so that the
     max runs over whole contiguous tables (``a_state`` (m, j, 1|N, 1|nb), ``e_state`` (j, N, nb)); for the
-    paths' pass, blocks first (``a_block`` (1|N, 1|nb, j, m), ``e_block`` (N, nb, j)). Both passes add,
+    paths' pass, blocks first (``a_block`` (1|N, 1|nb, j, m), ``e_block`` (N, nb, j) per step). Both passes add,
     take the max and add in the same order, so the paths' pass reproduces the products' numbers exactly.
     """
 
@@ -605,7 +605,7 @@ def _chain_max(init, e, tr, blocks, lay: _Layout):
     products += [_log_m(e, tr, t)[chain_of if tr.shape[0] > 1 or e.shape[0] > 1 else 0] for t in range(main, T)]
     delta = init
     back = torch.empty((len(products),) + init.shape, dtype=torch.long, device=init.device)
-    for c, (D, out) in enumerate(zip(products, back.unbind(0))):  # the blocks, then the tail steps
+    for D, out in zip(products, back.unbind(0)):  # the blocks, then the tail steps
         delta, index = (delta.unsqueeze(-1) + D).max(-2)  # (F, K)
         out.copy_(index)
     score, last = delta.max(-1)
@@ -648,11 +648,10 @@ def _block_paths(e, tr, lay: _Layout, chain_of, starts, ends) -> torch.Tensor:
     a, e0 = tables(0)
     delta = a.expand(F, nb, K, K).gather(-1, starts[:, :, None, None].expand(F, nb, K, 1)).squeeze(-1) + e0  # (F, nb, j)
     pointers = torch.empty(L, F, nb, K, dtype=torch.long, device=starts.device)  # pointers[l]: the state at l - 1
-    values = torch.empty_like(delta)
     for l, out in zip(range(1, L), pointers.unbind(0)[1:]):
         a, e_l = tables(l)
-        torch.max(delta.unsqueeze(-2) + a, -1, out=(values, out))
-        delta, values = torch.add(values, e_l, out=delta), delta
+        torch.max(delta.unsqueeze(-2) + a, -1, out=(delta, out))  # the sum is a new table: delta may take the max
+        delta.add_(e_l)
     path = torch.empty(L, F, nb, dtype=torch.long, device=starts.device)
     slots = path.unbind(0)
     slots[-1].copy_(ends)
