@@ -19,6 +19,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def faithful_csv(tmp_path):
+    """Every fourth row of the embedded Old Faithful data as a CSV with a header line (the CLI's input)."""
+    import numpy as np
+
+    from ppl_em.datasets import load_old_faithful
+
+    path = tmp_path / "faithful.csv"
+    np.savetxt(path, load_old_faithful()[::4].numpy(), delimiter=",", header="eruptions,waiting", comments="")
+    return str(path)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_pyro_state():
     pyro.clear_param_store()

@@ -16,20 +16,6 @@ from ppl_em.datasets import load_old_faithful
 from ppl_em.models import gmm
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()  # the command sets one thread for small data
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def faithful_csv(tmp_path):
-    path = tmp_path / "faithful.csv"
-    np.savetxt(path, load_old_faithful()[::4].numpy(), delimiter=",", header="eruptions,waiting", comments="")
-    return str(path)
-
-
 def test_fit_writes_checkpoint_history_figures_and_a_json_summary(faithful_csv, tmp_path, capsys):
     out = tmp_path / "out"
     rc = cli.main(["fit", "gmm", "--data", faithful_csv, "-k", "2", "--out", str(out), "--json", "--seed", "3"])

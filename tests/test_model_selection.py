@@ -22,15 +22,6 @@ from ppl_em.plot import plot_selection
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine they oversubscribe the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- data drawn from each registry model with k = 3 -----------------------------------------
 def gmm_data(seed):
     phi = torch.tensor([0.3, 0.3, 0.4], dtype=D)

@@ -10,25 +10,10 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from ppl_em import cli
 from ppl_em.checkpoint import PARTIAL
 from ppl_em.datasets import load_old_faithful
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()  # the command sets one thread for small data
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def csv(tmp_path):
-    path = tmp_path / "faithful.csv"
-    np.savetxt(path, load_old_faithful()[::4].numpy(), delimiter=",", header="eruptions,waiting", comments="")
-    return str(path)
 
 
 def run(argv, capsys):
@@ -107,7 +92,7 @@ def test_a_poisson_mixture_fits_one_observation(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["a file", "under a file", "a name too long", "a path too long"])
-def test_a_bad_out_folder_fails_before_the_fit(case, csv, tmp_path, capsys, monkeypatch):
+def test_a_bad_out_folder_fails_before_the_fit(case, faithful_csv, tmp_path, capsys, monkeypatch):
     (tmp_path / "afile").write_text("keep me")
     out, message = {
         "a file": (tmp_path / "afile", r"--out '.*afile' exists and is not a folder"),
@@ -116,13 +101,13 @@ def test_a_bad_out_folder_fails_before_the_fit(case, csv, tmp_path, capsys, monk
         "a path too long": (tmp_path / "a" / ("y" * 300) / "b", r"cannot create --out '.*': File name too long"),
     }[case]
     monkeypatch.setattr(cli, "fit", lambda *a, **k: pytest.fail("the fit must not start"))
-    rc, stdout, err = run(["fit", "gmm", "--data", csv, "-k", "2", "--out", str(out)], capsys)
+    rc, stdout, err = run(["fit", "gmm", "--data", faithful_csv, "-k", "2", "--out", str(out)], capsys)
     assert_one_error_line(rc, stdout, err, message)
     assert sorted(os.listdir(tmp_path)) == ["afile", "faithful.csv"]  # nothing created, nothing left
     assert (tmp_path / "afile").read_text() == "keep me"
 
 
-def test_an_out_folder_that_cannot_be_written(csv, tmp_path, capsys, monkeypatch):
+def test_an_out_folder_that_cannot_be_written(faithful_csv, tmp_path, capsys, monkeypatch):
     out = tmp_path / "readonly"
     out.mkdir()
 
@@ -130,7 +115,7 @@ def test_an_out_folder_that_cannot_be_written(csv, tmp_path, capsys, monkeypatch
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(cli.tempfile, "mkdtemp", refused)
-    rc, stdout, err = run(["fit", "gmm", "--data", csv, "-k", "2", "--out", str(out)], capsys)
+    rc, stdout, err = run(["fit", "gmm", "--data", faithful_csv, "-k", "2", "--out", str(out)], capsys)
     assert_one_error_line(rc, stdout, err, r"cannot write to --out '.*readonly': Permission denied")
     assert os.listdir(out) == []
 
@@ -142,8 +127,8 @@ def test_an_out_folder_that_cannot_be_written(csv, tmp_path, capsys, monkeypatch
     (["--tol", "-1"], r"--tol must be a finite number >= 0, got -1.0"),
     (["--tol", "nan"], r"--tol must be a finite number >= 0, got nan"),
 ])
-def test_a_seed_out_of_range_names_the_option(argv, message, csv, tmp_path, capsys):
-    rc, stdout, err = run(["fit", "gmm", "--data", csv, "-k", "2", "--out", str(tmp_path / "o")] + argv, capsys)
+def test_a_seed_out_of_range_names_the_option(argv, message, faithful_csv, tmp_path, capsys):
+    rc, stdout, err = run(["fit", "gmm", "--data", faithful_csv, "-k", "2", "--out", str(tmp_path / "o")] + argv, capsys)
     assert_one_error_line(rc, stdout, err, message)
 
 
@@ -164,7 +149,7 @@ def test_a_singular_fit_is_an_error_not_a_traceback(tmp_path, capsys, monkeypatc
 
 # -- Ctrl-C ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("when", ["during the fit", "while writing the outputs"])
-def test_ctrl_c_prints_one_line_exits_130_and_leaves_the_folder_as_it_was(when, csv, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_the_folder_as_it_was(when, faithful_csv, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"the previous run's")
@@ -173,23 +158,23 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_the_folder_as_it_was(when, 
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "fit" if when == "during the fit" else "_write_json", interrupt)
-    rc, stdout, err = run(["fit", "gmm", "--data", csv, "-k", "2", "--out", str(out)], capsys)
+    rc, stdout, err = run(["fit", "gmm", "--data", faithful_csv, "-k", "2", "--out", str(out)], capsys)
     assert rc == 130 and stdout == ""
     assert err.splitlines() == ["ppl-em: interrupted; no output was written"]
     assert os.listdir(out) == ["checkpoint.pt"] and (out / "checkpoint.pt").read_bytes() == b"the previous run's"
     new = tmp_path / "new"
-    rc, _, _ = run(["fit", "gmm", "--data", csv, "-k", "2", "--out", str(new)], capsys)
+    rc, _, _ = run(["fit", "gmm", "--data", faithful_csv, "-k", "2", "--out", str(new)], capsys)
     assert rc == 130 and not new.exists()  # a folder this run created is removed again
 
 
-def test_sigint_to_the_installed_command(csv, tmp_path):
+def test_sigint_to_the_installed_command(faithful_csv, tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "ppl-em")
     command = [script] if os.path.exists(script) else [sys.executable, "-m", "ppl_em.cli"]
     out = tmp_path / "out"
     # --tol 0: the fit never settles, so it is still running when the signal comes. SIGINT is set back to
     # its default in the child: a test run started in the background of a shell inherits it ignored, and
     # Python then installs no KeyboardInterrupt handler.
-    proc = subprocess.Popen(command + ["fit", "gmm", "--data", csv, "-k", "2", "--method", "svi", "--max-iter",
+    proc = subprocess.Popen(command + ["fit", "gmm", "--data", faithful_csv, "-k", "2", "--method", "svi", "--max-iter",
                                        "1000000", "--tol", "0", "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -210,23 +195,23 @@ def test_sigint_to_the_installed_command(csv, tmp_path):
     assert not out.exists()
 
 
-def test_a_stale_staging_folder_of_a_killed_run_is_cleaned(csv, tmp_path, capsys):
+def test_a_stale_staging_folder_of_a_killed_run_is_cleaned(faithful_csv, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     stale = out / f".ppl-em.{PARTIAL}.999999999.{cli.partial_prefix('x').split('.')[-2]}.abcdefgh"
     stale.mkdir()
     (stale / "checkpoint.pt").write_bytes(b"half")
-    rc, _, err = run(["fit", "gmm", "--data", csv, "-k", "2", "--out", str(out)], capsys)
+    rc, _, err = run(["fit", "gmm", "--data", faithful_csv, "-k", "2", "--out", str(out)], capsys)
     assert rc == 0 and err == ""
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "clusters.png", "history.json", "training.png"]
 
 
-def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(csv, tmp_path, capsys, monkeypatch):
+def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(faithful_csv, tmp_path, capsys, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cli, "_write_json", disk_full)
     out = tmp_path / "out"
-    rc, stdout, err = run(["fit", "gmm", "--data", csv, "-k", "2", "--out", str(out)], capsys)
+    rc, stdout, err = run(["fit", "gmm", "--data", faithful_csv, "-k", "2", "--out", str(out)], capsys)
     assert_one_error_line(rc, stdout, err, r"could not write the output to --out '.*out': No space left on device")
     assert not out.exists()
