@@ -466,9 +466,10 @@ class _ChainViterbi(torch.autograd.Function):
     def forward(ctx, initial, transition, emission):
         lay = _layout(initial, transition, emission)
         e, tr, init = _viterbi_tables(initial, transition, emission, lay)
-        score, chained = _chain_max(init, e, tr, _max_plus_blocks(e, tr, lay), lay)
+        steps = _BlockSteps(e, tr, lay)
+        score, chained = _chain_max(init, e, tr, _max_plus_blocks(steps, lay), lay)
         ctx.save_for_backward(initial, transition, emission)
-        ctx.state = (e, tr, lay, chained)
+        ctx.state = (steps, lay, chained)
         return score.reshape(lay.full).to(emission.dtype)
 
     @staticmethod
@@ -476,11 +477,11 @@ class _ChainViterbi(torch.autograd.Function):
         """The paths are read back here, for the chains whose incoming gradient is not 0 only: under hard
         EM the other values of an enumerated first state (all but the best) get none."""
         initial, transition, emission = ctx.saved_tensors
-        e, tr, lay, chained = ctx.state
+        steps, lay, chained = ctx.state
         K, F = lay.K, lay.full.numel()
         g = g.to(torch.float64).expand(lay.full).reshape(F)
         live = g.nonzero().squeeze(-1)
-        states, first = _read_paths(live, chained, e, tr, lay)  # (F', T) states w_0 .. w_{T-1}, (F',) w_{-1}
+        states, first = _read_paths(live, chained, steps, lay)  # (F', T) states w_0 .. w_{T-1}, (F',) w_{-1}
         g_live, chain_live = g[live], chained[-1][live]
         q0 = _spread(_indicators(first, K, g_live), live, F)  # (F, K)
         gamma = _per_batch(_indicators(states, K, g_live), chain_live, lay.N)  # (N, T, K)
@@ -548,20 +549,19 @@ class _BlockSteps:
     take the max and add in the same order, so the paths' pass reproduces the products' numbers exactly.
     """
 
-    def __init__(self, e, tr, lay: _Layout, products: bool = True) -> None:
+    def __init__(self, e, tr, lay: _Layout) -> None:
         N, K, L, nb, main = lay.N, lay.K, lay.L, lay.nb, lay.main
         self.homogeneous = tr.shape[1] == 1
         e = e[:, :main].reshape(N, nb, L, K)
         self.e_block = e.permute(2, 0, 1, 3).contiguous()  # (L, N, nb, j)
+        self.e_state = e.permute(2, 3, 0, 1).contiguous()  # (L, j, N, nb)
         if self.homogeneous:  # tr (1|N, 1, m, j)
             self.a_block = tr[:, 0].transpose(-1, -2).unsqueeze(1)  # (1|N, 1, j, m)
+            self.a_state = tr[:, 0].permute(1, 2, 0).unsqueeze(-1).contiguous()  # (m, j, 1|N, 1)
         else:
             blocks = tr[:, :main].reshape(tr.shape[0], nb, L, K, K)  # (1|N, nb, L, m, j)
             self.a_block = blocks.transpose(-1, -2)  # (1|N, nb, L, j, m)
-        if products:  # the products' layout (copies)
-            self.e_state = e.permute(2, 3, 0, 1).contiguous()  # (L, j, N, nb)
-            self.a_state = tr[:, 0].permute(1, 2, 0).unsqueeze(-1).contiguous() if self.homogeneous else \
-                blocks.permute(2, 3, 4, 0, 1).contiguous()  # (m, j, 1|N, 1) or (L, m, j, 1|N, nb)
+            self.a_state = blocks.permute(2, 3, 4, 0, 1).contiguous()  # (L, m, j, 1|N, nb)
 
     def state_tables(self, l: int):
         """(a (m, j, 1|N, 1|nb), e (j, N, nb)) of step l."""
@@ -572,7 +572,7 @@ class _BlockSteps:
         return (self.a_block if self.homogeneous else self.a_block[:, :, l]), self.e_block[l]
 
 
-def _max_plus_blocks(e, tr, lay: _Layout) -> torch.Tensor:
+def _max_plus_blocks(steps: _BlockSteps, lay: _Layout) -> torch.Tensor:
     """D_c[i, j] = max-plus product of the L steps of every block c, from state i before the block to state
     j at its last step: (N, nb, K, K).
 
@@ -581,11 +581,10 @@ def _max_plus_blocks(e, tr, lay: _Layout) -> torch.Tensor:
     and the emission added to the (j, N, nb, i) result.
     """
     N, K, L, nb = lay.N, lay.K, lay.L, lay.nb
-    steps = _BlockSteps(e, tr, lay)
     a, e0 = steps.state_tables(0)
     D = (a.permute(1, 2, 3, 0) + e0.unsqueeze(-1)).expand(K, N, nb, K).contiguous()  # (j, N, nb, i)
     if L > 1:
-        table = e.new_empty((K, K, N, nb, K))
+        table = D.new_empty((K, K, N, nb, K))
         out = torch.empty_like(D)
         for l in range(1, L):
             a, e_l = steps.state_tables(l)
@@ -599,7 +598,7 @@ def _chain_max(init, e, tr, blocks, lay: _Layout):
     """The best score of every full chain (F,), and what reading its path back needs: the best state
     before each block (and tail step) for each state after it, (nb + r, F, K), the best last state (F,),
     and each full chain's batch chain (F,)."""
-    F, N, T, nb, main = init.shape[0], lay.N, lay.T, lay.nb, lay.main
+    F, N, T, main = init.shape[0], lay.N, lay.T, lay.main
     chain_of = torch.arange(N, device=init.device).reshape(lay.batch).expand(lay.full).reshape(F)  # full -> batch
     products = list((blocks if N == 1 else blocks[chain_of]).unbind(1))  # nb x (1|F, K, K)
     products += [_log_m(e, tr, t)[chain_of if tr.shape[0] > 1 or e.shape[0] > 1 else 0] for t in range(main, T)]
@@ -612,7 +611,7 @@ def _chain_max(init, e, tr, blocks, lay: _Layout):
     return score, (back, last, chain_of)
 
 
-def _read_paths(live: torch.Tensor, chained, e, tr, lay: _Layout):
+def _read_paths(live: torch.Tensor, chained, steps: _BlockSteps, lay: _Layout):
     """The best paths of the full chains ``live`` (F',): (states (F', T) of w_0 .. w_{T-1}, w_{-1} (F',))."""
     back, last, chain_of = chained
     F, T, nb, main = len(live), lay.T, lay.nb, lay.main
@@ -629,16 +628,15 @@ def _read_paths(live: torch.Tensor, chained, e, tr, lay: _Layout):
     states[:, main:] = before[nb + 1:].T  # the state at each tail step
     if nb and F:
         starts, ends = before[:nb].T, before[1:nb + 1].T  # (F', nb): before each block, at its last step
-        states[:, :main] = _block_paths(e, tr, lay, chain_of[live], starts, ends).reshape(F, main)
+        states[:, :main] = _block_paths(steps, lay, chain_of[live], starts, ends).reshape(F, main)
     return states, before[0]  # before[0]: w_{-1}
 
 
-def _block_paths(e, tr, lay: _Layout, chain_of, starts, ends) -> torch.Tensor:
+def _block_paths(steps: _BlockSteps, lay: _Layout, chain_of, starts, ends) -> torch.Tensor:
     """The best path through every block c from the state before it, ``starts`` (F, nb), to the state at
     its last step, ``ends`` (F, nb): the recursion of :func:`_max_plus_blocks` for the one start state,
     with back-pointers. (F, nb, L)."""
     F, K, L, nb = starts.shape[0], lay.K, lay.L, lay.nb
-    steps = _BlockSteps(e, tr, lay, products=False)
     same = F == lay.N and bool((chain_of == torch.arange(F, device=chain_of.device)).all())  # no gather needed
 
     def tables(l):  # (a (F|1, nb|1, j, m), e (F, nb, j))

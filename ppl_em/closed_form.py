@@ -112,8 +112,8 @@ def _update(plan: Plan, p: str, stats: Statistics, values: Dict[str, torch.Tenso
             mu = group.loc.selection.forward(values[group.loc.param])
             cell_num, cell_den = group.sums.covariance(n, s, m, c, mu, reg)
         shape, dtype = use.selection.shape, use.selection.tensor.dtype
-        num = _plus(num, use.selection.vjp(_summed_to(cell_num, shape).to(dtype)))
-        den = _plus(den, use.selection.vjp(_summed_to(cell_den, shape).to(dtype)))
+        num = _plus(num, use.selection.vjp(reduce_product([cell_num], shape).to(dtype)))
+        den = _plus(den, use.selection.vjp(reduce_product([cell_den], shape).to(dtype)))
     for prior in plan.priors.get(p, []):  # MAP: the prior's pseudo-statistics
         if prior.family == "Normal":
             num, den = num + prior.weighted_mean, den + prior.precision
@@ -143,11 +143,6 @@ def to_param(use: Use, num: torch.Tensor, den: Optional[torch.Tensor], old: Call
     if bool(empty.any()):
         value = torch.where(empty, old().to(dt), value)
     return value.to(dtype).detach()
-
-
-def _summed_to(cells: torch.Tensor, shape) -> torch.Tensor:
-    """A Gaussian group's per-cell sums in the shape the site sees the parameter (usually already theirs)."""
-    return cells if cells.shape == shape else reduce_product([cells], shape)
 
 
 def _plus(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
