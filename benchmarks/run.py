@@ -140,15 +140,10 @@ def _agreement(workload: str, fits: Dict[str, wl.Fit], peer: str, rtol: float = 
     return Target(workload, goal, f"{dev:.2e}", dev <= rtol)
 
 
-def _run_peers(workload: str, size: str, peers: Dict[str, Callable], args: tuple,
-               bracket: bool = False) -> Tuple[List[Row], dict]:
-    """Each installed library on the same (x, k, init, iters); a placeholder row for a missing one.
-
-    ``bracket``: the first library (ppl_em) is timed twice, before and after its peers, and its
-    seconds per iteration is the mean over both runs. Its iterations take seconds where the
-    peers' take minutes; timed once, they would sample the machine's speed (which drifts by
-    tens of percent on a shared machine) at one moment only.
-    """
+def _run_peers(workload: str, size: str, peers: Dict[str, Callable], args: tuple) -> Tuple[List[Row], dict]:
+    """Each installed library on the same (x, k, init, iters), once; a placeholder row for a missing one.
+    (B1, B5's small fits and B11 time ppl_em against its peers in interleaved repetitions instead:
+    :func:`_interleaved`.)"""
     rows, fits = [], {}
     for library, fn in peers.items():
         if not wl.available(library):
@@ -157,11 +152,6 @@ def _run_peers(workload: str, size: str, peers: Dict[str, Callable], args: tuple
         print(f"  {workload} {library} ...", flush=True)
         fits[library] = fn(*args)
         rows.append(_row(workload, library, size, fits[library]))
-    if bracket:
-        first = next(iter(peers))
-        print(f"  {workload} {first} (again, after its peers) ...", flush=True)
-        _merge_runs(fits[first], peers[first](*args), "timed before and after its peers: the mean of both runs")
-        rows[0] = _row(workload, first, size, fits[first])
     return rows, fits
 
 
@@ -230,18 +220,8 @@ def _interleaved(workload: str, size: str, ours: Callable, order: List[str], arg
         runs["ppl_em"].append(ours(*args))
         around = (runs["ppl_em"][-2].sec_per_iter + runs["ppl_em"][-1].sec_per_iter) / 2
         speedups[peer].append(runs[peer][-1].sec_per_iter / around)
-    rows = []
-    for library in libraries:
-        if not runs[library]:
-            rows.append(Row(workload, library, size, note=NOT_INSTALLED))
-            continue
-        fits = runs[library]
-        median = float(np.median([f.sec_per_iter for f in fits]))
-        fit = min(fits, key=lambda f: abs(f.sec_per_iter - median))  # the median run: its trajectory and usage
-        row = _row(workload, library, size, wl.Fit(median, fit.trajectory, fit.final_ll, fit.times, fit.note, fit.usage))
-        times = ", ".join(f"{f.sec_per_iter:.3g}" for f in fits)
-        row.note = f"median of {len(fits)} runs ({times} s / iter); " + row.note
-        rows.append(row)
+    rows = [_median_row(workload, library, size, runs[library]) if runs[library] else
+            Row(workload, library, size, note=NOT_INSTALLED) for library in libraries]
     _compare(rows, rows[0], factor)  # the targets' wording; the speed-ups are the interleaved runs' below
     for row in rows[1:]:
         if speedups.get(row.library):
@@ -257,6 +237,16 @@ def _interleaved(workload: str, size: str, ours: Callable, order: List[str], arg
     fits = {library: next(f for f in runs[library] if f.trajectory) for library in runs if runs[library]}
     targets.append(_agreement(workload, fits, "scikit-learn"))
     return rows, targets, fits
+
+
+def _median_row(workload: str, library: str, size: str, fits: List[wl.Fit]) -> Row:
+    """One library's row from several runs of the same fit: the median s / iter, and the trajectory and
+    usage of the run nearest to it; the note lists every run."""
+    median = float(np.median([f.sec_per_iter for f in fits]))
+    fit = min(fits, key=lambda f: abs(f.sec_per_iter - median))
+    row = _row(workload, library, size, wl.Fit(median, fit.trajectory, fit.final_ll, fit.times, fit.note, fit.usage))
+    row.note = f"median of {len(fits)} runs ({', '.join(f'{f.sec_per_iter:.3g}' for f in fits)} s / iter); " + row.note
+    return row
 
 
 def bench_b12(cfg: dict) -> Tuple[List[Row], List[Target]]:
@@ -348,14 +338,8 @@ def _hard_vs_exact(x, init, size: str, cfg: dict) -> Tuple[List[Row], Target]:
             runs[posterior].append(wl.ppl_em_hmm_posterior(x, cfg["K"], init, cfg["hard_iters"], posterior))
     ratios = [h.sec_per_iter / e.sec_per_iter for e, h in zip(runs["exact"], runs["hard"])]
     ratio = float(np.median(ratios))
-    rows = []
-    for posterior, label in (("exact", "ppl_em exact EM (reg_covar 1e-6)"), ("hard", "ppl_em hard EM (Viterbi)")):
-        fits = runs[posterior]
-        median = float(np.median([f.sec_per_iter for f in fits]))
-        row = _row("B3", label, size, wl.Fit(median, fits[0].trajectory, fits[0].final_ll, fits[0].times,
-                                             fits[0].note, fits[0].usage))
-        row.note = f"median of {len(fits)} runs ({', '.join(f'{f.sec_per_iter:.3g}' for f in fits)} s / iter); " + row.note
-        rows.append(row)
+    rows = [_median_row("B3", "ppl_em exact EM (reg_covar 1e-6)", size, runs["exact"]),
+            _median_row("B3", "ppl_em hard EM (Viterbi)", size, runs["hard"])]
     met = ratio <= 1.0
     rows[1].target, rows[1].met = "hard EM s / iter <= exact EM's", met
     rows[1].note = f"hard / exact per interleaved pair {', '.join(f'{r:.3g}' for r in ratios)}; " + rows[1].note
@@ -433,12 +417,10 @@ def bench_b5(cfg: dict) -> Tuple[List[Row], List[Target]]:
             size = f"n={n} d={cfg['d']} k={cfg['k']}, {iters} iters, small fit, {model}"
             pair, more, _ = _interleaved("B5", size, ours, ["scikit-learn"] * cfg["small_repeats"],
                                          (x, cfg["k"], init, iters), 1.0)
+            for target in more:  # the speed-up and the trajectory's agreement
+                target.target += f" (small fit, n={n}, {model})"
             rows += pair
-            targets += [t for t in more if "faster" in t.target]
-            targets[-1].target += f" (small fit, n={n}, {model})"
-            agreement = next(t for t in more if "trajectory" in t.target)
-            agreement.target += f" (small fit, n={n}, {model})"
-            targets.append(agreement)
+            targets += more
     return rows, targets
 
 
