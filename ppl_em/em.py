@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import pyro
+from torch.distributions import transform_to
 
 from . import chunking as chunks_, closed_form, distributed as distributed_, sources
 from .checks import check_arguments, check_missing, check_observations
@@ -553,19 +554,35 @@ class EM:
         return _StoreValues()
 
     def _write(self, values: Dict[str, torch.Tensor]) -> None:
+        """Set each parameter to its new constrained value, all or none: every value is checked (finite,
+        inside its constraint) before any is written. A parameter's unconstrained tensor is updated in
+        place, so that it stays the one tensor the store (and any optimizer) holds: a new tensor per step
+        would also stay referenced from the store's tensor-to-name map, one more per parameter and step."""
         store = pyro.get_param_store()
         for name, value in values.items():
             if not torch.isfinite(value).all():
                 raise NonFiniteParameterError(
                     f"The M-step update of parameter '{name}' is not finite; the previous "
                     "parameters were kept. Try a larger reg_covar, fewer components, or scaling the data.")
+        unconstrained = dict(store.named_parameters())
+        inverse = {}
         for name, value in values.items():
-            store[name] = value.clone()  # for an unconstrained parameter the store would keep (and alias) the tensor
             constraint = store._constraints[name]
+            transform = transform_to(constraint)
+            with torch.no_grad():
+                inverse[name] = transform.inv(value)
             if not bool(constraint.check(value).all()):  # a projecting constraint (a sphere) may still take it
-                outside = ~constraint.check(store[name].detach())
+                with torch.no_grad():
+                    outside = ~constraint.check(transform(inverse[name]))
                 if outside.any():  # a variance of 0, a singular covariance: a component collapsed onto one point
                     raise ValueError(degenerate_update_message(name, outside, self._what()))
+        with torch.no_grad():
+            for name, u in inverse.items():
+                leaf = unconstrained.get(name)
+                if leaf is not None and leaf.shape == u.shape and leaf.dtype == u.dtype:
+                    leaf.copy_(u)
+                else:  # a parameter the store does not hold in this shape: the store makes its tensor
+                    store[name] = values[name].clone()
 
     def _snapshot(self) -> Dict[str, torch.Tensor]:
         """The parameters' unconstrained values (read without applying their constraints' transforms)."""
