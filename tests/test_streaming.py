@@ -74,7 +74,9 @@ def test_reduce_product_reads_expanded_operands_without_copying_them():
     ((5, 3), (5, 3, 3), (5, 3)),             # parameters vary per row: torch's own log_prob
 ])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_mvn_log_prob_fast_path_equals_torch(loc_shape, cov_shape, x_shape, dtype):
+@pytest.mark.parametrize("whiten_pairs", [0, fast_gaussian.WHITEN_PAIRS])  # the GEMM of T(x - c); whitening
+def test_mvn_log_prob_fast_path_equals_torch(loc_shape, cov_shape, x_shape, dtype, whiten_pairs, monkeypatch):
+    monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", whiten_pairs)
     g = torch.Generator().manual_seed(1)
     loc = torch.randn(loc_shape, generator=g, dtype=D)
     b = torch.randn(cov_shape, generator=g, dtype=D)
