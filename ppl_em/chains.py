@@ -21,7 +21,9 @@ probable path: the Viterbi path.
 
 How log p(x) is computed. The forward recursion alpha_t = (alpha_{t-1} A_t) * b_t, with
 b_t[j] = p(x_t | w_t = j), is sequential in t; a Python loop over T = 1e5 steps costs seconds.
-The chain is cut into about sqrt(T) blocks of about sqrt(T) steps: one pass over the steps of a
+On the CPU the recursions run compiled (:mod:`ppl_em.fast.recursions`, numba): K^2 multiply-adds
+per step, rescaled at every step, and max-sum with back-pointers. Elsewhere (a GPU, or without
+numba) the chain is cut into about sqrt(T) blocks of about sqrt(T) steps: one pass over the steps of a
 block, for all blocks at once, gives each block's transfer matrix P_c = M_{cL} ... M_{cL+L-1}
 (M_t = A_t diag(b_t)); one pass over the blocks chains them. So the recursions take about
 5 sqrt(T) vectorised steps (O(T K^3) work), and for a homogeneous A each step is one GEMM over
@@ -45,6 +47,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import pyro.distributions as dist
 from pyro.ops.special import safe_log
+from .fast import recursions
 
 __all__ = ["ChainTerms", "is_chain", "chain_terms", "log_evidence", "expected_log_potential"]
 
@@ -223,8 +226,8 @@ class _Chain:
     tables to scale them.
     """
 
-    def __init__(self, transition: torch.Tensor, emission: torch.Tensor, lay: _Layout) -> None:
-        self.lay = lay
+    def __init__(self, transition: torch.Tensor, emission: torch.Tensor, lay: _Layout, blocked: bool = True) -> None:
+        self.lay, self.blocked = lay, blocked
         N, T, K, L, nb, main = lay.N, lay.T, lay.K, lay.L, lay.nb, lay.main
         e = emission.detach().to(torch.float64).expand(lay.batch + (T, K)).reshape(N, T, K)
         m_e = _finite_max(e, (-1,))  # (N, T, 1)
@@ -237,11 +240,14 @@ class _Chain:
         A = (tr - m_a).exp()
         self.log_shift = m_e.sum((-1, -2)) + m_a.sum((-1, -2, -3)) * (T if Tt == 1 else 1)  # (N,) or (1,)
         self.b_full = b
+        self.A = A  # (1|N, 1|T, K, K)
+        self.A_full = A[0, 0] if lay.homogeneous and lay.shared else A  # (K, K), (N, 1, K, K) or (1|N, T, K, K)
+        if not blocked:  # the compiled recursions (ppl_em.fast.recursions) read b_full and A
+            return
         self.b = b[:, :main].reshape(N, nb, L, K).permute(2, 0, 1, 3).contiguous()  # (L, N, nb, K)
         # Per-step views as Python lists: the loops below index them thousands of times.
         self.b_main = list(self.b.unbind(0))  # L x (N, nb, K)
         self.b_tail = list(b[:, main:].unbind(1))  # r x (N, K)
-        self.A_full = A[0, 0] if lay.homogeneous and lay.shared else A  # (K, K), (N, 1, K, K) or (1|N, T, K, K)
         if lay.homogeneous:
             self.A_main = [self.A_full] * L  # broadcasts over the blocks
             self.A_tail = [self.A_full if lay.shared else A[:, 0]] * (T - main)
@@ -249,7 +255,26 @@ class _Chain:
             self.A_main = list(A[:, :main].reshape(A.shape[0], nb, L, K, K).unbind(2))  # L x (1|N, nb, K, K)
             self.A_tail = list(A[:, main:].unbind(1))  # r x (1|N, K, K)
 
-    # -- the passes: each step is a product with A_t, a product with b_t, a sum and a division ----
+    # -- the passes, compiled or blocked ------------------------------------------------------------
+    def messages(self):
+        """The backward pass: beta_{-1} normalised (N, K), the log of the chain's total scale (N,), and
+        what :meth:`betas` and :meth:`alphas` need of it later."""
+        if not self.blocked:
+            betas, log_scale = recursions.backward(self.b_full, self.A)
+            return betas[:, 0], log_scale, betas
+        P, block_log = self.block_products()
+        tail, ends, log_scale = self.backward_messages(P, block_log)
+        return ends[0], log_scale, (P, tail, ends)
+
+    def all_betas(self, kept) -> torch.Tensor:
+        """beta_t for every t, each normalised: (N, T, K)."""
+        return kept[:, 1:] if not self.blocked else self.betas(kept[1], kept[2])
+
+    def all_alphas(self, a: torch.Tensor, kept) -> torch.Tensor:
+        """alpha_t for every t from alpha_{-1} = ``a`` (N, K), each normalised: (N, T, K)."""
+        return recursions.forward(a, self.b_full, self.A) if not self.blocked else self.alphas(a, kept[0])
+
+    # -- the blocked passes: each step is a product with A_t, a product with b_t, a sum and a division ----
     def block_products(self) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """P_c = M_{cL} ... M_{cL+L-1} of every block c, scaled: a list of nb (N, K, K), and the log scale (N, nb).
 
@@ -384,10 +409,9 @@ class _ChainLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, initial, transition, emission):
         lay = _layout(initial, transition, emission)
-        chain = _Chain(transition, emission, lay)
-        P, block_log = chain.block_products()
-        tail, ends, log_scale = chain.backward_messages(P, block_log)
-        log_beta0 = ends[0].log().reshape(lay.batch + (lay.K,))  # beta_{-1}
+        chain = _Chain(transition, emission, lay, blocked=not recursions.available(emission))
+        beta0, log_scale, kept = chain.messages()
+        log_beta0 = beta0.log().reshape(lay.batch + (lay.K,))  # beta_{-1}
         init = initial.detach().to(torch.float64)
         log_p = torch.logsumexp(init + log_beta0, -1) + (log_scale + chain.log_shift).reshape(lay.batch)
         ctx.fallback = not bool(torch.isfinite(log_p).all())
@@ -395,7 +419,7 @@ class _ChainLogProb(torch.autograd.Function):
             with torch.no_grad():
                 log_p = _log_space(initial, transition, emission, _logsumexp).double()
         ctx.save_for_backward(initial, transition, emission)
-        ctx.state = (lay, chain, P, tail, ends, log_beta0)
+        ctx.state = (lay, chain, kept, log_beta0)
         return log_p.to(emission.dtype).expand(lay.full).clone()
 
     @staticmethod
@@ -416,7 +440,7 @@ def _tables(state, initial, g: torch.Tensor):
     if bool((g < 0).any()):  # the recursions assume nonnegative weights: split g = g+ - g- (linear)
         pos, neg = _tables(state, initial, g.clamp_min(0)), _tables(state, initial, (-g).clamp_min(0))
         return None if pos is None or neg is None else tuple(p - n for p, n in zip(pos, neg))
-    lay, chain, P, tail, ends, log_beta0 = state
+    lay, chain, kept, log_beta0 = state
     init = initial.detach().to(torch.float64)
     # p(w_{-1} = j | x) per batch element, and alpha_{-1} = sum over initial-only dims of g p0 / p.
     lp_scaled = torch.logsumexp(init + log_beta0, -1, keepdim=True)  # (full, 1)
@@ -425,8 +449,8 @@ def _tables(state, initial, g: torch.Tensor):
     G = g.sum_to_size(lay.batch).reshape(lay.N)
     live = G.unsqueeze(-1) > 0  # a chain of weight 0 (masked out) gets tables of 0, whatever its messages
     a_hat = torch.where(live, a / a.sum(-1, keepdim=True), torch.full_like(a, 1.0 / lay.K))
-    beta = chain.betas(tail, ends)  # (N, T, K)
-    alpha = chain.alphas(a_hat, P)  # (N, T, K)
+    beta = chain.all_betas(kept)  # (N, T, K)
+    alpha = chain.all_alphas(a_hat, kept)  # (N, T, K)
     gamma = alpha * beta
     norm = gamma.sum(-1, keepdim=True)
     prev = torch.cat([a_hat.unsqueeze(1), alpha[:, :-1]], 1)  # alpha_{t-1}
@@ -466,9 +490,14 @@ class _ChainViterbi(torch.autograd.Function):
     def forward(ctx, initial, transition, emission):
         lay = _layout(initial, transition, emission)
         e, tr, init = _viterbi_tables(initial, transition, emission, lay)
+        ctx.save_for_backward(initial, transition, emission)
+        if recursions.available(emission):  # compiled: the scores and every chain's path in one pass
+            chain_of = _chain_of(lay, init.shape[0], init.device)
+            score, states, first = recursions.viterbi(init, e, tr, chain_of)
+            ctx.state = (None, lay, (states, first, chain_of))
+            return score.reshape(lay.full).to(emission.dtype)
         steps = _BlockSteps(e, tr, lay)
         score, chained = _chain_max(init, e, tr, _max_plus_blocks(steps, lay), lay)
-        ctx.save_for_backward(initial, transition, emission)
         ctx.state = (steps, lay, chained)
         return score.reshape(lay.full).to(emission.dtype)
 
@@ -481,7 +510,10 @@ class _ChainViterbi(torch.autograd.Function):
         K, F = lay.K, lay.full.numel()
         g = g.to(torch.float64).expand(lay.full).reshape(F)
         live = g.nonzero().squeeze(-1)
-        states, first = _read_paths(live, chained, steps, lay)  # (F', T) states w_0 .. w_{T-1}, (F',) w_{-1}
+        if steps is None:  # the compiled recursion read every chain's path already
+            states, first = chained[0][live], chained[1][live]
+        else:
+            states, first = _read_paths(live, chained, steps, lay)  # (F', T) states w_0 .. w_{T-1}, (F',) w_{-1}
         g_live, chain_live = g[live], chained[-1][live]
         q0 = _spread(_indicators(first, K, g_live), live, F)  # (F, K)
         gamma = _per_batch(_indicators(states, K, g_live), chain_live, lay.N)  # (N, T, K)
@@ -599,7 +631,7 @@ def _chain_max(init, e, tr, blocks, lay: _Layout):
     before each block (and tail step) for each state after it, (nb + r, F, K), the best last state (F,),
     and each full chain's batch chain (F,)."""
     F, N, T, main = init.shape[0], lay.N, lay.T, lay.main
-    chain_of = torch.arange(N, device=init.device).reshape(lay.batch).expand(lay.full).reshape(F)  # full -> batch
+    chain_of = _chain_of(lay, F, init.device)
     products = list((blocks if N == 1 else blocks[chain_of]).unbind(1))  # nb x (1|F, K, K)
     products += [_log_m(e, tr, t)[chain_of if tr.shape[0] > 1 or e.shape[0] > 1 else 0] for t in range(main, T)]
     delta = init
@@ -609,6 +641,11 @@ def _chain_max(init, e, tr, blocks, lay: _Layout):
         out.copy_(index)
     score, last = delta.max(-1)
     return score, (back, last, chain_of)
+
+
+def _chain_of(lay: _Layout, F: int, device) -> torch.Tensor:
+    """The batch chain (of N) of each full chain (of F): (F,)."""
+    return torch.arange(lay.N, device=device).reshape(lay.batch).expand(lay.full).reshape(F)
 
 
 def _read_paths(live: torch.Tensor, chained, steps: _BlockSteps, lay: _Layout):

@@ -15,12 +15,24 @@ from torch.distributions import constraints
 
 import ppl_em
 from ppl_em import chains
+from ppl_em.fast import recursions
 from ppl_em.models import hmm
 from ppl_em.result import count_observations
 
 from test_models_hmm import _truth, assert_params_equal_hmmlearns
 
 D = torch.float64
+
+
+@pytest.fixture(autouse=True, params=["compiled", "blocked"])
+def recursion(request, monkeypatch):
+    """Every test runs twice: with the compiled recursions (numba, the CPU's default) and with the blocked
+    torch recursions (a GPU's, or a CPU's without numba)."""
+    if request.param == "blocked":
+        monkeypatch.setattr(recursions, "available", lambda t: False)
+    else:
+        assert recursions.available(torch.zeros(1)), "numba is a dependency: the compiled recursions must run"
+    return request.param
 
 
 def _random_tables(batch, T, K, time_dependent, seed):

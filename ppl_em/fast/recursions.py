@@ -1,0 +1,179 @@
+"""The scaled forward and backward recursions of a hidden Markov chain, compiled.
+
+For a chain with K states, emission probabilities b_t[j] (scaled, at most 1) and transition
+probabilities A_t[i, j] (Rabiner's scaling, float64):
+
+    backward   beta_{T-1} = 1,        beta_{t-1}[i] = sum_j A_t[i, j] b_t[j] beta_t[j] / s_t
+    forward    alpha_{-1} given,      alpha_t[j] = sum_i alpha_{t-1}[i] A_t[i, j] b_t[j] / r_t
+
+each step normalised by its sum (s_t, r_t); log p(x) = log sum_j p(w_{-1} = j) beta_{-1}[j] +
+sum_t log s_t. And max-sum (Viterbi) in log space, delta_t[j] = max_i (delta_{t-1}[i] + log A_t[i, j]) +
+log p(x_t | w_t = j): the best score, and the best path read back from back-pointers. A Python loop over t costs microseconds per step and per operation; compiled by
+numba, a step costs K^2 multiply-adds. A step whose sum is 0 leaves NaN behind, as the blocked
+torch recursions do, and the caller recomputes in log space.
+
+Used on the CPU when numba is installed (:func:`available`); everything else (a GPU, no numba)
+runs the blocked torch recursions of :mod:`ppl_em.chains`. The first call in a process compiles
+the kernels (about a second), or loads them from numba's cache on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import numpy as np
+import torch
+
+try:  # an optional speed-up: without numba the blocked torch recursions run instead
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; this keeps a stripped install working
+    numba = None
+
+__all__ = ["available", "backward", "forward", "viterbi"]
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether the compiled recursions can run on tables like ``t`` (numba installed, on the CPU)."""
+    return numba is not None and t.device.type == "cpu"
+
+
+def backward(b: torch.Tensor, A: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """beta_{t-1} for t = 0 .. T, normalised (beta_{T-1} = 1), and sum_t log s_t.
+
+    ``b`` (N, T, K) emission probabilities, ``A`` (1|N, 1|T, K, K) transition probabilities, both
+    float64. Returns betas (N, T + 1, K), index t holding beta_{t-1}, and the log scale (N,).
+    """
+    b, A = _array(b), _array(A)
+    N, T, K = b.shape
+    betas = np.empty((N, T + 1, K))
+    log_scale = np.empty(N)
+    _backward(b, A, betas, log_scale)
+    return torch.from_numpy(betas), torch.from_numpy(log_scale)
+
+
+def forward(a: torch.Tensor, b: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """alpha_t for t = 0 .. T - 1, each normalised, from alpha_{-1} = ``a`` (N, K): (N, T, K)."""
+    a, b, A = _array(a), _array(b), _array(A)
+    alphas = np.empty(b.shape)
+    _forward(a, b, A, alphas)
+    return torch.from_numpy(alphas)
+
+
+def viterbi(init: torch.Tensor, e: torch.Tensor, tr: torch.Tensor, chain_of: torch.Tensor):
+    """max_w log p(x, w) of every chain f and its best path: ``init`` (F, K) log p(w_{-1}), ``e`` (N, T, K)
+    log-emissions, ``tr`` (1|N, 1|T, K, K) log-transitions, ``chain_of`` (F,) the emissions' chain n of each
+    f (first states enumerated by another latent share their chain's emissions). Returns (scores (F,),
+    states (F, T) of w_0 .. w_{T-1}, w_{-1} (F,)).
+
+    The recursion runs backwards, once per chain n whatever F: psi_{t-1}[i] = max_j (log A_t[i, j] +
+    e_t[j] + psi_t[j]) is the best score of x_t .. x_{T-1} from w_{t-1} = i, with the best next state kept
+    (K^2 a step); then score_f = max_i init_f[i] + psi_{-1}[i], and each path is walked forwards from its
+    w_{-1}. A tie keeps the lowest state, as torch's max does."""
+    N, T, K = e.shape
+    psi, ahead = np.empty((N, K)), np.empty((N, T, K), np.int32)
+    _max_backward(_array(e), _array(tr), psi, ahead)
+    totals = init.detach().to(torch.float64) + torch.from_numpy(psi)[chain_of]  # (F, K)
+    score, first = totals.max(-1)
+    states = np.empty((init.shape[0], T), np.int64)
+    _walk(ahead, _index(chain_of), _index(first), states)
+    return score, torch.from_numpy(states), first
+
+
+def _index(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.int64).contiguous().numpy()
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).contiguous().numpy()
+
+
+def _compile(fn):
+    return numba.njit(cache=True, nogil=True, fastmath=False)(fn) if numba is not None else fn
+
+
+@_compile
+def _backward(b, A, betas, log_scale):  # pragma: no cover - compiled; tested through its callers
+    N, T, K = b.shape
+    u = np.empty(K)
+    for n in range(N):
+        an = n if A.shape[0] > 1 else 0
+        for j in range(K):
+            betas[n, T, j] = 1.0
+        total = 0.0
+        for t in range(T - 1, -1, -1):
+            at = t if A.shape[1] > 1 else 0
+            for j in range(K):
+                u[j] = b[n, t, j] * betas[n, t + 1, j]
+            s = 0.0
+            for i in range(K):
+                acc = 0.0
+                for j in range(K):
+                    acc += A[an, at, i, j] * u[j]
+                betas[n, t, i] = acc
+                s += acc
+            for i in range(K):
+                betas[n, t, i] /= s
+            total += math.log(s) if s > 0 else -math.inf
+        log_scale[n] = total
+
+
+@_compile
+def _forward(a, b, A, alphas):  # pragma: no cover - compiled; tested through its callers
+    N, T, K = b.shape
+    prev = np.empty(K)
+    for n in range(N):
+        an = n if A.shape[0] > 1 else 0
+        for i in range(K):
+            prev[i] = a[n, i]
+        for t in range(T):
+            at = t if A.shape[1] > 1 else 0
+            for j in range(K):
+                alphas[n, t, j] = 0.0
+            for i in range(K):
+                p = prev[i]
+                for j in range(K):
+                    alphas[n, t, j] += p * A[an, at, i, j]
+            r = 0.0
+            for j in range(K):
+                alphas[n, t, j] *= b[n, t, j]
+                r += alphas[n, t, j]
+            for j in range(K):
+                alphas[n, t, j] /= r
+                prev[j] = alphas[n, t, j]
+
+
+@_compile
+def _max_backward(e, tr, psi, ahead):  # pragma: no cover - compiled; tested through its callers
+    N, T, K = e.shape
+    cur, new = np.empty(K), np.empty(K)
+    for n in range(N):
+        an = n if tr.shape[0] > 1 else 0
+        for j in range(K):
+            cur[j] = 0.0  # psi_{T-1}: nothing left to explain
+        for t in range(T - 1, -1, -1):
+            at = t if tr.shape[1] > 1 else 0
+            for j in range(K):
+                cur[j] += e[n, t, j]  # e_t[j] + psi_t[j]
+            for i in range(K):
+                best, arg = tr[an, at, i, 0] + cur[0], 0
+                for j in range(1, K):
+                    v = tr[an, at, i, j] + cur[j]
+                    if v > best:
+                        best, arg = v, j
+                new[i] = best
+                ahead[n, t, i] = arg
+            for i in range(K):
+                cur[i] = new[i]
+        for i in range(K):
+            psi[n, i] = cur[i]
+
+
+@_compile
+def _walk(ahead, chain_of, first, states):  # pragma: no cover - compiled; tested through its callers
+    F, T = states.shape
+    for f in range(F):
+        n, w = chain_of[f], first[f]
+        for t in range(T):
+            w = ahead[n, t, w]
+            states[f, t] = w
