@@ -167,6 +167,22 @@ def test_an_underflowing_scaled_recursion_falls_back_to_log_space():
     assert torch.equal(g_trans, torch.tensor([[5.0, 0.0], [0.0, 0.0]], dtype=D))
 
 
+def test_a_step_whose_scaled_sum_is_zero_falls_back_to_log_space():
+    # States persist; state 0 explains x_1 1000 nats worse than state 1, state 1 explains x_3 as badly: every
+    # path pays 1000 nats once. Scaled by the best state, the backward recursion's sum at t = 1 is 0 (0 / 0).
+    initial = torch.tensor([math.log(0.5)] * 2, dtype=D, requires_grad=True)
+    transition = torch.tensor([[0.0, -math.inf], [-math.inf, 0.0]], dtype=D, requires_grad=True)
+    emission = torch.zeros(5, 2, dtype=D)
+    emission[1, 0] = emission[3, 1] = -1000.0
+    emission.requires_grad_()
+    log_p = chains.log_evidence(initial, transition, emission)
+    assert float(log_p.detach()) == pytest.approx(-1000.0, abs=1e-9)
+    g_init, g_trans, g_emit = torch.autograd.grad(log_p, [initial, transition, emission])
+    assert torch.allclose(g_init, torch.tensor([0.5, 0.5], dtype=D))
+    assert torch.allclose(g_emit, torch.full((5, 2), 0.5, dtype=D))
+    assert torch.allclose(g_trans, torch.tensor([[2.5, 0.0], [0.0, 2.5]], dtype=D))
+
+
 def test_mismatched_tables_are_a_clear_error():
     with pytest.raises(ValueError, match=r"Expected chain tables.*transition \(\.\.\., T, K, K\).*got initial \(3,\), "
                                          r"transition \(2, 2\).*DiscreteHMM"):

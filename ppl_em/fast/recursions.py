@@ -7,7 +7,10 @@ probabilities A_t[i, j] (Rabiner's scaling, float64):
     forward    alpha_{-1} given,      alpha_t[j] = sum_i alpha_{t-1}[i] A_t[i, j] b_t[j] / r_t
 
 each step normalised by its sum (s_t, r_t); log p(x) = log sum_j p(w_{-1} = j) beta_{-1}[j] +
-sum_t log s_t. And max-sum (Viterbi) in log space, delta_t[j] = max_i (delta_{t-1}[i] + log A_t[i, j]) +
+sum_t log s_t. Entries below ``NEGLIGIBLE`` (of tables whose largest entry is 1, or of normalised
+messages, at least 1 / K) are set to 0: they change no sum at float64's precision, and a product of
+three of them would be subnormal, which costs the CPU about 100x a normal multiply (a transition EM has
+driven to 1e-308 made every step slow). And max-sum (Viterbi) in log space, delta_t[j] = max_i (delta_{t-1}[i] + log A_t[i, j]) +
 log p(x_t | w_t = j): the best score, and the best path read back from back-pointers. A Python loop over t costs microseconds per step and per operation; compiled by
 numba, a step costs K^2 multiply-adds. A step whose sum is 0 leaves NaN behind, as the blocked
 torch recursions do, and the caller recomputes in log space.
@@ -32,6 +35,8 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps a st
 
 __all__ = ["available", "backward", "forward", "viterbi"]
 
+NEGLIGIBLE = 1e-100  # three such factors still make a normal float64 (above 2.2e-308)
+
 
 def available(t: torch.Tensor) -> bool:
     """Whether the compiled recursions can run on tables like ``t`` (numba installed, on the CPU)."""
@@ -44,7 +49,7 @@ def backward(b: torch.Tensor, A: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
     ``b`` (N, T, K) emission probabilities, ``A`` (1|N, 1|T, K, K) transition probabilities, both
     float64. Returns betas (N, T + 1, K), index t holding beta_{t-1}, and the log scale (N,).
     """
-    b, A = _array(b), _array(A)
+    b, A = _flushed(b), _flushed(A)
     N, T, K = b.shape
     betas = np.empty((N, T + 1, K))
     log_scale = np.empty(N)
@@ -54,7 +59,7 @@ def backward(b: torch.Tensor, A: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
 
 def forward(a: torch.Tensor, b: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """alpha_t for t = 0 .. T - 1, each normalised, from alpha_{-1} = ``a`` (N, K): (N, T, K)."""
-    a, b, A = _array(a), _array(b), _array(A)
+    a, b, A = _flushed(a), _flushed(b), _flushed(A)
     alphas = np.empty(b.shape)
     _forward(a, b, A, alphas)
     return torch.from_numpy(alphas)
@@ -88,8 +93,14 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float64).contiguous().numpy()
 
 
+def _flushed(t: torch.Tensor) -> np.ndarray:
+    """A float64 copy with the entries below NEGLIGIBLE set to 0."""
+    t = t.detach().to(torch.float64)
+    return torch.where(t < NEGLIGIBLE, 0.0, t).numpy()
+
+
 def _compile(fn):
-    return numba.njit(cache=True, nogil=True, fastmath=False)(fn) if numba is not None else fn
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(fn) if numba is not None else fn
 
 
 @_compile
@@ -113,7 +124,8 @@ def _backward(b, A, betas, log_scale):  # pragma: no cover - compiled; tested th
                 betas[n, t, i] = acc
                 s += acc
             for i in range(K):
-                betas[n, t, i] /= s
+                v = betas[n, t, i] / s
+                betas[n, t, i] = v if v >= NEGLIGIBLE else 0.0
             total += math.log(s) if s > 0 else -math.inf
         log_scale[n] = total
 
@@ -139,8 +151,10 @@ def _forward(a, b, A, alphas):  # pragma: no cover - compiled; tested through it
                 alphas[n, t, j] *= b[n, t, j]
                 r += alphas[n, t, j]
             for j in range(K):
-                alphas[n, t, j] /= r
-                prev[j] = alphas[n, t, j]
+                v = alphas[n, t, j] / r
+                v = v if v >= NEGLIGIBLE else 0.0
+                alphas[n, t, j] = v
+                prev[j] = v
 
 
 @_compile
