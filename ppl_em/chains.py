@@ -491,10 +491,10 @@ class _ChainViterbi(torch.autograd.Function):
         lay = _layout(initial, transition, emission)
         e, tr, init = _viterbi_tables(initial, transition, emission, lay)
         ctx.save_for_backward(initial, transition, emission)
-        if recursions.available(emission):  # compiled: the scores and every chain's path in one pass
+        if recursions.available(emission):  # compiled: one backward max-sum pass per chain, paths in backward
             chain_of = _chain_of(lay, init.shape[0], init.device)
-            score, states, first = recursions.viterbi(init, e, tr, chain_of)
-            ctx.state = (None, lay, (states, first, chain_of))
+            score, first, ahead = recursions.viterbi(init, e, tr, chain_of)
+            ctx.state = (None, lay, (ahead, first, chain_of))
             return score.reshape(lay.full).to(emission.dtype)
         steps = _BlockSteps(e, tr, lay)
         score, chained = _chain_max(init, e, tr, _max_plus_blocks(steps, lay), lay)
@@ -510,8 +510,9 @@ class _ChainViterbi(torch.autograd.Function):
         K, F = lay.K, lay.full.numel()
         g = g.to(torch.float64).expand(lay.full).reshape(F)
         live = g.nonzero().squeeze(-1)
-        if steps is None:  # the compiled recursion read every chain's path already
-            states, first = chained[0][live], chained[1][live]
+        if steps is None:  # the compiled recursion: each live chain's path walked from its first state
+            first = chained[1][live]
+            states = recursions.walk(chained[0], chained[2][live], first)
         else:
             states, first = _read_paths(live, chained, steps, lay)  # (F', T) states w_0 .. w_{T-1}, (F',) w_{-1}
         g_live, chain_live = g[live], chained[-1][live]

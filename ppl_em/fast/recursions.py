@@ -33,7 +33,7 @@ try:  # an optional speed-up: without numba the blocked torch recursions run ins
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps a stripped install working
     numba = None
 
-__all__ = ["available", "backward", "forward", "viterbi"]
+__all__ = ["available", "backward", "forward", "viterbi", "walk"]
 
 NEGLIGIBLE = 1e-100  # three such factors still make a normal float64 (above 2.2e-308)
 
@@ -66,23 +66,29 @@ def forward(a: torch.Tensor, b: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 
 def viterbi(init: torch.Tensor, e: torch.Tensor, tr: torch.Tensor, chain_of: torch.Tensor):
-    """max_w log p(x, w) of every chain f and its best path: ``init`` (F, K) log p(w_{-1}), ``e`` (N, T, K)
-    log-emissions, ``tr`` (1|N, 1|T, K, K) log-transitions, ``chain_of`` (F,) the emissions' chain n of each
-    f (first states enumerated by another latent share their chain's emissions). Returns (scores (F,),
-    states (F, T) of w_0 .. w_{T-1}, w_{-1} (F,)).
+    """max_w log p(x, w) of every chain f: ``init`` (F, K) log p(w_{-1}), ``e`` (N, T, K) log-emissions,
+    ``tr`` (1|N, 1|T, K, K) log-transitions, ``chain_of`` (F,) the emissions' chain n of each f (first
+    states enumerated by another latent share their chain's emissions). Returns (scores (F,), the best
+    w_{-1} of each f (F,), and ``ahead`` for :func:`walk`).
 
     The recursion runs backwards, once per chain n whatever F: psi_{t-1}[i] = max_j (log A_t[i, j] +
-    e_t[j] + psi_t[j]) is the best score of x_t .. x_{T-1} from w_{t-1} = i, with the best next state kept
-    (K^2 a step); then score_f = max_i init_f[i] + psi_{-1}[i], and each path is walked forwards from its
-    w_{-1}. A tie keeps the lowest state, as torch's max does."""
+    e_t[j] + psi_t[j]) is the best score of x_t .. x_{T-1} from w_{t-1} = i, with the best next state
+    kept, ``ahead`` (N, T, K) (K^2 a step); then score_f = max_i init_f[i] + psi_{-1}[i]. A tie keeps the
+    lowest state, as torch's max does."""
     N, T, K = e.shape
     psi, ahead = np.empty((N, K)), np.empty((N, T, K), np.int32)
     _max_backward(_array(e), _array(tr), psi, ahead)
     totals = init.detach().to(torch.float64) + torch.from_numpy(psi)[chain_of]  # (F, K)
     score, first = totals.max(-1)
-    states = np.empty((init.shape[0], T), np.int64)
+    return score, first, ahead
+
+
+def walk(ahead: np.ndarray, chain_of: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """The best paths w_0 .. w_{T-1} (F', T) from their w_{-1}, ``first`` (F',), on chains ``chain_of``
+    (F',), walked forwards through :func:`viterbi`'s ``ahead``."""
+    states = np.empty((len(first), ahead.shape[1]), np.int64)
     _walk(ahead, _index(chain_of), _index(first), states)
-    return score, torch.from_numpy(states), first
+    return torch.from_numpy(states)
 
 
 def _index(t: torch.Tensor) -> np.ndarray:
