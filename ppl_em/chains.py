@@ -258,21 +258,14 @@ class _Chain:
     # -- the passes, compiled or blocked ------------------------------------------------------------
     def messages(self):
         """The backward pass: beta_{-1} normalised (N, K), the log of the chain's total scale (N,), and
-        what :meth:`betas` and :meth:`alphas` need of it later."""
+        what the posterior tables need of it later (compiled: every beta_t; blocked: the block products
+        and the messages at the block ends, for :meth:`alphas` and :meth:`betas`)."""
         if not self.blocked:
             betas, log_scale = recursions.backward(self.b_full, self.A)
             return betas[:, 0], log_scale, betas
         P, block_log = self.block_products()
         tail, ends, log_scale = self.backward_messages(P, block_log)
         return ends[0], log_scale, (P, tail, ends)
-
-    def all_betas(self, kept) -> torch.Tensor:
-        """beta_t for every t, each normalised: (N, T, K)."""
-        return kept[:, 1:] if not self.blocked else self.betas(kept[1], kept[2])
-
-    def all_alphas(self, a: torch.Tensor, kept) -> torch.Tensor:
-        """alpha_t for every t from alpha_{-1} = ``a`` (N, K), each normalised: (N, T, K)."""
-        return recursions.forward(a, self.b_full, self.A) if not self.blocked else self.alphas(a, kept[0])
 
     # -- the blocked passes: each step is a product with A_t, a product with b_t, a sum and a division ----
     def block_products(self) -> Tuple[List[torch.Tensor], torch.Tensor]:
@@ -449,15 +442,22 @@ def _tables(state, initial, g: torch.Tensor):
     G = g.sum_to_size(lay.batch).reshape(lay.N)
     live = G.unsqueeze(-1) > 0  # a chain of weight 0 (masked out) gets tables of 0, whatever its messages
     a_hat = torch.where(live, a / a.sum(-1, keepdim=True), torch.full_like(a, 1.0 / lay.K))
-    beta = chain.all_betas(kept)  # (N, T, K)
-    alpha = chain.all_alphas(a_hat, kept)  # (N, T, K)
-    gamma = alpha * beta
-    norm = gamma.sum(-1, keepdim=True)
-    prev = torch.cat([a_hat.unsqueeze(1), alpha[:, :-1]], 1)  # alpha_{t-1}
-    xi, Z = chain.pairwise(prev, beta, G)
-    if not bool(((Z > 0) & (norm.squeeze(-1) > 0) | ~live).all()):
-        return None  # a scaled message underflowed
-    gamma = gamma * (G[:, None, None] / norm.clamp_min(_TINY))
+    if chain.blocked:
+        beta = chain.betas(kept[1], kept[2])  # (N, T, K)
+        alpha = chain.alphas(a_hat, kept[0])  # (N, T, K)
+        gamma = alpha * beta
+        norm = gamma.sum(-1, keepdim=True)
+        prev = torch.cat([a_hat.unsqueeze(1), alpha[:, :-1]], 1)  # alpha_{t-1}
+        xi, Z = chain.pairwise(prev, beta, G)
+        if not bool(((Z > 0) & (norm.squeeze(-1) > 0) | ~live).all()):
+            return None  # a scaled message underflowed
+        gamma = gamma * (G[:, None, None] / norm.clamp_min(_TINY))
+    else:  # compiled: the forward recursion and both tables in one pass
+        one = lay.homogeneous and lay.shared  # one (K, K) table of expected counts
+        gamma, xi, fine = recursions.posterior(a_hat, chain.b_full, chain.A, kept, G, not one, not lay.homogeneous)
+        if not bool(fine.all()):
+            return None  # a scaled message underflowed
+        xi = xi[0, 0] if one else xi
     if xi.dim() == 4:  # one table per chain of the batch
         xi = xi.reshape(lay.batch + xi.shape[1:])
     return q0, xi, gamma.reshape(lay.batch + (lay.T, lay.K))

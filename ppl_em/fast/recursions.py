@@ -1,23 +1,26 @@
-"""The scaled forward and backward recursions of a hidden Markov chain, compiled.
+"""The recursions of a hidden Markov chain, compiled: forward-backward and max-sum (Viterbi).
 
-For a chain with K states, emission probabilities b_t[j] (scaled, at most 1) and transition
-probabilities A_t[i, j] (Rabiner's scaling, float64):
+A Python loop over the T steps of a chain costs microseconds per step and per operation; compiled by
+numba, a step costs its K^2 multiply-adds. For emission probabilities b_t[j] (scaled: at most 1) and
+transition probabilities A_t[i, j] (Rabiner's scaling, float64), each step normalised by its sum:
 
-    backward   beta_{T-1} = 1,        beta_{t-1}[i] = sum_j A_t[i, j] b_t[j] beta_t[j] / s_t
-    forward    alpha_{-1} given,      alpha_t[j] = sum_i alpha_{t-1}[i] A_t[i, j] b_t[j] / r_t
+    backward   beta_{T-1} = 1,    beta_{t-1}[i] = sum_j A_t[i, j] b_t[j] beta_t[j] / s_t
+    forward    alpha_{-1} given,  alpha_t[j] = sum_i alpha_{t-1}[i] A_t[i, j] b_t[j] / r_t
 
-each step normalised by its sum (s_t, r_t); log p(x) = log sum_j p(w_{-1} = j) beta_{-1}[j] +
-sum_t log s_t. Entries below ``NEGLIGIBLE`` (of tables whose largest entry is 1, or of normalised
-messages, at least 1 / K) are set to 0: they change no sum at float64's precision, and a product of
-three of them would be subnormal, which costs the CPU about 100x a normal multiply (a transition EM has
-driven to 1e-308 made every step slow). And max-sum (Viterbi) in log space, delta_t[j] = max_i (delta_{t-1}[i] + log A_t[i, j]) +
-log p(x_t | w_t = j): the best score, and the best path read back from back-pointers. A Python loop over t costs microseconds per step and per operation; compiled by
-numba, a step costs K^2 multiply-adds. A step whose sum is 0 leaves NaN behind, as the blocked
-torch recursions do, and the caller recomputes in log space.
+log p(x) = log sum_j p(w_{-1} = j) beta_{-1}[j] + sum_t log s_t (:func:`backward`); the forward pass
+yields the posterior tables gamma and xi as it goes (:func:`posterior`). Max-sum runs in log space,
+backwards, keeping the best next state of every state (:func:`viterbi`), and a path is walked
+forwards from its first state (:func:`walk`).
 
-Used on the CPU when numba is installed (:func:`available`); everything else (a GPU, no numba)
-runs the blocked torch recursions of :mod:`ppl_em.chains`. The first call in a process compiles
-the kernels (about a second), or loads them from numba's cache on disk.
+Entries below ``NEGLIGIBLE`` of the scaled tables (whose largest entry is 1) and of the normalised
+messages (at least 1 / K) are set to 0: they change no sum at float64's precision, and a product of
+three of them could be subnormal, which costs the CPU about 100x a normal multiply (a transition that
+EM drove to 1e-308 once made every step 5x slower). A step whose sum is 0 leaves NaN behind (numpy's
+error model), as the blocked torch recursions do, and the caller recomputes in log space.
+
+Used on the CPU when numba is installed (:func:`available`); elsewhere (a GPU, no numba) the blocked
+torch recursions of :mod:`ppl_em.chains` run. The first call in a process compiles the kernels
+(seconds), or loads them from numba's cache on disk.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ try:  # an optional speed-up: without numba the blocked torch recursions run ins
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps a stripped install working
     numba = None
 
-__all__ = ["available", "backward", "forward", "viterbi", "walk"]
+__all__ = ["available", "backward", "posterior", "viterbi", "walk"]
 
 NEGLIGIBLE = 1e-100  # three such factors still make a normal float64 (above 2.2e-308)
 
@@ -57,12 +60,23 @@ def backward(b: torch.Tensor, A: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(betas), torch.from_numpy(log_scale)
 
 
-def forward(a: torch.Tensor, b: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """alpha_t for t = 0 .. T - 1, each normalised, from alpha_{-1} = ``a`` (N, K): (N, T, K)."""
-    a, b, A = _flushed(a), _flushed(b), _flushed(A)
-    alphas = np.empty(b.shape)
-    _forward(a, b, A, alphas)
-    return torch.from_numpy(alphas)
+def posterior(a: torch.Tensor, b: torch.Tensor, A: torch.Tensor, betas: torch.Tensor, G: torch.Tensor,
+              per_chain: bool, per_step: bool):
+    """The forward recursion from alpha_{-1} = ``a`` (N, K), fused with the posterior tables it yields with
+    :func:`backward`'s ``betas``, each scaled to the chain's weight G (N,):
+
+        gamma_t[j] = G alpha_t[j] beta_t[j] / sum_j alpha_t[j] beta_t[j]                    (N, T, K)
+        xi_t[i, j] = G alpha_{t-1}[i] A_t[i, j] b_t[j] beta_t[j] / Z_t,  Z_t its sum over (i, j)
+
+    xi summed over t unless ``per_step``, over the chains unless ``per_chain``: (N|1, T|1, K, K). No
+    (N, T, K) message is kept but gamma. Also returns, per chain, whether every Z_t and normaliser of gamma
+    was positive (False: a scaled message underflowed). A chain of weight 0 gets tables of 0."""
+    N, T, K = b.shape
+    gamma = np.empty((N, T, K))
+    xi = np.zeros((N if per_chain else 1, T if per_step else 1, K, K))
+    fine = np.empty(N, np.bool_)
+    _posterior(_flushed(a), _flushed(b), _flushed(A), _array(betas), _array(G), gamma, xi, fine)
+    return torch.from_numpy(gamma), torch.from_numpy(xi), torch.from_numpy(fine)
 
 
 def viterbi(init: torch.Tensor, e: torch.Tensor, tr: torch.Tensor, chain_of: torch.Tensor):
@@ -137,33 +151,6 @@ def _backward(b, A, betas, log_scale):  # pragma: no cover - compiled; tested th
 
 
 @_compile
-def _forward(a, b, A, alphas):  # pragma: no cover - compiled; tested through its callers
-    N, T, K = b.shape
-    prev = np.empty(K)
-    for n in range(N):
-        an = n if A.shape[0] > 1 else 0
-        for i in range(K):
-            prev[i] = a[n, i]
-        for t in range(T):
-            at = t if A.shape[1] > 1 else 0
-            for j in range(K):
-                alphas[n, t, j] = 0.0
-            for i in range(K):
-                p = prev[i]
-                for j in range(K):
-                    alphas[n, t, j] += p * A[an, at, i, j]
-            r = 0.0
-            for j in range(K):
-                alphas[n, t, j] *= b[n, t, j]
-                r += alphas[n, t, j]
-            for j in range(K):
-                v = alphas[n, t, j] / r
-                v = v if v >= NEGLIGIBLE else 0.0
-                alphas[n, t, j] = v
-                prev[j] = v
-
-
-@_compile
 def _max_backward(e, tr, psi, ahead):  # pragma: no cover - compiled; tested through its callers
     N, T, K = e.shape
     cur, new = np.empty(K), np.empty(K)
@@ -197,3 +184,49 @@ def _walk(ahead, chain_of, first, states):  # pragma: no cover - compiled; teste
         for t in range(T):
             w = ahead[n, t, w]
             states[f, t] = w
+
+
+@_compile
+def _posterior(a, b, A, betas, G, gamma, xi, fine):  # pragma: no cover - compiled; tested through its callers
+    N, T, K = b.shape
+    prev, pred, u, alpha = np.empty(K), np.empty(K), np.empty(K), np.empty(K)
+    for n in range(N):
+        fine[n] = True
+        if not G[n] > 0:
+            gamma[n] = 0.0
+            continue
+        an = n if A.shape[0] > 1 else 0
+        xn = n if xi.shape[0] > 1 else 0
+        for i in range(K):
+            prev[i] = a[n, i]
+        for t in range(T):
+            at = t if A.shape[1] > 1 else 0
+            xt = t if xi.shape[1] > 1 else 0
+            for j in range(K):
+                pred[j] = 0.0
+                u[j] = b[n, t, j] * betas[n, t + 1, j]
+            for i in range(K):
+                p = prev[i]
+                for j in range(K):
+                    pred[j] += p * A[an, at, i, j]
+            z, r = 0.0, 0.0
+            for j in range(K):
+                z += pred[j] * u[j]
+                alpha[j] = pred[j] * b[n, t, j]
+                r += alpha[j]
+            norm = 0.0
+            for j in range(K):
+                v = alpha[j] / r
+                alpha[j] = v if v >= NEGLIGIBLE else 0.0
+                norm += alpha[j] * betas[n, t + 1, j]
+            if not (z > 0 and norm > 0):
+                fine[n] = False
+                break
+            coef, scale = G[n] / z, G[n] / norm
+            for i in range(K):
+                w = coef * prev[i]
+                for j in range(K):
+                    xi[xn, xt, i, j] += w * A[an, at, i, j] * u[j]
+            for j in range(K):
+                gamma[n, t, j] = scale * alpha[j] * betas[n, t + 1, j]
+                prev[j] = alpha[j]
