@@ -221,7 +221,8 @@ def dsquared_probabilities(x, centres):
 
 # %% tags=["solution", "hide-cell"] jupyter={"source_hidden": true}
 def dsquared_probabilities(x, centres):
-    d2 = torch.cdist(x, centres).square().min(-1).values  # (n,): D(x^(i))^2
+    # Exact distances: cdist's matrix-product shortcut leaves a rounding error where x^(i) is a centre.
+    d2 = torch.cdist(x, centres, compute_mode="donot_use_mm_for_euclid_dist").square().min(-1).values  # (n,)
     return d2 / d2.sum()
 
 
@@ -233,8 +234,9 @@ def check_dsquared():
     assert (p[chosen] == 0).all(), "a chosen centre cannot be picked again"
     # Sum_i D(x^(i))^2 is J at the best assignment for these centres, so p_i * J = D(x^(i))^2.
     J_chosen = kmeans.distortion(x, x[chosen])
-    assert torch.allclose(p * J_chosen, torch.cdist(x, x[chosen]).square().min(-1).values)
-    far = torch.cdist(x, x[chosen]).min(-1).values.argmax()
+    D = torch.cdist(x, x[chosen], compute_mode="donot_use_mm_for_euclid_dist")  # (n, 3): exact distances
+    assert torch.allclose(p * J_chosen, D.square().min(-1).values)
+    far = D.min(-1).values.argmax()
     assert p.argmax() == far, "the farthest point is the likeliest pick"
 
 
