@@ -120,7 +120,14 @@ def _flushed(t: torch.Tensor) -> np.ndarray:
 
 
 def _compile(fn):
-    return numba.njit(cache=True, nogil=True, error_model="numpy")(fn) if numba is not None else fn
+    """numba's njit, cached on disk where numba finds a writable place for its cache (beside this file, or
+    its user-wide directory); compiled afresh in every process where it finds none."""
+    if numba is None:
+        return fn
+    try:
+        return numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available" (a read-only installation)
+        return numba.njit(nogil=True, error_model="numpy")(fn)
 
 
 @_compile
