@@ -490,12 +490,17 @@ class EM:
 
     def _gradients_after_update(self, post, args, kwargs, objective, names, before):
         """The gradient of the objective in each parameter after the closed forms, phase by phase: a
-        location's update (given the current scale, with a prior: an ECM step) is checked with only the
-        phase-1 updates made, a scale's with all of them."""
+        location's update given the current scale (a precision-weighted mean, a Normal prior: an ECM step)
+        is checked with only the phase-1 updates made, a scale's with all of them. Where no update reads a
+        scale (phi_j, mu_j of a mixture), a location's stationarity does not depend on the scale's value,
+        and the first check (reg_covar = 0) takes one gradient after all the updates for every parameter;
+        the regularised check, which only runs for what failed there, keeps the two phases (a location's
+        gradient at a near-singular new scale is mostly rounding)."""
         self._m_step_from(closed_form.summarize(self.plan, post), [(args, kwargs)], [post.weights])
         after, grads = {p: v.clone() for p, v in ((p, self._current()[p]) for p in self.plan.closed)}, {}
-        for phase in (1, 2):
-            checked = [p for p in names if self.plan.phase(p) == phase]
+        one = self.reg_covar == 0 and not any(u.weighted for p in self.plan.closed for u in self.plan.uses[p])
+        for phase in ((2,) if one else (1, 2)):
+            checked = [p for p in names if self.plan.phase(p) == phase or one]
             if checked:
                 self._restore(before)
                 self._write({p: after[p] for p in self.plan.closed if self.plan.phase(p) <= phase})
