@@ -31,10 +31,8 @@ from typing import Tuple
 import numpy as np
 import torch
 
-try:  # an optional speed-up: without numba the blocked torch recursions run instead
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps a stripped install working
-    numba = None
+from . import jit
+from .jit import compile as _compile
 
 __all__ = ["available", "backward", "posterior", "viterbi", "walk"]
 
@@ -43,7 +41,7 @@ NEGLIGIBLE = 1e-100  # three such factors still make a normal float64 (above 2.2
 
 def available(t: torch.Tensor) -> bool:
     """Whether the compiled recursions can run on tables like ``t`` (numba installed, on the CPU)."""
-    return numba is not None and t.device.type == "cpu"
+    return jit.available(t)
 
 
 def backward(b: torch.Tensor, A: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -117,17 +115,6 @@ def _flushed(t: torch.Tensor) -> np.ndarray:
     """A float64 copy with the entries below NEGLIGIBLE set to 0."""
     t = t.detach().to(torch.float64)
     return torch.where(t < NEGLIGIBLE, 0.0, t).numpy()
-
-
-def _compile(fn):
-    """numba's njit, cached on disk where numba finds a writable place for its cache (beside this file, or
-    its user-wide directory); compiled afresh in every process where it finds none."""
-    if numba is None:
-        return fn
-    try:
-        return numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
-    except RuntimeError:  # "cannot cache function ...: no locator available" (a read-only installation)
-        return numba.njit(nogil=True, error_model="numpy")(fn)
 
 
 @_compile
