@@ -58,7 +58,7 @@ FULL: Dict[str, dict] = {
     "B1": {"n": 1_000_000, "d": 10, "k": 16, "iters": 20, "device": "cpu", "repeats": 3},
     # B1's sizes; one library at a time, so that big peaks do not add up on a shared machine
     "B2": {"libraries": ["ppl_em", "scikit-learn", "pomegranate"], "parallel": False},
-    "B3": {"T": 100_000, "K": 8, "D": 4, "iters": 10, "repeats": 3, "hard_repeats": 3, "hard_iters": 10},
+    "B3": {"T": 100_000, "K": 8, "D": 4, "iters": 10, "repeats": 3, "hard_repeats": 5, "hard_iters": 10},
     "B4": {"n": 20_000, "d": 2, "k": 5, "tol": 1e-3, "em_tol": 1e-10, "max_em_iters": 3000,
            "max_svi_steps": 5000, "lr": 0.1},
     "B5": {"ns": [10_000, 100_000, 1_000_000], "d": 2, "k": 3, "iters": 10, "small_n": 1000, "small_iters": 50,
