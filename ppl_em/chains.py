@@ -215,6 +215,16 @@ def _block_length(T: int) -> int:
     return min(range(max(1, root // 2), 2 * root + 1), key=lambda L: 3 * L + 2 * (T // L) + 2 * (T % L))
 
 
+# Chains of at least this many steps in all (N T) run the compiled recursions (ppl_em.fast.recursions) on
+# the CPU; shorter ones the blocked torch recursions, which take milliseconds there, so that a process that
+# only fits short chains never pays for importing numba and loading its kernels (most of a second).
+COMPILED_STEPS = 4096
+
+
+def _compiled(lay: _Layout, emission: torch.Tensor) -> bool:
+    return lay.N * lay.T >= COMPILED_STEPS and recursions.available(emission)
+
+
 class _Chain:
     """Scaled probability-space tables of one chain computation, laid out by block.
 
@@ -402,7 +412,7 @@ class _ChainLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, initial, transition, emission):
         lay = _layout(initial, transition, emission)
-        chain = _Chain(transition, emission, lay, blocked=not recursions.available(emission))
+        chain = _Chain(transition, emission, lay, blocked=not _compiled(lay, emission))
         beta0, log_scale, kept = chain.messages()
         log_beta0 = beta0.log().reshape(lay.batch + (lay.K,))  # beta_{-1}
         init = initial.detach().to(torch.float64)
@@ -491,7 +501,7 @@ class _ChainViterbi(torch.autograd.Function):
         lay = _layout(initial, transition, emission)
         e, tr, init = _viterbi_tables(initial, transition, emission, lay)
         ctx.save_for_backward(initial, transition, emission)
-        if recursions.available(emission):  # compiled: one backward max-sum pass per chain, paths in backward
+        if _compiled(lay, emission):  # compiled: one backward max-sum pass per chain, paths in backward
             chain_of = _chain_of(lay, init.shape[0], init.device)
             score, first, ahead = recursions.viterbi(init, e, tr, chain_of)
             ctx.state = (None, lay, (ahead, first, chain_of))

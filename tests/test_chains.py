@@ -26,12 +26,14 @@ D = torch.float64
 
 @pytest.fixture(autouse=True, params=["compiled", "blocked"])
 def recursion(request, monkeypatch):
-    """Every test runs twice: with the compiled recursions (numba, the CPU's default) and with the blocked
-    torch recursions (a GPU's, or a CPU's without numba)."""
+    """Every test runs twice: with the compiled recursions (numba, the CPU's default for chains of
+    COMPILED_STEPS steps or more; here for every chain) and with the blocked torch recursions (a GPU's,
+    shorter chains', or a CPU's without numba)."""
     if request.param == "blocked":
         monkeypatch.setattr(recursions, "available", lambda t: False)
     else:
         assert recursions.available(torch.zeros(1)), "numba is a dependency: the compiled recursions must run"
+        monkeypatch.setattr(chains, "COMPILED_STEPS", 0)
     return request.param
 
 
@@ -181,6 +183,22 @@ def test_a_step_whose_scaled_sum_is_zero_falls_back_to_log_space():
     assert torch.allclose(g_init, torch.tensor([0.5, 0.5], dtype=D))
     assert torch.allclose(g_emit, torch.full((5, 2), 0.5, dtype=D))
     assert torch.allclose(g_trans, torch.tensor([[2.5, 0.0], [0.0, 2.5]], dtype=D))
+
+
+def test_long_chains_run_compiled_and_short_ones_blocked(recursion, monkeypatch):
+    """By default a chain of COMPILED_STEPS (4096) steps or more runs the compiled recursions where numba
+    runs, a shorter one the blocked torch recursions (which never import numba); the two agree."""
+    calls = []
+    backward = recursions.backward
+    monkeypatch.setattr(recursions, "backward", lambda *a: calls.append(len(calls)) or backward(*a))
+    monkeypatch.setattr(chains, "COMPILED_STEPS", 4096)
+    short, long = (_random_tables((), T, 3, False, seed=T) for T in (4095, 4096))
+    chains.log_evidence(*short)
+    assert calls == []
+    by_default = chains.log_evidence(*long)
+    assert len(calls) == (1 if recursion == "compiled" else 0)
+    monkeypatch.setattr(chains, "COMPILED_STEPS", 10**9)  # the other path for the same tables
+    assert torch.allclose(by_default, chains.log_evidence(*long), rtol=1e-12)
 
 
 def test_mismatched_tables_are_a_clear_error():

@@ -14,7 +14,7 @@ from torch.distributions import constraints
 
 import ppl_em
 from ppl_em import fast as fastpath, posterior
-from ppl_em.fast import gaussian as fast_gaussian, jit
+from ppl_em.fast import gaussian as fast_gaussian
 from ppl_em.plan import find_uses
 from ppl_em.models import REGISTRY, gmm
 from ppl_em.posterior import exact_posterior, inspect_model
@@ -149,22 +149,6 @@ def test_posterior_normalisation_equals_logsumexp(fill, dtype):
         assert torch.allclose(post, torch.exp(total - expected), rtol=100 * torch.finfo(dtype).eps, atol=tiny,
                               equal_nan=True)
         assert not ((post > 0) & (post < tiny)).any()  # no subnormal weights
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_compiled_packed_features_equal_the_torch_loop_bit_for_bit(dtype, monkeypatch):
-    """T(x - c) compiled (numba, the CPU's default) and by torch's loop: the same products, the same numbers;
-    for strided rows too (a chunk of a column-major array, every other row)."""
-    assert jit.available(torch.zeros(1)), "numba is a dependency: the compiled loop must run"
-    g = torch.Generator().manual_seed(3)
-    x = (torch.randn(301, 5, generator=g, dtype=D) * 3 + 7).to(dtype)
-    for rows in (x, x[::2], x.T.contiguous().T):
-        c = fastpath.centre(rows)
-        compiled = fastpath.sufficient_stats(rows, c)
-        with monkeypatch.context() as m:
-            m.setattr(jit, "available", lambda t: False)
-            looped = fastpath.sufficient_stats(rows, c)
-        assert compiled.dtype == looped.dtype == torch.float64 and torch.equal(compiled, looped)
 
 
 def test_gaussian_sums_about_a_centre_and_shifted_equal_the_brute_force_moments(monkeypatch):

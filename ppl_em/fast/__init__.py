@@ -1,7 +1,7 @@
 """The speed layer beneath the algorithm: GEMM log-densities and sufficient statistics, contractions
-without broadcast temporaries, a hidden Markov chain's recursions and the Gaussian's packed features
-compiled by numba on the CPU (:mod:`ppl_em.fast.recursions`, :mod:`ppl_em.fast.jit`), and the
-:class:`Workspace` of chunk-sized tables that a pass hands down. The EM formulas
+without broadcast temporaries, a hidden Markov chain's recursions compiled by numba on the CPU
+(:mod:`ppl_em.fast.recursions`, :mod:`ppl_em.fast.jit`), and the :class:`Workspace` of chunk-sized
+tables that a pass hands down. The EM formulas
 (:mod:`ppl_em.families`) and the chains (:mod:`ppl_em.chains`) call these; nothing here knows about EM."""
 
 from .gaussian import FEATURE_ELEMENTS, centre, gaussian_sums, normal_sums, sufficient_stats

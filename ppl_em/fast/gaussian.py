@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 
-from . import jit
 from .tensors import broadcast_shape, compact, overlap, reduce_product
 from .workspace import Workspace, new_table
 
@@ -55,15 +54,13 @@ def sufficient_stats(rows: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     (q + d, B), q = d(d+1)/2, in c's dtype (float64 for float32 data).
 
     Each product is written straight into its place as a contiguous row (a gather on the last
-    dim, or products joined by cat, are several times slower), in the order of torch.triu_indices;
-    on the CPU by one compiled loop (:mod:`ppl_em.fast.jit`), elsewhere by one torch product per a.
+    dim, or products joined by cat, are several times slower), in the order of torch.triu_indices.
+    (A compiled loop, numba, measured about 5% of a B1 step faster, not worth numba's import and
+    loading, most of a second, at every process's first fit.)
     """
     d = rows.shape[-1]
     q = d * (d + 1) // 2
     out = torch.empty((q + d, rows.shape[0]), dtype=c.dtype, device=c.device)
-    if jit.available(rows) and rows.dtype in (torch.float32, torch.float64) and rows.shape[0] and not rows.requires_grad:
-        _products(rows.detach().numpy(), c.detach().numpy(), out.numpy())  # the same products, in one call
-        return out
     cols = out[q:]  # (d, B): the centred rows, transposed
     torch.sub(rows.T, c.reshape(d, 1), out=cols)
     start = 0
@@ -71,23 +68,6 @@ def sufficient_stats(rows: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         torch.mul(cols[a:a + 1], cols[a:], out=out[start:start + d - a])
         start += d - a
     return out
-
-
-@jit.compile
-def _products(rows, c, out):  # pragma: no cover - compiled; tested against the torch loop
-    """:func:`sufficient_stats`' loop compiled: (x - c) transposed into out[q:], then each product row."""
-    B, d = rows.shape
-    q = d * (d + 1) // 2
-    for a in range(d):
-        ca = c[a]
-        for i in range(B):
-            out[q + a, i] = rows[i, a] - ca
-    k = 0
-    for a in range(d):
-        for b in range(a, d):
-            for i in range(B):
-                out[k, i] = out[q + a, i] * out[q + b, i]
-            k += 1
 
 
 def gaussian_sums(w: torch.Tensor, x: torch.Tensor, inner, c: torch.Tensor):
