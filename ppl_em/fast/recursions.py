@@ -125,7 +125,7 @@ def _backward(b, A, betas, log_scale):  # pragma: no cover - compiled; tested th
         an = n if A.shape[0] > 1 else 0
         for j in range(K):
             betas[n, T, j] = 1.0
-        total = 0.0
+        total, scale = 0.0, 1.0  # log of the scales taken out so far = total + log(scale)
         for t in range(T - 1, -1, -1):
             at = t if A.shape[1] > 1 else 0
             for j in range(K):
@@ -140,8 +140,14 @@ def _backward(b, A, betas, log_scale):  # pragma: no cover - compiled; tested th
             for i in range(K):
                 v = betas[n, t, i] / s
                 betas[n, t, i] = v if v >= NEGLIGIBLE else 0.0
-            total += math.log(s) if s > 0 else -math.inf
-        log_scale[n] = total
+            if 1e-200 < s < 1e200:  # a log every hundred or so steps instead of every step: products
+                scale *= s  # of normal numbers (scale within 1e100 of 1), which lose no precision
+                if not 1e-100 < scale < 1e100:
+                    total += math.log(scale)
+                    scale = 1.0
+            else:  # 0 (the caller recomputes in log space), NaN, or an extreme sum
+                total += math.log(s) if s > 0 else (-math.inf if s == 0 else s)
+        log_scale[n] = total + math.log(scale)
 
 
 @_compile
