@@ -574,13 +574,18 @@ class EM:
         for name, value in values.items():
             constraint = store._constraints[name]
             transform = transform_to(constraint)
+            inside = bool(constraint.check(value).all())
             with torch.no_grad():
-                inverse[name] = transform.inv(value)
-            if not bool(constraint.check(value).all()):  # a projecting constraint (a sphere) may still take it
-                with torch.no_grad():
-                    outside = ~constraint.check(transform(inverse[name]))
-                if outside.any():  # a variance of 0, a singular covariance: a component collapsed onto one point
-                    raise ValueError(degenerate_update_message(name, outside, self._what()))
+                try:
+                    inverse[name] = transform.inv(value)
+                except RuntimeError:  # no inverse outside the constraint (the Cholesky factor of a singular Sigma)
+                    if inside:
+                        raise
+                    inverse[name] = None
+                if not inside:  # a projecting constraint (a sphere) may still take it
+                    outside = ~constraint.check(value if inverse[name] is None else transform(inverse[name]))
+                    if outside.any():  # a variance of 0, a singular covariance: a component collapsed onto a point
+                        raise ValueError(degenerate_update_message(name, outside, self._what()))
         with torch.no_grad():
             for name, u in inverse.items():
                 leaf = unconstrained.get(name)

@@ -404,22 +404,3 @@ def test_data_are_validated_once_and_again_when_they_change(call, monkeypatch):
     y[0] = 0.5  # not a count: Poisson's support check refuses it
     with pytest.raises(ValueError, match="support"):
         getattr(em, call)(y)
-
-
-def test_m_steps_update_the_stores_tensors_in_place_and_keep_nothing_else_alive():
-    """The closed forms write each parameter into the unconstrained tensor the store already holds: the
-    same tensor (an optimizer's reference stays valid) and no new one per step in the store's
-    tensor-to-name map (which would keep every step's parameters alive)."""
-    pyro.clear_param_store()
-    x = load_old_faithful()
-    em = ppl_em.EM(gmm.model, reg_covar=1e-6)
-    em.step(x, 3, init=gmm_init(x, 3))
-    store = pyro.get_param_store()
-    before = dict(store.named_parameters())
-    values = {name: store[name].detach().clone() for name in ("phi", "mu", "Sigma")}
-    for _ in range(5):
-        em.step(x, 3)
-    after = dict(store.named_parameters())
-    assert all(after[name] is before[name] for name in before)
-    assert len(store._param_to_name) == len(before)
-    assert all(not torch.equal(store[name].detach(), values[name]) for name in values)  # EM moved them

@@ -66,3 +66,37 @@ def test_em_step_on_one_observation():
     em = ppl_em.EM(gmm.model)
     assert math.isfinite(em.step(one, 1, init))
     torch.testing.assert_close(em.params["mu"], one)
+
+
+def test_m_steps_update_the_stores_tensors_in_place_and_keep_nothing_else_alive():
+    """The closed forms write each parameter into the unconstrained tensor the store already holds: the
+    same tensor (an optimizer's reference stays valid) and no new one per step in the store's
+    tensor-to-name map (which would keep every step's parameters alive)."""
+    x = load_old_faithful()
+    em = ppl_em.EM(gmm.model, reg_covar=1e-6)
+    em.step(x, 3, init=gmm.init_params(x, 3))
+    store = pyro.get_param_store()
+    before = dict(store.named_parameters())
+    values = snapshot()
+    for _ in range(5):
+        em.step(x, 3)
+    after = dict(store.named_parameters())
+    assert all(after[name] is before[name] for name in before)
+    assert len(store._param_to_name) == len(before)
+    assert all(not torch.equal(store[name].detach(), values[name]) for name in values)  # EM moved them
+
+
+@pytest.mark.parametrize("bad", ["singular", "nan"])
+def test_an_m_step_writes_all_of_its_parameters_or_none(bad):
+    """maximize from statistics whose Sigma update is singular (one point in a component, reg_covar = 0) or
+    not finite raises and leaves phi and mu, whose updates come first and are fine, as they were."""
+    x = load_old_faithful()
+    em = ppl_em.EM(gmm.model, reg_covar=0.0)
+    em.step(x, 2, init=gmm.init_params(x, 2))
+    stats = em.summarize(x, 2)
+    key = next(k for k in stats.sums if k.endswith(".M"))  # the Gaussian group's second moments
+    stats.sums[key] = torch.zeros_like(stats.sums[key]) if bad == "singular" else stats.sums[key] * math.nan
+    before = snapshot()
+    with pytest.raises((ValueError, FloatingPointError), match="(?i)singular|not finite"):
+        em.maximize(stats)
+    assert_same(before, snapshot())
