@@ -142,7 +142,7 @@ def _agreement(workload: str, fits: Dict[str, wl.Fit], peer: str, rtol: float = 
 
 def _run_peers(workload: str, size: str, peers: Dict[str, Callable], args: tuple) -> Tuple[List[Row], dict]:
     """Each installed library on the same (x, k, init, iters), once; a placeholder row for a missing one.
-    (B1, B5's small fits and B11 time ppl_em against its peers in interleaved repetitions instead:
+    (B1, B3, B5's small fits and B11 time ppl_em against its peers in interleaved repetitions instead:
     :func:`_interleaved`.)"""
     rows, fits = [], {}
     for library, fn in peers.items():

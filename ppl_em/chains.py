@@ -233,7 +233,8 @@ class _Chain:
     contiguous; ``b_main`` and ``b_tail`` lists of the per-step views (blocks, then the r remaining
     steps). ``A_full`` the transition probabilities, (K, K), (N, 1, K, K) or (1|N, T, K, K);
     ``A_main`` and ``A_tail`` per step likewise. ``log_shift`` (N,) is what was taken out of the
-    tables to scale them.
+    tables to scale them. Not ``blocked`` (the compiled recursions): only ``b_full`` and ``A``
+    (1|N, 1|T, K, K), flushed (:func:`ppl_em.fast.recursions.flush`).
     """
 
     def __init__(self, transition: torch.Tensor, emission: torch.Tensor, lay: _Layout, blocked: bool = True) -> None:
@@ -249,11 +250,11 @@ class _Chain:
         m_a = _finite_max(tr, (-1, -2))  # (1|N, Tt, 1, 1)
         A = (tr - m_a).exp()
         self.log_shift = m_e.sum((-1, -2)) + m_a.sum((-1, -2, -3)) * (T if Tt == 1 else 1)  # (N,) or (1,)
-        self.b_full = b
-        self.A = A  # (1|N, 1|T, K, K)
-        self.A_full = A[0, 0] if lay.homogeneous and lay.shared else A  # (K, K), (N, 1, K, K) or (1|N, T, K, K)
-        if not blocked:  # the compiled recursions (ppl_em.fast.recursions) read b_full and A
+        if not blocked:  # the compiled recursions read b_full and A, flushed once for both passes
+            self.b_full, self.A = recursions.flush(b), recursions.flush(A)  # (N, T, K), (1|N, 1|T, K, K)
             return
+        self.b_full = b
+        self.A_full = A[0, 0] if lay.homogeneous and lay.shared else A  # (K, K), (N, 1, K, K) or (1|N, T, K, K)
         self.b = b[:, :main].reshape(N, nb, L, K).permute(2, 0, 1, 3).contiguous()  # (L, N, nb, K)
         # Per-step views as Python lists: the loops below index them thousands of times.
         self.b_main = list(self.b.unbind(0))  # L x (N, nb, K)

@@ -34,7 +34,7 @@ import torch
 from . import jit
 from .jit import compile as _compile
 
-__all__ = ["available", "backward", "posterior", "viterbi", "walk"]
+__all__ = ["available", "flush", "backward", "posterior", "viterbi", "walk"]
 
 NEGLIGIBLE = 1e-100  # three such factors still make a normal float64 (above 2.2e-308)
 
@@ -44,13 +44,20 @@ def available(t: torch.Tensor) -> bool:
     return jit.available(t)
 
 
+def flush(t: torch.Tensor) -> torch.Tensor:
+    """A float64 copy of a scaled table with its entries below NEGLIGIBLE set to 0: what :func:`backward`
+    and :func:`posterior` take, made once for both."""
+    t = t.detach().to(torch.float64)
+    return torch.where(t < NEGLIGIBLE, 0.0, t)
+
+
 def backward(b: torch.Tensor, A: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """beta_{t-1} for t = 0 .. T, normalised (beta_{T-1} = 1), and sum_t log s_t.
 
     ``b`` (N, T, K) emission probabilities, ``A`` (1|N, 1|T, K, K) transition probabilities, both
-    float64. Returns betas (N, T + 1, K), index t holding beta_{t-1}, and the log scale (N,).
+    :func:`flush`'ed. Returns betas (N, T + 1, K), index t holding beta_{t-1}, and the log scale (N,).
     """
-    b, A = _flushed(b), _flushed(A)
+    b, A = _array(b), _array(A)
     N, T, K = b.shape
     betas = np.empty((N, T + 1, K))
     log_scale = np.empty(N)
@@ -61,7 +68,7 @@ def backward(b: torch.Tensor, A: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
 def posterior(a: torch.Tensor, b: torch.Tensor, A: torch.Tensor, betas: torch.Tensor, G: torch.Tensor,
               per_chain: bool, per_step: bool):
     """The forward recursion from alpha_{-1} = ``a`` (N, K), fused with the posterior tables it yields with
-    :func:`backward`'s ``betas``, each scaled to the chain's weight G (N,):
+    :func:`backward`'s ``betas`` (``b`` and ``A`` as there), each scaled to the chain's weight G (N,):
 
         gamma_t[j] = G alpha_t[j] beta_t[j] / sum_j alpha_t[j] beta_t[j]                    (N, T, K)
         xi_t[i, j] = G alpha_{t-1}[i] A_t[i, j] b_t[j] beta_t[j] / Z_t,  Z_t its sum over (i, j)
@@ -73,7 +80,7 @@ def posterior(a: torch.Tensor, b: torch.Tensor, A: torch.Tensor, betas: torch.Te
     gamma = np.empty((N, T, K))
     xi = np.zeros((N if per_chain else 1, T if per_step else 1, K, K))
     fine = np.empty(N, np.bool_)
-    _posterior(_flushed(a), _flushed(b), _flushed(A), _array(betas), _array(G), gamma, xi, fine)
+    _posterior(_array(flush(a)), _array(b), _array(A), _array(betas), _array(G), gamma, xi, fine)
     return torch.from_numpy(gamma), torch.from_numpy(xi), torch.from_numpy(fine)
 
 
@@ -110,11 +117,6 @@ def _index(t: torch.Tensor) -> np.ndarray:
 def _array(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float64).contiguous().numpy()
 
-
-def _flushed(t: torch.Tensor) -> np.ndarray:
-    """A float64 copy with the entries below NEGLIGIBLE set to 0."""
-    t = t.detach().to(torch.float64)
-    return torch.where(t < NEGLIGIBLE, 0.0, t).numpy()
 
 
 @_compile
