@@ -37,7 +37,7 @@ from torch.distributions import transform_to
 from . import chunking as chunks_, closed_form, distributed as distributed_, sources
 from .checks import check_arguments, check_missing, check_observations
 from .diagnostics import degenerate_update_message, explain_failure, non_finite_loss_message
-from .fast import Workspace
+from .fast import Replay, Workspace
 from .gradient import (StalledError, expected_log_joint, gradient_m_step, stalled_message, stationary,
                        unconstrained_grads)
 from .plan import Plan, make_plan
@@ -155,6 +155,7 @@ class EM:
         self.plan: Optional[Plan] = None
         self._chunks: Optional[chunks_.Chunking] = None  # how step() splits the data, once decided
         self._workspace = Workspace()  # chunk-sized tables, handed from chunk to chunk and step to step
+        self._replay = Replay()  # the model's run on unchunked data, recorded and replayed (ppl_em.fast.replay)
         self._param_names: List[str] = []
         self._log_prior = 0.0
         self.iterations = 0  # steps completed
@@ -370,8 +371,9 @@ class EM:
 
     # -- E-step and M-step over chunks -------------------------------------------------------
     def _summarize_chunk(self, args, kwargs, kept: Optional[list]) -> Statistics:
+        replay = self._replay if self._chunks.rows is None else None  # a chunk's tensors are new at every step
         post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior, workspace=self._workspace,
-                               leaves=self.plan.needs_graph)
+                               leaves=self.plan.needs_graph, replay=replay)
         check_observations(post)
         self._log_prior = float(post.log_prior)
         stats = closed_form.summarize(self.plan, post, rows=self._chunks.rows_of(args, kwargs))

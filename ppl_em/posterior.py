@@ -51,7 +51,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
 from . import chains
-from .fast import Workspace, broadcast_shape, compact, log_prob as fast_log_prob, new_table
+from .fast import Replay, Workspace, broadcast_shape, compact, log_prob as fast_log_prob, new_table
 from .chains import ChainTerms
 
 __all__ = ["Posterior", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
@@ -87,10 +87,13 @@ class _PointEstimate(Messenger):
     has none, it starts from a draw from the prior.
     """
 
-    def __init__(self, names: Tuple[str, ...], leaves: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    def __init__(self, names: Tuple[str, ...], leaves: Optional[Dict[str, torch.Tensor]] = None,
+                 grad: bool = True) -> None:
         super().__init__()
         self.names = names
-        self.leaves = leaves  # with a dict, the values are fresh leaves, like _LeafParams' (for the M-step)
+        # With a dict, the values are fresh leaves, like _LeafParams' (for the M-step), or with grad=False
+        # detached copies, like a replay's Roots.
+        self.leaves, self.grad = leaves, grad
 
     def _pyro_sample(self, msg: dict) -> None:
         if msg["name"] not in self.names or msg["is_observed"]:
@@ -103,7 +106,7 @@ class _PointEstimate(Messenger):
         value = store[name]
         if self.leaves is not None:
             if name not in self.leaves:
-                self.leaves[name] = value.detach().requires_grad_()
+                self.leaves[name] = value.detach().requires_grad_() if self.grad else value.detach().clone()
             value = self.leaves[name]
         msg["value"] = value
         msg["is_observed"] = True
@@ -204,6 +207,7 @@ def trace_model(
     log_prob: str = "grad",
     workspace: Optional[Workspace] = None,
     graph: bool = True,
+    replay: Optional[Replay] = None,
 ) -> Tuple[Trace, Dict[str, torch.Tensor]]:
     """Run the model once under parallel enumeration.
 
@@ -217,23 +221,37 @@ def trace_model(
     log-potentials (:class:`ppl_em.chains.ChainTerms`); with ``"value"`` they are fresh leaves
     that its log-probability is differentiable in (the E-step's probes). The leaves include the
     values of point-estimated global latents, under their site names. ``workspace`` lends the fast
-    paths their chunk-sized tables.
+    paths their chunk-sized tables. ``replay`` (:class:`ppl_em.fast.Replay`) replays the model's run instead of
+    running it, where no parameter leaves and no graph are asked for.
     """
-    leaves = _LeafParams() if leaf_params else poutine.messenger.Messenger()
-    point = _PointEstimate(structure.map_sites, leaves.leaves if leaf_params else None)
-    enum_model = poutine.enum(
-        config_enumerate(point(model), default="parallel"),
-        first_available_dim=-1 - structure.max_plate_nesting,
-    )
-    with leaves, full_plates(), torch.set_grad_enabled(graph and torch.is_grad_enabled()):
-        tr = poutine.trace(enum_model).get_trace(*args, **kwargs)
-    tr = prune_subsample_sites(tr)
+    if replay is not None and not leaf_params and not (graph and torch.is_grad_enabled()):
+        tr = replay.trace(lambda roots: _run_model(model, structure, args, kwargs, roots, False), args, kwargs)
+        leaves = {}
+    else:
+        handler = _LeafParams() if leaf_params else poutine.messenger.Messenger()
+        tr = _run_model(model, structure, args, kwargs, handler, graph)
+        leaves = getattr(handler, "leaves", {})
     if log_prob != "none":
         with torch.set_grad_enabled(log_prob == "grad" and torch.is_grad_enabled()):
             _compute_log_prob(tr, probes=log_prob == "value", workspace=workspace)
         tr.pack_tensors()
         mark_connected(tr)
-    return tr, getattr(leaves, "leaves", {})
+    return tr, leaves
+
+
+def _run_model(model: Callable, structure: ModelStructure, args: tuple, kwargs: dict, params: Messenger,
+               graph: bool) -> Trace:
+    """One run of the model under parallel enumeration, ``params`` (:class:`_LeafParams`, a replay's
+    ``Roots`` or a plain Messenger) around its ``pyro.param`` calls; subsample sites pruned."""
+    leaves = getattr(params, "leaves", None)
+    point = _PointEstimate(structure.map_sites, leaves, grad=isinstance(params, _LeafParams))
+    enum_model = poutine.enum(
+        config_enumerate(point(model), default="parallel"),
+        first_available_dim=-1 - structure.max_plate_nesting,
+    )
+    with params, full_plates(), torch.set_grad_enabled(graph and torch.is_grad_enabled()):
+        tr = poutine.trace(enum_model).get_trace(*args, **kwargs)
+    return prune_subsample_sites(tr)
 
 
 def _compute_log_prob(tr: Trace, probes: bool = False, workspace: Optional[Workspace] = None) -> None:
@@ -618,7 +636,7 @@ class Posterior:
 @torch.enable_grad()
 def exact_posterior(
     model: Callable, structure: ModelStructure, args: tuple, kwargs: dict, mode: str = "exact",
-    workspace: Optional[Workspace] = None, leaves: bool = True,
+    workspace: Optional[Workspace] = None, leaves: bool = True, replay: Optional[Replay] = None,
 ) -> Posterior:
     """The E-step. See the module docstring for the probe-gradient mechanism.
 
@@ -636,9 +654,11 @@ def exact_posterior(
     leaves : bool
         Whether the trace's distributions carry an autograd graph from fresh leaves standing for the
         parameters (``Posterior.leaves``, for the M-step plan); without, the model runs without a graph.
+    replay : ppl_em.fast.Replay, optional
+        Replays the model's run (without leaves) instead of running the model (:mod:`ppl_em.fast.replay`).
     """
     tr, leaves = trace_model(model, structure, args, kwargs, log_prob="value", workspace=workspace,
-                             leaf_params=leaves, graph=leaves)
+                             leaf_params=leaves, graph=leaves, replay=replay)
     sites = sample_sites(tr)
     scale = _common_scale(tr)
     single = _one_latent_posterior(tr, scale, workspace) if mode == "exact" else None

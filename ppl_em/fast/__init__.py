@@ -1,13 +1,15 @@
 """The speed layer beneath the algorithm: GEMM log-densities and sufficient statistics, contractions
 without broadcast temporaries, a hidden Markov chain's recursions compiled by numba on the CPU
-(:mod:`ppl_em.fast.recursions`, :mod:`ppl_em.fast.jit`), and the :class:`Workspace` of chunk-sized
-tables that a pass hands down. The EM formulas (:mod:`ppl_em.families`) and the chains
+(:mod:`ppl_em.fast.recursions`, :mod:`ppl_em.fast.jit`), the :class:`Workspace` of chunk-sized
+tables that a pass hands down, and the :class:`Replay` of a model's run at new parameter values
+(:mod:`ppl_em.fast.replay`). The EM formulas (:mod:`ppl_em.families`) and the chains
 (:mod:`ppl_em.chains`) call these; nothing here knows about EM."""
 
 from .gaussian import FEATURE_ELEMENTS, centre, gaussian_sums, normal_sums, sufficient_stats
 from .logprob import has_gemm_path, log_prob
+from .replay import Replay
 from .tensors import broadcast_shape, compact, overlap, reduce_product
 from .workspace import Workspace, new_table
 
 __all__ = ["FEATURE_ELEMENTS", "Workspace", "broadcast_shape", "centre", "compact", "gaussian_sums",
-           "has_gemm_path", "log_prob", "new_table", "normal_sums", "overlap", "reduce_product", "sufficient_stats"]
+           "has_gemm_path", "log_prob", "new_table", "normal_sums", "overlap", "Replay", "reduce_product", "sufficient_stats"]
