@@ -90,16 +90,22 @@ class EM:
         each process passes its own shard; the statistics are summed by ``all_reduce`` before every
         M-step, so every rank ends each step with the same parameters and ``step`` returns the loss of
         all ranks' data together.
-
-    The data may also be a data source where a tensor of rows would be: a numpy memory map, a
-    ``DataLoader``, a re-iterable of batches (:mod:`ppl_em.sources`); ``step`` then reads it batch by
-    batch, in O(batch) memory.
     missing : {"error", "marginalize"}
         NaN in a tensor argument: an error (the default), or a missing value that the model masks
         (``"marginalize"``: the NaN reaches the model, which observes p(x_obs^(i) | z^(i)); a NaN that
         reaches an observed site unmasked is still an error; an inf is an error either way). A model
         may write the rows that hold a NaN differently (``ppl_em.models.gmm``), so the M-step plan is
         then made on all the rows of the first data, not on its first ``PLAN_ROWS``.
+    replay : bool
+        Whether steps on the same unchunked data may replay the model's recorded run instead of running
+        it (:mod:`ppl_em.fast.replay`: the tensor operations from theta to the distributions, checked
+        once against a real run; the speed of small fits). This assumes that a run depends on nothing but
+        the arguments and the param store: a model that reads something else that changes between steps
+        (a global temperature, say) should get it as an argument, or ``replay=False``.
+
+    The data may also be a data source where a tensor of rows would be: a numpy memory map, a
+    ``DataLoader``, a re-iterable of batches (:mod:`ppl_em.sources`); ``step`` then reads it batch by
+    batch, in O(batch) memory.
 
     The loop contract: ``stats = em.summarize(*args)`` (E-step, no parameter changes),
     ``em.maximize(stats)`` (M-step from statistics alone), ``em.step(*args)`` (= maximize of the sum
@@ -134,7 +140,7 @@ class EM:
 
     def __init__(self, model: Callable, posterior: str = "exact", m_step: str = "auto", reg_covar: float = 1e-6,
                  max_grad_iter: int = 100, chunk_size="auto", map_basis: str = "constrained",
-                 distributed: bool = False, missing: str = "error") -> None:
+                 distributed: bool = False, missing: str = "error", replay: bool = True) -> None:
         if posterior not in ("exact", "hard"):
             raise ValueError(f"posterior must be 'exact' or 'hard', got {posterior!r}.")
         if m_step not in ("auto", "closed_form", "gradient"):
@@ -156,6 +162,8 @@ class EM:
         self._chunks: Optional[chunks_.Chunking] = None  # how step() splits the data, once decided
         self._workspace = Workspace()  # chunk-sized tables, handed from chunk to chunk and step to step
         self._replay = Replay()  # the model's run on unchunked data, recorded and replayed (ppl_em.fast.replay)
+        if not replay:
+            self._replay.off = "EM(..., replay=False)"
         self._param_names: List[str] = []
         self._log_prior = 0.0
         self.iterations = 0  # steps completed

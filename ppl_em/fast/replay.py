@@ -76,9 +76,10 @@ class Roots(Messenger):
 class _Recorder(TorchFunctionMode):
     """Keeps every torch call that reads a tracked tensor (a root, or a tensor made from one).
 
-    Each kept call is ``(func, args, kwargs, fresh)``: ``fresh`` pairs the position of each result that is
-    a new tensor (not a view of a tracked argument, which follows that argument by itself) with that
-    tensor, to be overwritten in place at a replay. Calls that change a tensor in place are kept too."""
+    Each kept call is ``(func, args, kwargs, fresh, before)``: ``fresh`` pairs the position of each result
+    that is a new tensor (not a view of a tracked argument, which follows that argument by itself) with
+    that tensor, to be overwritten in place at a replay. Calls that change a tensor in place are kept too,
+    with ``before``, the values their untracked targets had (see :meth:`_before`)."""
 
     def __init__(self, roots: Dict[str, torch.Tensor]) -> None:
         super().__init__()
@@ -98,12 +99,23 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        before = self._before(func, args, kwargs) if self.problem is None else []
         result = func(*args, **kwargs)
         if self.problem is None:
-            self._keep(func, args, kwargs, result)
+            self._keep(func, args, kwargs, result, before)
         return result
 
-    def _keep(self, func, args, kwargs, result) -> None:
+    def _before(self, func, args, kwargs) -> List[tuple]:
+        """(target, copy) of each untracked tensor that an in-place call is about to write theta into: a
+        replay restores it first (``buffer += mu`` must add to the buffer as it was, not as the last run left it)."""
+        if not _mutates(_name(func), kwargs):
+            return []
+        if not any(self._is_tracked(t) for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)):
+            return []
+        targets = tree_flatten(kwargs.get("out", args[0] if args else None))[0]
+        return [(t, t.detach().clone()) for t in targets if torch.is_tensor(t) and id(t) not in self.tracked]
+
+    def _keep(self, func, args, kwargs, result, before: List[tuple]) -> None:
         inputs = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)]
         tracked = [t for t in inputs if self._is_tracked(t)]
         if not tracked:
@@ -130,7 +142,7 @@ class _Recorder(TorchFunctionMode):
                 fresh.append((i, out))
         self.read.update(id(t) for t in inputs if id(t) not in self.tracked)
         if fresh or mutates:
-            self.ops.append((func, args, kwargs, fresh))
+            self.ops.append((func, args, kwargs, fresh, before))
 
     def _track_target(self, name: str, args, kwargs) -> bool:
         """An in-place call writes theta into its target, which is tracked from then on; refused (False) for
@@ -192,7 +204,9 @@ class _Recording:
             self.moved = any(not torch.equal(self.roots[name], value) for name, value in values.items())
             for name, value in values.items():
                 self.roots[name].copy_(value)
-            for func, args, kwargs, fresh in self.ops:
+            for func, args, kwargs, fresh, before in self.ops:
+                for target, value in before:
+                    target.copy_(value)
                 result = func(*args, **kwargs)
                 if fresh:
                     outputs = tree_flatten(result)[0]
@@ -231,12 +245,20 @@ def _same(a: Trace, b: Trace) -> bool:
     if [s["name"] for s in sa] != [s["name"] for s in sb]:
         return False
     for x, y in zip(sa, sb):
+        if not all(_equal(x[k], y[k]) for k in ("scale", "mask", "is_observed")):
+            return False
         tx, ty = _tensors_of(x), _tensors_of(y)
         if type(x["fn"]) is not type(y["fn"]) or len(tx) != len(ty):
             return False
         if any(p.shape != q.shape or not torch.equal(p, q) for p, q in zip(tx, ty)):
             return False
     return True
+
+
+def _equal(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
 
 
 class Replay:
