@@ -12,7 +12,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from torch.distributions import constraints
 
 import ppl_em
 from benchmarks import pyro_style as ps
