@@ -70,16 +70,16 @@ FULL: Dict[str, dict] = {
     **scaleout.FULL,
 }
 QUICK: Dict[str, dict] = {
-    "B1": {"n": 1000, "d": 2, "k": 2, "iters": 3, "device": "cpu", "repeats": 2},
+    "B1": {"n": 1000, "d": 2, "k": 2, "iters": 3, "device": "cpu", "repeats": 2, "settle": 0.0},
     "B2": {"libraries": ["ppl_em", "scikit-learn"], "parallel": True},  # pomegranate's import (numba) is slow
-    "B3": {"T": 20, "K": 2, "D": 2, "iters": 2, "repeats": 1, "hard_repeats": 1, "hard_iters": 2},
+    "B3": {"T": 20, "K": 2, "D": 2, "iters": 2, "repeats": 1, "hard_repeats": 1, "hard_iters": 2, "settle": 0.0},
     "B4": {"n": 600, "d": 2, "k": 3, "tol": 1e-3, "em_tol": 1e-7, "max_em_iters": 300,
            "max_svi_steps": 400, "lr": 0.1},
     "B5": {"ns": [500, 1000, 2000], "d": 2, "k": 3, "iters": 2, "small_n": 1000, "small_iters": 3,
-           "small_ns": [1000], "small_ns_iters": [3], "small_repeats": 2},
+           "small_ns": [1000], "small_ns_iters": [3], "small_repeats": 2, "settle": 0.0},
     "B6": {"n": 1000, "d": 2, "k": 2, "iters": 2},
-    "B10": {"n": 300, "d": 2, "k": 2, "n_init": 2, "ks": [1, 2, 3], "tol": 1e-3, "max_iter": 20},
-    "B11": {"n": 1000, "d": 2, "k": 2, "iters": 2, "repeats": 2},
+    "B10": {"n": 300, "d": 2, "k": 2, "n_init": 2, "ks": [1, 2, 3], "tol": 1e-3, "max_iter": 20, "settle": 0.0},
+    "B11": {"n": 1000, "d": 2, "k": 2, "iters": 2, "repeats": 2, "settle": 0.0},
     "B12": {"em_steps": 3, "quick": True},
     **scaleout.QUICK,
 }
@@ -178,7 +178,8 @@ def bench_b1(cfg: dict) -> Tuple[List[Row], List[Target]]:
         ours = functools.partial(wl.ppl_em_gmm, device=cfg["device"])
         size += f" (ppl_em on {cfg['device']})"
     order = ["scikit-learn"] * cfg["repeats"] + ["pomegranate"]
-    rows, targets, fits = _interleaved("B1", size, ours, order, (x, cfg["k"], init, cfg["iters"]), 10.0)
+    rows, targets, fits = _interleaved("B1", size, ours, order, (x, cfg["k"], init, cfg["iters"]), 10.0,
+                                       settle=cfg.get("settle", SETTLE_S))
     if "pomegranate" in fits:  # no reg_covar in pomegranate: close, not equal
         dev = max_relative_deviation(fits["ppl_em"].trajectory, fits["pomegranate"].trajectory)
         rows[2].note += f"; log-lik trajectory vs ppl_em: max rel. deviation {dev:.1e} (no reg_covar)"
@@ -191,13 +192,20 @@ def bench_b11(cfg: dict) -> Tuple[List[Row], List[Target]]:
     x, init = _gmm_problem(cfg)
     size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, {cfg['iters']} iters, scale_tril model"
     rows, targets, _ = _interleaved("B11", size, wl.ppl_em_gmm_scale_tril, ["scikit-learn"] * cfg["repeats"],
-                                    (x, cfg["k"], init, cfg["iters"]), 15.0)
+                                    (x, cfg["k"], init, cfg["iters"]), 15.0, settle=cfg.get("settle", SETTLE_S))
     return rows, targets
 
 
+# Seconds of rest before each interleaved run. numpy's OpenBLAS threads keep spinning for a while after a
+# call returns, and on a machine of few cores they take the cores from the next run's torch threads:
+# ppl_em's small fit (n = 1000) measured 1.9 ms / iter alone, 2.5-3.1 right after scikit-learn's fit,
+# 1.9 again after a pause of 0.5 s (or with OPENBLAS_NUM_THREADS=1). Every library gets the same rest.
+SETTLE_S = 0.5
+
+
 def _interleaved(workload: str, size: str, ours: Callable, order: List[str], args: tuple, factor: float,
-                 peers: Optional[Dict[str, Callable]] = None,
-                 agree_with: str = "scikit-learn") -> Tuple[List[Row], List[Target], Dict[str, wl.Fit]]:
+                 peers: Optional[Dict[str, Callable]] = None, agree_with: str = "scikit-learn",
+                 settle: float = SETTLE_S) -> Tuple[List[Row], List[Target], Dict[str, wl.Fit]]:
     """ppl_em and its peers in interleaved repetitions: ppl_em, peer, ppl_em, peer, ..., ppl_em (``order``
     names the peer of each repetition).
 
@@ -206,7 +214,7 @@ def _interleaved(workload: str, size: str, ours: Callable, order: List[str], arg
     and their spread (target: at least ``factor``), each library's s / iter is the median over its runs,
     and CPU system time and page faults per iteration are recorded beside them. Also returns one fit per
     library (for trajectories); the targets include the trajectory's agreement with ``agree_with``.
-    ``peers``: each library's fit (default: the GMM peers).
+    ``peers``: each library's fit (default: the GMM peers); ``settle``: seconds of rest before each run.
     """
     peers = GMM_PEERS if peers is None else peers
     libraries = ["ppl_em"] + list(dict.fromkeys(order))
@@ -218,8 +226,10 @@ def _interleaved(workload: str, size: str, ours: Callable, order: List[str], arg
         if not wl.available(peer):
             continue
         print(f"  {workload} {peer} ...", flush=True)
+        time.sleep(settle)
         runs[peer].append(peers[peer](*args))
         print(f"  {workload} ppl_em ...", flush=True)
+        time.sleep(settle)
         runs["ppl_em"].append(ours(*args))
         around = (runs["ppl_em"][-2].sec_per_iter + runs["ppl_em"][-1].sec_per_iter) / 2
         speedups[peer].append(runs[peer][-1].sec_per_iter / around)
@@ -323,7 +333,8 @@ def bench_b3(cfg: dict) -> Tuple[List[Row], List[Target]]:
     size = f"T={cfg['T']} K={cfg['K']} D={cfg['D']}, {cfg['iters']} iters"
     # Target: 5x hmmlearn, on the vectorised model file (the chain as one DiscreteHMM site), timed like B1.
     rows, targets, _ = _interleaved("B3", size, wl.ppl_em_hmm, ["hmmlearn"] * cfg["repeats"],
-                                    (x, cfg["K"], init, cfg["iters"]), 5.0, peers=HMM_PEERS, agree_with="hmmlearn")
+                                    (x, cfg["K"], init, cfg["iters"]), 5.0, peers=HMM_PEERS, agree_with="hmmlearn",
+                                    settle=cfg.get("settle", SETTLE_S))
     rows[0].note += f"; {rows[0].sec_per_iter / cfg['T'] * 1e6:.3g} µs per time step"
     hard_rows, hard_target = _hard_vs_exact(x, init, f"T={cfg['T']} K={cfg['K']} D={cfg['D']}, {cfg['hard_iters']} iters", cfg)
     return rows + hard_rows, targets + [hard_target]
@@ -418,7 +429,7 @@ def bench_b5(cfg: dict) -> Tuple[List[Row], List[Target]]:
         for model, ours in (("gmm model file", wl.ppl_em_gmm), ("scale_tril model", wl.ppl_em_gmm_scale_tril)):
             size = f"n={n} d={cfg['d']} k={cfg['k']}, {iters} iters, small fit, {model}"
             pair, more, _ = _interleaved("B5", size, ours, ["scikit-learn"] * cfg["small_repeats"],
-                                         (x, cfg["k"], init, iters), 1.0)
+                                         (x, cfg["k"], init, iters), 1.0, settle=cfg.get("settle", SETTLE_S))
             for target in more:  # the speed-up and the trajectory's agreement
                 target.target += f" (small fit, n={n}, {model})"
             rows += pair
@@ -469,6 +480,7 @@ def bench_b10(cfg: dict) -> Tuple[List[Row], List[Target]]:
         pair = []
         for library, fit in (("ppl_em", wl.ppl_em_fits), ("scikit-learn", wl.sklearn_fits)):
             print(f"  B10 {library} {label} ...", flush=True)
+            time.sleep(cfg.get("settle", SETTLE_S))  # the last library's BLAS threads at rest (see SETTLE_S)
             seconds, iters, best = fit(x, ks, n_init, cfg["tol"], cfg["max_iter"])
             pair.append(Row("B10", library, size, sec_per_iter=seconds / iters, seconds=seconds, timed="s, all fits",
                             final_ll=best, note=f"{seconds:.3g} s for {iters} EM iterations in all"))
