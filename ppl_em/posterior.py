@@ -62,21 +62,27 @@ class ExactInferenceError(ValueError):
 
 
 class _LeafParams(Messenger):
-    """Hands the model a fresh leaf tensor for every ``pyro.param`` value.
+    """Hands the model a fresh leaf tensor for every ``pyro.param`` value, kept in ``leaves``.
 
     The M-step differentiates distribution parameters with respect to these leaves to find
-    which parameter elements each site uses (see :mod:`ppl_em.families`).
+    which parameter elements each site uses (see :mod:`ppl_em.families`). With ``grad=False`` they
+    are detached copies without a graph: the roots of a replay's recording (:mod:`ppl_em.fast.replay`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grad: bool = True, leaves: Optional[Dict[str, torch.Tensor]] = None) -> None:
         super().__init__()
-        self.leaves: Dict[str, torch.Tensor] = {}
+        self.grad = grad
+        self.leaves: Dict[str, torch.Tensor] = {} if leaves is None else leaves
 
     def _pyro_post_param(self, msg: dict) -> None:
         name = msg["name"]
         if name not in self.leaves:
-            self.leaves[name] = msg["value"].detach().requires_grad_()
+            self.leaves[name] = _leaf(msg["value"], self.grad)
         msg["value"] = self.leaves[name]
+
+
+def _leaf(value: torch.Tensor, grad: bool) -> torch.Tensor:
+    return value.detach().requires_grad_() if grad else value.detach().clone()
 
 
 class _PointEstimate(Messenger):
@@ -91,8 +97,7 @@ class _PointEstimate(Messenger):
                  grad: bool = True) -> None:
         super().__init__()
         self.names = names
-        # With a dict, the values are fresh leaves, like _LeafParams' (for the M-step), or with grad=False
-        # detached copies, like a replay's Roots.
+        # With a dict, the values are fresh leaves like _LeafParams' (with grad=False, detached copies).
         self.leaves, self.grad = leaves, grad
 
     def _pyro_sample(self, msg: dict) -> None:
@@ -106,7 +111,7 @@ class _PointEstimate(Messenger):
         value = store[name]
         if self.leaves is not None:
             if name not in self.leaves:
-                self.leaves[name] = value.detach().requires_grad_() if self.grad else value.detach().clone()
+                self.leaves[name] = _leaf(value, self.grad)
             value = self.leaves[name]
         msg["value"] = value
         msg["is_observed"] = True
@@ -225,7 +230,8 @@ def trace_model(
     running it, where no parameter leaves and no graph are asked for.
     """
     if replay is not None and not leaf_params and not (graph and torch.is_grad_enabled()):
-        tr = replay.trace(lambda roots: _run_model(model, structure, args, kwargs, roots, False), args, kwargs)
+        tr = replay.trace(lambda roots: _run_model(model, structure, args, kwargs, _LeafParams(False, roots), False),
+                          args, kwargs)
         leaves = {}
     else:
         handler = _LeafParams() if leaf_params else poutine.messenger.Messenger()
@@ -241,10 +247,10 @@ def trace_model(
 
 def _run_model(model: Callable, structure: ModelStructure, args: tuple, kwargs: dict, params: Messenger,
                graph: bool) -> Trace:
-    """One run of the model under parallel enumeration, ``params`` (:class:`_LeafParams`, a replay's
-    ``Roots`` or a plain Messenger) around its ``pyro.param`` calls; subsample sites pruned."""
+    """One run of the model under parallel enumeration, ``params`` (a :class:`_LeafParams`, or a plain
+    Messenger: the param store's own values) around its ``pyro.param`` calls; subsample sites pruned."""
     leaves = getattr(params, "leaves", None)
-    point = _PointEstimate(structure.map_sites, leaves, grad=isinstance(params, _LeafParams))
+    point = _PointEstimate(structure.map_sites, leaves, grad=getattr(params, "grad", True))
     enum_model = poutine.enum(
         config_enumerate(point(model), default="parallel"),
         first_available_dim=-1 - structure.max_plate_nesting,

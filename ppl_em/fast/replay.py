@@ -31,12 +31,11 @@ from typing import Callable, Dict, List, Optional
 import pyro
 import torch
 from torch.distributions import Distribution
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["Replay", "Roots"]
+__all__ = ["Replay"]
 
 # Calls that read only a tensor's metadata: their non-tensor results do not depend on theta's values.
 _METADATA = {"dim", "size", "numel", "stride", "__len__", "is_floating_point", "is_complex", "is_contiguous",
@@ -58,19 +57,9 @@ def _mutates(name: str, kwargs: dict) -> bool:
         name.endswith("_") and not name.startswith("__"))
 
 
-class Roots(Messenger):
-    """Hands the model one persistent tensor per ``pyro.param`` value (a detached copy, no graph): the
-    roots that a recording follows and a replay refreshes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.leaves: Dict[str, torch.Tensor] = {}
-
-    def _pyro_post_param(self, msg: dict) -> None:
-        name = msg["name"]
-        if name not in self.leaves:
-            self.leaves[name] = msg["value"].detach().clone()
-        msg["value"] = self.leaves[name]
+def _targets(args, kwargs) -> List[torch.Tensor]:
+    """The tensors an in-place call writes: its ``out=``, else its first argument."""
+    return [t for t in tree_flatten(kwargs.get("out", args[0] if args else None))[0] if torch.is_tensor(t)]
 
 
 class _Recorder(TorchFunctionMode):
@@ -112,8 +101,7 @@ class _Recorder(TorchFunctionMode):
             return []
         if not any(self._is_tracked(t) for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)):
             return []
-        targets = tree_flatten(kwargs.get("out", args[0] if args else None))[0]
-        return [(t, t.detach().clone()) for t in targets if torch.is_tensor(t) and id(t) not in self.tracked]
+        return [(t, t.detach().clone()) for t in _targets(args, kwargs) if id(t) not in self.tracked]
 
     def _keep(self, func, args, kwargs, result, before: List[tuple]) -> None:
         inputs = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)]
@@ -147,8 +135,8 @@ class _Recorder(TorchFunctionMode):
     def _track_target(self, name: str, args, kwargs) -> bool:
         """An in-place call writes theta into its target, which is tracked from then on; refused (False) for
         a target that kept calls read before, as a constant."""
-        for t in tree_flatten(kwargs.get("out", args[0] if args else None))[0]:
-            if torch.is_tensor(t) and id(t) not in self.tracked:
+        for t in _targets(args, kwargs):
+            if id(t) not in self.tracked:
                 if id(t) in self.read:
                     self.problem = (f"the model changes in place ({name}) a tensor that it read before that "
                                     "tensor depended on the parameters")
@@ -251,7 +239,7 @@ def _same(a: Trace, b: Trace) -> bool:
         tx, ty = _tensors_of(x), _tensors_of(y)
         if type(x["fn"]) is not type(y["fn"]) or len(tx) != len(ty):
             return False
-        if any(p.shape != q.shape or not torch.equal(p, q) for p, q in zip(tx, ty)):
+        if not all(_equal(p, q) for p, q in zip(tx, ty)):
             return False
     return True
 
@@ -266,9 +254,9 @@ class Replay:
     """The model's runs on one set of arguments, recorded once and replayed (see the module docstring).
 
     ``trace(run, args, kwargs)`` returns the trace of a run at the param store's current theta. ``run(roots)``
-    must run the model with the messenger ``roots`` (a :class:`Roots`) innermost around its ``pyro.param``
-    calls and return the trace; it is called to record, to check the first replay, and whenever the
-    recording does not apply.
+    must run the model with each ``pyro.param`` value (and each point-estimated latent's) replaced by a
+    detached copy kept in the dict ``roots``, under its name, and return the trace; it is called to record,
+    to check the first replay, and whenever the recording does not apply.
     """
 
     def __init__(self) -> None:
@@ -277,9 +265,9 @@ class Replay:
         self.replays = 0  # runs served by a replay (for tests and profiles)
         self.seen = None  # the arguments of the last run: a recording is made when they come again
 
-    def trace(self, run: Callable[[Roots], Trace], args: tuple, kwargs: dict) -> Trace:
+    def trace(self, run: Callable[[Dict[str, torch.Tensor]], Trace], args: tuple, kwargs: dict) -> Trace:
         if self.off is not None:
-            return run(Roots())
+            return run({})
         key = (_signature(args), _signature(kwargs), torch.is_grad_enabled())
         rec = self.recording
         if rec is not None and rec.key == key and rec.refresh():
@@ -289,24 +277,24 @@ class Replay:
             return self._check(rec, run)
         if key != self.seen:  # arguments met for the first time (a batch of a stream, say): no recording yet
             self.seen, self.recording = key, None
-            return run(Roots())
+            return run({})
         return self._record(run, key)
 
-    def _record(self, run: Callable[[Roots], Trace], key) -> Trace:
-        roots = Roots()
-        recorder = _Recorder(roots.leaves)
+    def _record(self, run: Callable[[Dict[str, torch.Tensor]], Trace], key) -> Trace:
+        roots: Dict[str, torch.Tensor] = {}
+        recorder = _Recorder(roots)
         with recorder:
             tr = run(roots)
         self.recording = None
         if recorder.problem is not None:
             self.off = recorder.problem
         else:
-            self.recording = _Recording(key, tr, roots.leaves, recorder.ops)
+            self.recording = _Recording(key, tr, roots, recorder.ops)
         return self.recording.trace_copy() if self.recording is not None else tr
 
-    def _check(self, rec: _Recording, run: Callable[[Roots], Trace]) -> Trace:
+    def _check(self, rec: _Recording, run: Callable[[Dict[str, torch.Tensor]], Trace]) -> Trace:
         """The first replay against a real run at these parameters; the real run's trace is returned."""
-        real = run(Roots())
+        real = run({})
         if _same(rec.trace, real):
             rec.verified = rec.moved
         else:
