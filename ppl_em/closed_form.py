@@ -33,7 +33,9 @@ def summarize(plan: Plan, post, rows: int = 1) -> Statistics:
     sums: Dict[str, torch.Tensor] = {}
     for key, group in plan.groups.items():
         fn, x, w = view(post.trace.nodes[group.loc.site], post.weights[group.loc.site], group.loc.part)
-        for name, value in zip("NSM", group.sums.summarize(fn, x, w, group.cells, group.centre)):
+        ready = post.sums.get(group.loc.site) if not group.loc.part else None  # the E-step's own pass (fuse)
+        found = None if ready is None else group.sums.from_pass(ready, x, w, group.cells, group.centre)
+        for name, value in zip("NSM", found or group.sums.summarize(fn, x, w, group.cells, group.centre)):
             sums[f"{key}.{name}"] = value
     uses = [u for p in plan.closed if p not in plan.second_pass for u in plan.uses[p] if plan.in_group(u) is None]
     use_statistics(sums, uses, post.trace, post.weights, post.leaves)

@@ -202,6 +202,20 @@ class GaussianSums:
             return normal_sums(w, x, cells, c)
         return gaussian_sums(w, x, cells, c)
 
+    def from_pass(self, ready, x, w, cells, c) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """:meth:`summarize`'s (N, S, M) about ``c`` from the E-step's own sums (``ready``, a
+        :class:`ppl_em.posterior.FusedSums` about its centre c'), where they are these sums: the same Q (K, N)
+        over rows x (N, d), summed into cells (K, 1). S about c is S' - N (c - c'), M is :meth:`about`.
+        None elsewhere."""
+        same = w.shape == ready.weights.shape and w.stride() == ready.weights.stride() and \
+            w.data_ptr() == ready.weights.data_ptr()
+        if self.elementwise or not same or w.dim() != 2 or compact(x).dim() != 2 or tuple(cells) != (w.shape[0], 1):
+            return None
+        d = ready.s.shape[-1]
+        s = ready.s - ready.n.unsqueeze(-1) * (c - ready.c)
+        m = self.about(ready.n, ready.s, ready.m, ready.c, c)
+        return ready.n.reshape(cells), s.reshape(tuple(cells) + (d,)), m.reshape(tuple(cells) + (d, d))
+
     @staticmethod
     def mean(n, s, c):
         """(sum_i w^(i) x^(i), sum_i w^(i)) = (S + N c, N): the numerator and denominator of mu_j."""

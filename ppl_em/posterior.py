@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 from pyro.infer import config_enumerate
 from pyro.distributions.util import scale_and_mask
@@ -51,7 +52,8 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
 from . import chains
-from .fast import Replay, Workspace, broadcast_shape, compact, log_prob as fast_log_prob, new_table
+from .fast import (GaussianFeatures, Replay, Workspace, broadcast_shape, compact, log_prob as fast_log_prob,
+                   mvn_features, new_table, normalise_exp)
 from .chains import ChainTerms
 
 __all__ = ["Posterior", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
@@ -213,6 +215,7 @@ def trace_model(
     workspace: Optional[Workspace] = None,
     graph: bool = True,
     replay: Optional[Replay] = None,
+    defer: bool = False,
 ) -> Tuple[Trace, Dict[str, torch.Tensor]]:
     """Run the model once under parallel enumeration.
 
@@ -227,7 +230,9 @@ def trace_model(
     that its log-probability is differentiable in (the E-step's probes). The leaves include the
     values of point-estimated global latents, under their site names. ``workspace`` lends the fast
     paths their chunk-sized tables. ``replay`` (:class:`ppl_em.fast.Replay`) replays the model's run instead of
-    running it, where no parameter leaves and no graph are asked for.
+    running it, where no parameter leaves and no graph are asked for. ``defer`` (with ``"value"``) leaves a
+    multivariate normal's log-density table to the posterior's pass over the rows (``site["_features"]``, a
+    :class:`ppl_em.fast.GaussianFeatures`; see :func:`exact_posterior`), where no site is masked.
     """
     if replay is not None and not leaf_params and not (graph and torch.is_grad_enabled()):
         tr = replay.trace(lambda roots: _run_model(model, structure, args, kwargs, _LeafParams(False, roots), False),
@@ -239,7 +244,7 @@ def trace_model(
         leaves = getattr(handler, "leaves", {})
     if log_prob != "none":
         with torch.set_grad_enabled(log_prob == "grad" and torch.is_grad_enabled()):
-            _compute_log_prob(tr, probes=log_prob == "value", workspace=workspace)
+            _compute_log_prob(tr, probes=log_prob == "value", workspace=workspace, defer=defer and log_prob == "value")
         tr.pack_tensors()
         mark_connected(tr)
     return tr, leaves
@@ -260,22 +265,47 @@ def _run_model(model: Callable, structure: ModelStructure, args: tuple, kwargs: 
     return prune_subsample_sites(tr)
 
 
-def _compute_log_prob(tr: Trace, probes: bool = False, workspace: Optional[Workspace] = None) -> None:
+def _compute_log_prob(tr: Trace, probes: bool = False, workspace: Optional[Workspace] = None,
+                      defer: bool = False) -> None:
     """``Trace.compute_log_prob``, with the fast paths of :func:`ppl_em.fast.log_prob` and
-    :mod:`ppl_em.chains` (with ``probes``, a chain's tables become leaves it is differentiable in)."""
-    for site in sample_sites(tr):
+    :mod:`ppl_em.chains` (with ``probes``, a chain's tables become leaves it is differentiable in).
+    ``defer``: see :func:`trace_model`."""
+    sites = sample_sites(tr)
+    defer = defer and all(s["mask"] is None or s["mask"] is True for s in sites)  # mark_connected reads every table
+    for site in sites:
         if "log_prob" not in site and not site["args"] and not site["kwargs"]:
             if chains.is_chain(site["fn"]):
                 log_p = _chain_log_prob(site, probes)
             else:
+                features = mvn_features(site["fn"], site["value"]) if defer and type(site["fn"]) is dist.MultivariateNormal else None
+                if features is not None:
+                    site["_features"] = features
+                    continue
                 log_p = fast_log_prob(site["fn"], site["value"], workspace)
                 if not torch.is_grad_enabled():  # Pyro's Categorical returns a view of its (graph-carrying) logits
                     log_p = log_p.detach()
-            site["unscaled_log_prob"] = log_p
-            site["log_prob"] = scale_and_mask(log_p, site["scale"], site["mask"])
-            if not probes:  # an E-step's trace never reads it (Trace.log_prob_sum recomputes it on demand)
-                site["log_prob_sum"] = site["log_prob"].sum()
-    tr.compute_log_prob()  # whatever is left (sites with extra log_prob arguments)
+            _set_log_prob(site, log_p, probes)
+    tr.compute_log_prob(lambda name, site: "_features" not in site)  # whatever is left (sites with extra log_prob arguments)
+
+
+def _set_log_prob(site: dict, log_p: torch.Tensor, probes: bool = True, tr: Optional[Trace] = None) -> None:
+    """A site's log-probability entries; with ``tr``, packed as ``Trace.pack_tensors`` packs them."""
+    site["unscaled_log_prob"] = log_p
+    site["log_prob"] = scale_and_mask(log_p, site["scale"], site["mask"])
+    if not probes:  # an E-step's trace never reads it (Trace.log_prob_sum recomputes it on demand)
+        site["log_prob_sum"] = site["log_prob"].sum()
+    if tr is not None:
+        symbols = site["infer"]["_dim_to_symbol"]
+        site["packed"].update(log_prob=packed.pack(site["log_prob"], symbols),
+                              unscaled_log_prob=packed.pack(log_p, symbols))
+
+
+def _materialise(tr: Trace, workspace: Optional[Workspace] = None) -> None:
+    """The log-density tables that :func:`trace_model` deferred (``defer``) and no fused pass took, computed
+    on their own, for every other use of the trace."""
+    for site in sample_sites(tr):
+        if site.pop("_features", None) is not None:
+            _set_log_prob(site, fast_log_prob(site["fn"], site["value"], workspace), tr=tr)
 
 
 def _chain_log_prob(site: dict, probes: bool) -> torch.Tensor:
@@ -424,7 +454,7 @@ def _contract(tr: Trace, probes: Dict[str, torch.Tensor], ring) -> torch.Tensor:
     return contract_to_tensor(tree, sum_dims, target_ordinal=frozenset(), ring=ring)
 
 
-def _one_latent_posterior(tr: Trace, scale: float, workspace: Optional[Workspace] = None) -> Optional[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+def _one_latent_posterior(tr: Trace, scale: float, workspace: Optional[Workspace] = None):
     """The probe gradients in closed form, for the commonest structure: one enumerated latent z^(i)
     per data point and every site in the same plates (a mixture). Then
 
@@ -432,23 +462,102 @@ def _one_latent_posterior(tr: Trace, scale: float, workspace: Optional[Workspace
         w_j^(i) = exp(sum_s log p_s(x^(i), j) - log p(x^(i)))   (the responsibilities),
 
     which is what the general contraction and its backward pass compute, in a few passes over
-    the (k, n) table instead of a log-einsum and autograd. None for any other structure.
+    the (k, n) table instead of a log-einsum and autograd. Returns (log p(x), the weights, the sums of a
+    fused pass (see :func:`_fused_pass`)); None for any other structure.
     """
     sites = [s for s in sample_sites(tr) if not s["infer"].get("_map_site")]
     latents = [s for s in sites if s["infer"].get("_enumerate_dim") is not None]
     if len(latents) != 1 or len({_ordinal(tr, s) for s in sites}) != 1 or any("chain_terms" in s for s in sites):
         return None
     dim = latents[0]["infer"]["_enumerate_dim"]
-    terms = {s["name"]: masked_log_prob(s, fill=_masked_fill_value(s, LogRing())) for s in sites}
-    post, lse = _sum_and_normalise(list(terms.values()), dim, workspace)
+    fused = _fused_pass(tr, sites, dim, workspace)
+    if fused is None:
+        _materialise(tr, workspace)
+        post, lse = _sum_and_normalise([masked_log_prob(s, fill=_masked_fill_value(s, LogRing())) for s in sites],
+                                       dim, workspace)
+    else:
+        post, lse = fused[:2]
     if scale != 1.0:
         post = post * scale
     weights = {s["name"]: torch.ones_like(masked_log_prob(s)) for s in sample_sites(tr) if s["infer"].get("_map_site")}
     for site in sites:
-        w = post.sum_to_size(terms[site["name"]].shape).to(terms[site["name"]].dtype)
+        term = masked_log_prob(site, fill=_masked_fill_value(site, LogRing()))
+        w = post.sum_to_size(term.shape).to(term.dtype)
         # A masked position has no factor, so its probe has no gradient (see masked_log_prob).
         weights[site["name"]] = masked_log_prob(dict(site, unscaled_log_prob=w))
-    return lse.sum() * scale, weights
+    sums = {}
+    if fused is not None:
+        name, features, n, packed_sums = fused[2:]
+        n, s_c, m_c = features.moments(n * scale, packed_sums * scale)
+        sums[name] = FusedSums(weights[name], features.c, n, s_c, m_c)
+    return lse.sum() * scale, weights, sums
+
+
+@dataclass
+class FusedSums:
+    """A Gaussian site's weighted sums from the E-step's own pass over the rows (:func:`_fused_pass`):
+    N_z = sum_i w_z^(i) (K,), S_z = sum_i w_z^(i) (x^(i) - c) (K, d), M_z = sum_i w_z^(i) (x^(i) - c)(x^(i) - c)^T
+    (K, d, d) about the centre c (d,), with w = ``weights`` (K, N), the site's Q."""
+
+    weights: torch.Tensor
+    c: torch.Tensor
+    n: torch.Tensor
+    s: torch.Tensor
+    m: torch.Tensor
+
+
+def _fused_pass(tr: Trace, sites: List[dict], dim: int, workspace: Optional[Workspace]):
+    """Q(z), log p(x) and one Gaussian site's weighted sums in one pass over the rows, where
+    :func:`trace_model` left that site's log-density table to the posterior (``defer``) and its table
+    lays its K components along the enumerated ``dim`` and the rows after it, the other factors' tables
+    either broadcast over the rows or lie like it (:meth:`ppl_em.fast.GaussianFeatures.posterior_sums`:
+    the sufficient statistics T(x - c) of each block of rows serve the log-densities and the M-step's sums
+    while in cache, where building them again for the sums costs a pass over the data).
+
+    Returns (Q, log p(x^(i)) in the table's layout, the site's name, its GaussianFeatures, N, the packed
+    sums), the site's log-probability entries filled; None where it does not apply.
+    """
+    deferred = [s for s in sites if "_features" in s]
+    if len(deferred) != 1:
+        return None
+    site = deferred[0]
+    features: GaussianFeatures = site["_features"]
+    (k, rows), shape = features.shape, features.laid_out(torch.empty(features.shape, device="meta")).shape
+    laid = torch.empty(shape, device="meta")
+    if not shape or shape[dim] != k or k * rows != laid.numel() or laid.stride(dim) != rows:
+        return None
+    others = []
+    for other in sites:
+        if other is not site:
+            table = _as_columns(masked_log_prob(other, fill=_masked_fill_value(other, LogRing())), shape, dim, k, rows)
+            if table is None:
+                return None
+            others.append(table)
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in others], features.dtype)
+    log_density = new_table(workspace, features.shape, features.dtype, features.c.device)
+    total = new_table(workspace, features.shape, dtype, features.c.device)
+    out = features.posterior_sums(others, log_density, total)
+    if out is None:
+        return None
+    lse, n, packed_sums = out
+    del site["_features"]
+    _set_log_prob(site, features.laid_out(log_density), tr=tr)
+    lse_shape = shape[:dim % len(shape)] + (1,) + shape[dim % len(shape) + 1:]
+    return total.reshape(shape), lse.reshape(lse_shape), site["name"], features, n, packed_sums
+
+
+def _as_columns(t: torch.Tensor, shape, dim: int, k: int, rows: int) -> Optional[torch.Tensor]:
+    """A factor's table as (k, rows) or a (k, 1) / (1, 1) column broadcast over the rows, in the layout
+    of a (k, rows) table laid out as ``shape`` (k along ``dim``); None for any other."""
+    if broadcast_shape(t.shape, shape) != shape:
+        return None
+    if t.shape == shape and t.is_contiguous():
+        return t.reshape(k, rows)
+    small = compact(t)
+    sizes = (1,) * (len(shape) - small.dim()) + tuple(small.shape)
+    if all(size == 1 for i, size in enumerate(sizes) if i != dim % len(shape)):
+        return small.reshape(-1, 1)
+    return None
 
 
 # Columns per block when the posterior table is summed and normalised: a block of about 2 MB stays in
@@ -460,7 +569,7 @@ BLOCK_ELEMENTS = 2**18
 def _sum_and_normalise(terms: List[torch.Tensor], dim: int,
                        workspace: Optional[Workspace] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(Q, lse): the sites' log-probability tables summed (broadcast) into log p(x, z), then
-    normalised along the enumerated ``dim`` (:func:`_normalise_exp`). The sum goes into a table of
+    normalised along the enumerated ``dim`` (:func:`ppl_em.fast.normalise_exp`). The sum goes into a table of
     its own (from the streaming pass's :class:`ppl_em.fast.Workspace`), block by block
     of columns where the normalised dim is not the last; every column's arithmetic is the same either way.
 
@@ -469,10 +578,10 @@ def _sum_and_normalise(terms: List[torch.Tensor], dim: int,
     densest term's layout, as torch.add would.
     """
     if len(terms) == 1:
-        return _normalise_exp(terms[0], dim)
+        return normalise_exp(terms[0], dim)
     terms = sorted(terms, key=lambda t: -compact(t).numel())
     if any(t.requires_grad for t in terms) and torch.is_grad_enabled():
-        return _normalise_exp(functools.reduce(torch.add, terms), dim, in_place=True)
+        return normalise_exp(functools.reduce(torch.add, terms), dim, in_place=True)
     shape = functools.reduce(broadcast_shape, (t.shape for t in terms))
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in terms))
     stride = torch.empty_like(terms[0], device="meta").stride() if terms[0].shape == shape else None
@@ -480,12 +589,12 @@ def _sum_and_normalise(terms: List[torch.Tensor], dim: int,
     n = shape[-1] if shape else 1
     step = max(1, BLOCK_ELEMENTS // max(1, total.numel() // max(1, n)))
     if dim % len(shape) == len(shape) - 1 or total.stride(-1) != 1 or step >= n:
-        return _normalise_exp(_add_into(terms, total), dim, in_place=True)
+        return normalise_exp(_add_into(terms, total), dim, in_place=True)
     lse = torch.empty(shape[:dim % len(shape)] + (1,) + shape[dim % len(shape) + 1:], dtype=dtype, device=total.device)
     for start in range(0, n, step):
         cols = slice(start, start + step)
         block = _add_into([t[..., cols] if t.dim() and t.shape[-1] == n else t for t in terms], total[..., cols])
-        lse[..., cols] = _normalise_exp(block, dim, in_place=True)[1]
+        lse[..., cols] = normalise_exp(block, dim, in_place=True)[1]
     return total, lse
 
 
@@ -494,23 +603,6 @@ def _add_into(terms: List[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     for t in terms[2:]:
         out.add_(t)
     return out
-
-
-def _normalise_exp(total: torch.Tensor, dim: int, in_place: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(exp(total - lse), lse) with lse = log sum_j exp(total_j) along ``dim`` (kept), as
-    ``torch.logsumexp`` computes it (about the maximum), in three passes over the table: the
-    maximum, one exponential that serves both, and the division in place. ``in_place``: the
-    result overwrites ``total``."""
-    top = total.amax(dim, keepdim=True)
-    top = top.masked_fill(~torch.isfinite(top), 0.0)  # all -inf (or an inf): as logsumexp does
-    shifted = total.sub_(top) if in_place else torch.sub(total, top)
-    if torch.finfo(shifted.dtype).bits < 64:
-        # exp below log(tiny) (-87.3 in float32, common once clusters are tight) would be a subnormal
-        # number, which the CPU handles many times slower: flush those weights (< 1.2e-38) to 0.
-        shifted.masked_fill_(shifted < math.log(torch.finfo(shifted.dtype).tiny), -math.inf)
-    post = shifted.exp_()
-    norm = post.sum(dim, keepdim=True)
-    return post.div_(norm), norm.log_().add_(top)
 
 
 @dataclass
@@ -536,6 +628,9 @@ class Posterior:
         The enumerated model trace the posterior was computed from.
     mode : str
         ``"exact"`` or ``"hard"``.
+    sums : dict of str to FusedSums
+        For a Gaussian site whose log-densities, Q(z) and weighted sums were computed in one pass over
+        the rows (see :func:`exact_posterior`'s ``fuse``), those sums; the M-step's statistics take them.
     """
 
     log_evidence: torch.Tensor
@@ -545,6 +640,7 @@ class Posterior:
     trace: Trace
     mode: str = "exact"
     leaves: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    sums: Dict[str, "FusedSums"] = field(default_factory=dict, repr=False)
 
     @property
     def enumerated_sites(self) -> List[str]:
@@ -642,7 +738,7 @@ class Posterior:
 @torch.enable_grad()
 def exact_posterior(
     model: Callable, structure: ModelStructure, args: tuple, kwargs: dict, mode: str = "exact",
-    workspace: Optional[Workspace] = None, leaves: bool = True, replay: Optional[Replay] = None,
+    workspace: Optional[Workspace] = None, leaves: bool = True, replay: Optional[Replay] = None, fuse: bool = True,
 ) -> Posterior:
     """The E-step. See the module docstring for the probe-gradient mechanism.
 
@@ -662,14 +758,21 @@ def exact_posterior(
         parameters (``Posterior.leaves``, for the M-step plan); without, the model runs without a graph.
     replay : ppl_em.fast.Replay, optional
         Replays the model's run (without leaves) instead of running the model (:mod:`ppl_em.fast.replay`).
+    fuse : bool
+        For a mixture (one latent per data point) observed under a multivariate normal whose log-density
+        takes the GEMM form: compute the log-densities, Q(z) and the site's weighted sums (``Posterior.sums``,
+        which the M-step's statistics take) in one pass over the rows (:func:`_fused_pass`); the same
+        numbers, to rounding, as without.
     """
     tr, leaves = trace_model(model, structure, args, kwargs, log_prob="value", workspace=workspace,
-                             leaf_params=leaves, graph=leaves, replay=replay)
+                             leaf_params=leaves, graph=leaves, replay=replay, defer=fuse and mode == "exact" and not leaves)
     sites = sample_sites(tr)
     scale = _common_scale(tr)
     single = _one_latent_posterior(tr, scale, workspace) if mode == "exact" else None
+    _materialise(tr, workspace)  # whatever the posterior's pass did not take
+    sums = {}
     if single is not None:
-        log_z, weights = single
+        log_z, weights, sums = single
         objective = log_z
     else:
         probes = {s["name"]: torch.zeros_like(masked_log_prob(s)).requires_grad_() for s in sites}
@@ -699,4 +802,5 @@ def exact_posterior(
         trace=tr,
         mode=mode,
         leaves=leaves,
+        sums=sums,
     )

@@ -16,14 +16,15 @@ fewer operations.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
-from .tensors import broadcast_shape, compact, overlap, reduce_product
+from .tensors import broadcast_shape, compact, normalise_exp, overlap, reduce_product
 from .workspace import Workspace, new_table
 
-__all__ = ["centre", "sufficient_stats", "gaussian_sums", "normal_sums", "mvn_log_prob", "diag_normal_log_prob",
+__all__ = ["centre", "sufficient_stats", "gaussian_sums", "normal_sums", "mvn_log_prob", "mvn_features",
+           "GaussianFeatures", "diag_normal_log_prob",
            "FEATURE_ELEMENTS"]
 
 # Elements of T(x - c) per block: 4 MB in float64.
@@ -126,22 +127,44 @@ def mvn_log_prob(fn, value: torch.Tensor, ws: Optional[Workspace]) -> Optional[t
     (mu_z, Sigma_z for the k states; x^(i) for the data points): the Mahalanobis terms
     ||L_z^{-1} (x^(i) - mu_z)||^2 for all (z, i) from GEMMs instead of k * n triangular solves.
     None where parameters and data share a dimension."""
+    parts = _mvn_parts(fn, value)
+    if parts is None:
+        return None  # parameters and data vary along a common dimension: no shared GEMM
+    x, inv, mu, log_norm, layout = parts
+    d = x.shape[-1]
+    small = mu.shape[0] * x[..., 0].numel() <= WHITEN_PAIRS
+    out = None if small else GaussianFeatures(x, inv, mu, log_norm, layout).table(ws)
+    if out is None:
+        out = -0.5 * _maha_by_whitening(x.reshape(-1, d), inv, mu).T.to(log_norm.dtype) - log_norm  # (K, N)
+    return broadcast_layout(out, *layout)
+
+
+def mvn_features(fn, value: torch.Tensor) -> Optional["GaussianFeatures"]:
+    """``fn.log_prob(value)`` of a multivariate normal as a :class:`GaussianFeatures`, not yet computed,
+    where :func:`mvn_log_prob` would compute it in that form (a table larger than ``WHITEN_PAIRS``, no
+    gradient asked for); None elsewhere."""
+    parts = _mvn_parts(fn, value)
+    if parts is None or parts[2].shape[0] * parts[0][..., 0].numel() <= WHITEN_PAIRS:
+        return None
+    features = GaussianFeatures(*parts)
+    return None if torch.is_grad_enabled() and (features.coef.requires_grad or features.const.requires_grad) else features
+
+
+def _mvn_parts(fn, value: torch.Tensor):
+    """(x, L^{-1} (K, d, d), mu (K, d), log_norm (K, 1), layout) of ``fn.log_prob(value)``; None where
+    parameters and data vary along a common dimension."""
     loc, tril = compact(fn.loc), fn._unbroadcasted_scale_tril
     x = compact(value)
     d = loc.shape[-1]
     params = broadcast_shape(loc.shape[:-1], tril.shape[:-2])
     if x.shape[-1] != d or overlap(params, x.shape[:-1]):
-        return None  # parameters and data vary along a common dimension: no shared GEMM
+        return None
     eye = torch.eye(d, dtype=tril.dtype, device=tril.device)
     inv = torch.linalg.solve_triangular(tril.expand(params + (d, d)), eye, upper=False).reshape(-1, d, d)
     mu = loc.expand(params + (d,)).reshape(-1, d)  # (K, d)
     half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1).expand(params).reshape(-1, 1)
     log_norm = 0.5 * d * math.log(2 * math.pi) + half_log_det  # (K, 1)
-    small = mu.shape[0] * x[..., 0].numel() <= WHITEN_PAIRS
-    out = None if small else _log_density_by_features(x, inv, mu, log_norm, ws)
-    if out is None:
-        out = -0.5 * _maha_by_whitening(x.reshape(-1, d), inv, mu).T.to(log_norm.dtype) - log_norm  # (K, N)
-    return broadcast_layout(out, params, x.shape[:-1], broadcast_shape(fn.batch_shape, value.shape[:-1]))
+    return x, inv, mu, log_norm, (params, x.shape[:-1], broadcast_shape(fn.batch_shape, value.shape[:-1]))
 
 
 def diag_normal_log_prob(base, value: torch.Tensor) -> Optional[torch.Tensor]:
@@ -201,37 +224,102 @@ def _maha_by_whitening(rows: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor) 
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _log_density_by_features(x: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor, log_norm: torch.Tensor,
-                             ws: Optional[Workspace] = None) -> Optional[torch.Tensor]:
-    """log N(x | mu_z, Sigma_z) = -(1/2) (x - mu_z)^T P_z (x - mu_z) - log_norm_z for all (z, row),
-    P_z = Sigma_z^{-1}, as <T(x - c), eta_z> + const_z: the exponential-family form, one
-    (K, q + d) x (q + d, B) product per block of B rows with their sufficient statistics about
-    a centre c amid the data (:func:`sufficient_stats`). (K, N). None where cancellation could cost
-    accuracy: a bound on |x - c|^2 ||P_z|| must stay below 1e6 (the whitened form is used there instead)."""
-    d = x.shape[-1]
-    rows = x.reshape(-1, d)
-    c = centre(rows)
-    inv = inv.to(c.dtype)
-    p_norm = float(inv.detach().square().sum((-1, -2)).max())
-    precision = inv.transpose(-1, -2) @ inv  # (K, d, d)
-    lc = mu.to(c.dtype) - c.reshape(1, d)  # (K, d)
-    i, j = torch.triu_indices(d, d, device=c.device)
-    quad = precision[:, i, j] * torch.where(i == j, -0.5, -1.0).to(c.dtype)  # (K, q): -(1/2) x^T P x, packed
-    plc = (precision @ lc.unsqueeze(-1)).squeeze(-1)  # (K, d): the linear term x^T P (mu - c)
-    const = -0.5 * (plc * lc).sum(-1, keepdim=True) - log_norm.to(c.dtype)  # (K, 1)
-    coef = torch.cat([quad, plc], -1)  # (K, q + d)
-    grad = torch.is_grad_enabled() and (coef.requires_grad or const.requires_grad)
-    out = None if grad else new_table(ws, (coef.shape[0], rows.shape[0]), log_norm.dtype, c.device)
-    step, parts = _feature_rows(d), []
-    for start in range(0, rows.shape[0], step):
-        stats = sufficient_stats(rows[start:start + step], c)
-        cols = stats[-d:]  # max_i |x - c|^2 <= sum_a max_i (x_a - c_a)^2
-        if float(torch.maximum(cols.amax(1), -cols.amin(1)).square().sum()) * p_norm > 1e6:
+class GaussianFeatures:
+    """log N(x^(i) | mu_z, Sigma_z) = -(1/2) (x - mu_z)^T P_z (x - mu_z) - log_norm_z for all (z, row),
+    P_z = Sigma_z^{-1}, as <T(x^(i) - c), eta_z> + const_z: the exponential-family form, one
+    (K, q + d) x (q + d, B) product per block of B rows with their sufficient statistics about a
+    centre c amid the data (:func:`sufficient_stats`), not yet computed.
+
+    :meth:`table` computes the (K, N) table. :meth:`posterior_sums` computes it in one pass with what a
+    mixture's EM makes of it, Q(z) and the M-step's weighted sums of the same T blocks while they are in
+    cache (instead of building T again for the sums). Both give None where cancellation could cost
+    accuracy: a bound on |x - c|^2 ||P_z|| must stay below 1e6 (the whitened form is used there instead).
+
+    ``layout`` (parameter batch shape, data batch shape, batch shape) says how a (K, N) table is laid
+    out as the site's log-probability (:func:`broadcast_layout`).
+    """
+
+    def __init__(self, x: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor, log_norm: torch.Tensor, layout=None):
+        d = x.shape[-1]
+        self.rows = x.reshape(-1, d)  # (N, d)
+        self.c = c = centre(self.rows)
+        inv = inv.to(c.dtype)
+        self.p_norm = float(inv.detach().square().sum((-1, -2)).max())
+        precision = inv.transpose(-1, -2) @ inv  # (K, d, d)
+        lc = mu.to(c.dtype) - c.reshape(1, d)  # (K, d)
+        i, j = torch.triu_indices(d, d, device=c.device)
+        quad = precision[:, i, j] * torch.where(i == j, -0.5, -1.0).to(c.dtype)  # (K, q): -(1/2) x^T P x, packed
+        plc = (precision @ lc.unsqueeze(-1)).squeeze(-1)  # (K, d): the linear term x^T P (mu - c)
+        self.const = -0.5 * (plc * lc).sum(-1, keepdim=True) - log_norm.to(c.dtype)  # (K, 1)
+        self.coef = torch.cat([quad, plc], -1)  # (K, q + d)
+        self.dtype, self.layout = log_norm.dtype, layout
+        self.shape = (self.coef.shape[0], self.rows.shape[0])  # (K, N)
+
+    def laid_out(self, table: torch.Tensor) -> torch.Tensor:
+        """A (K, N) table in the site's layout."""
+        return broadcast_layout(table, *self.layout)
+
+    def _block(self, start: int, stop: int) -> Optional[torch.Tensor]:
+        """T(x - c) (q + d, B) of rows start:stop; None where the form could cancel away digits there."""
+        stats = sufficient_stats(self.rows[start:stop], self.c)
+        cols = stats[-self.rows.shape[-1]:]  # max_i |x - c|^2 <= sum_a max_i (x_a - c_a)^2
+        if float(torch.maximum(cols.amax(1), -cols.amin(1)).square().sum()) * self.p_norm > 1e6:
             return None
-        if grad:  # a gradient M-step differentiates through the blocks (out= cannot)
-            parts.append(torch.addmm(const, coef, stats))
-        elif out.dtype == c.dtype:
-            torch.addmm(const, coef, stats, out=out[:, start:start + step])
+        return stats
+
+    def _log_density(self, stats: torch.Tensor, out: torch.Tensor) -> None:
+        if out.dtype == self.c.dtype:
+            torch.addmm(self.const, self.coef, stats, out=out)
         else:  # float32 data: the float64 block is rounded while still in cache
-            out[:, start:start + step].copy_(torch.addmm(const, coef, stats))
-    return torch.cat(parts, 1).to(log_norm.dtype) if grad else out
+            out.copy_(torch.addmm(self.const, self.coef, stats))
+
+    def table(self, ws: Optional[Workspace] = None) -> Optional[torch.Tensor]:
+        """The (K, N) table of log-densities (differentiable where the coefficients carry a graph)."""
+        grad = torch.is_grad_enabled() and (self.coef.requires_grad or self.const.requires_grad)
+        out = None if grad else new_table(ws, self.shape, self.dtype, self.c.device)
+        step, parts = _feature_rows(self.rows.shape[-1]), []
+        for start in range(0, self.shape[1], step):
+            stats = self._block(start, start + step)
+            if stats is None:
+                return None
+            if grad:  # a gradient M-step differentiates through the blocks (out= cannot)
+                parts.append(torch.addmm(self.const, self.coef, stats))
+            else:
+                self._log_density(stats, out[:, start:start + step])
+        return torch.cat(parts, 1).to(self.dtype) if grad else out
+
+    def posterior_sums(self, others: List[torch.Tensor], log_density: torch.Tensor, total: torch.Tensor):
+        """One pass over the rows, block by block: the log-densities into ``log_density`` (K, N); their sum
+        with the ``others`` ((K, N) tables or (K, 1) and (1, 1) columns that broadcast over the rows) into
+        ``total`` (K, N), normalised along K in place into Q_z^(i) (:func:`ppl_em.fast.normalise_exp`); and the
+        block's weighted sums N_z = sum_i Q_z^(i), [M_z, S_z] = sum_i Q_z^(i) T(x^(i) - c).
+
+        Returns (log p(x^(i)) (1, N), N (K,), the packed sums (K, q + d), in c's dtype); or None, with the
+        tables part-written, where the form could cancel away digits (see the class).
+        """
+        step = max(64, _feature_rows(self.rows.shape[-1]) // 2)  # measured: half the block of table()
+        lse = torch.empty((1, self.shape[1]), dtype=total.dtype, device=total.device)
+        n = sums = None
+        for start in range(0, self.shape[1], step):
+            cols = slice(start, start + step)
+            stats = self._block(start, start + step)
+            if stats is None:
+                return None
+            block, q = log_density[:, cols], total[:, cols]
+            self._log_density(stats, block)
+            if not others:
+                q.copy_(block)
+            for i, t in enumerate(others):
+                t = t[:, cols] if t.shape[-1] != 1 else t
+                torch.add(block, t, out=q) if i == 0 else q.add_(t)
+            lse[:, cols] = normalise_exp(q, 0, in_place=True)[1]
+            w = q.to(self.c.dtype)
+            part_n, part = w.sum(-1), torch.mm(w, stats.T)
+            n, sums = (part_n, part) if sums is None else (n.add_(part_n), sums.add_(part))
+        return lse, n, sums
+
+    def moments(self, n: torch.Tensor, sums: torch.Tensor):
+        """(N (K,), S (K, d), M (K, d, d)) about c from :meth:`posterior_sums`'s N and packed sums."""
+        d = self.rows.shape[-1]
+        return n, sums[:, -d:], _unpack_symmetric(sums[:, :-d], d)
+

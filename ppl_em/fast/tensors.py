@@ -8,7 +8,7 @@ from typing import List, Tuple
 
 import torch
 
-__all__ = ["broadcast_shape", "compact", "overlap", "reduce_product"]
+__all__ = ["broadcast_shape", "compact", "normalise_exp", "overlap", "reduce_product"]
 
 
 def broadcast_shape(a: Tuple[int, ...], b: Tuple[int, ...]) -> torch.Size:
@@ -84,3 +84,20 @@ def _plain_sum(t: torch.Tensor, shape: torch.Size) -> bool:
     if len(shape) > t.dim() or any(st == 0 and sz > 1 for sz, st in zip(t.shape, t.stride())):
         return False
     return all(s in (1, n) for s, n in zip(shape, t.shape[t.dim() - len(shape):]))
+
+
+def normalise_exp(total: torch.Tensor, dim: int, in_place: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(exp(total - lse), lse) with lse = log sum_j exp(total_j) along ``dim`` (kept), as
+    ``torch.logsumexp`` computes it (about the maximum), in three passes over the table: the
+    maximum, one exponential that serves both, and the division in place. ``in_place``: the
+    result overwrites ``total``."""
+    top = total.amax(dim, keepdim=True)
+    top = top.masked_fill(~torch.isfinite(top), 0.0)  # all -inf (or an inf): as logsumexp does
+    shifted = total.sub_(top) if in_place else torch.sub(total, top)
+    if torch.finfo(shifted.dtype).bits < 64:
+        # exp below log(tiny) (-87.3 in float32, common once clusters are tight) would be a subnormal
+        # number, which the CPU handles many times slower: flush those weights (< 1.2e-38) to 0.
+        shifted.masked_fill_(shifted < math.log(torch.finfo(shifted.dtype).tiny), -math.inf)
+    post = shifted.exp_()
+    norm = post.sum(dim, keepdim=True)
+    return post.div_(norm), norm.log_().add_(top)
