@@ -1,0 +1,165 @@
+"""The E-step's one pass over the rows for a Gaussian mixture (``exact_posterior(..., fuse=True)``):
+the log-densities log N(x^(i) | mu_z, Sigma_z), Q(z) and the M-step's sums N_z, S_z, M_z from the
+same blocks of sufficient statistics.
+
+Oracles: the same E-step with ``fuse=False`` (the log-densities, Q(z) and the sums each a pass of
+their own), on models written the ways users write them; scikit-learn's trajectory for whole EM
+runs. The tables are made small enough here (``WHITEN_PAIRS``, ``FEATURE_ELEMENTS``) that the GEMM
+form and several blocks are used on Old Faithful's 272 rows. Where the pass does not apply (a mask,
+hard EM, parameter leaves, two Gaussian sites, a form that would cancel digits), the E-step must be
+the unfused one.
+"""
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from torch.distributions import constraints
+
+import ppl_em
+from ppl_em import closed_form
+from ppl_em.fast import gaussian as fast_gaussian
+from ppl_em.models import gmm
+from ppl_em.posterior import exact_posterior
+
+from test_idioms import MU0, _sklearn, make_model, vindex_style
+
+D = torch.float64
+X = ppl_em.datasets.load_old_faithful()
+N = X.shape[0]
+
+
+@pytest.fixture(autouse=True)
+def gemm_form_in_blocks(monkeypatch):
+    monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)  # the exponential-family GEMM form at any size
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 128 * 5)  # d = 2: 5 features; 64-row blocks
+
+
+def two_views(x, counts):
+    """Each point seen twice, as a Gaussian position and as Poisson counts: a second factor per row and z."""
+    phi = pyro.param("phi", torch.full((2,), 0.5, dtype=D), constraint=constraints.simplex)
+    mu = pyro.param("mu", MU0.clone())
+    cov = pyro.param("cov", torch.cov(X.T).expand(2, 2, 2).clone(), constraint=constraints.positive_definite)
+    rate = pyro.param("rate", torch.tensor([2.0, 6.0], dtype=D), constraint=constraints.positive)
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Categorical(phi), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.MultivariateNormal(mu[z], cov[z]), obs=x)
+        pyro.sample("counts", dist.Poisson(rate[z]), obs=counts)
+
+
+def two_gaussians(x):
+    """Two Gaussian observations of each point under the same z: two deferred tables, no fused pass."""
+    phi = pyro.param("phi", torch.full((2,), 0.5, dtype=D), constraint=constraints.simplex)
+    mu = pyro.param("mu", MU0.clone())
+    nu = pyro.param("nu", MU0.flip(0).clone())
+    cov = pyro.param("cov", torch.cov(X.T).expand(2, 2, 2).clone(), constraint=constraints.positive_definite)
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Categorical(phi), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.MultivariateNormal(mu[z], cov[z]), obs=x)
+        pyro.sample("y", dist.MultivariateNormal(nu[z], cov[z]), obs=x.flip(-1))
+
+
+def masked(x):
+    """The first ten rows masked out of the likelihood (poutine.mask)."""
+    keep = torch.arange(x.shape[0]) >= 10
+    with poutine.mask(mask=keep):
+        gmm.model(x, 2)
+
+
+COUNTS = torch.distributions.Poisson((X[:, 0] > 3.0).to(D) * 4 + 2).sample()
+FUSED = {
+    "gmm model file": (gmm.model, (X, 3)),
+    "gmm, float32 data": (gmm.model, (X.float(), 3)),
+    "scale_tril": (make_model("scale_tril", "full"), (X,)),
+    "precision_matrix, logits": (make_model("precision_matrix", "full", weights="logits"), (X,)),
+    "tied covariance": (make_model("covariance_matrix", "tied"), (X,)),
+    "Vindex, config_enumerate": (vindex_style, (X,), "obs"),
+    "a second factor per row (Poisson counts)": (two_views, (X, COUNTS)),
+    "poutine.scale": (poutine.scale(gmm.model, scale=2.5), (X, 2)),
+}
+UNFUSED = {
+    "two Gaussian sites": (two_gaussians, (X,), {}),
+    "poutine.mask": (masked, (X,), {}),
+    "hard EM": (gmm.model, (X, 2), {"mode": "hard"}),
+    "parameter leaves": (gmm.model, (X, 2), {"leaves": True}),
+}
+
+
+def _planned(model, args):
+    """An EM object whose plan and structure are made (one step from a cleared param store)."""
+    pyro.clear_param_store()
+    em = ppl_em.EM(model)
+    em.step(*args)
+    return em
+
+
+def _assert_same_e_step(em, args, **options):
+    """exact_posterior with and without the fused pass: the same log p(x), Q(z), tables and statistics.
+    Returns the fused posterior."""
+    fused = exact_posterior(em.model, em.structure, args, {}, leaves=options.pop("leaves", False), **options)
+    plain = exact_posterior(em.model, em.structure, args, {}, leaves=fused.leaves != {}, fuse=False, **options)
+    assert plain.sums == {}
+    torch.testing.assert_close(fused.log_evidence, plain.log_evidence, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fused.objective, plain.objective, rtol=1e-12, atol=0)
+    assert fused.weights.keys() == plain.weights.keys()
+    for site, w in plain.weights.items():
+        torch.testing.assert_close(fused.weights[site], w, rtol=1e-10, atol=1e-12)
+    for name, node in plain.trace.nodes.items():
+        if node["type"] == "sample":
+            other = fused.trace.nodes[name]
+            assert "_features" not in other, name  # every deferred table was computed
+            torch.testing.assert_close(other["log_prob"], node["log_prob"], rtol=1e-10, atol=1e-10)
+            assert other["packed"]["log_prob"]._pyro_dims == node["packed"]["log_prob"]._pyro_dims
+    if not fused.leaves:
+        got, expected = closed_form.summarize(em.plan, fused), closed_form.summarize(em.plan, plain)
+        assert got.sums.keys() == expected.sums.keys()
+        for key, value in expected.sums.items():
+            torch.testing.assert_close(got.sums[key], value, rtol=1e-10, atol=1e-9 * float(value.abs().max()))
+    return fused
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_the_fused_pass_gives_the_e_step_of_separate_passes(name):
+    model, args, *site = FUSED[name]
+    fused = _assert_same_e_step(_planned(model, args), args)
+    assert list(fused.sums) == (site or ["x"])  # the pass applied here
+
+
+@pytest.mark.parametrize("name", UNFUSED)
+def test_where_the_fused_pass_does_not_apply_the_e_step_is_the_plain_one(name):
+    model, args, options = UNFUSED[name]
+    fused = _assert_same_e_step(_planned(model, args), args, **options)
+    assert fused.sums == {}
+
+
+def test_a_form_that_would_cancel_digits_falls_back_to_whitening():
+    """Tight clusters 2000 apart: |x - c|^2 ||Sigma^{-1}|| = 1e12, the GEMM form is refused in the pass too."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.tensor([-1e3, 0.0], dtype=D) + 1e-3 * torch.randn(150, 2, generator=g, dtype=D),
+                   torch.tensor([1e3, 5.0], dtype=D) + 1e-3 * torch.randn(150, 2, generator=g, dtype=D)])
+    init = {"phi": torch.full((2,), 0.5, dtype=D), "mu": torch.tensor([[-1e3, 0.0], [1e3, 5.0]], dtype=D),
+            "Sigma": torch.eye(2, dtype=D).expand(2, 2, 2) * 1e-6}
+    em = _planned(gmm.model, (x, 2, init))
+    post = _assert_same_e_step(em, (x, 2, init))
+    assert post.sums == {}
+    site = post.trace.nodes["x"]
+    torch.testing.assert_close(site["log_prob"], site["fn"].log_prob(x), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("idiom", ["covariance_matrix", "scale_tril", "precision_matrix"])
+def test_em_with_the_fused_pass_follows_scikit_learns_trajectory(idiom, monkeypatch):
+    passes = []
+    original = fast_gaussian.GaussianFeatures.posterior_sums
+    monkeypatch.setattr(fast_gaussian.GaussianFeatures, "posterior_sums",
+                        lambda self, *a: passes.append(1) or original(self, *a))
+    pyro.clear_param_store()
+    em = ppl_em.EM(make_model(idiom, "full", weights="probs" if idiom != "precision_matrix" else "logits"))
+    losses = [em.step(X) for _ in range(12)]
+    assert all(b <= a + 1e-9 for a, b in zip(losses, losses[1:]))  # EM's guarantee: log p(x) never falls
+    gm = _sklearn("full", 12)
+    final = em.log_likelihood(X) / N
+    assert abs(final - gm.score(X.numpy())) < 1e-6 * abs(final)
+    np.testing.assert_allclose(em.params["mu"].numpy(), gm.means_, rtol=1e-6)
+    assert len(passes) >= 11  # every step after the first (whose E-step makes the plan) made the one pass
