@@ -92,7 +92,7 @@ def normalise_exp(total: torch.Tensor, dim: int, in_place: bool = False) -> Tupl
     maximum, one exponential that serves both, and the division in place. ``in_place``: the
     result overwrites ``total``."""
     top = total.amax(dim, keepdim=True)
-    top = top.masked_fill(~torch.isfinite(top), 0.0)  # all -inf (or an inf): as logsumexp does
+    top = torch.nan_to_num(top, nan=0.0, posinf=0.0, neginf=0.0)  # all -inf (or an inf): as logsumexp does
     shifted = total.sub_(top) if in_place else torch.sub(total, top)
     if torch.finfo(shifted.dtype).bits < 64:
         # exp below log(tiny) (-87.3 in float32, common once clusters are tight) would be a subnormal
