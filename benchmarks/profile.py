@@ -105,15 +105,6 @@ def _timed(fn, count: int) -> Tuple[List[float], Tuple[float, ...]]:
     return times, tuple((b - a) / count for a, b in zip(before, after))
 
 
-def dgemm_gflops(size: int = 2048, repeats: int = 3) -> float:
-    """The arithmetic roof: the best of ``repeats`` float64 (size x size) @ (size x size) products."""
-    a = torch.randn(size, size, dtype=torch.float64)
-    b = torch.randn(size, size, dtype=torch.float64)
-    a @ b
-    best = min(wl._seconds(torch.mm, a, b) for _ in range(repeats))
-    return 2 * size ** 3 / best / 1e9
-
-
 def profile_workload(name: str, cfg: dict) -> dict:
     """Time and profile ``EM.step`` on a GMM of ``cfg``'s size (n, d, k); see the module docstring."""
     n, d, k = cfg["n"], cfg["d"], cfg["k"]
@@ -148,7 +139,7 @@ def profile_workload(name: str, cfg: dict) -> dict:
     }
     if name == "B1":
         features = d + d * (d + 1) // 2
-        roof = dgemm_gflops()
+        roof = report.dgemm_gflops()
         result.update(gemm_gflop=4 * n * features * k / 1e9, roof_gflops=roof)
         result["roof_fraction"] = result["gemm_gflop"] / roof / result["step_median_s"]
     return result
@@ -184,7 +175,7 @@ def main(argv=None) -> int:
     results = {name: profile_workload(name, cfg) for name, cfg in (QUICK if args.quick else FULL).items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(results, report.machine())
+    text = markdown(results, {**report.machine(), "gauge": report.gauge()})
     partial = out / "profile.md.partial"
     partial.write_text(text)
     partial.replace(out / "profile.md")  # never a half file

@@ -6,6 +6,8 @@ import datetime
 import json
 import os
 import platform
+import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -85,6 +87,42 @@ def machine() -> Dict[str, object]:
     return info
 
 
+def dgemm_gflops(size: int = 2048, repeats: int = 3) -> float:
+    """The arithmetic roof: the best of ``repeats`` float64 (size x size) @ (size x size) products."""
+    import torch
+
+    a = torch.randn(size, size, dtype=torch.float64)
+    b = torch.randn(size, size, dtype=torch.float64)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def gauge() -> Dict[str, float]:
+    """How fast the machine is now, to read the ratios of runs made in different phases of a shared
+    machine: the float64 DGEMM rate (arithmetic, what B1 pays) and the time of one small torch and one
+    small numpy operation called from Python (dispatch, what small fits pay per call), each the median
+    of 5 batches of 2000 calls."""
+    import torch
+
+    def per_call(fn, *args) -> float:
+        batches = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(2000):
+                fn(*args)
+            batches.append((time.perf_counter() - start) / 2000)
+        return statistics.median(batches) * 1e6
+
+    t, a = torch.ones(3, dtype=torch.float64), np.ones(3)
+    return {"dgemm_gflops": round(dgemm_gflops(), 1), "torch_add_us": round(per_call(torch.add, t, t), 2),
+            "numpy_add_us": round(per_call(np.add, a, a), 2)}
+
+
 def _blas_threads() -> Optional[int]:
     try:
         from threadpoolctl import threadpool_info
@@ -147,8 +185,8 @@ def merged(out_dir: Path, title: str, info: Dict[str, object], sizes: Dict[str, 
     kept_rows = [Row(**r) for r in old["rows"] if r["workload"] not in ran]
     kept_targets = [Target(**t) for t in old["targets"] if t["workload"] not in ran]
     machine = dict(old["machine"])
-    machine[f"run of {', '.join(sorted(ran))}"] = {k: info[k] for k in ("date", "load_average_1min",
-                                                                          "load_average_1min_after") if k in info}
+    machine[f"run of {', '.join(sorted(ran))}"] = {k: info[k] for k in ("date", "load_average_1min", "load_average_1min_after",
+                                                                          "gauge_before", "gauge_after") if k in info}
     order = lambda item: item.workload
     return (old["title"], machine, {**old["sizes"], **sizes}, sorted(kept_rows + rows, key=order),
             sorted(kept_targets + targets, key=order), f"{old['command']}; then {command}")

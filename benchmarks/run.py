@@ -595,6 +595,7 @@ def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]
                "B10": lambda: bench_b10(sizes["B10"]),
                "B11": lambda: bench_b11(sizes["B11"]), "B12": lambda: bench_b12(sizes["B12"])}
     info = report.machine()  # before the runs: the load average says how busy the machine was
+    info["gauge_before"] = report.gauge()  # and how fast it was (report.gauge)
     rows, targets = [], []
     for name in args.only:
         print(f"{name}:", flush=True)
@@ -607,6 +608,7 @@ def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]
     mode = "quick" if args.quick else ("custom" if args.set else "full")
     title = args.title or f"ppl_em benchmarks ({mode} sizes)"
     info["load_average_1min_after"] = report.machine()["load_average_1min"]
+    info["gauge_after"] = report.gauge()
     if args.merge:
         title, info, used, rows, targets, command = report.merged(args.out, title, info, used, rows, targets, command)
     report.write(args.out, title, info, used, rows, targets, command)

@@ -56,7 +56,7 @@ from .fast import (GaussianFeatures, Replay, Workspace, broadcast_shape, compact
                    mvn_features, new_table, normalise_exp)
 from .chains import ChainTerms
 
-__all__ = ["Posterior", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
+__all__ = ["Posterior", "FusedSums", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
 
 
 class ExactInferenceError(ValueError):
