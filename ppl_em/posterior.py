@@ -547,8 +547,9 @@ def _fused_pass(tr: Trace, sites: List[dict], dim: int, workspace: Optional[Work
 
 
 def _as_columns(t: torch.Tensor, shape, dim: int, k: int, rows: int) -> Optional[torch.Tensor]:
-    """A factor's table as (k, rows) or a (k, 1) / (1, 1) column broadcast over the rows, in the layout
-    of a (k, rows) table laid out as ``shape`` (k along ``dim``); None for any other."""
+    """A factor's table in the layout of a (k, rows) table laid out as ``shape`` (k along ``dim``): (k, rows);
+    (1, rows) for a factor of each row that does not depend on z; a (k, 1) or (1, 1) column broadcast over
+    the rows. None for any other."""
     if broadcast_shape(t.shape, shape) != shape:
         return None
     if t.shape == shape and t.is_contiguous():
@@ -557,6 +558,8 @@ def _as_columns(t: torch.Tensor, shape, dim: int, k: int, rows: int) -> Optional
     sizes = (1,) * (len(shape) - small.dim()) + tuple(small.shape)
     if all(size == 1 for i, size in enumerate(sizes) if i != dim % len(shape)):
         return small.reshape(-1, 1)
+    if sizes[dim % len(shape)] == 1 and small.numel() == rows and small.is_contiguous():
+        return small.reshape(1, rows)
     return None
 
 
