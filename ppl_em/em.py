@@ -372,7 +372,8 @@ class EM:
         total = 0.0
         with self._validation(args, kwargs):
             for c_args, c_kwargs in self._workspace.chunks(chunking.split(args, kwargs)):
-                post = exact_posterior(self.model, self.structure, c_args, c_kwargs, workspace=self._workspace)
+                post = exact_posterior(self.model, self.structure, c_args, c_kwargs, workspace=self._workspace,
+                                       leaves=False, fuse=False)  # log p(x) only: no graph, no M-step sums
                 check_observations(post)
                 total += float(post.log_evidence)
         return total
