@@ -143,21 +143,22 @@ def mvn_features(fn, value: torch.Tensor) -> Optional["GaussianFeatures"]:
     """``fn.log_prob(value)`` of a multivariate normal as a :class:`GaussianFeatures`, not yet computed,
     where :func:`mvn_log_prob` would compute it in that form (a table larger than ``WHITEN_PAIRS``, no
     gradient asked for); None elsewhere."""
-    parts = _mvn_parts(fn, value)
-    if parts is None or parts[2].shape[0] * parts[0][..., 0].numel() <= WHITEN_PAIRS:
+    parts = _mvn_parts(fn, value, above=WHITEN_PAIRS)
+    if parts is None:
         return None
     features = GaussianFeatures(*parts)
     return None if torch.is_grad_enabled() and (features.coef.requires_grad or features.const.requires_grad) else features
 
 
-def _mvn_parts(fn, value: torch.Tensor):
+def _mvn_parts(fn, value: torch.Tensor, above: int = -1):
     """(x, L^{-1} (K, d, d), mu (K, d), log_norm (K, 1), layout) of ``fn.log_prob(value)``; None where
-    parameters and data vary along a common dimension."""
+    parameters and data vary along a common dimension, or where the table has no more than ``above`` pairs
+    (component, row)."""
     loc, tril = compact(fn.loc), fn._unbroadcasted_scale_tril
     x = compact(value)
     d = loc.shape[-1]
     params = broadcast_shape(loc.shape[:-1], tril.shape[:-2])
-    if x.shape[-1] != d or overlap(params, x.shape[:-1]):
+    if x.shape[-1] != d or overlap(params, x.shape[:-1]) or math.prod(params) * (x.numel() // d) <= above:
         return None
     eye = torch.eye(d, dtype=tril.dtype, device=tril.device)
     inv = torch.linalg.solve_triangular(tril.expand(params + (d, d)), eye, upper=False).reshape(-1, d, d)
