@@ -181,3 +181,14 @@ def test_em_with_the_fused_pass_follows_scikit_learns_trajectory(idiom, monkeypa
     assert abs(final - gm.score(X.numpy())) < 1e-6 * abs(final)
     np.testing.assert_allclose(em.params["mu"].numpy(), gm.means_, rtol=1e-6)
     assert len(passes) >= 11  # every step after the first (whose E-step makes the plan) made the one pass
+
+
+def test_a_table_of_at_most_whiten_pairs_is_not_deferred(monkeypatch):
+    """The whitened form computes a small table (K N <= WHITEN_PAIRS pairs) on its own, with no GEMM form made first."""
+    fn = dist.MultivariateNormal(MU0.unsqueeze(-2), torch.cov(X.T))  # K = 2 components against N rows
+    monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 2 * N)
+    assert fast_gaussian.mvn_features(fn, X) is None
+    monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 2 * N - 1)
+    features = fast_gaussian.mvn_features(fn, X)
+    assert features is not None and features.shape == (2, N)
+    torch.testing.assert_close(features.laid_out(features.table()), fn.log_prob(X), rtol=1e-12, atol=1e-12)
