@@ -116,16 +116,18 @@ def _assert_same_e_step(em, args, monkeypatch=None, **options):
     fused = exact_posterior(em.model, em.structure, args, {}, leaves=options.pop("leaves", False), **options)
     plain = exact_posterior(em.model, em.structure, args, {}, leaves=fused.leaves != {}, fuse=False, **options)
     assert plain.sums == {}
-    torch.testing.assert_close(fused.log_evidence, plain.log_evidence, rtol=1e-12, atol=0)
-    torch.testing.assert_close(fused.objective, plain.objective, rtol=1e-12, atol=0)
+    # float32 tables: the pass rounds a float64 block where the separate passes work in float32 throughout
+    tol = {"rtol": 1e-10, "atol": 1e-10} if plain.log_evidence.dtype == D else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(fused.log_evidence, plain.log_evidence, rtol=min(1e-12, tol["rtol"] / 10), atol=0)
+    torch.testing.assert_close(fused.objective, plain.objective, rtol=min(1e-12, tol["rtol"] / 10), atol=0)
     assert fused.weights.keys() == plain.weights.keys()
     for site, w in plain.weights.items():
-        torch.testing.assert_close(fused.weights[site], w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fused.weights[site], w, **tol)
     for name, node in plain.trace.nodes.items():
         if node["type"] == "sample":
             other = fused.trace.nodes[name]
             assert "_features" not in other, name  # every deferred table was computed
-            torch.testing.assert_close(other["log_prob"], node["log_prob"], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(other["log_prob"], node["log_prob"], **tol)
             assert other["packed"]["log_prob"]._pyro_dims == node["packed"]["log_prob"]._pyro_dims
     if not fused.leaves:
         expected = closed_form.summarize(em.plan, plain)
@@ -134,7 +136,7 @@ def _assert_same_e_step(em, args, monkeypatch=None, **options):
         got = closed_form.summarize(em.plan, fused)
         assert got.sums.keys() == expected.sums.keys()
         for key, value in expected.sums.items():
-            torch.testing.assert_close(got.sums[key], value, rtol=1e-10, atol=1e-9 * float(value.abs().max()))
+            torch.testing.assert_close(got.sums[key], value, rtol=tol["rtol"], atol=10 * tol["rtol"] * float(value.abs().max()))
     return fused
 
 
@@ -150,6 +152,21 @@ def test_where_the_fused_pass_does_not_apply_the_e_step_is_the_plain_one(name):
     model, args, options = UNFUSED[name]
     fused = _assert_same_e_step(_planned(model, args), args, **options)
     assert fused.sums == {}
+
+
+def test_float32_data_get_q_from_a_float64_block_at_least_as_accurate_as_float32_passes():
+    """Oracle: Q(z) in float64 by torch's own log-densities at the same (float32) parameters."""
+    x = X.float()
+    em = _planned(gmm.model, (x, 3))
+    fused = exact_posterior(gmm.model, em.structure, (x, 3), {}, leaves=False)
+    plain = exact_posterior(gmm.model, em.structure, (x, 3), {}, leaves=False, fuse=False)
+    phi, mu, sigma = (pyro.param(name).detach().double() for name in ("phi", "mu", "Sigma"))
+    log_joint = phi.log()[:, None] + dist.MultivariateNormal(mu[:, None], sigma[:, None]).log_prob(X)  # (k, n)
+    truth = torch.softmax(log_joint, 0)
+    assert fused.weights["x"].dtype == torch.float32 and list(fused.sums) == ["x"]
+    error = {name: float((post.weights["x"].double() - truth).abs().max()) for name, post in
+             (("fused", fused), ("plain", plain))}
+    assert error["fused"] <= error["plain"] and error["fused"] < 1e-6, error
 
 
 def test_a_form_that_would_cancel_digits_falls_back_to_whitening():

@@ -291,14 +291,20 @@ class GaussianFeatures:
 
     def posterior_sums(self, others: List[torch.Tensor], log_density: torch.Tensor, total: torch.Tensor):
         """One pass over the rows, block by block: the log-densities into ``log_density`` (K, N); their sum
-        with the ``others`` ((K, N) tables or (K, 1) and (1, 1) columns that broadcast over the rows) into
-        ``total`` (K, N), normalised along K in place into Q_z^(i) (:func:`ppl_em.fast.normalise_exp`); and the
-        block's weighted sums N_z = sum_i Q_z^(i), [M_z, S_z] = sum_i Q_z^(i) T(x^(i) - c).
+        with the ``others`` ((K, N) or (1, N) tables, or (K, 1) and (1, 1) columns that broadcast over the
+        rows) into ``total`` (K, N), normalised along K in place into Q_z^(i) (:func:`ppl_em.fast.normalise_exp`);
+        and the block's weighted sums N_z = sum_i Q_z^(i), [M_z, S_z] = sum_i Q_z^(i) T(x^(i) - c).
+
+        Tables of a lower precision (float32 data) are written from a float64 block: the block's sums,
+        normalisation and GEMM run in c's dtype, and only the tables are rounded (no flush of tiny weights,
+        which float32's normalisation needs, and no conversion for the GEMM).
 
         Returns (log p(x^(i)) (1, N), N (K,), the packed sums (K, q + d), in c's dtype); or None, with the
         tables part-written, where the form could cancel away digits (see the class).
         """
         step = max(64, _feature_rows(self.rows.shape[-1]) // 2)  # measured: half the block of table()
+        wide = self.c.dtype
+        scratch = None if total.dtype == wide else torch.empty((self.shape[0], step), dtype=wide, device=total.device)
         lse = torch.empty((1, self.shape[1]), dtype=total.dtype, device=total.device)
         n = sums = None
         for start in range(0, self.shape[1], step):
@@ -307,14 +313,21 @@ class GaussianFeatures:
             if stats is None:
                 return None
             block, q = log_density[:, cols], total[:, cols]
-            self._log_density(stats, block)
-            if not others:
-                q.copy_(block)
-            for i, t in enumerate(others):
-                t = t[:, cols] if t.shape[-1] != 1 else t
-                torch.add(block, t, out=q) if i == 0 else q.add_(t)
-            lse[:, cols] = normalise_exp(q, 0, in_place=True)[1]
-            w = q.to(self.c.dtype)
+            parts = [t[:, cols] if t.shape[-1] != 1 else t for t in others]
+            if scratch is None:  # the tables' own dtype is wide: Q is made in place in ``total``
+                w = q
+                self._log_density(stats, block)
+                torch.add(block, parts[0], out=w) if parts else w.copy_(block)
+                parts = parts[1:]
+            else:
+                w = scratch[:, :q.shape[1]]
+                torch.addmm(self.const, self.coef, stats, out=w)
+                block.copy_(w)
+            for t in parts:
+                w.add_(t)
+            lse[:, cols] = normalise_exp(w, 0, in_place=True)[1]
+            if w is not q:
+                q.copy_(w)
             part_n, part = w.sum(-1), torch.mm(w, stats.T)
             n, sums = (part_n, part) if sums is None else (n.add_(part_n), sums.add_(part))
         return lse, n, sums
