@@ -108,6 +108,23 @@ def test_diagonal_normal_log_prob_fast_path_equals_torch(loc_shape, scale_shape,
     assert torch.allclose(fast, slow, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_diagonal_normal_log_prob_in_blocks_and_its_gradient_equal_torch(dtype, monkeypatch):
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 8 * 6)  # the least block: 64 of the 300 rows
+    g = torch.Generator().manual_seed(5)
+    loc = torch.randn(4, 1, 3, generator=g, dtype=D).to(dtype).requires_grad_()
+    scale = (0.5 + torch.rand(4, 1, 3, generator=g, dtype=D)).to(dtype).requires_grad_()
+    x = (torch.randn(300, 3, generator=g, dtype=D) + 2).to(dtype)
+    fn = dist.Normal(loc, scale).to_event(1)
+    fast, slow = fastpath.log_prob(fn, x), fn.log_prob(x)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(fast, slow, **tol)
+    for got, expected in zip(torch.autograd.grad(fast.sum(), (loc, scale)), torch.autograd.grad(slow.sum(), (loc, scale))):
+        torch.testing.assert_close(got, expected, **tol)
+    with torch.no_grad():  # without a graph the blocks are written into one table
+        torch.testing.assert_close(fastpath.log_prob(fn, x), slow.detach(), **tol)
+
+
 # -- selection vjp ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [
     lambda p: dist.Categorical(p).expand([7]),              # a mixture's phi, broadcast over a plate of 7
@@ -171,13 +188,13 @@ def test_gaussian_sums_about_a_centre_and_shifted_equal_the_brute_force_moments(
 
 
 @pytest.mark.parametrize("x_shape, w_shape, inner", [
-    ((50, 3), (2, 50), (2, 1)),          # a mixture: one matrix product per block
-    ((50, 3), (2, 50), ()),              # tied: summed over the components too
+    ((150, 3), (2, 150), (2, 1)),        # a mixture: one matrix product per block
+    ((150, 3), (2, 150), ()),            # tied: summed over the components too
     ((4, 50, 3), (2, 4, 50), (2, 1, 1)), # a batch of sequences: the general contraction per block
     ((4, 50, 3), (2, 1, 50), (2, 4, 1)), # the weights broadcast over a dim that the result keeps
 ])
 def test_gaussian_sums_in_blocks_equal_the_brute_force_sums(x_shape, w_shape, inner, monkeypatch):
-    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 8 * 9)  # 8 rows a block
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 8 * 9)  # the least block: 64 rows (16 of 4 sequences)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(x_shape, generator=g, dtype=D) + 5
     w = torch.rand(w_shape, generator=g, dtype=D)
@@ -189,6 +206,27 @@ def test_gaussian_sums_in_blocks_equal_the_brute_force_sums(x_shape, w_shape, in
     assert torch.allclose(s1, (w.unsqueeze(-1) * xc).sum_to_size(tuple(inner) + (3,)), rtol=1e-12, atol=1e-12)
     outer = xc.unsqueeze(-1) * xc.unsqueeze(-2)
     assert torch.allclose(m, (w[..., None, None] * outer).sum_to_size(tuple(inner) + (3, 3)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("w_shape, inner, c_shape", [
+    ((2, 200, 1), (2, 1, 3), (3,)),   # a diagonal mixture: weights per (z, row), one centre per coordinate
+    ((2, 200, 1), (2, 1, 3), ()),     # one centre for every coordinate
+    ((2, 200, 3), (2, 1, 3), (3,)),   # weights per coordinate too: the general contraction
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_normal_sums_in_blocks_equal_the_brute_force_sums(w_shape, inner, c_shape, dtype, monkeypatch):
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 8 * 7)  # the least block: 64 of the 200 rows
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(200, 3, generator=g, dtype=D) + 5).to(dtype)
+    w = torch.rand(w_shape, generator=g, dtype=D).to(dtype)
+    c = x.double().mean(0).reshape(c_shape) if c_shape else x.double().mean()
+    n, s1, m = fastpath.normal_sums(w, x, inner, c)
+    xc, wd = x.double() - c, w.double()
+    tol = {"rtol": 1e-12, "atol": 1e-12}
+    assert n.dtype == s1.dtype == m.dtype == torch.float64
+    torch.testing.assert_close(n, (wd * torch.ones(200, 3, dtype=D)).sum_to_size(inner), **tol)
+    torch.testing.assert_close(s1, (wd * xc).sum_to_size(inner), **tol)
+    torch.testing.assert_close(m, (wd * xc * xc).sum_to_size(inner), **tol)
 
 
 def test_workspace_hands_a_table_to_the_next_chunk_only_after_recycle():

@@ -109,8 +109,32 @@ def normal_sums(w: torch.Tensor, x: torch.Tensor, inner, c: torch.Tensor):
     """The elementwise twin of :func:`gaussian_sums` (a Normal's coordinates are independent):
     N = sum w, S = sum w (x - c), M = sum w (x - c)^2, summed to ``inner``; c broadcasts against x."""
     dt = torch.promote_types(x.dtype, torch.float64)
-    w, xc = compact(w).to(dt), compact(x).to(dt) - c.to(dt)
+    w, x, inner = compact(w), compact(x), tuple(inner)
+    if x.dim() == 2 and w.dim() == 3 and w.shape[1:] == (x.shape[0], 1) and inner == (w.shape[0], 1, x.shape[1]) \
+            and c.numel() in (1, x.shape[1]):
+        return _row_weighted_normal_sums(w.reshape(w.shape[0], -1), x, c.to(dt).reshape(-1), dt)
+    w, xc = w.to(dt), x.to(dt) - c.to(dt)
     return reduce_product([w], inner), reduce_product([w, xc], inner), reduce_product([w, xc * xc], inner)
+
+
+def _row_weighted_normal_sums(w: torch.Tensor, x: torch.Tensor, c: torch.Tensor, dt):
+    """:func:`normal_sums` for weights w (K, m) per row of x (m, d), summed over the rows into (K, 1, d): one
+    GEMM per block of rows with the features [1, x - c, (x - c)^2] (B, 1 + 2d) while they are in cache,
+    instead of three passes over the (K, m) weights and (m, d) temporaries."""
+    k, (m, d) = w.shape[0], x.shape
+    step = max(64, FEATURE_ELEMENTS // (2 * d + 1))
+    features = torch.empty((min(step, m), 2 * d + 1), dtype=dt, device=x.device)
+    features[:, 0] = 1.0
+    sums = None
+    for start in range(0, m, step):
+        block = x[start:start + step]
+        f = features[:block.shape[0]]
+        torch.sub(block, c, out=f[:, 1:d + 1])
+        torch.mul(f[:, 1:d + 1], f[:, 1:d + 1], out=f[:, d + 1:])
+        part = torch.mm(w[:, start:start + step].to(dt), f)
+        sums = part if sums is None else sums.add_(part)
+    return (sums[:, :1].reshape(k, 1, 1).expand(k, 1, d), sums[:, 1:d + 1].reshape(k, 1, d),
+            sums[:, d + 1:].reshape(k, 1, d))
 
 
 def _unpack_symmetric(packed: torch.Tensor, d: int) -> torch.Tensor:
@@ -169,30 +193,48 @@ def _mvn_parts(fn, value: torch.Tensor, above: int = -1):
 
 
 def diag_normal_log_prob(base, value: torch.Tensor) -> Optional[torch.Tensor]:
-    """``Normal(loc, scale).to_event(1).log_prob(value)`` as two GEMMs of the data with 1 / sigma_z^2 and
-    mu_z / sigma_z^2 (sums over the d coordinates), when parameters and data vary along different dimensions:
-    no (n, k, d) tensor.
+    """``Normal(loc, scale).to_event(1).log_prob(value)`` for all (z, i), when parameters and data vary along
+    different dimensions: one GEMM of the coefficients (P, 2d) with the data's diagonal features
+    [(x - c)^2, x - c] (2d, B) per block of rows, no (n, k, d) tensor:
 
-    The squares are expanded about the data mean c, sum_d ((x - c)^2 - 2 (x - c)(mu - c) + (mu - c)^2) / sigma^2,
-    so that their cancellation loses no more than the spread of the data relative to sigma; float32
-    inputs are expanded in float64 (and the result, and its gradients, rounded back).
+        log N(x | mu_z, diag sigma_z^2) = sum_a (-(1/2) (x_a - c_a)^2 / sigma_za^2 + (x_a - c_a) (mu_za - c_a) / sigma_za^2)
+                                          - (1/2) sum_a (mu_za - c_a)^2 / sigma_za^2 - log_norm_z,
+
+    expanded about the data mean c so that the cancellation loses no more than the spread of the data
+    relative to sigma. float32 inputs are expanded in float64 (and the result, and its gradients, rounded
+    back). The table is laid out (P, N), each component's row contiguous, like :func:`mvn_log_prob`'s.
     """
     dtype = torch.promote_types(base.loc.dtype, value.dtype)
     dt = torch.promote_types(dtype, torch.float64)
-    loc, scale, x = compact(base.loc).to(dt), compact(base.scale).to(dt), compact(value).to(dt)
+    loc, scale, x = compact(base.loc).to(dt), compact(base.scale).to(dt), compact(value)
     d = x.shape[-1]
     params = broadcast_shape(loc.shape[:-1], scale.shape[:-1])
     if loc.shape[-1] not in (1, d) or scale.shape[-1] not in (1, d) or overlap(params, x.shape[:-1]):
         return None
     rows = x.reshape(-1, d)  # (N, d)
-    c = rows.mean(0)
+    c = rows.mean(0, dtype=dt)
     prec = scale.expand(params + (d,)).reshape(-1, d).pow(-2)  # (P, d)
     mc = loc.expand(params + (d,)).reshape(-1, d) - c
-    xc = rows - c
-    maha = (xc * xc) @ prec.T - 2 * (xc @ (mc * prec).T) + (mc * mc * prec).sum(-1)  # (N, P)
-    log_norm = scale.expand(params + (d,)).reshape(-1, d).log().sum(-1) + 0.5 * d * math.log(2 * math.pi)
-    out = (-0.5 * maha - log_norm).to(dtype)  # (N, P)
-    return broadcast_layout(out.T, params, x.shape[:-1], broadcast_shape(base.batch_shape[:-1], value.shape[:-1]))
+    log_norm = scale.expand(params + (d,)).reshape(-1, d).log().sum(-1, keepdim=True) + 0.5 * d * math.log(2 * math.pi)
+    coef = torch.cat([-0.5 * prec, mc * prec], -1)  # (P, 2d)
+    const = -0.5 * (mc * mc * prec).sum(-1, keepdim=True) - log_norm  # (P, 1)
+    grad = torch.is_grad_enabled() and (coef.requires_grad or const.requires_grad)
+    step = max(64, FEATURE_ELEMENTS // (2 * d))
+    out = None if grad else torch.empty((coef.shape[0], rows.shape[0]), dtype=dtype, device=c.device)
+    parts = []
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step]
+        features = torch.empty((2 * d, block.shape[0]), dtype=dt, device=c.device)
+        torch.sub(block.T, c.reshape(d, 1), out=features[d:])
+        torch.mul(features[d:], features[d:], out=features[:d])
+        if grad:
+            parts.append(torch.addmm(const, coef, features))
+        elif dtype == dt:
+            torch.addmm(const, coef, features, out=out[:, start:start + step])
+        else:
+            out[:, start:start + step].copy_(torch.addmm(const, coef, features))
+    out = torch.cat(parts, 1).to(dtype) if grad else out  # (P, N)
+    return broadcast_layout(out, params, x.shape[:-1], broadcast_shape(base.batch_shape[:-1], value.shape[:-1]))
 
 
 def broadcast_layout(table: torch.Tensor, params, data, batch_shape) -> torch.Tensor:
