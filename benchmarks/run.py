@@ -25,6 +25,10 @@ B7  EM on a memory-mapped file of several GB vs the same data in memory: s / ite
 B8  Online (stepwise) EM vs batch EM by passes over the data: a GMM and a mixture of counts, n = 1e6.
 B9  Data-parallel EM over torch.distributed (1 and 2 processes): s / step, all-reduce bytes and time.
     (B7-B9: :mod:`benchmarks.scaleout`.)
+B10 Whole fits as users run them: restarts (n_init) and a sweep over k, against scikit-learn.
+B11 B1's GMM written with ``scale_tril=L[z]`` (a user's idiom).
+B12 Pyro's examples as their authors wrote them: EM against SVI in the same wall time.
+B13 B1's GMM with diagonal covariances against scikit-learn's ``covariance_type="diag"``.
 
 Every library starts from the same initial parameters (the model file's ``init_params``), gets
 one untimed warm-up iteration, then is timed with ``time.perf_counter``. torch keeps its default
@@ -66,6 +70,7 @@ FULL: Dict[str, dict] = {
     "B6": {"n": 1_000_000, "d": 10, "k": 16, "iters": 5},
     "B10": {"n": 5000, "d": 2, "k": 3, "n_init": 10, "ks": list(range(1, 11)), "tol": 1e-3, "max_iter": 100},
     "B11": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10, "repeats": 3},
+    "B13": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10, "repeats": 3},
     "B12": {"em_steps": 30, "quick": False},
     **scaleout.FULL,
 }
@@ -80,10 +85,11 @@ QUICK: Dict[str, dict] = {
     "B6": {"n": 1000, "d": 2, "k": 2, "iters": 2},
     "B10": {"n": 300, "d": 2, "k": 2, "n_init": 2, "ks": [1, 2, 3], "tol": 1e-3, "max_iter": 20, "settle": 0.0},
     "B11": {"n": 1000, "d": 2, "k": 2, "iters": 2, "repeats": 2, "settle": 0.0},
+    "B13": {"n": 1000, "d": 2, "k": 2, "iters": 2, "repeats": 2, "settle": 0.0},
     "B12": {"em_steps": 3, "quick": True},
     **scaleout.QUICK,
 }
-WORKLOADS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12")
+WORKLOADS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12", "B13")
 
 GMM_PEERS: Dict[str, Callable] = {"ppl_em": wl.ppl_em_gmm, "scikit-learn": wl.sklearn_gmm,
                                   "pomegranate": wl.pomegranate_gmm}
@@ -193,6 +199,20 @@ def bench_b11(cfg: dict) -> Tuple[List[Row], List[Target]]:
     size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, {cfg['iters']} iters, scale_tril model"
     rows, targets, _ = _interleaved("B11", size, wl.ppl_em_gmm_scale_tril, ["scikit-learn"] * cfg["repeats"],
                                     (x, cfg["k"], init, cfg["iters"]), 15.0, settle=cfg.get("settle", SETTLE_S))
+    return rows, targets
+
+
+def bench_b13(cfg: dict) -> Tuple[List[Row], List[Target]]:
+    """B1's GMM with diagonal covariances (``covariance_type="diag"``: a Normal per coordinate) against
+    scikit-learn's ``covariance_type="diag"``: s / iter and trajectory, timed like B1."""
+    x, init = _gmm_problem(cfg)
+    size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, {cfg['iters']} iters, diagonal covariances"
+    peers = {"scikit-learn": functools.partial(wl.sklearn_gmm, covariance_type="diag")}
+    rows, targets, _ = _interleaved("B13", size, wl.ppl_em_gmm_diag, ["scikit-learn"] * cfg["repeats"],
+                                    (x, cfg["k"], init, cfg["iters"]), 3.0, peers=peers,
+                                    settle=cfg.get("settle", SETTLE_S))
+    for target in targets:
+        target.source = "ours"  # no goal set for it yet: a bar against regressions of the diagonal path
     return rows, targets
 
 
@@ -593,7 +613,8 @@ def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]
                "B7": lambda: scaleout.bench_b7(sizes["B7"], args.threads), "B8": lambda: scaleout.bench_b8(sizes["B8"]),
                "B9": lambda: scaleout.bench_b9(sizes["B9"]),
                "B10": lambda: bench_b10(sizes["B10"]),
-               "B11": lambda: bench_b11(sizes["B11"]), "B12": lambda: bench_b12(sizes["B12"])}
+               "B11": lambda: bench_b11(sizes["B11"]), "B12": lambda: bench_b12(sizes["B12"]),
+               "B13": lambda: bench_b13(sizes["B13"])}
     info = report.machine()  # before the runs: the load average says how busy the machine was
     info["gauge_before"] = report.gauge()  # and how fast it was (report.gauge)
     rows, targets = [], []

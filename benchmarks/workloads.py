@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import resource
 import sys
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -201,6 +202,19 @@ def ppl_em_gmm_scale_tril(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
     return ppl_em_fit(gmm_scale_tril, (xt, k, _torch_init(init, xt.dtype)), len(x), iters, reg_covar=REG_COVAR)
 
 
+def diag_init(init: Init) -> Init:
+    """The start of :func:`gmm_init` for diagonal covariances: each Sigma_j's diagonal, (k, d)."""
+    return {**init, "Sigma": np.stack([np.diag(s) for s in init["Sigma"]])}
+
+
+def ppl_em_gmm_diag(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
+    """The GMM with diagonal covariances (``gmm.model(..., covariance_type="diag")``: ``Normal(mu[z],
+    sqrt(Sigma[z])).to_event(1)``), from :func:`diag_init`'s start."""
+    xt = torch.from_numpy(x)
+    model = functools.partial(gmm.model, covariance_type="diag")
+    return ppl_em_fit(model, (xt, k, _torch_init(diag_init(init), xt.dtype)), len(x), iters, reg_covar=REG_COVAR)
+
+
 def ppl_em_hmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
     """Gaussian HMM (``ppl_em.models.hmm.vectorized_model``: the chain as one ``DiscreteHMM`` site);
     reg_covar = 0 because hmmlearn's M-step adds nothing."""
@@ -255,8 +269,9 @@ def sklearn_whole_fit(x: np.ndarray, k: int, init: Init, iters: int) -> None:
 
 
 # -- peers ---------------------------------------------------------------------------------------
-def sklearn_gmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
-    """scikit-learn ``GaussianMixture`` from the same start, ``max_iter=iters``, ``tol=0``.
+def sklearn_gmm(x: np.ndarray, k: int, init: Init, iters: int, covariance_type: str = "full") -> Fit:
+    """scikit-learn ``GaussianMixture`` from the same start, ``max_iter=iters``, ``tol=0``
+    (``covariance_type="diag"``: from :func:`diag_init`'s start).
 
     ``fit`` ends with one extra E-step (so that ``fit_predict`` agrees with ``predict``); it is
     timed separately as ``score`` (the same E-step) and subtracted, so s / iter counts iterations only.
@@ -264,10 +279,14 @@ def sklearn_gmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 
+    if covariance_type == "diag":
+        precisions = 1.0 / diag_init(init)["Sigma"]
+    else:
+        precisions = np.linalg.inv(init["Sigma"])
+
     def make(max_iter: int) -> GaussianMixture:
-        return GaussianMixture(k, covariance_type="full", tol=0.0, reg_covar=REG_COVAR, max_iter=max_iter,
-                               weights_init=init["phi"], means_init=init["mu"],
-                               precisions_init=np.linalg.inv(init["Sigma"]))
+        return GaussianMixture(k, covariance_type=covariance_type, tol=0.0, reg_covar=REG_COVAR, max_iter=max_iter,
+                               weights_init=init["phi"], means_init=init["mu"], precisions_init=precisions)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # tol=0 on purpose: run every iteration

@@ -47,9 +47,10 @@ def test_writes_markdown_and_json_with_expected_columns(results):
     assert "| workload | target | measured | met? | source |" in markdown
     assert data["columns"] == COLUMNS
     assert MACHINE_KEYS <= set(data["machine"])
-    assert {w for w, _ in rows} == {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12"}
+    assert {w for w, _ in rows} == {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12", "B13"}
     assert all(ROW_KEYS <= set(row) for row in data["rows"])
-    assert {t["workload"] for t in data["targets"]} == {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B11", "B12"}
+    assert {t["workload"] for t in data["targets"]} == {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B11", "B12",
+                                                        "B13"}
     assert all(t["met"] in (True, False) for t in data["targets"])
 
 
@@ -65,6 +66,15 @@ def test_b1_trajectory_equals_scikit_learn(results):
     assert len(runs) == data["sizes"]["B1"]["repeats"]
     assert ours["sec_per_iter"] > 0 and peer["speedup"] == pytest.approx(statistics.median(runs), rel=1e-2)
     assert peer["ratio"] == pytest.approx(1 / peer["speedup"]) and {"sys_s", "minor_faults"} <= set(peer["usage"])
+
+
+def test_b13_diagonal_gmm_trajectory_equals_scikit_learns(results):
+    _, data, rows = results
+    ours, peer = rows["B13", "ppl_em"], rows["B13", "scikit-learn"]
+    assert len(ours["trajectory"]) == len(peer["trajectory"]) == data["sizes"]["B13"]["iters"]
+    assert relative_deviation(ours["trajectory"] + [ours["final_ll"]], peer["trajectory"] + [peer["final_ll"]]) <= 1e-6
+    assert all(b >= a - 1e-12 for a, b in zip(ours["trajectory"], ours["trajectory"][1:]))
+    assert "diagonal" in ours["size"] and peer["speedup"] > 0
 
 
 def test_b2_measures_peak_memory_in_subprocesses(results):
