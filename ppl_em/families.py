@@ -205,14 +205,25 @@ class GaussianSums:
     def from_pass(self, ready, x, w, cells, c) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """:meth:`summarize`'s (N, S, M) about ``c`` from the E-step's own sums (``ready``, a
         :class:`ppl_em.posterior.FusedSums` about its centre c'), where they are these sums: the same Q (K, N)
-        over rows x (N, d), summed into cells (K, 1). S about c is S' - N (c - c'), M is :meth:`about`.
-        None elsewhere."""
-        same = w.shape == ready.weights.shape and w.stride() == ready.weights.stride() and \
-            w.data_ptr() == ready.weights.data_ptr()
-        if self.elementwise or not same or w.dim() != 2 or compact(x).dim() != 2 or tuple(cells) != (w.shape[0], 1):
+        over rows x (N, d), summed into cells (K, 1) (a Normal's: Q (K, N, 1) broadcast over the d coordinates,
+        cells (K, 1, d)). S about c is S' - N (c - c'), M is :meth:`about`. None elsewhere."""
+        q = compact(w)
+        if self.elementwise:  # the Normal's weights are Q with a trailing dim for the coordinates
+            if q.dim() != 3 or q.shape[-1] != 1 or tuple(cells) != (q.shape[0], 1, x.shape[-1]):
+                return None
+            q = q.squeeze(-1)
+        elif tuple(cells) != (w.shape[0], 1):
+            return None
+        same = q.shape == ready.weights.shape and q.stride() == ready.weights.stride() and \
+            q.data_ptr() == ready.weights.data_ptr()
+        if not same or q.dim() != 2 or compact(x).dim() != 2:
             return None
         d = ready.s.shape[-1]
-        s = ready.s - ready.n.unsqueeze(-1) * (c - ready.c)
+        n = ready.n.unsqueeze(-1)  # (K, 1)
+        s = ready.s - n * (c - ready.c)
+        if self.elementwise:
+            m = self.about(n, ready.s, ready.m, ready.c, c)
+            return n.expand(-1, d).reshape(cells), s.reshape(cells), m.reshape(cells)
         m = self.about(ready.n, ready.s, ready.m, ready.c, c)
         return ready.n.reshape(cells), s.reshape(tuple(cells) + (d,)), m.reshape(tuple(cells) + (d, d))
 

@@ -52,8 +52,8 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
 from . import chains
-from .fast import (GaussianFeatures, Replay, Workspace, broadcast_shape, compact, log_prob as fast_log_prob,
-                   mvn_features, new_table, normalise_exp)
+from .fast import (GaussianFeatures, Replay, Workspace, broadcast_shape, compact, diag_features, has_gemm_path,
+                   log_prob as fast_log_prob, mvn_features, new_table, normalise_exp)
 from .chains import ChainTerms
 
 __all__ = ["Posterior", "FusedSums", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
@@ -277,7 +277,7 @@ def _compute_log_prob(tr: Trace, probes: bool = False, workspace: Optional[Works
             if chains.is_chain(site["fn"]):
                 log_p = _chain_log_prob(site, probes)
             else:
-                features = mvn_features(site["fn"], site["value"]) if defer and type(site["fn"]) is dist.MultivariateNormal else None
+                features = _deferred_features(site["fn"], site["value"]) if defer else None
                 if features is not None:
                     site["_features"] = features
                     continue
@@ -286,6 +286,15 @@ def _compute_log_prob(tr: Trace, probes: bool = False, workspace: Optional[Works
                     log_p = log_p.detach()
             _set_log_prob(site, log_p, probes)
     tr.compute_log_prob(lambda name, site: "_features" not in site)  # whatever is left (sites with extra log_prob arguments)
+
+
+def _deferred_features(fn, value):
+    """The GEMM form of a (full or diagonal) Gaussian's log-density table, for the posterior's pass; or None."""
+    if type(fn) is dist.MultivariateNormal:
+        return mvn_features(fn, value)
+    if has_gemm_path(fn) and type(fn) is dist.Independent:
+        return diag_features(fn.base_dist, value)
+    return None
 
 
 def _set_log_prob(site: dict, log_p: torch.Tensor, probes: bool = True, tr: Optional[Trace] = None) -> None:

@@ -10,6 +10,8 @@ hard EM, parameter leaves, two Gaussian sites, a form that would cancel digits),
 the unfused one.
 """
 
+import functools
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -92,6 +94,9 @@ FUSED = {
     "a second factor per row (Poisson counts)": (two_views, (X, COUNTS)),
     "poutine.scale": (poutine.scale(gmm.model, scale=2.5), (X, 2)),
     "a factor of each row without z": (with_a_covariate, (X, 40 + 10 * torch.randn(N, dtype=D))),
+    "diagonal: Normal(...).to_event(1)": (functools.partial(gmm.model, covariance_type="diag"), (X, 2)),
+    "diagonal, float32 data": (functools.partial(gmm.model, covariance_type="diag"), (X.float(), 2)),
+    "spherical": (functools.partial(gmm.model, covariance_type="spherical"), (X, 2)),
 }
 UNFUSED = {
     "two Gaussian sites": (two_gaussians, (X,), {}),
@@ -209,3 +214,27 @@ def test_a_table_of_at_most_whiten_pairs_is_not_deferred(monkeypatch):
     features = fast_gaussian.mvn_features(fn, X)
     assert features is not None and features.shape == (2, N)
     torch.testing.assert_close(features.laid_out(features.table()), fn.log_prob(X), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("structure", ["diag", "spherical"])
+def test_em_on_a_diagonal_gmm_through_the_pass_follows_scikit_learn(structure, monkeypatch):
+    from sklearn.mixture import GaussianMixture
+
+    passes = []
+    original = fast_gaussian.GaussianFeatures.posterior_sums
+    monkeypatch.setattr(fast_gaussian.GaussianFeatures, "posterior_sums",
+                        lambda self, *a: passes.append(type(self).__name__) or original(self, *a))
+    init = gmm.init_params(X, 2, covariance_type=structure)
+    pyro.clear_param_store()
+    em = ppl_em.EM(gmm.model, reg_covar=1e-6)
+    losses = [em.step(X, 2, init, covariance_type=structure) for _ in range(12)]
+    assert all(b <= a + 1e-9 for a, b in zip(losses, losses[1:]))
+    gm = GaussianMixture(2, covariance_type=structure, max_iter=12, tol=0, reg_covar=1e-6,
+                         weights_init=init["phi"].numpy(), means_init=init["mu"].numpy(),
+                         precisions_init=1 / init["Sigma"].numpy())
+    with pytest.warns(Warning):  # 12 iterations do not converge: that is the point
+        gm.fit(X.numpy())
+    final = em.log_likelihood(X, 2, init, covariance_type=structure) / N
+    assert abs(final - gm.score(X.numpy())) < 1e-6 * abs(final)
+    np.testing.assert_allclose(em.params["mu"].numpy(), gm.means_, rtol=1e-6)
+    assert passes.count("DiagonalFeatures") >= 11

@@ -5,12 +5,13 @@ tables that a pass hands down, and the :class:`Replay` of a model's run at new p
 (:mod:`ppl_em.fast.replay`). The EM formulas (:mod:`ppl_em.families`) and the chains
 (:mod:`ppl_em.chains`) call these; nothing here knows about EM."""
 
-from .gaussian import FEATURE_ELEMENTS, GaussianFeatures, centre, gaussian_sums, mvn_features, normal_sums, sufficient_stats
+from .gaussian import (FEATURE_ELEMENTS, DiagonalFeatures, GaussianFeatures, centre, diag_features, gaussian_sums,
+                       mvn_features, normal_sums, sufficient_stats)
 from .logprob import has_gemm_path, log_prob
 from .replay import Replay
 from .tensors import broadcast_shape, compact, normalise_exp, overlap, reduce_product
 from .workspace import Workspace, new_table
 
-__all__ = ["FEATURE_ELEMENTS", "GaussianFeatures", "Workspace", "broadcast_shape", "centre", "compact", "gaussian_sums",
+__all__ = ["FEATURE_ELEMENTS", "DiagonalFeatures", "GaussianFeatures", "Workspace", "broadcast_shape", "centre", "compact", "diag_features", "gaussian_sums",
            "has_gemm_path", "log_prob", "mvn_features", "new_table", "normal_sums", "normalise_exp", "overlap", "Replay",
            "reduce_product", "sufficient_stats"]

@@ -24,7 +24,7 @@ from .tensors import broadcast_shape, compact, normalise_exp, overlap, reduce_pr
 from .workspace import Workspace, new_table
 
 __all__ = ["centre", "sufficient_stats", "gaussian_sums", "normal_sums", "mvn_log_prob", "mvn_features",
-           "GaussianFeatures", "diag_normal_log_prob",
+           "GaussianFeatures", "DiagonalFeatures", "diag_features", "diag_normal_log_prob",
            "FEATURE_ELEMENTS"]
 
 # Elements of T(x - c) per block: 4 MB in float64.
@@ -304,7 +304,7 @@ class GaussianFeatures:
 
     def _block(self, start: int, stop: int) -> Optional[torch.Tensor]:
         """T(x - c) (q + d, B) of rows start:stop; None where the form could cancel away digits there."""
-        stats = sufficient_stats(self.rows[start:stop], self.c)
+        stats = self._features(self.rows[start:stop])
         cols = stats[-self.rows.shape[-1]:]  # max_i |x - c|^2 <= sum_a max_i (x_a - c_a)^2
         if float(torch.maximum(cols.amax(1), -cols.amin(1)).square().sum()) * self.p_norm > 1e6:
             return None
@@ -374,8 +374,59 @@ class GaussianFeatures:
             n, sums = (part_n, part) if sums is None else (n.add_(part_n), sums.add_(part))
         return lse, n, sums
 
+    def _features(self, rows: torch.Tensor) -> torch.Tensor:
+        return sufficient_stats(rows, self.c)
+
     def moments(self, n: torch.Tensor, sums: torch.Tensor):
         """(N (K,), S (K, d), M (K, d, d)) about c from :meth:`posterior_sums`'s N and packed sums."""
         d = self.rows.shape[-1]
         return n, sums[:, -d:], _unpack_symmetric(sums[:, :-d], d)
+
+
+class DiagonalFeatures(GaussianFeatures):
+    """:class:`GaussianFeatures` of ``Normal(mu_z, sigma_z).to_event(1)``: the features are [(x - c)^2, x - c]
+    (2d, B) and the coefficients [-(1/2) / sigma_z^2, (mu_z - c) / sigma_z^2] (see :func:`diag_normal_log_prob`);
+    :meth:`moments` gives the elementwise sums N (K,), S (K, d), M = sum_i w (x - c)^2 (K, d)."""
+
+    def __init__(self, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, dtype, layout):
+        d = x.shape[-1]
+        self.rows = x.reshape(-1, d)
+        self.c = c = centre(self.rows)
+        prec = scale.to(c.dtype).pow(-2)  # (K, d)
+        mc = loc.to(c.dtype) - c
+        log_norm = scale.to(c.dtype).log().sum(-1, keepdim=True) + 0.5 * d * math.log(2 * math.pi)
+        self.p_norm = float(prec.detach().max())  # (x - c)^T P (x - c) <= max_a 1 / sigma_a^2 |x - c|^2
+        self.coef = torch.cat([-0.5 * prec, mc * prec], -1)  # (K, 2d)
+        self.const = -0.5 * (mc * mc * prec).sum(-1, keepdim=True) - log_norm  # (K, 1)
+        self.dtype, self.layout = dtype, layout
+        self.shape = (self.coef.shape[0], self.rows.shape[0])
+
+    def _features(self, rows: torch.Tensor) -> torch.Tensor:
+        d = rows.shape[-1]
+        out = torch.empty((2 * d, rows.shape[0]), dtype=self.c.dtype, device=self.c.device)
+        torch.sub(rows.T, self.c.reshape(d, 1), out=out[d:])
+        torch.mul(out[d:], out[d:], out=out[:d])
+        return out
+
+    def moments(self, n: torch.Tensor, sums: torch.Tensor):
+        d = self.rows.shape[-1]
+        return n, sums[:, d:], sums[:, :d]
+
+
+def diag_features(base, value: torch.Tensor) -> Optional[DiagonalFeatures]:
+    """``Normal(loc, scale).to_event(1).log_prob(value)`` (``base`` the Normal) as a :class:`DiagonalFeatures`,
+    not yet computed, where :func:`diag_normal_log_prob` computes it by its GEMM and the table has more than
+    ``WHITEN_PAIRS`` pairs, with no gradient asked for; None elsewhere."""
+    dtype = torch.promote_types(base.loc.dtype, value.dtype)
+    loc, scale, x = compact(base.loc), compact(base.scale), compact(value)
+    d = x.shape[-1]
+    params = broadcast_shape(loc.shape[:-1], scale.shape[:-1])
+    if loc.shape[-1] not in (1, d) or scale.shape[-1] not in (1, d) or overlap(params, x.shape[:-1]) \
+            or math.prod(params) * (x.numel() // d) <= WHITEN_PAIRS:
+        return None
+    if torch.is_grad_enabled() and (loc.requires_grad or scale.requires_grad):
+        return None
+    layout = (params, x.shape[:-1], broadcast_shape(base.batch_shape[:-1], value.shape[:-1]))
+    return DiagonalFeatures(x, loc.expand(params + (d,)).reshape(-1, d), scale.expand(params + (d,)).reshape(-1, d),
+                            dtype, layout)
 
