@@ -231,8 +231,9 @@ def trace_model(
     values of point-estimated global latents, under their site names. ``workspace`` lends the fast
     paths their chunk-sized tables. ``replay`` (:class:`ppl_em.fast.Replay`) replays the model's run instead of
     running it, where no parameter leaves and no graph are asked for. ``defer`` (with ``"value"``) leaves a
-    multivariate normal's log-density table to the posterior's pass over the rows (``site["_features"]``, a
-    :class:`ppl_em.fast.GaussianFeatures`; see :func:`exact_posterior`), where no site is masked.
+    (full or diagonal) Gaussian's log-density table to the posterior's pass over the rows
+    (``site["_features"]``, a :class:`ppl_em.fast.GaussianFeatures` or :class:`ppl_em.fast.DiagonalFeatures`;
+    see :func:`exact_posterior`), where no site is masked.
     """
     if replay is not None and not leaf_params and not (graph and torch.is_grad_enabled()):
         tr = replay.trace(lambda roots: _run_model(model, structure, args, kwargs, _LeafParams(False, roots), False),
@@ -771,8 +772,8 @@ def exact_posterior(
     replay : ppl_em.fast.Replay, optional
         Replays the model's run (without leaves) instead of running the model (:mod:`ppl_em.fast.replay`).
     fuse : bool
-        For a mixture (one latent per data point) observed under a multivariate normal whose log-density
-        takes the GEMM form: compute the log-densities, Q(z) and the site's weighted sums (``Posterior.sums``,
+        For a mixture (one latent per data point) observed under a Gaussian (a multivariate normal, or
+        ``Normal(...).to_event(1)``) whose log-density takes the GEMM form: compute the log-densities, Q(z) and the site's weighted sums (``Posterior.sums``,
         which the M-step's statistics take) in one pass over the rows (:func:`_fused_pass`); the same
         numbers, to rounding, as without.
     """
