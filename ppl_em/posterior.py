@@ -773,9 +773,10 @@ def exact_posterior(
         Replays the model's run (without leaves) instead of running the model (:mod:`ppl_em.fast.replay`).
     fuse : bool
         For a mixture (one latent per data point) observed under a Gaussian (a multivariate normal, or
-        ``Normal(...).to_event(1)``) whose log-density takes the GEMM form: compute the log-densities, Q(z) and the site's weighted sums (``Posterior.sums``,
-        which the M-step's statistics take) in one pass over the rows (:func:`_fused_pass`); the same
-        numbers, to rounding, as without.
+        ``Normal(...).to_event(1)``) whose log-density takes the GEMM form: compute the log-densities, Q(z)
+        and the site's weighted sums (``Posterior.sums``, which the M-step's statistics take) in one pass
+        over the rows (:func:`_fused_pass`); the same numbers, to rounding, as without (on float32 data, Q
+        from float64 blocks: more accurate than float32 passes).
     """
     tr, leaves = trace_model(model, structure, args, kwargs, log_prob="value", workspace=workspace,
                              leaf_params=leaves, graph=leaves, replay=replay, defer=fuse and mode == "exact" and not leaves)
