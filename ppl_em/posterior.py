@@ -278,7 +278,8 @@ def _compute_log_prob(tr: Trace, probes: bool = False, workspace: Optional[Works
             if chains.is_chain(site["fn"]):
                 log_p = _chain_log_prob(site, probes)
             else:
-                features = _deferred_features(site["fn"], site["value"]) if defer else None
+                deferrable = defer and site["is_observed"] and not site["infer"].get("_map_site")  # data, not theta
+                features = _deferred_features(site["fn"], site["value"]) if deferrable else None
                 if features is not None:
                     site["_features"] = features
                     continue

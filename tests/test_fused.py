@@ -64,6 +64,16 @@ def with_a_covariate(x, age):
         pyro.sample("x", dist.MultivariateNormal(mu[z], cov[z]), obs=x)
 
 
+def with_a_prior(x):
+    """mu a point-estimated global latent under a Normal prior (MAP-EM): a sample site beside the data's."""
+    phi = pyro.param("phi", torch.full((2,), 0.5, dtype=D), constraint=constraints.simplex)
+    mu = pyro.sample("mu", dist.Normal(MU0, 10.0).to_event(2))
+    cov = pyro.param("cov", torch.cov(X.T).expand(2, 2, 2).clone(), constraint=constraints.positive_definite)
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Categorical(phi), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.MultivariateNormal(mu[z], cov[z]), obs=x)
+
+
 def two_gaussians(x):
     """Two Gaussian observations of each point under the same z: two deferred tables, no fused pass."""
     phi = pyro.param("phi", torch.full((2,), 0.5, dtype=D), constraint=constraints.simplex)
@@ -97,6 +107,7 @@ FUSED = {
     "diagonal: Normal(...).to_event(1)": (functools.partial(gmm.model, covariance_type="diag"), (X, 2)),
     "diagonal, float32 data": (functools.partial(gmm.model, covariance_type="diag"), (X.float(), 2)),
     "spherical": (functools.partial(gmm.model, covariance_type="spherical"), (X, 2)),
+    "a global latent under a prior (MAP-EM)": (with_a_prior, (X,)),
 }
 UNFUSED = {
     "two Gaussian sites": (two_gaussians, (X,), {}),
@@ -125,6 +136,7 @@ def _assert_same_e_step(em, args, monkeypatch=None, **options):
     tol = {"rtol": 1e-10, "atol": 1e-10} if plain.log_evidence.dtype == D else {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(fused.log_evidence, plain.log_evidence, rtol=min(1e-12, tol["rtol"] / 10), atol=0)
     torch.testing.assert_close(fused.objective, plain.objective, rtol=min(1e-12, tol["rtol"] / 10), atol=0)
+    torch.testing.assert_close(fused.log_prior, plain.log_prior, rtol=1e-12, atol=0)
     assert fused.weights.keys() == plain.weights.keys()
     for site, w in plain.weights.items():
         torch.testing.assert_close(fused.weights[site], w, **tol)
