@@ -192,49 +192,20 @@ def _mvn_parts(fn, value: torch.Tensor, above: int = -1):
     return x, inv, mu, log_norm, (params, x.shape[:-1], broadcast_shape(fn.batch_shape, value.shape[:-1]))
 
 
-def diag_normal_log_prob(base, value: torch.Tensor) -> Optional[torch.Tensor]:
+def diag_normal_log_prob(base, value: torch.Tensor, ws: Optional[Workspace] = None) -> Optional[torch.Tensor]:
     """``Normal(loc, scale).to_event(1).log_prob(value)`` for all (z, i), when parameters and data vary along
     different dimensions: one GEMM of the coefficients (P, 2d) with the data's diagonal features
-    [(x - c)^2, x - c] (2d, B) per block of rows, no (n, k, d) tensor:
+    [(x - c)^2, x - c] (2d, B) per block of rows, no (n, k, d) tensor (:class:`DiagonalFeatures`):
 
         log N(x | mu_z, diag sigma_z^2) = sum_a (-(1/2) (x_a - c_a)^2 / sigma_za^2 + (x_a - c_a) (mu_za - c_a) / sigma_za^2)
                                           - (1/2) sum_a (mu_za - c_a)^2 / sigma_za^2 - log_norm_z,
 
-    expanded about the data mean c so that the cancellation loses no more than the spread of the data
-    relative to sigma. float32 inputs are expanded in float64 (and the result, and its gradients, rounded
-    back). The table is laid out (P, N), each component's row contiguous, like :func:`mvn_log_prob`'s.
+    expanded about a centre c amid the data so that the cancellation loses no more than the spread of the
+    data relative to sigma. float32 inputs are expanded in float64 (and the result, and its gradients,
+    rounded back). The table is laid out (P, N), each component's row contiguous, like :func:`mvn_log_prob`'s.
     """
-    dtype = torch.promote_types(base.loc.dtype, value.dtype)
-    dt = torch.promote_types(dtype, torch.float64)
-    loc, scale, x = compact(base.loc).to(dt), compact(base.scale).to(dt), compact(value)
-    d = x.shape[-1]
-    params = broadcast_shape(loc.shape[:-1], scale.shape[:-1])
-    if loc.shape[-1] not in (1, d) or scale.shape[-1] not in (1, d) or overlap(params, x.shape[:-1]):
-        return None
-    rows = x.reshape(-1, d)  # (N, d)
-    c = rows.mean(0, dtype=dt)
-    prec = scale.expand(params + (d,)).reshape(-1, d).pow(-2)  # (P, d)
-    mc = loc.expand(params + (d,)).reshape(-1, d) - c
-    log_norm = scale.expand(params + (d,)).reshape(-1, d).log().sum(-1, keepdim=True) + 0.5 * d * math.log(2 * math.pi)
-    coef = torch.cat([-0.5 * prec, mc * prec], -1)  # (P, 2d)
-    const = -0.5 * (mc * mc * prec).sum(-1, keepdim=True) - log_norm  # (P, 1)
-    grad = torch.is_grad_enabled() and (coef.requires_grad or const.requires_grad)
-    step = max(64, FEATURE_ELEMENTS // (2 * d))
-    out = None if grad else torch.empty((coef.shape[0], rows.shape[0]), dtype=dtype, device=c.device)
-    parts = []
-    for start in range(0, rows.shape[0], step):
-        block = rows[start:start + step]
-        features = torch.empty((2 * d, block.shape[0]), dtype=dt, device=c.device)
-        torch.sub(block.T, c.reshape(d, 1), out=features[d:])
-        torch.mul(features[d:], features[d:], out=features[:d])
-        if grad:
-            parts.append(torch.addmm(const, coef, features))
-        elif dtype == dt:
-            torch.addmm(const, coef, features, out=out[:, start:start + step])
-        else:
-            out[:, start:start + step].copy_(torch.addmm(const, coef, features))
-    out = torch.cat(parts, 1).to(dtype) if grad else out  # (P, N)
-    return broadcast_layout(out, params, x.shape[:-1], broadcast_shape(base.batch_shape[:-1], value.shape[:-1]))
+    features = _diag_features(base, value)
+    return None if features is None else features.laid_out(features.table(ws))
 
 
 def broadcast_layout(table: torch.Tensor, params, data, batch_shape) -> torch.Tensor:
@@ -306,9 +277,13 @@ class GaussianFeatures:
         """T(x - c) (q + d, B) of rows start:stop; None where the form could cancel away digits there."""
         stats = self._features(self.rows[start:stop])
         cols = stats[-self.rows.shape[-1]:]  # max_i |x - c|^2 <= sum_a max_i (x_a - c_a)^2
-        if float(torch.maximum(cols.amax(1), -cols.amin(1)).square().sum()) * self.p_norm > 1e6:
+        if self.p_norm and float(torch.maximum(cols.amax(1), -cols.amin(1)).square().sum()) * self.p_norm > 1e6:
             return None
         return stats
+
+    def _rows_per_block(self) -> int:
+        """Rows per block of features: about ``FEATURE_ELEMENTS`` elements."""
+        return max(64, FEATURE_ELEMENTS // self.coef.shape[-1])
 
     def _log_density(self, stats: torch.Tensor, out: torch.Tensor) -> None:
         if out.dtype == self.c.dtype:
@@ -320,7 +295,7 @@ class GaussianFeatures:
         """The (K, N) table of log-densities (differentiable where the coefficients carry a graph)."""
         grad = torch.is_grad_enabled() and (self.coef.requires_grad or self.const.requires_grad)
         out = None if grad else new_table(ws, self.shape, self.dtype, self.c.device)
-        step, parts = _feature_rows(self.rows.shape[-1]), []
+        step, parts = self._rows_per_block(), []
         for start in range(0, self.shape[1], step):
             stats = self._block(start, start + step)
             if stats is None:
@@ -344,7 +319,7 @@ class GaussianFeatures:
         Returns (log p(x^(i)) (1, N), N (K,), the packed sums (K, q + d), in c's dtype); or None, with the
         tables part-written, where the form could cancel away digits (see the class).
         """
-        step = max(64, _feature_rows(self.rows.shape[-1]) // 2)  # measured: half the block of table()
+        step = max(64, self._rows_per_block() // 2)  # measured: half the block of table()
         wide = self.c.dtype
         scratch = None if total.dtype == wide else torch.empty((self.shape[0], step), dtype=wide, device=total.device)
         lse = torch.empty((1, self.shape[1]), dtype=total.dtype, device=total.device)
@@ -395,7 +370,7 @@ class DiagonalFeatures(GaussianFeatures):
         prec = scale.to(c.dtype).pow(-2)  # (K, d)
         mc = loc.to(c.dtype) - c
         log_norm = scale.to(c.dtype).log().sum(-1, keepdim=True) + 0.5 * d * math.log(2 * math.pi)
-        self.p_norm = float(prec.detach().max())  # (x - c)^T P (x - c) <= max_a 1 / sigma_a^2 |x - c|^2
+        self.p_norm = 0.0  # no bound on the cancellation: the diagonal form has always been taken as it is
         self.coef = torch.cat([-0.5 * prec, mc * prec], -1)  # (K, 2d)
         self.const = -0.5 * (mc * mc * prec).sum(-1, keepdim=True) - log_norm  # (K, 1)
         self.dtype, self.layout = dtype, layout
@@ -417,16 +392,22 @@ def diag_features(base, value: torch.Tensor) -> Optional[DiagonalFeatures]:
     """``Normal(loc, scale).to_event(1).log_prob(value)`` (``base`` the Normal) as a :class:`DiagonalFeatures`,
     not yet computed, where :func:`diag_normal_log_prob` computes it by its GEMM and the table has more than
     ``WHITEN_PAIRS`` pairs, with no gradient asked for; None elsewhere."""
+    features = _diag_features(base, value, above=WHITEN_PAIRS)
+    if features is None or torch.is_grad_enabled() and (features.coef.requires_grad or features.const.requires_grad):
+        return None
+    return features
+
+
+def _diag_features(base, value: torch.Tensor, above: int = -1) -> Optional[DiagonalFeatures]:
+    """The :class:`DiagonalFeatures` of ``Normal(loc, scale).to_event(1).log_prob(value)``; None where
+    parameters and data vary along a common dimension, or where the table has no more than ``above`` pairs."""
     dtype = torch.promote_types(base.loc.dtype, value.dtype)
     loc, scale, x = compact(base.loc), compact(base.scale), compact(value)
     d = x.shape[-1]
     params = broadcast_shape(loc.shape[:-1], scale.shape[:-1])
     if loc.shape[-1] not in (1, d) or scale.shape[-1] not in (1, d) or overlap(params, x.shape[:-1]) \
-            or math.prod(params) * (x.numel() // d) <= WHITEN_PAIRS:
-        return None
-    if torch.is_grad_enabled() and (loc.requires_grad or scale.requires_grad):
+            or math.prod(params) * (x.numel() // d) <= above:
         return None
     layout = (params, x.shape[:-1], broadcast_shape(base.batch_shape[:-1], value.shape[:-1]))
     return DiagonalFeatures(x, loc.expand(params + (d,)).reshape(-1, d), scale.expand(params + (d,)).reshape(-1, d),
                             dtype, layout)
-

@@ -20,7 +20,7 @@ def log_prob(fn, value: torch.Tensor, ws: Optional[Workspace] = None) -> torch.T
     if type(fn) is dist.Categorical:
         return _categorical_log_prob(fn, value)
     if has_gemm_path(fn) and value.dim() >= 1:
-        fast = mvn_log_prob(fn, value, ws) if type(fn) is dist.MultivariateNormal else diag_normal_log_prob(fn.base_dist, value)
+        fast = mvn_log_prob(fn, value, ws) if type(fn) is dist.MultivariateNormal else diag_normal_log_prob(fn.base_dist, value, ws)
         if fast is not None:
             return fast
     return fn.log_prob(value)
