@@ -37,7 +37,7 @@ from torch.distributions import transform_to
 from . import chunking as chunks_, closed_form, distributed as distributed_, sources
 from .checks import check_arguments, check_missing, check_observations
 from .diagnostics import degenerate_update_message, explain_failure, non_finite_loss_message
-from .fast import Replay, Workspace
+from .fast import Replay, StepTape, Workspace, signature
 from .gradient import (StalledError, expected_log_joint, gradient_m_step, stalled_message, stationary,
                        unconstrained_grads)
 from .plan import Plan, make_plan
@@ -162,8 +162,9 @@ class EM:
         self._chunks: Optional[chunks_.Chunking] = None  # how step() splits the data, once decided
         self._workspace = Workspace()  # chunk-sized tables, handed from chunk to chunk and step to step
         self._replay = Replay()  # the model's run on unchunked data, recorded and replayed (ppl_em.fast.replay)
+        self._tape = StepTape()  # whole closed-form steps on unchunked data, recorded and replayed (ppl_em.fast.tape)
         if not replay:
-            self._replay.off = "EM(..., replay=False)"
+            self._replay.off = self._tape.off = "EM(..., replay=False)"
         self._param_names: List[str] = []
         self._log_prior = 0.0
         self.iterations = 0  # steps completed
@@ -254,13 +255,19 @@ class EM:
             self.m_step(post, *args, **kwargs)
             return -float(post.objective + log_prior)
         pieces = chunking.split(args, kwargs)
-        kept: List[Dict[str, torch.Tensor]] = []  # the weights a second pass needs, per chunk
-        with self._validation(args, kwargs):
-            stats = Statistics.sum(self._summarize_chunk(a, k, kept) for a, k in self._workspace.chunks(pieces))  # E-step
-        self._check_objective(stats.objective, args, kwargs)
-        log_prior = self._log_prior + self._log_jacobian()  # log p(theta): a term of every chunk's trace, counted once
-        self._m_step_from(stats, pieces, kept)  # M-step
-        return -float(stats.objective + log_prior)
+
+        def closed_step() -> torch.Tensor:  # the step; its tensor operations may be replayed (ppl_em.fast.tape)
+            kept: List[Dict[str, torch.Tensor]] = []  # the weights a second pass needs, per chunk
+            with self._validation(args, kwargs):
+                stats = Statistics.sum(self._summarize_chunk(a, k, kept) for a, k in self._workspace.chunks(pieces))  # E-step
+            self._check_objective(stats.objective, args, kwargs)
+            log_prior = self._log_prior + self._log_jacobian()  # log p(theta): a term of every chunk's trace, counted once
+            self._m_step_from(stats, pieces, kept)  # M-step
+            return stats.objective + log_prior
+
+        model_run = lambda: (self._replay.off, id(self._replay.recording),  # noqa: E731
+                             self._replay.recording is not None and self._replay.recording.verified)
+        return -float(self._tape.step(closed_step, self._tape_key(args, kwargs), self._roots(), model_run))
 
     def _iterate_from_statistics(self, args, kwargs) -> float:
         """theta := maximize(s), s = the statistics of every batch of a source (summed over the processes)."""
@@ -268,6 +275,22 @@ class EM:
         log_prior = self._log_prior + self._log_jacobian()
         self.maximize(stats)  # M-step
         return -float(stats.objective + log_prior)
+
+    def _tape_key(self, args, kwargs):
+        """What a recorded step holds for (:mod:`ppl_em.fast.tape`): these very data, already validated, in
+        one chunk; this plan, with these closed forms and no second pass; these parameter tensors; these
+        options. None where steps are not replayed."""
+        plan = self.plan
+        seen = tuple((id(v), v._version) for v in list(args) + list(kwargs.values()) if torch.is_tensor(v))
+        if self._chunks.rows is not None or plan.second_pass or seen != self._validated:
+            return None
+        roots = tuple((n, id(t), t.shape, t.dtype, t.device) for n, t in self._roots().items())
+        return (signature(args), signature(kwargs), id(plan), tuple(plan.closed), tuple(plan.gradient),
+                roots, self.reg_covar, self.posterior, self.map_basis, torch.is_grad_enabled())
+
+    def _roots(self) -> Dict[str, torch.Tensor]:
+        unconstrained = dict(pyro.get_param_store().named_parameters())
+        return {n: unconstrained[n] for n in self._param_names if n in unconstrained}
 
     def _validation(self, args, kwargs):
         """Pyro's validation for the E-step's traces: on while these data (these very tensors, unchanged)

@@ -35,7 +35,7 @@ from pyro.poutine.trace_struct import Trace
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["Replay"]
+__all__ = ["Replay", "signature"]
 
 # Calls that read only a tensor's metadata: their non-tensor results do not depend on theta's values.
 _METADATA = {"dim", "size", "numel", "stride", "__len__", "is_floating_point", "is_complex", "is_contiguous",
@@ -214,15 +214,15 @@ class _Recording:
         return tr
 
 
-def _signature(value):
+def signature(value):
     """What identifies a model argument between steps: a tensor by identity and version (an in-place change
     shows), containers by their contents, numbers and strings by value, anything else by identity."""
     if torch.is_tensor(value):
         return ("tensor", id(value), value._version)
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__,) + tuple(_signature(v) for v in value)
+        return (type(value).__name__,) + tuple(signature(v) for v in value)
     if isinstance(value, dict):
-        return ("dict",) + tuple((k, _signature(v)) for k, v in value.items())
+        return ("dict",) + tuple((k, signature(v)) for k, v in value.items())
     if isinstance(value, (int, float, str, bool, type(None))):
         return value
     return ("object", id(value))
@@ -268,7 +268,7 @@ class Replay:
     def trace(self, run: Callable[[Dict[str, torch.Tensor]], Trace], args: tuple, kwargs: dict) -> Trace:
         if self.off is not None:
             return run({})
-        key = (_signature(args), _signature(kwargs), torch.is_grad_enabled())
+        key = (signature(args), signature(kwargs), torch.is_grad_enabled())
         rec = self.recording
         if rec is not None and rec.key == key and rec.refresh():
             if rec.verified:

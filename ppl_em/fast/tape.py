@@ -1,0 +1,256 @@
+"""A closed-form EM step, replayed: the tensor operations of the whole step, recorded once and rerun.
+
+At small n a step's arithmetic is a few hundred microseconds, and the Python around it (Pyro's
+handlers, the posterior's and the statistics' bookkeeping, the closed forms' dispatch, the checks)
+costs several times that. On the same data, under the same M-step plan, a closed-form step runs the
+same tensor operations in the same order at every iteration: only theta's values differ. So one
+step is *recorded*: under a ``TorchFunctionMode`` every torch operation that reads theta (the param
+store's unconstrained tensors), or a tensor made from it, directly or through a view, is kept with
+its arguments. A later step reruns only those operations, writing each result into the tensor the
+recorded step made (an in-place update of a parameter, the M-step's write, is rerun as it was):
+the parameters end where the step's own code would have put them, and the loss tensor holds
+-log p(x; theta) at the theta before the update. The algorithm's code is unchanged; the tape only
+skips the Python between its tensor operations.
+
+A replay is only as good as the recording, so nothing is trusted on faith:
+
+* every decision the step took from a tensor's value (``if not torch.isfinite(objective)``, ``if
+  bool(empty.any())``, a constraint's check before a parameter is written) is a *guard*: a replay
+  evaluates it again, and where it comes out otherwise the replay stops (before it has written any
+  parameter) and the step runs for real, which then raises its error or takes the other branch;
+* a step that reads any other value out of a tensor that depends on theta (``float(log_prior)``),
+  changes in place a tensor it read before that tensor depended on theta, or warns, is not
+  recorded: it runs for real every time (:attr:`StepTape.off` says why, where that is for good);
+* the first replay is checked against a real step from the same theta (every parameter and the loss
+  must be equal to the bit), at a theta other than the recorded one; otherwise the step runs for
+  real from then on;
+* a recording holds for one key (the data, by identity and version, the plan, the parameters'
+  tensors, the options): any change of it records afresh, at its second step.
+
+What the model and the engine do besides tensor operations (a model's print, counting its calls)
+happens at the recorded step only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from .replay import _METADATA, _SAFE_RESULTS, _Recorder, _mutates, _name, _targets
+
+__all__ = ["StepTape"]
+
+_GUARD, _COPY, _OUT, _TRY, _CALL = range(5)  # how a replay reruns a kept call (see _Tape.calls)
+_AUTOGRAD = {"grad", "backward", "vjp", "jvp"}
+_READS = {"__bool__", "equal", "is_nonzero"}  # value reads that become guards; every other read of a value refuses the recording
+
+
+def _storage(t: torch.Tensor) -> int:
+    return 0 if t.is_meta else t.untyped_storage().data_ptr()
+
+
+class _TapeRecorder(_Recorder):
+    """:class:`ppl_em.fast.replay._Recorder` for a whole step: a tensor that shares storage with a tracked
+    one is tracked too (the views the engine makes of a distribution's tensors between steps), a call that
+    changes a tracked tensor in place and returns nothing (``t[i] = v``) is kept, and ``bool(t)`` of a
+    tracked ``t`` is kept as a guard."""
+
+    def __init__(self, roots: Dict[str, torch.Tensor]) -> None:
+        super().__init__(roots)
+        self.storages = {_storage(t) for t in roots.values()}
+        self.storages.discard(0)
+
+    def _is_tracked(self, t: torch.Tensor) -> bool:
+        if super()._is_tracked(t):
+            return True
+        if _storage(t) in self.storages:  # alive: every tracked tensor is referenced, so the storage is not reused
+            self.tracked[id(t)] = t
+            return True
+        return False
+
+    def _keep(self, func, args, kwargs, result, before: List[tuple]) -> None:
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)]
+        outputs = tree_flatten(result)[0]
+        if _name(func) in _AUTOGRAD:  # a replay reruns the forward calls only, without autograd
+            self.problem = f"the step differentiates ({_name(func)}): autograd is not replayed"
+            return
+        if not any(torch.is_tensor(o) for o in outputs) and any(self._is_tracked(t) for t in inputs):
+            name = _name(func)
+            if _mutates(name, kwargs):
+                if self._track_target(name, args, kwargs):
+                    self.ops.append((func, args, kwargs, [], before))
+            elif name in _READS:
+                self.ops.append((_GUARD, func, args, kwargs, result))
+            elif name not in _METADATA and not all(isinstance(o, _SAFE_RESULTS) for o in outputs):
+                self.problem = f"the step reads a value out of a tensor that depends on the parameters ({name})"
+        else:
+            super()._keep(func, args, kwargs, result, before)
+            op = self.ops[-1] if self.ops else None
+            if torch.is_tensor(result) and op is not None and op[0] is func and op[1] is args and len(op[3]) == 1:
+                op[3][0] = (None, op[3][0][1])  # one tensor result: no flattening at a replay
+        for t in tree_flatten(result)[0] + inputs:
+            if torch.is_tensor(t) and id(t) in self.tracked:
+                self.storages.add(_storage(t))
+        self.storages.discard(0)
+
+
+
+
+class _Tape:
+    """One recorded step: its key, the parameters' tensors (roots), the kept calls and guards, the loss.
+
+    ``calls`` is what a replay runs, one entry per kept call: a guard ``(_GUARD, func, args, kwargs, expected)``;
+    a call with one new tensor result ``(_COPY, func, args, kwargs, old)`` (its result copied into ``old``, the
+    tensor the recorded step made) or ``(_OUT, func, args, kwargs)`` (``kwargs`` with ``out=old``: the result
+    written there directly, no copy) or ``(_TRY, ...)`` (``out=`` tried at the next replay, ``_COPY`` where the
+    function takes none); any other ``(_CALL, func, args, kwargs, fresh, before)``. A replay with ``out=``
+    that is not equal to the bit to the real step (another kernel) falls back to copies (:meth:`copies`).
+    """
+
+    def __init__(self, key, roots: Dict[str, torch.Tensor], ops: List[tuple], loss: torch.Tensor,
+                 start: Dict[str, torch.Tensor]) -> None:
+        self.key, self.roots, self.ops, self.loss, self.start = key, roots, ops, loss, start
+        self.verified = False
+        self.calls = [self._call(op, True) for op in ops]
+        self.direct = True  # whether some calls may write their results with out=
+
+    @staticmethod
+    def _call(op: tuple, direct: bool) -> tuple:
+        if op[0] == _GUARD:
+            return op
+        func, args, kwargs, fresh, before = op
+        if len(fresh) == 1 and fresh[0][0] is None and not before:
+            old = fresh[0][1]
+            alt = getattr(torch, _name(func), None) if direct and "out" not in kwargs else None
+            if callable(alt) and old.is_contiguous():
+                return (_TRY, alt, args, dict(kwargs, out=old), (func, args, kwargs, old))
+            return (_COPY, func, args, kwargs, old)
+        return (_CALL, func, args, kwargs, fresh, before)
+
+    def copies(self) -> None:
+        """Every result copied, none written with out= (after a replay that was not equal to a real step)."""
+        self.calls, self.direct = [self._call(op, False) for op in self.ops], False
+
+    def replay(self) -> Optional[torch.Tensor]:
+        """Rerun the step; the loss tensor, or None where a guard came out otherwise (nothing written yet)."""
+        calls = self.calls
+        with torch.no_grad():
+            for j, call in enumerate(calls):
+                kind = call[0]
+                if kind == _OUT:
+                    call[1](*call[2], **call[3])
+                elif kind == _COPY:
+                    call[4].copy_(call[1](*call[2], **call[3]))
+                elif kind == _GUARD:
+                    if call[1](*call[2], **call[3]) != call[4]:
+                        return None
+                elif kind == _TRY:
+                    try:
+                        call[1](*call[2], **call[3])
+                        calls[j] = (_OUT,) + call[1:4]
+                    except (TypeError, RuntimeError):  # no out= (a method without a function of its name, say)
+                        func, args, kwargs, old = call[4]
+                        calls[j] = (_COPY, func, args, kwargs, old)
+                        old.copy_(func(*args, **kwargs))
+                else:
+                    _, func, args, kwargs, fresh, before = call
+                    for target, value in before:
+                        target.copy_(value)
+                    result = func(*args, **kwargs)
+                    outputs = tree_flatten(result)[0]
+                    for i, old in fresh:
+                        old.copy_(outputs[i])
+        return self.loss
+
+    def values(self) -> List[torch.Tensor]:
+        return [r.detach().clone() for r in self.roots.values()]
+
+
+def _guards_first(ops: List[tuple], roots: Dict[str, torch.Tensor]) -> bool:
+    """Whether every guard comes before the first call that writes a parameter: a replay stopped by a guard
+    has then changed nothing that the real step reads."""
+    storages = {_storage(r) for r in roots.values()}
+    written = False
+    for op in ops:
+        if op[0] == _GUARD:
+            if written:
+                return False
+        elif _mutates(_name(op[0]), op[2]) and any(_storage(t) in storages for t in _targets(op[1], op[2])):
+            written = True
+    return True
+
+
+class StepTape:
+    """The closed-form steps of one EM object, recorded once per key and replayed (see the module docstring).
+
+    ``step(region, key, roots)`` returns what ``region()`` returns, the loss tensor of one step: from a
+    replay where a checked recording for ``key`` exists, else from ``region()`` itself, recorded where the
+    last recording was for another key (the key says that the data were seen before). ``roots`` are the
+    param store's unconstrained tensors that the step reads and writes, by name. A ``key`` of None: no
+    replay, and nothing recorded. ``state()`` says what else the step is made of (the model's replay): a
+    recording during which it changed is dropped, and made again at the next step.
+    """
+
+    def __init__(self) -> None:
+        self.tape: Optional[_Tape] = None
+        self.off: Optional[str] = None  # why steps are not replayed
+        self.replays = 0  # steps served by a replay (for tests and profiles)
+        self.misses = 0  # replays stopped by a guard (the step went another way)
+
+    def step(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor],
+             state: Callable[[], object] = lambda: None) -> torch.Tensor:
+        if self.off is not None or key is None:
+            return region()
+        tape = self.tape
+        if tape is not None and tape.key == key:
+            before = None if tape.verified else tape.values()
+            loss = tape.replay()
+            if loss is None:  # a guard: the step goes another way this time
+                self.misses += 1
+                return region()
+            if tape.verified:
+                self.replays += 1
+                return loss
+            return self._check(tape, region, before, loss.clone(), tape.values())
+        return self._record(region, key, roots, state)
+
+    def _record(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor],
+                state: Callable[[], object]) -> torch.Tensor:
+        self.tape = None
+        before = state()
+        recorder = _TapeRecorder(roots)
+        start = {n: r.detach().clone() for n, r in roots.items()}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with recorder:
+                loss = region()
+        for w in caught:  # the step's own warnings, as it gave them
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if state() != before:  # the step changed what it is made of (a model run recorded anew): no tape yet
+            return loss
+        if recorder.problem is None and not _guards_first(recorder.ops, roots):
+            recorder.problem = "the step decides from a tensor after it has written a parameter"
+        if recorder.problem is not None:
+            self.off = recorder.problem
+        elif not caught and torch.is_tensor(loss) and id(loss) in recorder.tracked:
+            self.tape = _Tape(key, roots, recorder.ops, loss, start)
+        return loss
+
+    def _check(self, tape: _Tape, region, before: List[torch.Tensor], loss: torch.Tensor,
+               after: List[torch.Tensor]) -> torch.Tensor:
+        """The first replay against a real step from the same theta; the real step's loss is returned."""
+        with torch.no_grad():
+            for root, value in zip(tape.roots.values(), before):
+                root.copy_(value)
+        real = region()
+        same = torch.equal(real.detach(), loss) and all(torch.equal(r, a) for r, a in zip(tape.roots.values(), after))
+        if not same and tape.direct:  # a function's out= variant may round otherwise: copies, checked again
+            tape.copies()
+        elif not same:
+            self.tape, self.off = None, "a replay of the recorded step differed from a real step"
+        elif any(not torch.equal(b, tape.start[n]) for n, b in zip(tape.roots, before)):
+            tape.verified = True  # checked at a theta other than the recorded one
+        return real

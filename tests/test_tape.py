@@ -1,0 +1,174 @@
+"""The replay of whole closed-form EM steps (ppl_em.fast.tape) against the steps themselves.
+
+Oracle: the same EM run with ``replay=False``, which runs every step's code (and the model) for real.
+A replayed run must follow it exactly (the same operations on the same numbers) on models written
+the ways users write them; a step that decides from a tensor otherwise than at its recording (an
+empty component, a failing update) must run for real; every change of the data, the parameters'
+tensors or the plan must be noticed; a step that cannot be replayed faithfully is never replayed.
+"""
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import ppl_em
+from ppl_em.models import gmm
+from ppl_em.svi import NonFiniteLossError
+
+from test_replay import COMPONENTS, MODELS, SHIFT, X, _script, reads_a_global, sized_elsewhere
+
+D = torch.float64
+STEPS = 10
+
+
+def _run(model, args, replay: bool, steps: int = STEPS, **options):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    em = ppl_em.EM(model, replay=replay, **options)
+    losses = [em.step(*args) for _ in range(steps)]
+    return losses, {n: v.detach().clone() for n, v in em.params.items()}, em
+
+
+def _assert_same_run(model, args, steps: int = STEPS, **options):
+    losses, params, em = _run(model, args, True, steps, **options)
+    ref_losses, ref_params, _ = _run(model, args, False, steps, **options)
+    assert losses == pytest.approx(ref_losses, rel=1e-13, abs=1e-13)
+    assert params.keys() == ref_params.keys()
+    for name, value in params.items():
+        torch.testing.assert_close(value, ref_params[name], rtol=1e-12, atol=1e-13)
+    return em
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_taped_run_follows_the_real_steps(name):
+    model, args, *options = MODELS[name]
+    em = _assert_same_run(model, args, **(options[0] if options else {}))
+    if em._tape.off is None and em.plan.gradient == [] and not em.plan.second_pass:
+        assert em._tape.replays >= STEPS - 6, (em._tape.off, em._tape.replays)
+
+
+def test_the_gmm_file_and_a_scale_tril_model_are_taped():
+    """The small fits that the tape is for: replayed from the fifth step on, checked once."""
+    for name in ("gmm model file", "scale_tril", "precision_matrix, logits"):
+        model, args = MODELS[name][:2]
+        em = _assert_same_run(model, args, steps=12)
+        assert em._tape.off is None and em._tape.tape.verified and em._tape.replays >= 6, (name, em._tape.off)
+
+
+def test_a_step_that_differentiates_is_not_taped():
+    """Hard EM's Q(z) is the gradient of a max-product (the probe trick): a replay, which reruns forward calls
+    only, cannot repeat it, so those steps run for real."""
+    em = _assert_same_run(gmm.model, (X, 3), posterior="hard")
+    assert "differentiates" in em._tape.off and em._tape.replays == 0
+
+
+def test_changed_data_parameters_and_shapes_are_recorded_again():
+    runs = []
+    for replay in (True, False):
+        pyro.clear_param_store()
+        COMPONENTS[0] = 2
+        em = ppl_em.EM(sized_elsewhere, replay=replay)
+        runs.append(_script(em, X.clone()))
+        if replay:
+            assert em._tape.off is None and em._tape.replays > 3
+    assert runs[0] == pytest.approx(runs[1], rel=1e-13)
+
+
+def test_a_tape_that_differs_from_the_real_step_at_its_check_is_turned_off():
+    """The tape is recorded at step 2 (the data were validated at step 1); the global changes before step 3,
+    whose check runs the step for real too: it differs, and once more with copies instead of out=, then the
+    steps run for real."""
+    x = torch.cat([torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=D) + 1,
+                   torch.randn(30, generator=torch.Generator().manual_seed(1), dtype=D) + 4])
+    runs = []
+    for replay in (True, False):
+        SHIFT[0] = 0.0
+        pyro.clear_param_store()
+        em = ppl_em.EM(reads_a_global, replay=replay)
+        em._replay.off = "runs the model at every step"  # the tape, not the model's replay, meets the change
+        losses = [em.step(x) for _ in range(2)]
+        if replay:
+            assert em._tape.tape is not None and not em._tape.tape.verified
+        SHIFT[0] = 0.5
+        with warnings.catch_warnings():  # other data behind the same tensor: EM's watch sees the loss rise
+            warnings.simplefilter("ignore", RuntimeWarning)
+            runs.append(losses + [em.step(x) for _ in range(4)])
+        if replay:
+            assert "differed from a real step" in em._tape.off and em._tape.replays == 0
+    SHIFT[0] = 0.0
+    assert runs[0] == pytest.approx(runs[1], rel=1e-13)
+
+
+def _two_clusters():
+    g = torch.Generator().manual_seed(0)
+    return torch.cat([torch.randn(40, 2, generator=g, dtype=D), torch.randn(40, 2, generator=g, dtype=D) + 6])
+
+
+def test_a_guard_that_comes_out_otherwise_runs_the_step_for_real():
+    """A component that empties (every point moved away from it) makes the closed form keep its old value: a
+    branch the recorded step did not take. The taped run must take it as the real one does."""
+    x = _two_clusters()
+    init = {"phi": torch.tensor([0.45, 0.45, 0.1], dtype=D),
+            "mu": torch.tensor([[0.0, 0.0], [6.0, 6.0], [3.0, 3.0]], dtype=D),
+            "Sigma": torch.eye(2, dtype=D).expand(3, 2, 2).clone()}
+
+    def run(replay):
+        pyro.clear_param_store()
+        em = ppl_em.EM(gmm.model, replay=replay)
+        losses = [em.step(x, 3, init) for _ in range(10)]
+        replayed = em._tape.replays
+        with torch.no_grad():  # the third component far from every point: it is empty at the next E-step
+            dict(pyro.get_param_store().named_parameters())["mu"][2] = torch.tensor([1e3, 1e3], dtype=D)
+        losses += [em.step(x, 3, init) for _ in range(4)]
+        assert not replay or replayed > 0
+        return losses, {n: v.detach().clone() for n, v in em.params.items()}, em
+
+    (taped, params, em), (real, ref, _) = run(True), run(False)
+    assert taped == pytest.approx(real, rel=1e-13)
+    for name in params:
+        torch.testing.assert_close(params[name], ref[name], rtol=1e-12, atol=1e-13)
+    assert em._tape.off is None and em._tape.misses >= 1
+
+
+def test_a_failing_step_raises_and_keeps_the_parameters_as_a_real_step_does():
+    """A guard (the objective's finiteness) stops the replay before any parameter is written; the real
+    step then raises its own error and restores theta."""
+    x = _two_clusters()
+    pyro.clear_param_store()
+    em = ppl_em.EM(gmm.model)
+    for _ in range(8):
+        em.step(x, 2)
+    assert em._tape.replays > 0
+    store = dict(pyro.get_param_store().named_parameters())
+    with torch.no_grad():
+        store["mu"][0, 0] = float("nan")
+    before = {n: v.detach().clone() for n, v in store.items()}
+    with pytest.raises(NonFiniteLossError):
+        em.step(x, 2)
+    for name, value in before.items():
+        assert torch.equal(value, store[name], ) or torch.isnan(value).any()
+        torch.testing.assert_close(store[name], value, equal_nan=True, rtol=0, atol=0)
+
+
+def prints_its_mean(x):
+    """A model that reads theta into Python each run: no step is recorded."""
+    mu = pyro.param("mu", torch.tensor([1.0, 4.0], dtype=D))
+    scale = float(mu.detach().abs().max()) / float(mu.detach().abs().max())  # 1.0, read out of theta
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(torch.ones(2, dtype=D) / 2), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.Normal(mu[z], scale), obs=x)
+
+
+def test_a_step_that_reads_a_value_out_of_theta_is_never_taped():
+    x = torch.cat([torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=D) + 1,
+                   torch.randn(30, generator=torch.Generator().manual_seed(1), dtype=D) + 4])
+    em = _assert_same_run(prints_its_mean, (x,))
+    assert em._tape.tape is None and em._tape.replays == 0
+
+
+def test_replay_false_runs_every_step():
+    _, _, em = _run(gmm.model, (X, 3), False)
+    assert em._tape.off == "EM(..., replay=False)" and em._tape.replays == 0
