@@ -99,7 +99,9 @@ class EM:
     replay : bool
         Whether steps on the same unchunked data may replay the model's recorded run instead of running
         it (:mod:`ppl_em.fast.replay`: the tensor operations from theta to the distributions, checked
-        once against a real run; the speed of small fits). This assumes that a run depends on nothing but
+        once against a real run; the speed of small fits), and a whole closed-form step its recorded tensor
+        operations (:mod:`ppl_em.fast.tape`: guarded by every decision the step takes from a tensor, checked
+        once against a real step). This assumes that a run depends on nothing but
         the arguments and the param store: a model that reads something else that changes between steps
         (a global temperature, say) should get it as an argument, or ``replay=False``.
 
