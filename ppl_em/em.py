@@ -164,6 +164,7 @@ class EM:
         self._chunks: Optional[chunks_.Chunking] = None  # how step() splits the data, once decided
         self._workspace = Workspace()  # chunk-sized tables, handed from chunk to chunk and step to step
         self._replay = Replay()  # the model's run on unchunked data, recorded and replayed (ppl_em.fast.replay)
+        self._taping = False  # whether the step under way is recorded or replayed by the tape
         self._tape = StepTape()  # whole closed-form steps on unchunked data, recorded and replayed (ppl_em.fast.tape)
         if not replay:
             self._replay.off = self._tape.off = "EM(..., replay=False)"
@@ -267,9 +268,12 @@ class EM:
             self._m_step_from(stats, pieces, kept)  # M-step
             return stats.objective + log_prior
 
-        model_run = lambda: (self._replay.off, id(self._replay.recording),  # noqa: E731
-                             self._replay.recording is not None and self._replay.recording.verified)
-        return -float(self._tape.step(closed_step, self._tape_key(args, kwargs), self._roots(), model_run))
+        key = self._tape_key(args, kwargs)
+        self._taping = key is not None and self._tape.off is None
+        try:
+            return -float(self._tape.step(closed_step, key, self._roots()))
+        finally:
+            self._taping = False
 
     def _iterate_from_statistics(self, args, kwargs) -> float:
         """theta := maximize(s), s = the statistics of every batch of a source (summed over the processes)."""
@@ -405,7 +409,8 @@ class EM:
 
     # -- E-step and M-step over chunks -------------------------------------------------------
     def _summarize_chunk(self, args, kwargs, kept: Optional[list]) -> Statistics:
-        replay = self._replay if self._chunks.rows is None else None  # a chunk's tensors are new at every step
+        # A chunk's tensors are new at every step; a step that the tape records or replays needs no model replay.
+        replay = self._replay if self._chunks.rows is None and not self._taping else None
         post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior, workspace=self._workspace,
                                leaves=self.plan.needs_graph, replay=replay)
         check_observations(post)

@@ -258,7 +258,7 @@ class GaussianFeatures:
         self.rows = x.reshape(-1, d)  # (N, d)
         self.c = c = centre(self.rows)
         inv = inv.to(c.dtype)
-        self.p_norm = float(inv.detach().square().sum((-1, -2)).max())
+        self.p_norm = inv.detach().square().sum((-1, -2)).max()  # a tensor: only the bound's test leaves torch
         precision = inv.transpose(-1, -2) @ inv  # (K, d, d)
         lc = mu.to(c.dtype) - c.reshape(1, d)  # (K, d)
         i, j = torch.triu_indices(d, d, device=c.device)
@@ -277,7 +277,7 @@ class GaussianFeatures:
         """T(x - c) (q + d, B) of rows start:stop; None where the form could cancel away digits there."""
         stats = self._features(self.rows[start:stop])
         cols = stats[-self.rows.shape[-1]:]  # max_i |x - c|^2 <= sum_a max_i (x_a - c_a)^2
-        if self.p_norm and float(torch.maximum(cols.amax(1), -cols.amin(1)).square().sum()) * self.p_norm > 1e6:
+        if self.p_norm is not None and bool(torch.maximum(cols.amax(1), -cols.amin(1)).square().sum() * self.p_norm > 1e6):
             return None
         return stats
 
@@ -370,7 +370,7 @@ class DiagonalFeatures(GaussianFeatures):
         prec = scale.to(c.dtype).pow(-2)  # (K, d)
         mc = loc.to(c.dtype) - c
         log_norm = scale.to(c.dtype).log().sum(-1, keepdim=True) + 0.5 * d * math.log(2 * math.pi)
-        self.p_norm = 0.0  # no bound on the cancellation: the diagonal form has always been taken as it is
+        self.p_norm = None  # no bound on the cancellation: the diagonal form has always been taken as it is
         self.coef = torch.cat([-0.5 * prec, mc * prec], -1)  # (K, 2d)
         self.const = -0.5 * (mc * mc * prec).sum(-1, keepdim=True) - log_norm  # (K, 1)
         self.dtype, self.layout = dtype, layout

@@ -33,70 +33,145 @@ happens at the recorded step only.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
-from torch.utils._pytree import tree_flatten
+from torch.overrides import TorchFunctionMode
 
-from .replay import _METADATA, _SAFE_RESULTS, _Recorder, _mutates, _name, _targets
+from .replay import _METADATA, _SAFE_RESULTS, _mutates, _name
 
 __all__ = ["StepTape"]
 
 _GUARD, _COPY, _OUT, _TRY, _CALL = range(5)  # how a replay reruns a kept call (see _Tape.calls)
 _AUTOGRAD = {"grad", "backward", "vjp", "jvp"}
+_IDENTITY = {"data_ptr", "untyped_storage", "get:is_meta", "get:is_sparse"}  # where, not what: the same at a replay
 _READS = {"__bool__", "equal", "is_nonzero"}  # value reads that become guards; every other read of a value refuses the recording
+
+
+def _caller() -> str:
+    """file:line of the innermost frame outside torch and this module (where a recording was refused)."""
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename == __file__ or "torch" + os.sep in frame.f_code.co_filename
+                                 or frame.f_code.co_filename.endswith("replay.py")):
+        frame = frame.f_back
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}" if frame is not None else "?"
 
 
 def _storage(t: torch.Tensor) -> int:
     return 0 if t.is_meta else t.untyped_storage().data_ptr()
 
 
-class _TapeRecorder(_Recorder):
-    """:class:`ppl_em.fast.replay._Recorder` for a whole step: a tensor that shares storage with a tracked
-    one is tracked too (the views the engine makes of a distribution's tensors between steps), a call that
-    changes a tracked tensor in place and returns nothing (``t[i] = v``) is kept, and ``bool(t)`` of a
-    tracked ``t`` is kept as a guard."""
+def _leaves(obj) -> list:
+    """The leaves of nested tuples, lists and dicts (their values), in torch's pytree order: the few shapes
+    that a torch call's arguments and results take, without the general pytree's cost per call."""
+    if isinstance(obj, (tuple, list)):
+        found = []
+        for item in obj:
+            if isinstance(item, (tuple, list, dict)):
+                found += _leaves(item)
+            else:
+                found.append(item)
+        return found
+    if isinstance(obj, dict):
+        return _leaves(list(obj.values()))
+    return [obj]
+
+
+def _targets(args, kwargs) -> List[torch.Tensor]:
+    """The tensors an in-place call writes: its ``out=``, else its first argument."""
+    return [t for t in _leaves(kwargs["out"] if "out" in kwargs else (args[:1] if args else ())) if torch.is_tensor(t)]
+
+
+class _TapeRecorder(TorchFunctionMode):
+    """Keeps every torch call of a step that reads a tracked tensor: a root, a tensor made from one, or one
+    that shares storage with a tracked tensor (the views the engine makes of a distribution's tensors).
+
+    A kept call is ``(func, args, kwargs, fresh, before)``, as in :mod:`ppl_em.fast.replay`: ``fresh`` pairs
+    the position of each new tensor result (None for a call's one tensor result) with that tensor; ``before``
+    holds the values that an in-place call's untracked targets had. ``bool(t)`` (and ``torch.equal``) of a
+    tracked ``t`` is kept as a guard, ``(_GUARD, func, args, kwargs, result)``."""
 
     def __init__(self, roots: Dict[str, torch.Tensor]) -> None:
-        super().__init__(roots)
-        self.storages = {_storage(t) for t in roots.values()}
-        self.storages.discard(0)
+        super().__init__()
+        self.tracked: Dict[int, torch.Tensor] = {id(t): t for t in roots.values()}  # the references keep ids unique
+        self.storages = {_storage(t) for t in roots.values()} - {0}
+        self.read: set = set()  # ids of untracked tensors that kept calls read (constants of the replay)
+        self.ops: List[tuple] = []
+        self.problem: Optional[str] = None
 
     def _is_tracked(self, t: torch.Tensor) -> bool:
-        if super()._is_tracked(t):
+        if id(t) in self.tracked:
             return True
-        if _storage(t) in self.storages:  # alive: every tracked tensor is referenced, so the storage is not reused
+        if _storage(t) in self.storages:  # alive: every tracked tensor is referenced, so its storage is not reused
             self.tracked[id(t)] = t
             return True
         return False
 
-    def _keep(self, func, args, kwargs, result, before: List[tuple]) -> None:
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)]
-        outputs = tree_flatten(result)[0]
-        if _name(func) in _AUTOGRAD:  # a replay reruns the forward calls only, without autograd
-            self.problem = f"the step differentiates ({_name(func)}): autograd is not replayed"
-            return
-        if not any(torch.is_tensor(o) for o in outputs) and any(self._is_tracked(t) for t in inputs):
-            name = _name(func)
-            if _mutates(name, kwargs):
-                if self._track_target(name, args, kwargs):
-                    self.ops.append((func, args, kwargs, [], before))
-            elif name in _READS:
-                self.ops.append((_GUARD, func, args, kwargs, result))
-            elif name not in _METADATA and not all(isinstance(o, _SAFE_RESULTS) for o in outputs):
-                self.problem = f"the step reads a value out of a tensor that depends on the parameters ({name})"
-        else:
-            super()._keep(func, args, kwargs, result, before)
-            op = self.ops[-1] if self.ops else None
-            if torch.is_tensor(result) and op is not None and op[0] is func and op[1] is args and len(op[3]) == 1:
-                op[3][0] = (None, op[3][0][1])  # one tensor result: no flattening at a replay
-        for t in tree_flatten(result)[0] + inputs:
-            if torch.is_tensor(t) and id(t) in self.tracked:
-                self.storages.add(_storage(t))
+    def _track(self, t: torch.Tensor) -> None:
+        self.tracked[id(t)] = t
+        self.storages.add(_storage(t))
         self.storages.discard(0)
 
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.problem is not None:
+            return func(*args, **kwargs)
+        name = _name(func)
+        if name in _AUTOGRAD:  # a replay reruns the forward calls only, without autograd
+            self.problem = f"the step differentiates ({name}): autograd is not replayed"
+            return func(*args, **kwargs)
+        inputs = [t for t in _leaves((args, kwargs)) if torch.is_tensor(t)]
+        tracked = [t for t in inputs if self._is_tracked(t)]
+        if not tracked:
+            return func(*args, **kwargs)
+        mutates = _mutates(name, kwargs)
+        before = [(t, t.detach().clone()) for t in _targets(args, kwargs) if not self._is_tracked(t)] if mutates else []
+        result = func(*args, **kwargs)
+        outputs = _leaves(result)
+        if mutates and not self._track_targets(name, args, kwargs):
+            return result
+        if not any(torch.is_tensor(o) for o in outputs):
+            if mutates:  # t[i] = v
+                self.ops.append((func, args, kwargs, [], before))
+            elif name in _READS:
+                self.ops.append((_GUARD, func, args, kwargs, result))
+            elif name not in _METADATA and name not in _IDENTITY and not all(isinstance(o, _SAFE_RESULTS) for o in outputs):
+                self.problem = (f"the step reads a value out of a tensor that depends on the parameters ({name}, "
+                                f"at {_caller()})")
+            return result
+        followed = {_storage(t) for t in tracked}
+        constant = {_storage(t) for t in inputs} - followed - {0}
+        fresh = []
+        for i, out in enumerate(outputs):
+            if not torch.is_tensor(out) or id(out) in self.tracked:
+                continue
+            storage = _storage(out)
+            if storage in constant:  # a view of a constant argument (broadcast beside a tracked one)
+                continue
+            self._track(out)
+            if storage not in followed:  # a view of a tracked argument follows it by itself
+                fresh.append((i, out))
+        self.read.update(id(t) for t in inputs if id(t) not in self.tracked)
+        if fresh or mutates:
+            if len(fresh) == 1 and torch.is_tensor(result):
+                fresh = [(None, fresh[0][1])]  # the call's one result: no flattening at a replay
+            self.ops.append((func, args, kwargs, fresh, before))
+        return result
 
+    def _track_targets(self, name: str, args, kwargs) -> bool:
+        """An in-place call writes theta into its targets, tracked from then on; refused (False) for a target
+        that kept calls read before, as a constant."""
+        for t in _targets(args, kwargs):
+            if not self._is_tracked(t):
+                if id(t) in self.read:
+                    self.problem = (f"the step changes in place ({name}) a tensor that it read before that tensor "
+                                    "depended on the parameters")
+                    return False
+                self._track(t)
+        return True
 
 
 class _Tape:
@@ -160,9 +235,9 @@ class _Tape:
                     for target, value in before:
                         target.copy_(value)
                     result = func(*args, **kwargs)
-                    outputs = tree_flatten(result)[0]
+                    outputs = [result] if fresh and fresh[0][0] is None else _leaves(result)
                     for i, old in fresh:
-                        old.copy_(outputs[i])
+                        old.copy_(outputs[i or 0])
         return self.loss
 
     def values(self) -> List[torch.Tensor]:
@@ -190,8 +265,7 @@ class StepTape:
     replay where a checked recording for ``key`` exists, else from ``region()`` itself, recorded where the
     last recording was for another key (the key says that the data were seen before). ``roots`` are the
     param store's unconstrained tensors that the step reads and writes, by name. A ``key`` of None: no
-    replay, and nothing recorded. ``state()`` says what else the step is made of (the model's replay): a
-    recording during which it changed is dropped, and made again at the next step.
+    replay, and nothing recorded.
     """
 
     def __init__(self) -> None:
@@ -200,8 +274,7 @@ class StepTape:
         self.replays = 0  # steps served by a replay (for tests and profiles)
         self.misses = 0  # replays stopped by a guard (the step went another way)
 
-    def step(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor],
-             state: Callable[[], object] = lambda: None) -> torch.Tensor:
+    def step(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor]) -> torch.Tensor:
         if self.off is not None or key is None:
             return region()
         tape = self.tape
@@ -215,12 +288,10 @@ class StepTape:
                 self.replays += 1
                 return loss
             return self._check(tape, region, before, loss.clone(), tape.values())
-        return self._record(region, key, roots, state)
+        return self._record(region, key, roots)
 
-    def _record(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor],
-                state: Callable[[], object]) -> torch.Tensor:
+    def _record(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor]) -> torch.Tensor:
         self.tape = None
-        before = state()
         recorder = _TapeRecorder(roots)
         start = {n: r.detach().clone() for n, r in roots.items()}
         with warnings.catch_warnings(record=True) as caught:
@@ -229,8 +300,6 @@ class StepTape:
                 loss = region()
         for w in caught:  # the step's own warnings, as it gave them
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if state() != before:  # the step changed what it is made of (a model run recorded anew): no tape yet
-            return loss
         if recorder.problem is None and not _guards_first(recorder.ops, roots):
             recorder.problem = "the step decides from a tensor after it has written a parameter"
         if recorder.problem is not None:
