@@ -38,6 +38,7 @@ from . import chunking as chunks_, closed_form, distributed as distributed_, sou
 from .checks import check_arguments, check_missing, check_observations
 from .diagnostics import degenerate_update_message, explain_failure, non_finite_loss_message
 from .fast import Replay, StepTape, Workspace, signature
+from .fast.tape import TAPE_ELEMENTS
 from .gradient import (StalledError, expected_log_joint, gradient_m_step, stalled_message, stationary,
                        unconstrained_grads)
 from .plan import Plan, make_plan
@@ -290,6 +291,8 @@ class EM:
         seen = tuple((id(v), v._version) for v in list(args) + list(kwargs.values()) if torch.is_tensor(v))
         if self._chunks.rows is not None or plan.second_pass or seen != self._validated:
             return None
+        if sum(v.numel() for v in list(args) + list(kwargs.values()) if torch.is_tensor(v)) > TAPE_ELEMENTS:
+            return None  # large data: the step's Python is a small part of it, and a tape would keep its tables
         roots = tuple((n, id(t), t.shape, t.dtype, t.device) for n, t in self._roots().items())
         return (signature(args), signature(kwargs), id(plan), tuple(plan.closed), tuple(plan.gradient),
                 roots, self.reg_covar, self.posterior, self.map_basis, torch.is_grad_enabled())

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import ppl_em
+import ppl_em.em
 from ppl_em.models import gmm
+from ppl_em.fast import tape as tape_module
 from ppl_em.svi import NonFiniteLossError
 
 from test_replay import COMPONENTS, MODELS, SHIFT, X, _script, reads_a_global, sized_elsewhere
@@ -172,3 +174,36 @@ def test_a_step_that_reads_a_value_out_of_theta_is_never_taped():
 def test_replay_false_runs_every_step():
     _, _, em = _run(gmm.model, (X, 3), False)
     assert em._tape.off == "EM(..., replay=False)" and em._tape.replays == 0
+
+
+def test_large_data_is_not_recorded(monkeypatch):
+    """Beyond TAPE_ELEMENTS the step's Python is a small part of it: no recording, no tables kept."""
+    monkeypatch.setattr(ppl_em.em, "TAPE_ELEMENTS", X.numel() - 1)
+    _, _, em = _run(gmm.model, (X, 3), True)
+    assert em._tape.tape is None and em._tape.off is None and em._tape.replays == 0
+
+
+def test_a_recording_that_would_keep_too_much_memory_is_refused(monkeypatch):
+    monkeypatch.setattr(tape_module, "TAPE_BYTES", 1024)
+    em = _assert_same_run(gmm.model, (X, 3))
+    assert "MB of the step's tables" in em._tape.off and em._tape.replays == 0
+
+
+def warns_each_run(x):
+    """A model that warns at every run: a replay would not warn, so no step is replayed."""
+    warnings.warn("a model's own warning", UserWarning)
+    mu = pyro.param("mu", torch.tensor([1.0, 4.0], dtype=D))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(torch.ones(2, dtype=D) / 2), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+
+
+def test_a_step_that_warns_is_not_replayed_and_keeps_warning():
+    x = torch.cat([torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=D) + 1,
+                   torch.randn(30, generator=torch.Generator().manual_seed(1), dtype=D) + 4])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        em = _assert_same_run(warns_each_run, (x,))
+    ours = [w for w in caught if "a model's own warning" in str(w.message)]
+    assert len(ours) >= 2 * STEPS  # every step of both runs warned (some ran the model more than once)
+    assert "the step warns" in em._tape.off and em._tape.replays == 0

@@ -43,8 +43,10 @@ from torch.overrides import TorchFunctionMode
 
 from .replay import _METADATA, _SAFE_RESULTS, _mutates, _name
 
-__all__ = ["StepTape"]
+__all__ = ["StepTape", "TAPE_BYTES", "TAPE_ELEMENTS"]
 
+TAPE_ELEMENTS = 2 ** 20  # the largest data (elements of the tensor arguments) whose steps are recorded
+TAPE_BYTES = 64 * 2 ** 20  # the most memory a recording may keep alive (its tables)
 _GUARD, _COPY, _OUT, _TRY, _CALL = range(5)  # how a replay reruns a kept call (see _Tape.calls)
 _AUTOGRAD = {"grad", "backward", "vjp", "jvp"}
 _IDENTITY = {"data_ptr", "untyped_storage", "get:is_meta", "get:is_sparse"}  # where, not what: the same at a replay
@@ -244,6 +246,19 @@ class _Tape:
         return [r.detach().clone() for r in self.roots.values()]
 
 
+def _held_bytes(ops: List[tuple]) -> int:
+    """The memory that a recording keeps alive: the new tensors its calls made, and the copies it restores."""
+    seen, total = set(), 0
+    for op in ops:
+        if op[0] == _GUARD:
+            continue
+        for t in [old for _, old in op[3]] + [value for _, value in op[4]]:
+            if id(t) not in seen and not t.is_meta:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
 def _guards_first(ops: List[tuple], roots: Dict[str, torch.Tensor]) -> bool:
     """Whether every guard comes before the first call that writes a parameter: a replay stopped by a guard
     has then changed nothing that the real step reads."""
@@ -273,6 +288,7 @@ class StepTape:
         self.off: Optional[str] = None  # why steps are not replayed
         self.replays = 0  # steps served by a replay (for tests and profiles)
         self.misses = 0  # replays stopped by a guard (the step went another way)
+        self.warned = 0  # recordings dropped because the step warned
 
     def step(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor]) -> torch.Tensor:
         if self.off is not None or key is None:
@@ -302,9 +318,17 @@ class StepTape:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if recorder.problem is None and not _guards_first(recorder.ops, roots):
             recorder.problem = "the step decides from a tensor after it has written a parameter"
+        held = _held_bytes(recorder.ops)
+        if recorder.problem is None and held > TAPE_BYTES:
+            recorder.problem = (f"a recording would keep {held / 2 ** 20:.0f} MB of the step's tables "
+                                f"(at most {TAPE_BYTES / 2 ** 20:.0f} MB): at this size the step's own Python is a small part of it")
         if recorder.problem is not None:
             self.off = recorder.problem
-        elif not caught and torch.is_tensor(loss) and id(loss) in recorder.tracked:
+        elif caught:
+            self.warned += 1
+            if self.warned >= 2:  # not a passing warning: no recording will be made
+                self.off = f"the step warns ({caught[0].category.__name__}: {caught[0].message})"
+        elif torch.is_tensor(loss) and id(loss) in recorder.tracked:
             self.tape = _Tape(key, roots, recorder.ops, loss, start)
         return loss
 
