@@ -285,15 +285,16 @@ class EM:
 
     def _tape_key(self, args, kwargs):
         """What a recorded step holds for (:mod:`ppl_em.fast.tape`): these very data, already validated, in
-        one chunk; this plan, with these closed forms and no second pass; these parameter tensors; these
-        options. None where steps are not replayed."""
+        one chunk; this plan, with these closed forms and no second pass; parameters of these names, shapes
+        and constraints; these options. None where steps are not replayed."""
         plan = self.plan
         seen = tuple((id(v), v._version) for v in list(args) + list(kwargs.values()) if torch.is_tensor(v))
         if self._chunks.rows is not None or plan.second_pass or seen != self._validated:
             return None
         if sum(v.numel() for v in list(args) + list(kwargs.values()) if torch.is_tensor(v)) > TAPE_ELEMENTS:
             return None  # large data: the step's Python is a small part of it, and a tape would keep its tables
-        roots = tuple((n, id(t), t.shape, t.dtype, t.device) for n, t in self._roots().items())
+        constraints = pyro.get_param_store()._constraints  # (a restart fills a cleared store with new tensors)
+        roots = tuple((n, t.shape, t.dtype, t.device, str(constraints.get(n))) for n, t in self._roots().items())
         return (signature(args), signature(kwargs), id(plan), tuple(plan.closed), tuple(plan.gradient),
                 roots, self.reg_covar, self.posterior, self.map_basis, torch.is_grad_enabled())
 

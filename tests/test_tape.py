@@ -207,3 +207,35 @@ def test_a_step_that_warns_is_not_replayed_and_keeps_warning():
     ours = [w for w in caught if "a model's own warning" in str(w.message)]
     assert len(ours) >= 2 * STEPS  # every step of both runs warned (some ran the model more than once)
     assert "the step warns" in em._tape.off and em._tape.replays == 0
+
+
+def test_restarts_on_a_cleared_param_store_replay_the_same_recording():
+    """fit(..., n_init=...) clears the param store for every restart: new tensors of the same names, shapes and
+    constraints. The recording holds for them (their values go in and out of it), and the restarts follow the
+    real steps."""
+    runs, tapes = [], []
+    for replay in (True, False):
+        em, losses = ppl_em.EM(gmm.model, replay=replay), []
+        for seed in range(3):
+            pyro.clear_param_store()
+            em.reset()
+            pyro.param("mu", X[[seed, 100 + seed, 200 + seed]].clone())  # the store's value over the file's own start
+            losses += [em.step(X, 3) for _ in range(6)]
+            tapes.append(em._tape.tape)
+        runs.append((losses, {n: v.detach().clone() for n, v in em.params.items()}))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-13)
+    for name, value in runs[0][1].items():
+        torch.testing.assert_close(value, runs[1][1][name], rtol=1e-12, atol=1e-13)
+    assert tapes[0] is tapes[1] is tapes[2] is not None  # recorded once, in the first restart
+
+
+def test_fit_with_restarts_equals_the_real_steps():
+    results = []
+    for replay in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)  # 15 iterations: not converged, by design
+            results.append(ppl_em.fit(gmm.model, X, 3, n_init=3, max_iter=15, progress=False, seed=0,
+                                      em_options={"replay": replay}))
+    assert results[0].log_likelihood == pytest.approx(results[1].log_likelihood, rel=1e-12)
+    for name, value in results[0].params.items():
+        torch.testing.assert_close(value, results[1].params[name], rtol=1e-10, atol=1e-12)

@@ -242,8 +242,22 @@ class _Tape:
                         old.copy_(outputs[i or 0])
         return self.loss
 
-    def values(self) -> List[torch.Tensor]:
-        return [r.detach().clone() for r in self.roots.values()]
+    def run(self, roots: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """:meth:`replay` on the param store's tensors ``roots``: where they are not the recorded ones (the
+        store cleared and filled again for a restart, the same names, shapes and constraints), their values
+        go into the recorded tensors first, and the results back into them after."""
+        own = self.roots
+        rebound = any(own[n] is not roots[n] for n in own)
+        if rebound:
+            with torch.no_grad():
+                for name, root in own.items():
+                    root.copy_(roots[name])
+        loss = self.replay()
+        if loss is not None and rebound:
+            with torch.no_grad():
+                for name, root in own.items():
+                    roots[name].copy_(root)
+        return loss
 
 
 def _held_bytes(ops: List[tuple]) -> int:
@@ -295,15 +309,15 @@ class StepTape:
             return region()
         tape = self.tape
         if tape is not None and tape.key == key:
-            before = None if tape.verified else tape.values()
-            loss = tape.replay()
+            before = None if tape.verified else _values(roots)
+            loss = tape.run(roots)
             if loss is None:  # a guard: the step goes another way this time
                 self.misses += 1
                 return region()
             if tape.verified:
                 self.replays += 1
                 return loss
-            return self._check(tape, region, before, loss.clone(), tape.values())
+            return self._check(tape, region, roots, before, loss.clone())
         return self._record(region, key, roots)
 
     def _record(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -332,18 +346,23 @@ class StepTape:
             self.tape = _Tape(key, roots, recorder.ops, loss, start)
         return loss
 
-    def _check(self, tape: _Tape, region, before: List[torch.Tensor], loss: torch.Tensor,
-               after: List[torch.Tensor]) -> torch.Tensor:
+    def _check(self, tape: _Tape, region, roots: Dict[str, torch.Tensor], before: List[torch.Tensor],
+               loss: torch.Tensor) -> torch.Tensor:
         """The first replay against a real step from the same theta; the real step's loss is returned."""
+        after = _values(roots)
         with torch.no_grad():
-            for root, value in zip(tape.roots.values(), before):
+            for root, value in zip(roots.values(), before):
                 root.copy_(value)
         real = region()
-        same = torch.equal(real.detach(), loss) and all(torch.equal(r, a) for r, a in zip(tape.roots.values(), after))
+        same = torch.equal(real.detach(), loss) and all(torch.equal(r, a) for r, a in zip(roots.values(), after))
         if not same and tape.direct:  # a function's out= variant may round otherwise: copies, checked again
             tape.copies()
         elif not same:
             self.tape, self.off = None, "a replay of the recorded step differed from a real step"
-        elif any(not torch.equal(b, tape.start[n]) for n, b in zip(tape.roots, before)):
+        elif any(not torch.equal(b, tape.start[n]) for n, b in zip(roots, before)):
             tape.verified = True  # checked at a theta other than the recorded one
         return real
+
+
+def _values(roots: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+    return [r.detach().clone() for r in roots.values()]
