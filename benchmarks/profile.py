@@ -7,8 +7,9 @@ Usage (from the repository root)::
 
 For each workload (``ppl_em.models.gmm``, full covariances, float64, from the model file's start):
 
-* the wall time of ``EM.step`` (median and spread of repeated steps), of its E-step half
-  (``EM.summarize``) and of its M-step half (``EM.maximize``), measured without a profiler;
+* the wall time of ``EM.step`` (median and spread of repeated steps: at B5's size, steps replayed by
+  :mod:`ppl_em.fast.tape`), of its E-step half (``EM.summarize``) and of its M-step half
+  (``EM.maximize``), called on their own (not replayed), measured without a profiler;
 * per step, the process's user and system CPU seconds and its minor and major page faults
   (``getrusage``): a slow phase of a shared machine shows up as system time and faults;
 * the self time of every function under cProfile, grouped by the layer it belongs to (Pyro's trace
@@ -52,6 +53,7 @@ LAYERS: List[Tuple[str, str, Tuple[str, ...]]] = [
     ("model file", "the user's Pyro program", ("/models/",)),
     ("distributions", "construction, validation, log_prob", ("torch/distributions/", "pyro/distributions/")),
     ("Pyro", "trace, messengers, plates, enumeration", ("pyro/",)),
+    ("ppl_em step tape", "a whole closed-form step replayed (its torch calls)", ("ppl_em/fast/tape.py",)),
     ("ppl_em fast/", "GEMM log-densities, packed features, posterior tables", ("ppl_em/fast/",)),
     ("ppl_em E-step", "enumeration, contraction, probe gradients", ("ppl_em/posterior.py", "ppl_em/chains.py")),
     ("ppl_em M-step", "statistics, scatter, closed forms",
