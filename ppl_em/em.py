@@ -173,6 +173,7 @@ class EM:
         self._log_prior = 0.0
         self.iterations = 0  # steps completed
         self._validated: tuple = ()  # the data (ids and versions of the tensor arguments) already validated
+        self._validated_data: list = []  # those tensors, held: no other tensor takes their ids while the key stands
         self._last = None  # (data, loss, parameters after) of the last step, for the objective's watch (_watch)
 
     # -- the algorithm -----------------------------------------------------------------------
@@ -214,7 +215,7 @@ class EM:
         """EM's objective never falls from one step to the next on the same data (the loss never rises),
         so a fall says that a closed form accepted at the plan's starting point does not hold here (an
         update right for some parameter values only): the plan is made and checked again at the next step."""
-        data = tuple((id(v), v._version) for v in list(args) + list(kwargs.values()) if torch.is_tensor(v))
+        data = _data_key(args, kwargs)
         last = self._last
         untouched = last is not None and last[0] == data and before.keys() == last[2].keys() and all(
             torch.equal(v, last[2][n]) for n, v in before.items())
@@ -288,7 +289,7 @@ class EM:
         one chunk; this plan, with these closed forms and no second pass; parameters of these names, shapes
         and constraints; these options. None where steps are not replayed."""
         plan = self.plan
-        seen = tuple((id(v), v._version) for v in list(args) + list(kwargs.values()) if torch.is_tensor(v))
+        seen = _data_key(args, kwargs)
         if self._chunks.rows is not None or plan.second_pass or seen != self._validated:
             return None
         if sum(v.numel() for v in list(args) + list(kwargs.values()) if torch.is_tensor(v)) > TAPE_ELEMENTS:
@@ -306,10 +307,11 @@ class EM:
         """Pyro's validation for the E-step's traces: on while these data (these very tensors, unchanged)
         have not been through a step yet, off after: the data were checked, and the parameters are checked
         when an M-step writes them (a distribution's own checks would repeat both at every step)."""
-        seen = tuple((id(v), v._version) for v in list(args) + list(kwargs.values()) if torch.is_tensor(v))
+        seen = _data_key(args, kwargs)
         if seen == self._validated:
             return pyro.validation_enabled(False)
         self._validated = seen
+        self._validated_data = [v for v in list(args) + list(kwargs.values()) if torch.is_tensor(v)]  # (ids stay theirs)
         return contextlib.nullcontext()
 
     def _check_objective(self, objective: torch.Tensor, args, kwargs) -> None:
@@ -361,7 +363,8 @@ class EM:
         if sources.find(args, kwargs) is not None:
             raise ValueError("e_step holds Q(z) of all the data at once, which a data source does not fit; use "
                              "em.summarize(...) or em.step(...) on the source, or e_step on one batch.")
-        check_arguments(args, kwargs, self.missing)
+        if _data_key(args, kwargs) != self._validated:  # data already through a step, unchanged, were checked
+            check_arguments(args, kwargs, self.missing)
         if self.structure is None:
             self.structure = inspect_model(self.model, args, kwargs)
         post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior)
@@ -444,7 +447,8 @@ class EM:
     def _prepare(self, args, kwargs, plan: bool = True) -> chunks_.Chunking:
         """Inspect the model once; decide (once per data shape) how step() chunks the data; make the plan
         (once per model and parameter shapes: it holds for data of any number of rows)."""
-        check_arguments(args, kwargs, self.missing)
+        if _data_key(args, kwargs) != self._validated:  # data already through a step, unchanged, were checked
+            check_arguments(args, kwargs, self.missing)
         if self.structure is None:
             self.structure = inspect_model(self.model, args, kwargs)
         sig = chunks_.signature(args, kwargs)
@@ -671,6 +675,11 @@ class _StoreValues(Mapping):
 
     def __len__(self) -> int:
         return len(pyro.get_param_store().keys())
+
+
+def _data_key(args, kwargs) -> tuple:
+    """The tensor arguments by identity and version: equal while these very tensors are unchanged."""
+    return tuple((id(v), v._version) for v in list(args) + list(kwargs.values()) if torch.is_tensor(v))
 
 
 def _shapes(names: List[str]) -> Dict[str, tuple]:

@@ -239,3 +239,22 @@ def test_fit_with_restarts_equals_the_real_steps():
     assert results[0].log_likelihood == pytest.approx(results[1].log_likelihood, rel=1e-12)
     for name, value in results[0].params.items():
         torch.testing.assert_close(value, results[1].params[name], rtol=1e-10, atol=1e-12)
+
+
+def test_data_changed_after_replayed_steps_are_checked_again():
+    """A NaN written into the data in place (a new version), or new data: the check of the arguments runs
+    again (it is skipped only for the very tensors already through a step, unchanged)."""
+    x = X.clone()
+    pyro.clear_param_store()
+    em = ppl_em.EM(gmm.model)
+    for _ in range(6):
+        em.step(x, 3)
+    assert em._tape.replays > 0
+    x[5, 1] = float("nan")
+    with pytest.raises(ValueError, match="argument 0"):
+        em.step(x, 3)
+    y = X.clone()
+    y[7, 0] = float("inf")
+    with pytest.raises((ValueError, NonFiniteLossError), match="data index 7|index \\(7, 0\\)"):
+        em.step(y, 3)
+    assert all(torch.isfinite(v).all() for v in em.params.values())  # nothing lost
