@@ -19,13 +19,16 @@ A replay is only as good as the recording, so nothing is trusted on faith:
   evaluates it again, and where it comes out otherwise the replay stops (before it has written any
   parameter) and the step runs for real, which then raises its error or takes the other branch;
 * a step that reads any other value out of a tensor that depends on theta (``float(log_prior)``),
-  changes in place a tensor it read before that tensor depended on theta, or warns, is not
-  recorded: it runs for real every time (:attr:`StepTape.off` says why, where that is for good);
+  changes in place a tensor it read before that tensor depended on theta, differentiates (autograd
+  is not replayed), warns (at two recordings), or would keep more than :data:`TAPE_BYTES` of tables
+  alive, is not recorded: it runs for real every time (:attr:`StepTape.off` says why);
 * the first replay is checked against a real step from the same theta (every parameter and the loss
   must be equal to the bit), at a theta other than the recorded one; otherwise the step runs for
   real from then on;
-* a recording holds for one key (the data, by identity and version, the plan, the parameters'
-  tensors, the options): any change of it records afresh, at its second step.
+* a recording holds for one key (the data, by identity and version, the plan, the parameters' names,
+  shapes and constraints, the options): any change of it records afresh. A restart's cleared param
+  store holds new tensors under the same names: their values go into the recorded tensors before a
+  replay and the results back after it.
 
 What the model and the engine do besides tensor operations (a model's print, counting its calls)
 happens at the recorded step only.
