@@ -273,7 +273,7 @@ class EM:
         key = self._tape_key(args, kwargs)
         self._taping = key is not None and self._tape.off is None
         try:
-            return -float(self._tape.step(closed_step, key, self._roots()))
+            return -float(self._tape.step(closed_step, key, self._roots(), (args, kwargs, self.plan)))
         finally:
             self._taping = False
 

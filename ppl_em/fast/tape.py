@@ -194,6 +194,7 @@ class _Tape:
                  start: Dict[str, torch.Tensor]) -> None:
         self.key, self.roots, self.ops, self.loss, self.start = key, roots, ops, loss, start
         self.verified = False
+        self.pins: tuple = ()
         self.calls = [self._call(op, True) for op in ops]
         self.direct = True  # whether some calls may write their results with out=
 
@@ -297,7 +298,8 @@ class StepTape:
     replay where a checked recording for ``key`` exists, else from ``region()`` itself, recorded where the
     last recording was for another key (the key says that the data were seen before). ``roots`` are the
     param store's unconstrained tensors that the step reads and writes, by name. A ``key`` of None: no
-    replay, and nothing recorded.
+    replay, and nothing recorded. ``pins``: the objects whose ids ``key`` holds (the data), kept alive with
+    the recording.
     """
 
     def __init__(self) -> None:
@@ -307,7 +309,8 @@ class StepTape:
         self.misses = 0  # replays stopped by a guard (the step went another way)
         self.warned = 0  # recordings dropped because the step warned
 
-    def step(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def step(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor],
+             pins: tuple = ()) -> torch.Tensor:
         if self.off is not None or key is None:
             return region()
         tape = self.tape
@@ -321,7 +324,10 @@ class StepTape:
                 self.replays += 1
                 return loss
             return self._check(tape, region, roots, before, loss.clone())
-        return self._record(region, key, roots)
+        loss = self._record(region, key, roots)
+        if self.tape is not None:
+            self.tape.pins = pins  # the objects whose ids the key holds: no other object takes them meanwhile
+        return loss
 
     def _record(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor]) -> torch.Tensor:
         self.tape = None
