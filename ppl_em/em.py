@@ -270,10 +270,11 @@ class EM:
             self._m_step_from(stats, pieces, kept)  # M-step
             return stats.objective + log_prior
 
-        key = self._tape_key(args, kwargs)
+        roots = self._roots()
+        key = self._tape_key(args, kwargs, roots)
         self._taping = key is not None and self._tape.off is None
         try:
-            return -float(self._tape.step(closed_step, key, self._roots(), (args, kwargs, self.plan)))
+            return -float(self._tape.step(closed_step, key, roots, (args, kwargs, self.plan)))
         finally:
             self._taping = False
 
@@ -284,7 +285,7 @@ class EM:
         self.maximize(stats)  # M-step
         return -float(stats.objective + log_prior)
 
-    def _tape_key(self, args, kwargs):
+    def _tape_key(self, args, kwargs, roots: Dict[str, torch.Tensor]):
         """What a recorded step holds for (:mod:`ppl_em.fast.tape`): these very data, already validated, in
         one chunk; this plan, with these closed forms and no second pass; parameters of these names, shapes
         and constraints; these options. None where steps are not replayed."""
@@ -295,9 +296,9 @@ class EM:
         if sum(v.numel() for v in list(args) + list(kwargs.values()) if torch.is_tensor(v)) > TAPE_ELEMENTS:
             return None  # large data: the step's Python is a small part of it, and a tape would keep its tables
         constraints = pyro.get_param_store()._constraints  # (a restart fills a cleared store with new tensors)
-        roots = tuple((n, t.shape, t.dtype, t.device, str(constraints.get(n))) for n, t in self._roots().items())
+        layout = tuple((n, t.shape, t.dtype, t.device, str(constraints.get(n))) for n, t in roots.items())
         return (signature(args), signature(kwargs), id(plan), tuple(plan.closed), tuple(plan.gradient),
-                roots, self.reg_covar, self.posterior, self.map_basis, torch.is_grad_enabled())
+                layout, self.reg_covar, self.posterior, self.map_basis, torch.is_grad_enabled())
 
     def _roots(self) -> Dict[str, torch.Tensor]:
         unconstrained = dict(pyro.get_param_store().named_parameters())

@@ -26,19 +26,22 @@ X = load_old_faithful()
 STEPS = 8
 
 
-def _run(model, args, replay: bool, steps: int = STEPS, **options):
-    """(losses, final parameters, the EM object) of ``steps`` EM steps from a cleared param store."""
+def _run(model, args, replay: bool, steps: int = STEPS, tape: bool = False, **options):
+    """(losses, final parameters, the EM object) of ``steps`` EM steps from a cleared param store; ``tape``:
+    whole steps replayed too (test_tape.py), else only the model's run."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)  # a global latent without a value starts from a draw from its prior
     em = ppl_em.EM(model, replay=replay, **options)
-    if replay:  # the whole step's tape (test_tape.py) would take over from the model's replay tested here
+    if replay and not tape:  # the whole step's tape would take over from the model's replay tested here
         em._tape.off = "the model's replay is tested alone"
     losses = [em.step(*args) for _ in range(steps)]
     return losses, {n: v.detach().clone() for n, v in em.params.items()}, em
 
 
-def _assert_same_run(model, args, steps: int = STEPS, **options):
-    losses, params, em = _run(model, args, True, steps, **options)
+def _assert_same_run(model, args, steps: int = STEPS, tape: bool = False, **options):
+    """The run replayed (the model's run, or with ``tape`` whole steps) against the same run with
+    ``replay=False``: losses and parameters equal."""
+    losses, params, em = _run(model, args, True, steps, tape, **options)
     ref_losses, ref_params, _ = _run(model, args, False, steps, **options)
     assert losses == pytest.approx(ref_losses, rel=1e-13, abs=1e-13)
     assert params.keys() == ref_params.keys()

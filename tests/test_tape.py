@@ -20,6 +20,7 @@ from ppl_em.models import gmm
 from ppl_em.fast import tape as tape_module
 from ppl_em.svi import NonFiniteLossError
 
+import test_replay as replay_tests
 from test_replay import COMPONENTS, MODELS, SHIFT, X, _script, reads_a_global, sized_elsewhere
 
 D = torch.float64
@@ -27,21 +28,11 @@ STEPS = 10
 
 
 def _run(model, args, replay: bool, steps: int = STEPS, **options):
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    em = ppl_em.EM(model, replay=replay, **options)
-    losses = [em.step(*args) for _ in range(steps)]
-    return losses, {n: v.detach().clone() for n, v in em.params.items()}, em
+    return replay_tests._run(model, args, replay, steps, tape=True, **options)
 
 
 def _assert_same_run(model, args, steps: int = STEPS, **options):
-    losses, params, em = _run(model, args, True, steps, **options)
-    ref_losses, ref_params, _ = _run(model, args, False, steps, **options)
-    assert losses == pytest.approx(ref_losses, rel=1e-13, abs=1e-13)
-    assert params.keys() == ref_params.keys()
-    for name, value in params.items():
-        torch.testing.assert_close(value, ref_params[name], rtol=1e-12, atol=1e-13)
-    return em
+    return replay_tests._assert_same_run(model, args, steps, tape=True, **options)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

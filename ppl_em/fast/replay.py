@@ -57,9 +57,25 @@ def _mutates(name: str, kwargs: dict) -> bool:
         name.endswith("_") and not name.startswith("__"))
 
 
+def _leaves(obj) -> list:
+    """The leaves of nested tuples, lists and dicts (their values), in torch's pytree order: the few shapes
+    that a torch call's arguments and results take, without the general pytree's cost per call."""
+    if isinstance(obj, (tuple, list)):
+        found = []
+        for item in obj:
+            if isinstance(item, (tuple, list, dict)):
+                found += _leaves(item)
+            else:
+                found.append(item)
+        return found
+    if isinstance(obj, dict):
+        return _leaves(list(obj.values()))
+    return [obj]
+
+
 def _targets(args, kwargs) -> List[torch.Tensor]:
     """The tensors an in-place call writes: its ``out=``, else its first argument."""
-    return [t for t in tree_flatten(kwargs.get("out", args[0] if args else None))[0] if torch.is_tensor(t)]
+    return [t for t in _leaves(kwargs["out"] if "out" in kwargs else args[:1]) if torch.is_tensor(t)]
 
 
 class _Recorder(TorchFunctionMode):
@@ -69,6 +85,8 @@ class _Recorder(TorchFunctionMode):
     that is a new tensor (not a view of a tracked argument, which follows that argument by itself) with
     that tensor, to be overwritten in place at a replay. Calls that change a tensor in place are kept too,
     with ``before``, the values their untracked targets had (see :meth:`_before`)."""
+
+    subject = "the model"  # what is recorded (in the reason a recording is refused)
 
     def __init__(self, roots: Dict[str, torch.Tensor]) -> None:
         super().__init__()
@@ -136,13 +154,16 @@ class _Recorder(TorchFunctionMode):
         """An in-place call writes theta into its target, which is tracked from then on; refused (False) for
         a target that kept calls read before, as a constant."""
         for t in _targets(args, kwargs):
-            if id(t) not in self.tracked:
+            if not self._is_tracked(t):
                 if id(t) in self.read:
-                    self.problem = (f"the model changes in place ({name}) a tensor that it read before that "
+                    self.problem = (f"{self.subject} changes in place ({name}) a tensor that it read before that "
                                     "tensor depended on the parameters")
                     return False
-                self.tracked[id(t)] = t
+                self._track(t)
         return True
+
+    def _track(self, t: torch.Tensor) -> None:
+        self.tracked[id(t)] = t
 
 
 def _distributions(fn) -> List[Distribution]:

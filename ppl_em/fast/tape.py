@@ -42,9 +42,8 @@ import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from .replay import _METADATA, _SAFE_RESULTS, _mutates, _name
+from .replay import _METADATA, _SAFE_RESULTS, _Recorder, _leaves, _mutates, _name, _targets
 
 __all__ = ["StepTape", "TAPE_BYTES", "TAPE_ELEMENTS"]
 
@@ -69,43 +68,23 @@ def _storage(t: torch.Tensor) -> int:
     return 0 if t.is_meta else t.untyped_storage().data_ptr()
 
 
-def _leaves(obj) -> list:
-    """The leaves of nested tuples, lists and dicts (their values), in torch's pytree order: the few shapes
-    that a torch call's arguments and results take, without the general pytree's cost per call."""
-    if isinstance(obj, (tuple, list)):
-        found = []
-        for item in obj:
-            if isinstance(item, (tuple, list, dict)):
-                found += _leaves(item)
-            else:
-                found.append(item)
-        return found
-    if isinstance(obj, dict):
-        return _leaves(list(obj.values()))
-    return [obj]
-
-
-def _targets(args, kwargs) -> List[torch.Tensor]:
-    """The tensors an in-place call writes: its ``out=``, else its first argument."""
-    return [t for t in _leaves(kwargs["out"] if "out" in kwargs else (args[:1] if args else ())) if torch.is_tensor(t)]
-
-
-class _TapeRecorder(TorchFunctionMode):
-    """Keeps every torch call of a step that reads a tracked tensor: a root, a tensor made from one, or one
-    that shares storage with a tracked tensor (the views the engine makes of a distribution's tensors).
+class _TapeRecorder(_Recorder):
+    """:class:`ppl_em.fast.replay._Recorder` for a whole step: keeps every torch call that reads a tracked
+    tensor, a root, a tensor made from one, or one that shares storage with a tracked tensor (the views the
+    engine makes of a distribution's tensors); a call that writes a tracked tensor and returns nothing
+    (``t[i] = v``) is kept too.
 
     A kept call is ``(func, args, kwargs, fresh, before)``, as in :mod:`ppl_em.fast.replay`: ``fresh`` pairs
     the position of each new tensor result (None for a call's one tensor result) with that tensor; ``before``
     holds the values that an in-place call's untracked targets had. ``bool(t)`` (and ``torch.equal``) of a
     tracked ``t`` is kept as a guard, ``(_GUARD, func, args, kwargs, result)``."""
 
+    subject = "the step"
+
     def __init__(self, roots: Dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.tracked: Dict[int, torch.Tensor] = {id(t): t for t in roots.values()}  # the references keep ids unique
+        super().__init__(roots)
+        self.tracked.update({id(t): t for t in roots.values()})
         self.storages = {_storage(t) for t in roots.values()} - {0}
-        self.read: set = set()  # ids of untracked tensors that kept calls read (constants of the replay)
-        self.ops: List[tuple] = []
-        self.problem: Optional[str] = None
 
     def _is_tracked(self, t: torch.Tensor) -> bool:
         if id(t) in self.tracked:
@@ -116,7 +95,7 @@ class _TapeRecorder(TorchFunctionMode):
         return False
 
     def _track(self, t: torch.Tensor) -> None:
-        self.tracked[id(t)] = t
+        super()._track(t)
         self.storages.add(_storage(t))
         self.storages.discard(0)
 
@@ -136,7 +115,7 @@ class _TapeRecorder(TorchFunctionMode):
         before = [(t, t.detach().clone()) for t in _targets(args, kwargs) if not self._is_tracked(t)] if mutates else []
         result = func(*args, **kwargs)
         outputs = _leaves(result)
-        if mutates and not self._track_targets(name, args, kwargs):
+        if mutates and not self._track_target(name, args, kwargs):
             return result
         if not any(torch.is_tensor(o) for o in outputs):
             if mutates:  # t[i] = v
@@ -165,18 +144,6 @@ class _TapeRecorder(TorchFunctionMode):
                 fresh = [(None, fresh[0][1])]  # the call's one result: no flattening at a replay
             self.ops.append((func, args, kwargs, fresh, before))
         return result
-
-    def _track_targets(self, name: str, args, kwargs) -> bool:
-        """An in-place call writes theta into its targets, tracked from then on; refused (False) for a target
-        that kept calls read before, as a constant."""
-        for t in _targets(args, kwargs):
-            if not self._is_tracked(t):
-                if id(t) in self.read:
-                    self.problem = (f"the step changes in place ({name}) a tensor that it read before that tensor "
-                                    "depended on the parameters")
-                    return False
-                self._track(t)
-        return True
 
 
 class _Tape:
