@@ -194,8 +194,9 @@ def model(
     n, d = _check_inputs(x, labels, labels_mask)
     phi, mu, Sigma = _params(x, k, init, covariance_type)
     missing = torch.isnan(x)  # (n, d): True at a missing entry
-    seen = ~missing
-    observed = x.masked_fill(missing, 0.0) if bool(missing.any()) else x  # the placeholder 0 where missing
+    incomplete = bool(missing.any())
+    seen = ~missing if incomplete else None  # None: every entry observed
+    observed = x.masked_fill(missing, 0.0) if incomplete else x  # the placeholder 0 where missing
     with pyro.plate("data", n):
         # Pyro splits a masked site into z_observed and z_unobserved; only the latter is enumerated.
         z = pyro.sample("z", dist.Categorical(phi), obs=labels, obs_mask=labels_mask,
@@ -203,10 +204,11 @@ def model(
         pyro.sample("x", observation(mu, Sigma, z, seen, covariance_type), obs=observed)
 
 
-def observation(mu: torch.Tensor, Sigma: torch.Tensor, z, seen: torch.Tensor, covariance_type: str):
+def observation(mu: torch.Tensor, Sigma: torch.Tensor, z, seen: Optional[torch.Tensor], covariance_type: str):
     """p(x_o^(i) | z^(i) = j) = N(x_o^(i); mu_{j,o}, Sigma_{j,oo}): the distribution of site ``x``.
 
-    ``seen`` (n, d) is False at the missing entries, where the observed value is the placeholder 0.
+    ``seen`` (n, d) is False at the missing entries, where the observed value is the placeholder 0; None
+    where no entry is missing.
     "diag" and "spherical": the independent coordinates N(mu_jl, Sigma_jl), masked where x is
     missing (closed-form M-step). "full" and "tied": N(mu_z, Sigma_z) for a row without NaN;
     where a row has some, the observed block of (mu_z, Sigma_z) and mean 0, variance 1/(2 pi)
@@ -215,8 +217,8 @@ def observation(mu: torch.Tensor, Sigma: torch.Tensor, z, seen: torch.Tensor, co
     holds a NaN ("diag", "spherical") so that every chunk follows the same M-step plan. Batch
     shape (n,) or (k, n), event (d,).
     """
-    d = seen.shape[-1]
-    complete = bool(seen.all())
+    d = mu.shape[-1]
+    complete = seen is None or bool(seen.all())
     if covariance_type in ("diag", "spherical"):
         scale = Sigma[z].sqrt()  # (..., d) or (...,): sigma_z
         if covariance_type == "spherical":

@@ -103,8 +103,25 @@ def to_attribute(to_attr: Optional[str], value: torch.Tensor, diagonal: bool = F
 def counts(fn, x, w, shape):
     """N_j = sum_i w^(i) 1{x^(i) = j}: the expected counts of a Categorical's values (its last dim)."""
     k = fn.probs.shape[-1] if "probs" in fn.__dict__ else fn.logits.shape[-1]
+    x, w = _sum_where_constant(x, w, shape[:-1])
     onehot = torch.nn.functional.one_hot(x.long(), k).to(w.dtype)
     return reduce_product([w.unsqueeze(-1), onehot], shape), None
+
+
+def _sum_where_constant(x: torch.Tensor, w: torch.Tensor, keep):
+    """(x, w) with w summed over the dims along which x does not vary and that ``keep`` sums over, and x
+    narrowed to one entry there: an enumerated z takes the same values 0..k-1 at every row, so
+    sum_i w_j^(i) 1{z^(i) = l} = (sum_i w_j^(i)) 1{z = l}, one pass over w instead of a product with the
+    indicators at every row."""
+    ndim = max(w.dim(), x.dim(), len(keep))
+    w_sizes = (1,) * (ndim - w.dim()) + tuple(w.shape)
+    x_sizes = (1,) * (ndim - x.dim()) + tuple(compact(x).shape)
+    keep = (1,) * (ndim - len(keep)) + tuple(keep)
+    dims = [i - ndim for i in range(ndim) if w_sizes[i] > 1 and x_sizes[i] == 1 and keep[i] == 1]
+    for i in dims:
+        if -i <= x.dim():
+            x = x.narrow(i, 0, 1)
+    return (x, w.sum(dims, keepdim=True)) if dims else (x, w)
 
 
 def weighted_mean(fn, x, w, shape):

@@ -116,3 +116,24 @@ def test_a_masked_mixtures_components_get_their_closed_forms():
     assert em.explain()["zero_logits"] == "closed form: Categorical.logits at site zero"
     losses = [em.step(x) for _ in range(10)]
     assert all(b <= a + 1e-9 for a, b in zip(losses, losses[1:]))
+
+
+@pytest.mark.parametrize("x, w_shape, shape", [
+    (torch.arange(3).reshape(3, 1), (3, 40), (3,)),                 # an enumerated z: the same values at every row
+    (torch.arange(3).reshape(3, 1).expand(3, 40), (3, 40), (3,)),   # the same, expanded along the rows
+    (torch.tensor([0, 2, 1, 1, 0]), (5,), (3,)),                    # observed labels: a value per row
+    (torch.arange(3).reshape(3, 1, 1), (3, 2, 40), (2, 1, 3)),      # per group of a plate: kept, rows summed
+    (torch.arange(3).reshape(3, 1), (1, 40), (3,)),                 # weights broadcast over z's values
+])
+def test_categorical_counts_equal_the_indicators_summed(x, w_shape, shape):
+    """N_j = sum_i w^(i) 1{x^(i) = j}, as the broadcast product of the weights with the one-hot indicators,
+    summed to the parameter's shape (an enumerated z's rows are summed before the indicators)."""
+    from ppl_em import families
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(w_shape, generator=g, dtype=D)
+    fn = dist.Categorical(probs=torch.full((3,), 1 / 3, dtype=D))
+    onehot = torch.nn.functional.one_hot(x, 3).to(D)
+    expected = (w.unsqueeze(-1) * onehot).sum_to_size(shape)
+    got, den = families.counts(fn, x, w, torch.Size(shape))
+    assert den is None and torch.allclose(got, expected, rtol=1e-13, atol=0)

@@ -15,6 +15,7 @@ from torch.distributions import constraints
 import ppl_em
 from ppl_em import fast as fastpath, posterior
 from ppl_em.fast import gaussian as fast_gaussian
+from ppl_em.fast import tensors
 from ppl_em.plan import find_uses
 from ppl_em.models import REGISTRY, gmm
 from ppl_em.posterior import exact_posterior, inspect_model
@@ -35,7 +36,10 @@ D = torch.float64
     ([(4, 7)], ()),
     ([(4, 7)], (2, 4, 7)),                             # one operand, a larger target: expanded
 ])
-def test_reduce_product_equals_the_broadcast_product_summed(shapes, target):
+@pytest.mark.parametrize("small", [0, 2 ** 14], ids=["einsum", "small-product"])
+def test_reduce_product_equals_the_broadcast_product_summed(shapes, target, small, monkeypatch):
+    """Both ways of computing it: one einsum, and (at most ``SMALL_PRODUCT`` elements) the product summed."""
+    monkeypatch.setattr(tensors, "SMALL_PRODUCT", small)
     g = torch.Generator().manual_seed(0)
     ops = [torch.randn(s, generator=g, dtype=D) for s in shapes]
     full = ops[0]
@@ -52,7 +56,9 @@ def test_reduce_product_of_one_operand_is_a_new_tensor():
     assert torch.equal(out, w) and out.data_ptr() != w.data_ptr()
 
 
-def test_reduce_product_counts_the_copies_of_a_dimension_only_broadcast():
+@pytest.mark.parametrize("small", [0, 2 ** 14], ids=["einsum", "small-product"])
+def test_reduce_product_counts_the_copies_of_a_dimension_only_broadcast(small, monkeypatch):
+    monkeypatch.setattr(tensors, "SMALL_PRODUCT", small)
     w = torch.ones(1, dtype=D).expand(272)[:, None, None]  # (272, 1, 1), stride 0 along the rows
     assert torch.equal(fastpath.reduce_product([w], (2, 2)), torch.full((2, 2), 272.0, dtype=D))
     x = torch.rand(3, 1, dtype=D).expand(3, 5)
@@ -481,6 +487,24 @@ def test_posterior_in_blocks_of_columns_equals_the_whole_table(name, monkeypatch
     assert torch.equal(whole.log_evidence, blocked.log_evidence)
     for site, w in whole.weights.items():
         assert torch.equal(blocked.weights[site], w), site
+
+
+def test_the_cancellation_bound_covers_every_block(monkeypatch):
+    """The bound is checked once, over the extremes of all the blocks: rows far out in the last block
+    of several refuse the GEMM form (table and fused pass) as rows in the first would."""
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 64 * 5)  # blocks of 64 rows (32 in the fused pass)
+    g = torch.Generator().manual_seed(3)
+    x = 1e-3 * torch.randn(300, 2, generator=g, dtype=D)
+    inv = torch.eye(2, dtype=D).expand(2, 2, 2)  # Sigma = I: ||P|| bounded by 2
+    mu, log_norm = torch.zeros(2, 2, dtype=D), torch.zeros(2, 1, dtype=D)
+    x[-3:, 0] += 1e4  # the centre moves to about 100: 2e4 in the first blocks, about 2e8 in the last
+    first = fast_gaussian.GaussianFeatures(x[:64], inv, mu, log_norm)
+    first.c = fast_gaussian.centre(x)  # the whole data's centre (only the bound is looked at here)
+    assert first.table() is not None  # the first block alone passes
+    far = fast_gaussian.GaussianFeatures(x, inv, mu, log_norm)
+    assert far.table() is None
+    tables = torch.empty(far.shape, dtype=D), torch.empty(far.shape, dtype=D)
+    assert far.posterior_sums([], *tables) is None
 
 
 def test_mvn_fast_path_stays_accurate_for_tight_far_apart_clusters():

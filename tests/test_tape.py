@@ -249,3 +249,15 @@ def test_data_changed_after_replayed_steps_are_checked_again():
     with pytest.raises((ValueError, NonFiniteLossError), match="data index 7|index \\(7, 0\\)"):
         em.step(y, 3)
     assert all(torch.isfinite(v).all() for v in em.params.values())  # nothing lost
+
+
+def test_a_buffer_reused_for_blocks_of_the_data_is_not_taped(monkeypatch):
+    """The diagonal Normal's M-step sums reuse one buffer of features for every block of rows, and read it
+    between the writes: a replay would read the last block's features for all of them. Such a step is not
+    recorded (it says why), and the run still follows the real steps."""
+    from ppl_em.fast import gaussian
+
+    monkeypatch.setattr(gaussian, "FEATURE_ELEMENTS", 64 * 5)  # blocks of 64 rows
+    model = lambda x, k: gmm.model(x, k, covariance_type="diag")  # noqa: E731
+    em = _assert_same_run(model, (X, 3))
+    assert em._tape.off is not None and "overwrites" in em._tape.off, em._tape.off

@@ -15,6 +15,7 @@ fewer operations.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional
 
@@ -138,11 +139,18 @@ def _row_weighted_normal_sums(w: torch.Tensor, x: torch.Tensor, c: torch.Tensor,
 
 
 def _unpack_symmetric(packed: torch.Tensor, d: int) -> torch.Tensor:
-    rows, cols = torch.triu_indices(d, d, device=packed.device)
-    out = packed.new_zeros(packed.shape[:-1] + (d, d))
-    out[..., rows, cols] = packed
-    out[..., cols, rows] = packed
-    return out
+    """The symmetric (..., d, d) matrices of packed (..., q) upper triangles (torch.triu_indices order):
+    one gather."""
+    return packed[..., _symmetric_index(d, packed.device)].reshape(packed.shape[:-1] + (d, d))
+
+
+@functools.lru_cache(maxsize=64)
+def _symmetric_index(d: int, device: torch.device) -> torch.Tensor:
+    """(d * d,): the packed position of entry (a, b) of a symmetric d x d matrix, row by row."""
+    rows, cols = torch.triu_indices(d, d)
+    index = torch.empty((d, d), dtype=torch.long)
+    index[rows, cols] = index[cols, rows] = torch.arange(rows.numel())
+    return index.reshape(-1).to(device)
 
 
 # -- fast log-densities ------------------------------------------------------------------------------
@@ -273,13 +281,26 @@ class GaussianFeatures:
         """A (K, N) table in the site's layout."""
         return broadcast_layout(table, *self.layout)
 
-    def _block(self, start: int, stop: int) -> Optional[torch.Tensor]:
-        """T(x - c) (q + d, B) of rows start:stop; None where the form could cancel away digits there."""
+    def _block(self, start: int, stop: int, extremes: List[torch.Tensor]) -> torch.Tensor:
+        """T(x - c) (q + d, B) of rows start:stop; the least and the greatest x_a - c_a so far go into
+        ``extremes`` (two (d,) tensors, for :meth:`_cancels`)."""
         stats = self._features(self.rows[start:stop])
-        cols = stats[-self.rows.shape[-1]:]  # max_i |x - c|^2 <= sum_a max_i (x_a - c_a)^2
-        if self.p_norm is not None and bool(torch.maximum(cols.amax(1), -cols.amin(1)).square().sum() * self.p_norm > 1e6):
-            return None
+        if self.p_norm is not None:
+            low, high = torch.aminmax(stats[-self.rows.shape[-1]:], dim=1)
+            if extremes:
+                torch.minimum(extremes[0], low, out=extremes[0])
+                torch.maximum(extremes[1], high, out=extremes[1])
+            else:
+                extremes += [low, high]
         return stats
+
+    def _cancels(self, extremes: List[torch.Tensor]) -> bool:
+        """Whether the form could cancel away digits: max_i |x^(i) - c|^2 ||P_z|| > 1e6, bounded above by
+        sum_a max_i (x_a - c_a)^2 from the blocks' ``extremes`` (checked once, after the pass)."""
+        if self.p_norm is None:
+            return False
+        low, high = extremes
+        return bool(torch.maximum(high, -low).square().sum() * self.p_norm > 1e6)
 
     def _rows_per_block(self) -> int:
         """Rows per block of features: about ``FEATURE_ELEMENTS`` elements."""
@@ -295,15 +316,15 @@ class GaussianFeatures:
         """The (K, N) table of log-densities (differentiable where the coefficients carry a graph)."""
         grad = torch.is_grad_enabled() and (self.coef.requires_grad or self.const.requires_grad)
         out = None if grad else new_table(ws, self.shape, self.dtype, self.c.device)
-        step, parts = self._rows_per_block(), []
+        step, parts, extremes = self._rows_per_block(), [], []
         for start in range(0, self.shape[1], step):
-            stats = self._block(start, start + step)
-            if stats is None:
-                return None
+            stats = self._block(start, start + step, extremes)
             if grad:  # a gradient M-step differentiates through the blocks (out= cannot)
                 parts.append(torch.addmm(self.const, self.coef, stats))
             else:
                 self._log_density(stats, out[:, start:start + step])
+        if self._cancels(extremes):
+            return None
         return torch.cat(parts, 1).to(self.dtype) if grad else out
 
     def posterior_sums(self, others: List[torch.Tensor], log_density: torch.Tensor, total: torch.Tensor):
@@ -324,11 +345,10 @@ class GaussianFeatures:
         scratch = None if total.dtype == wide else torch.empty((self.shape[0], step), dtype=wide, device=total.device)
         lse = torch.empty((1, self.shape[1]), dtype=total.dtype, device=total.device)
         n = sums = None
+        extremes: List[torch.Tensor] = []
         for start in range(0, self.shape[1], step):
             cols = slice(start, start + step)
-            stats = self._block(start, start + step)
-            if stats is None:
-                return None
+            stats = self._block(start, start + step, extremes)
             block, q = log_density[:, cols], total[:, cols]
             parts = [t[:, cols] if t.shape[-1] != 1 else t for t in others]
             if scratch is None:  # the tables' own dtype is wide: Q is made in place in ``total``
@@ -347,6 +367,8 @@ class GaussianFeatures:
                 q.copy_(w)
             part_n, part = w.sum(-1), torch.mm(w, stats.T)
             n, sums = (part_n, part) if sums is None else (n.add_(part_n), sums.add_(part))
+        if self._cancels(extremes):
+            return None
         return lse, n, sums
 
     def _features(self, rows: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,9 @@ A replay is only as good as the recording, so nothing is trusted on faith:
   evaluates it again, and where it comes out otherwise the replay stops (before it has written any
   parameter) and the step runs for real, which then raises its error or takes the other branch;
 * a step that reads any other value out of a tensor that depends on theta (``float(log_prior)``),
-  changes in place a tensor it read before that tensor depended on theta, differentiates (autograd
+  changes in place a tensor it read before that tensor depended on theta, overwrites a tensor that it
+  read as a constant (a buffer reused for the blocks of the data: a replay would read its last
+  contents), differentiates (autograd
   is not replayed), warns (at two recordings), or would keep more than :data:`TAPE_BYTES` of tables
   alive, is not recorded: it runs for real every time (:attr:`StepTape.off` says why);
 * the first replay is checked against a real step from the same theta (every parameter and the loss
@@ -64,6 +66,23 @@ def _caller() -> str:
     return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}" if frame is not None else "?"
 
 
+def _tensors(args: tuple, kwargs: dict) -> List[torch.Tensor]:
+    """The tensors among a call's arguments (nested in tuples, lists and dicts), in :func:`_leaves`'s order;
+    the common flat case without building the list of all leaves."""
+    found = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (tuple, list, dict)):
+            return [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    for a in kwargs.values():
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (tuple, list, dict)):
+            return [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return found
+
+
 def _storage(t: torch.Tensor) -> int:
     return 0 if t.is_meta else t.untyped_storage().data_ptr()
 
@@ -85,6 +104,7 @@ class _TapeRecorder(_Recorder):
         super().__init__(roots)
         self.tracked.update({id(t): t for t in roots.values()})
         self.storages = {_storage(t) for t in roots.values()} - {0}
+        self.constants: set = set()  # storages of the untracked tensors that kept calls read
 
     def _is_tracked(self, t: torch.Tensor) -> bool:
         if id(t) in self.tracked:
@@ -107,12 +127,18 @@ class _TapeRecorder(_Recorder):
         if name in _AUTOGRAD:  # a replay reruns the forward calls only, without autograd
             self.problem = f"the step differentiates ({name}): autograd is not replayed"
             return func(*args, **kwargs)
-        inputs = [t for t in _leaves((args, kwargs)) if torch.is_tensor(t)]
+        inputs = _tensors(args, kwargs)
         tracked = [t for t in inputs if self._is_tracked(t)]
-        if not tracked:
-            return func(*args, **kwargs)
         mutates = _mutates(name, kwargs)
+        if not tracked:
+            if mutates and self.constants and any(_storage(t) in self.constants for t in _targets(args, kwargs)):
+                # a replay would read what the step wrote last, not what the kept calls read in between
+                self.problem = (f"the step overwrites ({name}, at {_caller()}) a tensor that it read as a constant, "
+                                "one not made from the parameters (a buffer reused for blocks of the data)")
+            return func(*args, **kwargs)
         before = [(t, t.detach().clone()) for t in _targets(args, kwargs) if not self._is_tracked(t)] if mutates else []
+        self.constants.update(_storage(t) for t in inputs if id(t) not in self.tracked)
+        self.constants.discard(0)
         result = func(*args, **kwargs)
         outputs = _leaves(result)
         if mutates and not self._track_target(name, args, kwargs):
@@ -162,8 +188,13 @@ class _Tape:
         self.key, self.roots, self.ops, self.loss, self.start = key, roots, ops, loss, start
         self.verified = False
         self.pins: tuple = ()
-        self.calls = [self._call(op, True) for op in ops]
+        self.calls = self._calls(True)
         self.direct = True  # whether some calls may write their results with out=
+
+    def _calls(self, direct: bool) -> List[tuple]:
+        """The replay's calls; a call that only makes tensors on the meta device (shapes, no values) is dropped."""
+        return [self._call(op, direct) for op in self.ops
+                if op[0] == _GUARD or op[4] or not op[3] or any(not t.is_meta for _, t in op[3])]
 
     @staticmethod
     def _call(op: tuple, direct: bool) -> tuple:
@@ -180,7 +211,7 @@ class _Tape:
 
     def copies(self) -> None:
         """Every result copied, none written with out= (after a replay that was not equal to a real step)."""
-        self.calls, self.direct = [self._call(op, False) for op in self.ops], False
+        self.calls, self.direct = self._calls(False), False
 
     def replay(self) -> Optional[torch.Tensor]:
         """Rerun the step; the loss tensor, or None where a guard came out otherwise (nothing written yet)."""

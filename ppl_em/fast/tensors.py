@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Tuple
 
 import torch
 
-__all__ = ["broadcast_shape", "compact", "normalise_exp", "overlap", "reduce_product"]
+__all__ = ["broadcast_shape", "compact", "normalise_exp", "overlap", "reduce_product", "SMALL_PRODUCT"]
+
+# At most this many elements, the broadcast product of reduce_product's operands is formed and summed:
+# an einsum's fixed cost (its planning, permutes and batched GEMM) is several times two plain kernels there.
+SMALL_PRODUCT = 2 ** 14
 
 
 def broadcast_shape(a: Tuple[int, ...], b: Tuple[int, ...]) -> torch.Size:
@@ -37,12 +42,15 @@ def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
     The broadcast product is never formed: dimensions that ``shape`` keeps become output
     indices, the others are contracted, and size-1 (or expanded, stride-0) dimensions are
     dropped first. sum_i w_j^(i) x^(i) x^(i)^T, for example, becomes a batched GEMM.
-    Where ``shape`` is larger than the operands' broadcast shape the result is expanded.
+    Where ``shape`` is larger than the operands' broadcast shape the result is expanded. A product of
+    at most ``SMALL_PRODUCT`` elements is formed and summed instead (cheaper than an einsum there).
     """
     shape = torch.Size(shape)
     if len(operands) == 1 and _plain_sum(operands[0], shape):  # one operand: no product to avoid
         t = operands[0]
         return t.clone() if t.shape == shape else t.sum_to_size(shape)
+    if len(operands) > 1 and math.prod(functools.reduce(broadcast_shape, [t.shape for t in operands])) <= SMALL_PRODUCT:
+        return _small_product(operands, shape)
     ndim = max([len(shape)] + [t.dim() for t in operands])
     full = [1] * ndim
     subscripts, squeezed = [], []
@@ -75,6 +83,20 @@ def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
         out = out * copies
     out = out.reshape([full[i] if i in kept else 1 for i in range(ndim)])
     return out.reshape(out.shape[ndim - len(shape):]).expand(shape)
+
+
+def _small_product(operands: List[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """:func:`reduce_product` of operands whose broadcast product is small: the product itself, summed."""
+    out = operands[0]
+    for t in operands[1:]:
+        out = out * t
+    ndim = max(out.dim(), len(shape))
+    sizes = (1,) * (ndim - out.dim()) + tuple(out.shape)
+    target = (1,) * (ndim - len(shape)) + tuple(shape)
+    if any(s != t and 1 not in (s, t) for s, t in zip(sizes, target)):
+        raise ValueError(f"cannot sum shape {tuple(out.shape)} to {tuple(shape)}")
+    summed = out.reshape(sizes).sum_to_size([t if s != 1 else 1 for s, t in zip(sizes, target)])
+    return summed.expand(target).reshape(shape) if summed.shape != target else summed.reshape(shape)
 
 
 def _plain_sum(t: torch.Tensor, shape: torch.Size) -> bool:
