@@ -15,7 +15,6 @@ fewer operations.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, Optional
 
@@ -144,13 +143,12 @@ def _unpack_symmetric(packed: torch.Tensor, d: int) -> torch.Tensor:
     return packed[..., _symmetric_index(d, packed.device)].reshape(packed.shape[:-1] + (d, d))
 
 
-@functools.lru_cache(maxsize=64)
 def _symmetric_index(d: int, device: torch.device) -> torch.Tensor:
     """(d * d,): the packed position of entry (a, b) of a symmetric d x d matrix, row by row."""
-    rows, cols = torch.triu_indices(d, d)
-    index = torch.empty((d, d), dtype=torch.long)
-    index[rows, cols] = index[cols, rows] = torch.arange(rows.numel())
-    return index.reshape(-1).to(device)
+    rows, cols = torch.triu_indices(d, d, device=device)
+    index = torch.empty((d, d), dtype=torch.long, device=device)
+    index[rows, cols] = index[cols, rows] = torch.arange(rows.numel(), device=device)
+    return index.reshape(-1)
 
 
 # -- fast log-densities ------------------------------------------------------------------------------

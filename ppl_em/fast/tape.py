@@ -114,6 +114,11 @@ class _TapeRecorder(_Recorder):
             return True
         return False
 
+    def _read(self, storages: List[int]) -> None:
+        """A kept call read untracked tensors of these storages (alive while the call holds them)."""
+        self.constants.update(storages)
+        self.constants.discard(0)
+
     def _track(self, t: torch.Tensor) -> None:
         super()._track(t)
         self.storages.add(_storage(t))
@@ -137,8 +142,7 @@ class _TapeRecorder(_Recorder):
                                 "one not made from the parameters (a buffer reused for blocks of the data)")
             return func(*args, **kwargs)
         before = [(t, t.detach().clone()) for t in _targets(args, kwargs) if not self._is_tracked(t)] if mutates else []
-        self.constants.update(_storage(t) for t in inputs if id(t) not in self.tracked)
-        self.constants.discard(0)
+        constants = [_storage(t) for t in inputs if id(t) not in self.tracked]  # held by the call if it is kept
         result = func(*args, **kwargs)
         outputs = _leaves(result)
         if mutates and not self._track_target(name, args, kwargs):
@@ -146,8 +150,10 @@ class _TapeRecorder(_Recorder):
         if not any(torch.is_tensor(o) for o in outputs):
             if mutates:  # t[i] = v
                 self.ops.append((func, args, kwargs, [], before))
+                self._read(constants)
             elif name in _READS:
                 self.ops.append((_GUARD, func, args, kwargs, result))
+                self._read(constants)
             elif name not in _METADATA and name not in _IDENTITY and not all(isinstance(o, _SAFE_RESULTS) for o in outputs):
                 self.problem = (f"the step reads a value out of a tensor that depends on the parameters ({name}, "
                                 f"at {_caller()})")
@@ -169,6 +175,7 @@ class _TapeRecorder(_Recorder):
             if len(fresh) == 1 and torch.is_tensor(result):
                 fresh = [(None, fresh[0][1])]  # the call's one result: no flattening at a replay
             self.ops.append((func, args, kwargs, fresh, before))
+            self._read(constants)
         return result
 
 
