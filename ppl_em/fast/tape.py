@@ -66,23 +66,6 @@ def _caller() -> str:
     return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}" if frame is not None else "?"
 
 
-def _tensors(args: tuple, kwargs: dict) -> List[torch.Tensor]:
-    """The tensors among a call's arguments (nested in tuples, lists and dicts), in :func:`_leaves`'s order;
-    the common flat case without building the list of all leaves."""
-    found = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            found.append(a)
-        elif isinstance(a, (tuple, list, dict)):
-            return [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    for a in kwargs.values():
-        if isinstance(a, torch.Tensor):
-            found.append(a)
-        elif isinstance(a, (tuple, list, dict)):
-            return [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    return found
-
-
 def _storage(t: torch.Tensor) -> int:
     return 0 if t.is_meta else t.untyped_storage().data_ptr()
 
@@ -114,10 +97,9 @@ class _TapeRecorder(_Recorder):
             return True
         return False
 
-    def _read(self, storages: List[int]) -> None:
+    def _read(self, storages: set) -> None:
         """A kept call read untracked tensors of these storages (alive while the call holds them)."""
-        self.constants.update(storages)
-        self.constants.discard(0)
+        self.constants |= storages
 
     def _track(self, t: torch.Tensor) -> None:
         super()._track(t)
@@ -132,7 +114,7 @@ class _TapeRecorder(_Recorder):
         if name in _AUTOGRAD:  # a replay reruns the forward calls only, without autograd
             self.problem = f"the step differentiates ({name}): autograd is not replayed"
             return func(*args, **kwargs)
-        inputs = _tensors(args, kwargs)
+        inputs = [t for t in _leaves((args, kwargs)) if torch.is_tensor(t)]
         tracked = [t for t in inputs if self._is_tracked(t)]
         mutates = _mutates(name, kwargs)
         if not tracked:
@@ -142,7 +124,7 @@ class _TapeRecorder(_Recorder):
                                 "one not made from the parameters (a buffer reused for blocks of the data)")
             return func(*args, **kwargs)
         before = [(t, t.detach().clone()) for t in _targets(args, kwargs) if not self._is_tracked(t)] if mutates else []
-        constants = [_storage(t) for t in inputs if id(t) not in self.tracked]  # held by the call if it is kept
+        constant = {_storage(t) for t in inputs if id(t) not in self.tracked} - {0}  # the untracked inputs' storages
         result = func(*args, **kwargs)
         outputs = _leaves(result)
         if mutates and not self._track_target(name, args, kwargs):
@@ -150,16 +132,15 @@ class _TapeRecorder(_Recorder):
         if not any(torch.is_tensor(o) for o in outputs):
             if mutates:  # t[i] = v
                 self.ops.append((func, args, kwargs, [], before))
-                self._read(constants)
+                self._read(constant)
             elif name in _READS:
                 self.ops.append((_GUARD, func, args, kwargs, result))
-                self._read(constants)
+                self._read(constant)
             elif name not in _METADATA and name not in _IDENTITY and not all(isinstance(o, _SAFE_RESULTS) for o in outputs):
                 self.problem = (f"the step reads a value out of a tensor that depends on the parameters ({name}, "
                                 f"at {_caller()})")
             return result
         followed = {_storage(t) for t in tracked}
-        constant = {_storage(t) for t in inputs} - followed - {0}
         fresh = []
         for i, out in enumerate(outputs):
             if not torch.is_tensor(out) or id(out) in self.tracked:
@@ -175,7 +156,7 @@ class _TapeRecorder(_Recorder):
             if len(fresh) == 1 and torch.is_tensor(result):
                 fresh = [(None, fresh[0][1])]  # the call's one result: no flattening at a replay
             self.ops.append((func, args, kwargs, fresh, before))
-            self._read(constants)
+            self._read(constant)
         return result
 
 

@@ -96,7 +96,7 @@ def _small_product(operands: List[torch.Tensor], shape: torch.Size) -> torch.Ten
     if any(s != t and 1 not in (s, t) for s, t in zip(sizes, target)):
         raise ValueError(f"cannot sum shape {tuple(out.shape)} to {tuple(shape)}")
     summed = out.reshape(sizes).sum_to_size([t if s != 1 else 1 for s, t in zip(sizes, target)])
-    return summed.expand(target).reshape(shape) if summed.shape != target else summed.reshape(shape)
+    return summed.expand(target).reshape(shape)
 
 
 def _plain_sum(t: torch.Tensor, shape: torch.Size) -> bool:
