@@ -133,18 +133,17 @@ def to_param(use: Use, num: torch.Tensor, den: Optional[torch.Tensor], old: Call
     model's own maps (exp, softplus, ...), in the parameter's layout and dtype. An element with no
     posterior mass keeps its previous value, ``old()`` (read only when needed, or for a branch of a map)."""
     rule, dt = use.rule, num.dtype
-    value, empty = rule.finish(num, den)
+    value, empty = rule.finish(num, den)  # empty: None where every component has posterior mass
     layout = matrix_layout(use.selection) if rule.kind == "covariance" else ""
-    if layout == "whole":  # an empty component's placeholder must be a valid covariance
+    if layout == "whole" and empty is not None:  # an empty component's placeholder must be a valid covariance
         empty = empty.any(-1, keepdim=True).any(-2, keepdim=True).expand(value.shape)
         value = torch.where(empty, torch.eye(value.shape[-1], dtype=dt, device=value.device), value)
     value = to_attribute(rule.to_attr, value, diagonal=layout == "diagonal")
     for transform in use.selection.transforms:
         value = transform.inverse(value, old().to(dt))
-    dtype = use.selection.leaf_dtype
-    if bool(empty.any()):
+    if empty is not None:
         value = torch.where(empty, old().to(dt), value)
-    return value.to(dtype).detach()
+    return value.to(use.selection.leaf_dtype).detach()
 
 
 def _plus(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:

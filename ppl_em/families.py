@@ -43,8 +43,8 @@ class Rule:
     """One closed-form update: the weighted statistics of a distribution attribute.
 
     ``stats(fn, x, w, shape)`` returns (numerator, denominator) summed to ``shape``; ``finish(num,
-    den, old)`` turns their scatter-added sums into the canonical parameter (``old``: the current
-    value, kept where a component has no posterior mass). ``to_attr`` names the map from the
+    den)`` turns their scatter-added sums into the canonical parameter and where a component has no
+    posterior mass (None: nowhere), where the caller keeps the current value. ``to_attr`` names the map from the
     canonical parameter to the attribute (see :data:`ppl_em.selection`'s transforms), applied in
     the parameter's layout. ``phase`` 1 updates locations, probabilities and rates; phase 2 the
     scales, given the new locations.
@@ -67,17 +67,27 @@ class Rule:
 # -- the lecture's formulas --------------------------------------------------------------------------
 def ratio(num: torch.Tensor, den: torch.Tensor):
     """num / den: mu_j = sum_i w_j^(i) x^(i) / sum_i w_j^(i). Returns the value and where it is empty (no
-    posterior mass: the caller keeps the previous value there instead of 0/0; the value is 1 there)."""
-    empty = ~(den > torch.finfo(den.dtype).tiny)
-    return torch.where(empty, torch.ones((), dtype=num.dtype), num / den.clamp_min(torch.finfo(den.dtype).tiny)), empty
+    posterior mass: the caller keeps the previous value there instead of 0/0; the value is 1 there), or
+    None for where when no element is empty."""
+    tiny = torch.finfo(den.dtype).tiny
+    return _placeholder(num / den.clamp_min(tiny), ~(den > tiny))
 
 
 def normalise(num: torch.Tensor, den=None):
-    """phi_j = N_j / sum_l N_l (each row of a table of counts, for a transition matrix A_i.); and the empty rows."""
+    """phi_j = N_j / sum_l N_l (each row of a table of counts, for a transition matrix A_i.); and the empty
+    rows (None when no row is empty)."""
     total = num.sum(-1, keepdim=True)
-    empty = ~(total > torch.finfo(num.dtype).tiny)
-    value = torch.where(empty, torch.ones((), dtype=num.dtype), num / total.clamp_min(torch.finfo(num.dtype).tiny))
-    return value, empty.expand(num.shape)
+    tiny = torch.finfo(num.dtype).tiny
+    value, empty = _placeholder(num / total.clamp_min(tiny), ~(total > tiny))
+    return value, None if empty is None else empty.expand(num.shape)
+
+
+def _placeholder(value: torch.Tensor, empty: torch.Tensor):
+    """(value with 1 where ``empty``, empty), or (value, None) where no element is empty: the common case
+    decides once and costs no select."""
+    if not bool(empty.any()):
+        return value, None
+    return torch.where(empty, torch.ones((), dtype=value.dtype, device=value.device), value), empty
 
 
 def to_attribute(to_attr: Optional[str], value: torch.Tensor, diagonal: bool = False) -> torch.Tensor:
@@ -261,12 +271,13 @@ class GaussianSums:
     @staticmethod
     def about(n, s, m, c, mu):
         """The second moment about ``mu`` instead of ``c``: with delta = mu - c,
-        sum w (x - mu)(x - mu)^T = M - S delta^T - delta S^T + N delta delta^T (elementwise for a Normal)."""
+        sum w (x - mu)(x - mu)^T = M - (S delta^T + delta S^T) + N (delta delta^T) (elementwise for a Normal),
+        summed in that order so that the result is symmetric to the bit where M is."""
         delta = mu.to(m.dtype) - c.to(m.dtype)
         if m.dim() == s.dim():
             return m - 2 * delta * s + n * delta * delta
         outer = s.unsqueeze(-1) * delta.unsqueeze(-2)
-        return m - outer - outer.transpose(-1, -2) + n[..., None, None] * delta.unsqueeze(-1) * delta.unsqueeze(-2)
+        return m - (outer + outer.transpose(-1, -2)) + n[..., None, None] * (delta.unsqueeze(-1) * delta.unsqueeze(-2))
 
 
 RULES: List[Rule] = [

@@ -137,3 +137,34 @@ def test_categorical_counts_equal_the_indicators_summed(x, w_shape, shape):
     expected = (w.unsqueeze(-1) * onehot).sum_to_size(shape)
     got, den = families.counts(fn, x, w, torch.Size(shape))
     assert den is None and torch.allclose(got, expected, rtol=1e-13, atol=0)
+
+
+def test_the_second_moment_about_the_new_means_is_symmetric_to_the_bit():
+    """M - (S delta^T + delta S^T) + N (delta delta^T) equals its transpose exactly wherever M does, and the
+    sum about the means that the data give directly (oracle) within rounding."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 4, generator=g, dtype=torch.float64) * 3 + 1
+    w = torch.rand(3, 500, generator=g, dtype=torch.float64)
+    c, mu = x.mean(0), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    n, s = w.sum(-1), w @ (x - c)
+    m = torch.einsum("ki,ia,ib->kab", w, x - c, x - c)
+    m = (m + m.mT) / 2  # symmetric to the bit, as the unpacked sums are
+    about = ppl_em.families.GaussianSums.about(n, s, m, c, mu)
+    assert torch.equal(about, about.mT)
+    direct = torch.einsum("ki,kia,kib->kab", w, x - mu[:, None], x - mu[:, None])
+    torch.testing.assert_close(about, direct, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("matrix, inside", [
+    (torch.tensor([[2.0, 0.5], [0.5, 1.0]]), True),  # symmetric to the bit, positive definite
+    (torch.tensor([[1.0, 2.0], [2.0, 1.0]]), False),  # symmetric, indefinite
+    (torch.tensor([[2.0, 0.5], [0.5 + 1e-9, 1.0]]), True),  # symmetric within torch's tolerance
+    (torch.tensor([[2.0, 0.5], [0.6, 1.0]]), False),  # not symmetric
+])
+def test_the_positive_definite_check_of_an_update_is_torchs(matrix, inside):
+    """ppl_em.em._inside against the constraint's own check (oracle), one matrix and a batch of them."""
+    pd = constraints.positive_definite
+    value = matrix.double()
+    assert ppl_em.em._inside(pd, value) == bool(pd.check(value).all()) == inside
+    batch = torch.stack([torch.eye(2, dtype=torch.float64), value])
+    assert ppl_em.em._inside(pd, batch) == bool(pd.check(batch).all()) == inside

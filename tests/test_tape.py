@@ -116,14 +116,41 @@ def test_a_guard_that_comes_out_otherwise_runs_the_step_for_real():
         with torch.no_grad():  # the third component far from every point: it is empty at the next E-step
             dict(pyro.get_param_store().named_parameters())["mu"][2] = torch.tensor([1e3, 1e3], dtype=D)
         losses += [em.step(x, 3, init) for _ in range(4)]
-        assert not replay or replayed > 0
+        # the other way recorded at the stopped replay, checked at the next step, replayed from then on
+        assert not replay or 0 < replayed < em._tape.replays
         return losses, {n: v.detach().clone() for n, v in em.params.items()}, em
 
     (taped, params, em), (real, ref, _) = run(True), run(False)
     assert taped == pytest.approx(real, rel=1e-13)
     for name in params:
         torch.testing.assert_close(params[name], ref[name], rtol=1e-12, atol=1e-13)
-    assert em._tape.off is None and em._tape.misses >= 1
+    assert em._tape.off is None and em._tape.misses == 1
+
+
+def test_a_step_whose_way_keeps_changing_is_recorded_again_a_few_times_then_runs_for_real():
+    """theta = 1, -2, 0, 2, -1, 1, ...: the branch on theta > 0 changes at every second step. Each stopped
+    replay records the step again, RECORDINGS_AFTER_MISSES times; after that a stopped replay runs the step
+    for real. Every step's loss and theta equal those of the plain steps."""
+    def run(taped: bool):
+        theta = torch.tensor([1.0], dtype=D)
+        roots, tape, losses = {"theta": theta}, tape_module.StepTape(), []
+
+        def region():
+            loss = (theta * 2.0).sum()
+            with torch.no_grad():
+                if bool(theta > 0):
+                    theta.sub_(3.0)
+                else:
+                    theta.add_(2.0)
+            return loss
+
+        for _ in range(15):
+            losses.append(float(tape.step(region, "key", roots) if taped else region()))
+        return losses, tape
+
+    (taped, tape), (real, _) = run(True), run(False)
+    assert taped == real
+    assert tape.misses > tape_module.RECORDINGS_AFTER_MISSES and tape.replays > 0 and tape.off is None
 
 
 def test_a_failing_step_raises_and_keeps_the_parameters_as_a_real_step_does():

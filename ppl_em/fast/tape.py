@@ -17,7 +17,8 @@ A replay is only as good as the recording, so nothing is trusted on faith:
 * every decision the step took from a tensor's value (``if not torch.isfinite(objective)``, ``if
   bool(empty.any())``, a constraint's check before a parameter is written) is a *guard*: a replay
   evaluates it again, and where it comes out otherwise the replay stops (before it has written any
-  parameter) and the step runs for real, which then raises its error or takes the other branch;
+  parameter) and the step runs for real, which then raises its error or takes the other branch, and is
+  recorded in place of the last recording (at most :data:`RECORDINGS_AFTER_MISSES` times);
 * a step that reads any other value out of a tensor that depends on theta (``float(log_prior)``),
   changes in place a tensor it read before that tensor depended on theta, overwrites a tensor that it
   read as a constant (a buffer reused for the blocks of the data: a replay would read its last
@@ -47,10 +48,13 @@ import torch
 
 from .replay import _METADATA, _SAFE_RESULTS, _Recorder, _leaves, _mutates, _name, _targets
 
-__all__ = ["StepTape", "TAPE_BYTES", "TAPE_ELEMENTS"]
+__all__ = ["StepTape", "TAPE_BYTES", "TAPE_ELEMENTS", "RECORDINGS_AFTER_MISSES"]
 
 TAPE_ELEMENTS = 2 ** 20  # the largest data (elements of the tensor arguments) whose steps are recorded
 TAPE_BYTES = 64 * 2 ** 20  # the most memory a recording may keep alive (its tables)
+# A replay stopped by a guard records the step again (a component that emptied stays empty: the new way
+# holds from then on); after this many such stops the steps that the tape's guards refuse run for real.
+RECORDINGS_AFTER_MISSES = 3
 _GUARD, _COPY, _OUT, _TRY, _CALL = range(5)  # how a replay reruns a kept call (see _Tape.calls)
 _AUTOGRAD = {"grad", "backward", "vjp", "jvp"}
 _IDENTITY = {"data_ptr", "untyped_storage", "get:is_meta", "get:is_sparse"}  # where, not what: the same at a replay
@@ -303,19 +307,19 @@ class StepTape:
         if tape is not None and tape.key == key:
             before = None if tape.verified else _values(roots)
             loss = tape.run(roots)
-            if loss is None:  # a guard: the step goes another way this time
+            if loss is None:  # a guard: the step goes another way this time, and that way is recorded
                 self.misses += 1
-                return region()
+                if self.misses > RECORDINGS_AFTER_MISSES:  # a step whose way keeps changing: run for real
+                    return region()
+                return self._record(region, key, roots, pins)
             if tape.verified:
                 self.replays += 1
                 return loss
             return self._check(tape, region, roots, before, loss.clone())
-        loss = self._record(region, key, roots)
-        if self.tape is not None:
-            self.tape.pins = pins  # the objects whose ids the key holds: no other object takes them meanwhile
-        return loss
+        return self._record(region, key, roots, pins)
 
-    def _record(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def _record(self, region: Callable[[], torch.Tensor], key, roots: Dict[str, torch.Tensor],
+                pins: tuple) -> torch.Tensor:
         self.tape = None
         recorder = _TapeRecorder(roots)
         start = {n: r.detach().clone() for n, r in roots.items()}
@@ -339,6 +343,7 @@ class StepTape:
                 self.off = f"the step warns ({caught[0].category.__name__}: {caught[0].message})"
         elif torch.is_tensor(loss) and id(loss) in recorder.tracked:
             self.tape = _Tape(key, roots, recorder.ops, loss, start)
+            self.tape.pins = pins  # the objects whose ids the key holds: no other object takes them meanwhile
         return loss
 
     def _check(self, tape: _Tape, region, roots: Dict[str, torch.Tensor], before: List[torch.Tensor],
