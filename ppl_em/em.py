@@ -268,7 +268,7 @@ class EM:
             self._check_objective(stats.objective, args, kwargs)
             log_prior = self._log_prior + self._log_jacobian()  # log p(theta): a term of every chunk's trace, counted once
             self._m_step_from(stats, pieces, kept)  # M-step
-            return stats.objective + log_prior
+            return stats.objective + log_prior if log_prior != 0.0 else stats.objective
 
         roots = self._roots()
         key = self._tape_key(args, kwargs, roots)
@@ -699,10 +699,12 @@ def _total_weight(post: Posterior) -> float:
 
 
 def _inside(constraint, value: torch.Tensor) -> bool:
-    """``constraint.check(value).all()``. A covariance that the closed forms made symmetric to the bit
+    """``constraint.check(value).all()`` for a finite ``value``. A covariance that the closed forms made symmetric to the bit
     (Sigma_j about mu_j is) is positive definite where its Cholesky factorisation succeeds: torch's own
     test first compares Sigma_j with its transpose within a tolerance (``isclose``, measured a twentieth
     of a small fit's replayed step), which only a matrix symmetric to the bit skips here."""
+    if constraint is constraints.real:  # every finite value (the update was checked finite first)
+        return True
     if type(constraint) is type(constraints.positive_definite) and torch.equal(value, value.mT):
         return bool((torch.linalg.cholesky_ex(value).info == 0).all())
     return bool(constraint.check(value).all())

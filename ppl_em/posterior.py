@@ -501,7 +501,8 @@ def _one_latent_posterior(tr: Trace, scale: float, workspace: Optional[Workspace
         name, features, n, packed_sums = fused[2:]
         n, s_c, m_c = features.moments(n * scale, packed_sums * scale)
         sums[name] = FusedSums(weights[name], features.c, n, s_c, m_c)
-    return lse.sum() * scale, weights, sums
+    total = lse.sum()
+    return (total if scale == 1.0 else total * scale), weights, sums
 
 
 @dataclass

@@ -58,6 +58,10 @@ RECORDINGS_AFTER_MISSES = 3
 _GUARD, _COPY, _OUT, _TRY, _CALL = range(5)  # how a replay reruns a kept call (see _Tape.calls)
 _AUTOGRAD = {"grad", "backward", "vjp", "jvp"}
 _IDENTITY = {"data_ptr", "untyped_storage", "get:is_meta", "get:is_sparse"}  # where, not what: the same at a replay
+# Methods whose torch function of another name takes out=, with the same arguments in the same order.
+_OUT_FORMS = {"__invert__": torch.bitwise_not, "__and__": torch.bitwise_and, "__or__": torch.bitwise_or,
+              "__eq__": torch.eq, "__ne__": torch.ne, "linalg_cholesky": torch.linalg.cholesky,
+              "linalg_solve_triangular": torch.linalg.solve_triangular}
 _READS = {"__bool__", "equal", "is_nonzero"}  # value reads that become guards; every other read of a value refuses the recording
 
 
@@ -195,7 +199,10 @@ class _Tape:
         func, args, kwargs, fresh, before = op
         if len(fresh) == 1 and fresh[0][0] is None and not before:
             old = fresh[0][1]
-            alt = getattr(torch, _name(func), None) if direct and "out" not in kwargs else None
+            name = _name(func)
+            if direct and name == "clone" and len(args) == 1 and not kwargs:  # the copy itself, into old
+                return (_OUT, old.copy_, args, {})
+            alt = (_OUT_FORMS.get(name) or getattr(torch, name, None)) if direct and "out" not in kwargs else None
             if callable(alt) and old.is_contiguous():
                 return (_TRY, alt, args, dict(kwargs, out=old), (func, args, kwargs, old))
             return (_COPY, func, args, kwargs, old)
