@@ -288,3 +288,18 @@ def test_a_buffer_reused_for_blocks_of_the_data_is_not_taped(monkeypatch):
     model = lambda x, k: gmm.model(x, k, covariance_type="diag")  # noqa: E731
     em = _assert_same_run(model, (X, 3))
     assert em._tape.off is not None and "overwrites" in em._tape.off, em._tape.off
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    ((torch.ones(2), 3.0, torch.zeros(1)), {}),
+    ((torch.ones(2),), {"out": torch.empty(2), "alpha": 2}),
+    (([torch.ones(2), torch.zeros(3)], 0), {}),  # torch.cat's list
+    ((torch.ones(2),), {"dims": (torch.zeros(1), 1)}),
+    ((), {}),
+])
+def test_the_recorders_scan_of_a_calls_tensors_is_its_leaves(args, kwargs):
+    """The flat scan finds the tensors that the leaves of (args, kwargs) hold (oracle), the same objects in order."""
+    from ppl_em.fast.replay import _leaves, _tensors
+    expected = [t for t in _leaves((args, kwargs)) if torch.is_tensor(t)]
+    found = _tensors(args, kwargs)
+    assert len(found) == len(expected) and all(a is b for a, b in zip(found, expected))

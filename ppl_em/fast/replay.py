@@ -73,6 +73,22 @@ def _leaves(obj) -> list:
     return [obj]
 
 
+def _tensors(args: tuple, kwargs: dict) -> List[torch.Tensor]:
+    """The tensors among a torch call's arguments, in :func:`_leaves`'s order: a flat scan where no
+    argument is a container (most calls), the leaves otherwise."""
+    for a in args:
+        if isinstance(a, (tuple, list, dict)):
+            return [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    found = [a for a in args if isinstance(a, torch.Tensor)]
+    if kwargs:
+        for v in kwargs.values():
+            if isinstance(v, torch.Tensor):
+                found.append(v)
+            elif isinstance(v, (tuple, list, dict)):
+                return [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return found
+
+
 def _targets(args, kwargs) -> List[torch.Tensor]:
     """The tensors an in-place call writes: its ``out=``, else its first argument."""
     return [t for t in _leaves(kwargs["out"] if "out" in kwargs else args[:1]) if torch.is_tensor(t)]

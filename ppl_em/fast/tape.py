@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .replay import _METADATA, _SAFE_RESULTS, _Recorder, _leaves, _mutates, _name, _targets
+from .replay import _METADATA, _SAFE_RESULTS, _Recorder, _leaves, _mutates, _name, _targets, _tensors
 
 __all__ = ["StepTape", "TAPE_BYTES", "TAPE_ELEMENTS", "RECORDINGS_AFTER_MISSES"]
 
@@ -122,7 +122,7 @@ class _TapeRecorder(_Recorder):
         if name in _AUTOGRAD:  # a replay reruns the forward calls only, without autograd
             self.problem = f"the step differentiates ({name}): autograd is not replayed"
             return func(*args, **kwargs)
-        inputs = [t for t in _leaves((args, kwargs)) if torch.is_tensor(t)]
+        inputs = _tensors(args, kwargs)
         tracked = [t for t in inputs if self._is_tracked(t)]
         mutates = _mutates(name, kwargs)
         if not tracked:
