@@ -166,6 +166,7 @@ class EM:
         self._workspace = Workspace()  # chunk-sized tables, handed from chunk to chunk and step to step
         self._replay = Replay()  # the model's run on unchunked data, recorded and replayed (ppl_em.fast.replay)
         self._taping = False  # whether the step under way is recorded or replayed by the tape
+        self._asymmetric: set = set()  # parameters whose positive-definite update was not symmetric to the bit (_inside)
         self._tape = StepTape()  # whole closed-form steps on unchunked data, recorded and replayed (ppl_em.fast.tape)
         if not replay:
             self._replay.off = self._tape.off = "EM(..., replay=False)"
@@ -624,7 +625,7 @@ class EM:
         for name, value in values.items():
             constraint = store._constraints[name]
             transform = transform_to(constraint)
-            inside = _inside(constraint, value)
+            inside = _inside(constraint, value, name, self._asymmetric)
             with torch.no_grad():
                 try:
                     inverse[name] = transform.inv(value)
@@ -698,13 +699,18 @@ def _total_weight(post: Posterior) -> float:
     return float(sum(w.sum() for w in post.weights.values()))
 
 
-def _inside(constraint, value: torch.Tensor) -> bool:
-    """``constraint.check(value).all()`` for a finite ``value``. A covariance that the closed forms made symmetric to the bit
-    (Sigma_j about mu_j is) is positive definite where its Cholesky factorisation succeeds: torch's own
-    test first compares Sigma_j with its transpose within a tolerance (``isclose``, measured a twentieth
-    of a small fit's replayed step), which only a matrix symmetric to the bit skips here."""
+def _inside(constraint, value: torch.Tensor, name: str = "", asymmetric: Optional[set] = None) -> bool:
+    """``constraint.check(value).all()`` for a finite ``value``. A covariance that the closed forms made
+    symmetric to the bit (Sigma_j about mu_j is) is positive definite where its Cholesky factorisation
+    succeeds: torch's own test first compares Sigma_j with its transpose within a tolerance (``isclose``,
+    measured a twentieth of a small fit's replayed step), which only a matrix symmetric to the bit skips
+    here. A parameter whose update once was not (its name goes into ``asymmetric``) gets torch's test from
+    then on, so that a replayed step does not stop at a symmetry that comes and goes with the rounding."""
     if constraint is constraints.real:  # every finite value (the update was checked finite first)
         return True
-    if type(constraint) is type(constraints.positive_definite) and torch.equal(value, value.mT):
-        return bool((torch.linalg.cholesky_ex(value).info == 0).all())
+    if type(constraint) is type(constraints.positive_definite) and name not in (asymmetric or ()):
+        if torch.equal(value, value.mT):
+            return bool((torch.linalg.cholesky_ex(value).info == 0).all())
+        if asymmetric is not None:
+            asymmetric.add(name)
     return bool(constraint.check(value).all())

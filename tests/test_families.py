@@ -168,3 +168,18 @@ def test_the_positive_definite_check_of_an_update_is_torchs(matrix, inside):
     assert ppl_em.em._inside(pd, value) == bool(pd.check(value).all()) == inside
     batch = torch.stack([torch.eye(2, dtype=torch.float64), value])
     assert ppl_em.em._inside(pd, batch) == bool(pd.check(batch).all()) == inside
+
+
+def test_a_covariance_once_not_symmetric_to_the_bit_keeps_torchs_check(monkeypatch):
+    """After an update that is symmetric only within tolerance, the same parameter's later updates take the
+    constraint's own check (the set of such names), with the same answers (oracle: the constraint's check)."""
+    pd, seen, checked = constraints.positive_definite, set(), []
+    own = pd.check
+    monkeypatch.setattr(pd, "check", lambda value: checked.append(value) or own(value))
+    near = torch.tensor([[2.0, 0.5], [0.5 + 1e-12, 1.0]], dtype=torch.float64)
+    exact = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    assert ppl_em.em._inside(pd, exact, "Sigma", seen) and not seen and not checked
+    assert ppl_em.em._inside(pd, near, "Sigma", seen) and seen == {"Sigma"} and len(checked) == 1
+    for value in (exact, torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)):
+        assert ppl_em.em._inside(pd, value, "Sigma", seen) == bool(own(value).all())
+    assert len(checked) == 3  # torch's check for both, the first bit-symmetric one included
