@@ -269,7 +269,7 @@ class EM:
             self._check_objective(stats.objective, args, kwargs)
             log_prior = self._log_prior + self._log_jacobian()  # log p(theta): a term of every chunk's trace, counted once
             self._m_step_from(stats, pieces, kept)  # M-step
-            return stats.objective + log_prior if log_prior != 0.0 else stats.objective
+            return (stats.objective + log_prior) if log_prior != 0.0 else stats.objective
 
         roots = self._roots()
         key = self._tape_key(args, kwargs, roots)
@@ -699,7 +699,7 @@ def _total_weight(post: Posterior) -> float:
     return float(sum(w.sum() for w in post.weights.values()))
 
 
-def _inside(constraint, value: torch.Tensor, name: str = "", asymmetric: Optional[set] = None) -> bool:
+def _inside(constraint, value: torch.Tensor, name: str, asymmetric: set) -> bool:
     """``constraint.check(value).all()`` for a finite ``value``. A covariance that the closed forms made
     symmetric to the bit (Sigma_j about mu_j is) is positive definite where its Cholesky factorisation
     succeeds: torch's own test first compares Sigma_j with its transpose within a tolerance (``isclose``,
@@ -708,9 +708,8 @@ def _inside(constraint, value: torch.Tensor, name: str = "", asymmetric: Optiona
     then on, so that a replayed step does not stop at a symmetry that comes and goes with the rounding."""
     if constraint is constraints.real:  # every finite value (the update was checked finite first)
         return True
-    if type(constraint) is type(constraints.positive_definite) and name not in (asymmetric or ()):
+    if type(constraint) is type(constraints.positive_definite) and name not in asymmetric:
         if torch.equal(value, value.mT):
             return bool((torch.linalg.cholesky_ex(value).info == 0).all())
-        if asymmetric is not None:
-            asymmetric.add(name)
+        asymmetric.add(name)
     return bool(constraint.check(value).all())

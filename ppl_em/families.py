@@ -68,7 +68,7 @@ class Rule:
 def ratio(num: torch.Tensor, den: torch.Tensor):
     """num / den: mu_j = sum_i w_j^(i) x^(i) / sum_i w_j^(i). Returns the value and where it is empty (no
     posterior mass: the caller keeps the previous value there instead of 0/0; the value is 1 there), or
-    None for where when no element is empty."""
+    None in place of where when no element is empty."""
     tiny = torch.finfo(den.dtype).tiny
     return _placeholder(num / den.clamp_min(tiny), ~(den > tiny))
 

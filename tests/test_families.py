@@ -165,9 +165,9 @@ def test_the_positive_definite_check_of_an_update_is_torchs(matrix, inside):
     """ppl_em.em._inside against the constraint's own check (oracle), one matrix and a batch of them."""
     pd = constraints.positive_definite
     value = matrix.double()
-    assert ppl_em.em._inside(pd, value) == bool(pd.check(value).all()) == inside
+    assert ppl_em.em._inside(pd, value, "Sigma", set()) == bool(pd.check(value).all()) == inside
     batch = torch.stack([torch.eye(2, dtype=torch.float64), value])
-    assert ppl_em.em._inside(pd, batch) == bool(pd.check(batch).all()) == inside
+    assert ppl_em.em._inside(pd, batch, "Sigma", set()) == bool(pd.check(batch).all()) == inside
 
 
 def test_a_covariance_once_not_symmetric_to_the_bit_keeps_torchs_check(monkeypatch):

@@ -76,16 +76,12 @@ def _leaves(obj) -> list:
 def _tensors(args: tuple, kwargs: dict) -> List[torch.Tensor]:
     """The tensors among a torch call's arguments, in :func:`_leaves`'s order: a flat scan where no
     argument is a container (most calls), the leaves otherwise."""
-    for a in args:
-        if isinstance(a, (tuple, list, dict)):
+    found = []
+    for a in (args + tuple(kwargs.values())) if kwargs else args:
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (tuple, list, dict)):
             return [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    found = [a for a in args if isinstance(a, torch.Tensor)]
-    if kwargs:
-        for v in kwargs.values():
-            if isinstance(v, torch.Tensor):
-                found.append(v)
-            elif isinstance(v, (tuple, list, dict)):
-                return [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     return found
 
 
@@ -133,12 +129,12 @@ class _Recorder(TorchFunctionMode):
         replay restores it first (``buffer += mu`` must add to the buffer as it was, not as the last run left it)."""
         if not _mutates(_name(func), kwargs):
             return []
-        if not any(self._is_tracked(t) for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)):
+        if not any(self._is_tracked(t) for t in _tensors(args, kwargs)):
             return []
         return [(t, t.detach().clone()) for t in _targets(args, kwargs) if id(t) not in self.tracked]
 
     def _keep(self, func, args, kwargs, result, before: List[tuple]) -> None:
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)]
+        inputs = _tensors(args, kwargs)
         tracked = [t for t in inputs if self._is_tracked(t)]
         if not tracked:
             return
