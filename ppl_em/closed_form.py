@@ -113,9 +113,9 @@ def _update(plan: Plan, p: str, stats: Statistics, values: Dict[str, torch.Tenso
         else:  # Sigma_j about the new mu_j
             mu = group.loc.selection.forward(values[group.loc.param])
             cell_num, cell_den = group.sums.covariance(n, s, m, c, mu, reg)
-        shape, dtype = use.selection.shape, use.selection.tensor.dtype
-        num = _plus(num, use.selection.vjp(reduce_product([cell_num], shape).to(dtype)))
-        den = _plus(den, use.selection.vjp(reduce_product([cell_den], shape).to(dtype)))
+        shape, dtype = use.selection.shape, use.selection.tensor.dtype  # (sums read once here: no copies)
+        num = _plus(num, use.selection.vjp(reduce_product([cell_num], shape, fresh=False).to(dtype), fresh=False))
+        den = _plus(den, use.selection.vjp(reduce_product([cell_den], shape, fresh=False).to(dtype), fresh=False))
     for prior in plan.priors.get(p, []):  # MAP: the prior's pseudo-statistics
         if prior.family == "Normal":
             num, den = num + prior.weighted_mean, den + prior.precision

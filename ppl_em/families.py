@@ -68,26 +68,22 @@ class Rule:
 def ratio(num: torch.Tensor, den: torch.Tensor):
     """num / den: mu_j = sum_i w_j^(i) x^(i) / sum_i w_j^(i). Returns the value and where it is empty (no
     posterior mass: the caller keeps the previous value there instead of 0/0; the value is 1 there), or
-    None in place of where when no element is empty."""
+    None in place of where when no element is empty: the common case decides once, and costs no clamp
+    and no select (``den`` above ``tiny`` everywhere, so ``num / den`` is the clamped quotient itself)."""
     tiny = torch.finfo(den.dtype).tiny
-    return _placeholder(num / den.clamp_min(tiny), ~(den > tiny))
+    full = den > tiny  # (NaN is not: counted as empty)
+    if bool(full.all()):
+        return num / den, None
+    empty = ~full
+    one = torch.ones((), dtype=num.dtype, device=num.device)
+    return torch.where(empty, one, num / den.clamp_min(tiny)), empty
 
 
 def normalise(num: torch.Tensor, den=None):
     """phi_j = N_j / sum_l N_l (each row of a table of counts, for a transition matrix A_i.); and the empty
     rows (None when no row is empty)."""
-    total = num.sum(-1, keepdim=True)
-    tiny = torch.finfo(num.dtype).tiny
-    value, empty = _placeholder(num / total.clamp_min(tiny), ~(total > tiny))
+    value, empty = ratio(num, num.sum(-1, keepdim=True))
     return value, None if empty is None else empty.expand(num.shape)
-
-
-def _placeholder(value: torch.Tensor, empty: torch.Tensor):
-    """(value with 1 where ``empty``, empty), or (value, None) where no element is empty: the common case
-    decides once and costs no select."""
-    if not bool(empty.any()):
-        return value, None
-    return torch.where(empty, torch.ones((), dtype=value.dtype, device=value.device), value), empty
 
 
 def to_attribute(to_attr: Optional[str], value: torch.Tensor, diagonal: bool = False) -> torch.Tensor:

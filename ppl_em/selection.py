@@ -169,10 +169,12 @@ class Selection:
         if self.leaf_dtype is None:
             self.leaf_dtype = self.tensor.dtype
 
-    def vjp(self, u: torch.Tensor) -> torch.Tensor:
-        """S^T u: ``u`` of :attr:`shape` summed onto the parameter's elements, shape ``leaf_shape``."""
+    def vjp(self, u: torch.Tensor, fresh: bool = True) -> torch.Tensor:
+        """S^T u: ``u`` of :attr:`shape` summed onto the parameter's elements, shape ``leaf_shape``; a new
+        tensor, unless ``fresh`` is False (a value read once, never added to in place: the M-step's
+        formulas), where S is a reshape and the result may be a view of ``u``."""
         if self._index is not None:
-            return self._scatter(u)
+            return self._scatter(u, fresh)
         if self.nodes and not hasattr(self.nodes[0], "_input_metadata"):
             return self._vjp_by_autograd(u)
         return self._through_nodes(u).reshape(self.leaf_shape)
@@ -222,9 +224,10 @@ class Selection:
         self.index_map()
         self.nodes, self.tensor = [], self.tensor.detach()
 
-    def _scatter(self, u: torch.Tensor) -> torch.Tensor:
+    def _scatter(self, u: torch.Tensor, fresh: bool = True) -> torch.Tensor:
         if self._identity:  # a fresh tensor, as below: statistics never alias the E-step's tables
-            return u.expand(self.shape).reshape(self.leaf_shape).clone()
+            same = u.expand(self.shape).reshape(self.leaf_shape)
+            return same.clone() if fresh else same
         index = self._index.reshape(-1)
         keep = index >= 0
         out = torch.zeros(self.leaf_shape.numel(), dtype=u.dtype, device=u.device)

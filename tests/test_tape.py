@@ -295,6 +295,9 @@ def test_a_buffer_reused_for_blocks_of_the_data_is_not_taped(monkeypatch):
     ((torch.ones(2),), {"out": torch.empty(2), "alpha": 2}),
     (([torch.ones(2), torch.zeros(3)], 0), {}),  # torch.cat's list
     ((torch.ones(2),), {"dims": (torch.zeros(1), 1)}),
+    ((torch.ones(2, 1), torch.Size([2, 3])), {}),  # expand's shape
+    ((torch.ones(3, 2), (torch.zeros(1, dtype=torch.long), [torch.ones(1, dtype=torch.long)])), {}),  # t[i, [j]]
+    ((torch.ones(2), {"a": torch.zeros(1), "b": (1, torch.ones(1))}), {"c": [torch.zeros(2)]}),
     ((), {}),
 ])
 def test_the_recorders_scan_of_a_calls_tensors_is_its_leaves(args, kwargs):

@@ -74,14 +74,14 @@ def _leaves(obj) -> list:
 
 
 def _tensors(args: tuple, kwargs: dict) -> List[torch.Tensor]:
-    """The tensors among a torch call's arguments, in :func:`_leaves`'s order: a flat scan where no
-    argument is a container (most calls), the leaves otherwise."""
+    """The tensors among a torch call's arguments, in :func:`_leaves`'s order: only a container argument
+    (an index tuple, a list of tensors) is flattened, never a shape."""
     found = []
     for a in (args + tuple(kwargs.values())) if kwargs else args:
         if isinstance(a, torch.Tensor):
             found.append(a)
-        elif isinstance(a, (tuple, list, dict)):
-            return [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        elif isinstance(a, (tuple, list, dict)) and not isinstance(a, torch.Size):
+            found += [t for t in _leaves(a) if isinstance(t, torch.Tensor)]
     return found
 
 

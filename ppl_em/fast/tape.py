@@ -63,6 +63,8 @@ _OUT_FORMS = {"__invert__": torch.bitwise_not, "__and__": torch.bitwise_and, "__
               "__eq__": torch.eq, "__ne__": torch.ne, "linalg_cholesky": torch.linalg.cholesky,
               "linalg_solve_triangular": torch.linalg.solve_triangular}
 _READS = {"__bool__", "equal", "is_nonzero"}  # value reads that become guards; every other read of a value refuses the recording
+# Calls that read no tensor's values and make no tensor (a shape, a dtype, the grad mode): run at once, unexamined.
+_UNEXAMINED = (_METADATA | _IDENTITY | {"_set_grad_enabled"}) - {"get:grad"}
 
 
 def _caller() -> str:
@@ -109,16 +111,19 @@ class _TapeRecorder(_Recorder):
         """A kept call read untracked tensors of these storages (alive while the call holds them)."""
         self.constants |= storages
 
-    def _track(self, t: torch.Tensor) -> None:
+    def _track(self, t: torch.Tensor, storage: Optional[int] = None) -> None:
         super()._track(t)
-        self.storages.add(_storage(t))
-        self.storages.discard(0)
+        storage = _storage(t) if storage is None else storage
+        if storage:  # (0: a tensor on the meta device, which holds no values)
+            self.storages.add(storage)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.problem is not None:
             return func(*args, **kwargs)
         name = _name(func)
+        if name in _UNEXAMINED:  # about half the calls of a step
+            return func(*args, **kwargs)
         if name in _AUTOGRAD:  # a replay reruns the forward calls only, without autograd
             self.problem = f"the step differentiates ({name}): autograd is not replayed"
             return func(*args, **kwargs)
@@ -134,10 +139,11 @@ class _TapeRecorder(_Recorder):
         before = [(t, t.detach().clone()) for t in _targets(args, kwargs) if not self._is_tracked(t)] if mutates else []
         constant = {_storage(t) for t in inputs if id(t) not in self.tracked} - {0}  # the untracked inputs' storages
         result = func(*args, **kwargs)
-        outputs = _leaves(result)
+        single = isinstance(result, torch.Tensor)  # most calls: one tensor result, no flattening
+        outputs = (result,) if single else _leaves(result)
         if mutates and not self._track_target(name, args, kwargs):
             return result
-        if not any(torch.is_tensor(o) for o in outputs):
+        if not single and not any(isinstance(o, torch.Tensor) for o in outputs):
             if mutates:  # t[i] = v
                 self.ops.append((func, args, kwargs, [], before))
                 self._read(constant)
@@ -151,18 +157,16 @@ class _TapeRecorder(_Recorder):
         followed = {_storage(t) for t in tracked}
         fresh = []
         for i, out in enumerate(outputs):
-            if not torch.is_tensor(out) or id(out) in self.tracked:
+            if not isinstance(out, torch.Tensor) or id(out) in self.tracked:
                 continue
             storage = _storage(out)
             if storage in constant:  # a view of a constant argument (broadcast beside a tracked one)
                 continue
-            self._track(out)
+            self._track(out, storage)
             if storage not in followed:  # a view of a tracked argument follows it by itself
-                fresh.append((i, out))
+                fresh.append((None if single else i, out))  # None: the call's one result
         self.read.update(id(t) for t in inputs if id(t) not in self.tracked)
         if fresh or mutates:
-            if len(fresh) == 1 and torch.is_tensor(result):
-                fresh = [(None, fresh[0][1])]  # the call's one result: no flattening at a replay
             self.ops.append((func, args, kwargs, fresh, before))
             self._read(constant)
         return result

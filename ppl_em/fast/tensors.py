@@ -36,7 +36,7 @@ def overlap(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
     return any(p != 1 and q != 1 for p, q in zip(reversed(a), reversed(b)))
 
 
-def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
+def reduce_product(operands: List[torch.Tensor], shape, fresh: bool = True) -> torch.Tensor:
     """``prod(operands).sum_to_size(shape)`` (operands broadcast together), as one einsum.
 
     The broadcast product is never formed: dimensions that ``shape`` keeps become output
@@ -44,11 +44,12 @@ def reduce_product(operands: List[torch.Tensor], shape) -> torch.Tensor:
     dropped first. sum_i w_j^(i) x^(i) x^(i)^T, for example, becomes a batched GEMM.
     Where ``shape`` is larger than the operands' broadcast shape the result is expanded. A product of
     at most ``SMALL_PRODUCT`` elements is formed and summed instead (cheaper than an einsum there).
+    The result is a new tensor; with ``fresh=False`` one operand of ``shape`` itself is returned as it is.
     """
     shape = torch.Size(shape)
     if len(operands) == 1 and _plain_sum(operands[0], shape):  # one operand: no product to avoid
         t = operands[0]
-        return t.clone() if t.shape == shape else t.sum_to_size(shape)
+        return (t.clone() if fresh else t) if t.shape == shape else t.sum_to_size(shape)
     if len(operands) > 1 and math.prod(functools.reduce(broadcast_shape, [t.shape for t in operands])) <= SMALL_PRODUCT:
         return _small_product(operands, shape)
     ndim = max([len(shape)] + [t.dim() for t in operands])
