@@ -28,11 +28,12 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Mapping
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import pyro
 from torch.distributions import constraints, transform_to
+from torch.distributions.transforms import LowerCholeskyTransform, PositiveDefiniteTransform
 
 from . import chunking as chunks_, closed_form, distributed as distributed_, sources
 from .checks import check_arguments, check_missing, check_observations
@@ -615,20 +616,22 @@ class EM:
         place, so that it stays the one tensor the store (and any optimizer) holds: a new tensor per step
         would also stay referenced from the store's tensor-to-name map, one more per parameter and step."""
         store = pyro.get_param_store()
-        for name, value in values.items():
-            if not torch.isfinite(value).all():
-                raise NonFiniteParameterError(
-                    f"The M-step update of parameter '{name}' is not finite; the previous "
-                    "parameters were kept. Try a larger reg_covar, fewer components, or scaling the data.")
+        if not _all_finite(list(values.values())):
+            for name, value in values.items():  # name the first that is not
+                if not torch.isfinite(value).all():
+                    raise NonFiniteParameterError(
+                        f"The M-step update of parameter '{name}' is not finite; the previous "
+                        "parameters were kept. Try a larger reg_covar, fewer components, or scaling the data.")
         unconstrained = dict(store.named_parameters())
         inverse = {}
         for name, value in values.items():
             constraint = store._constraints[name]
             transform = transform_to(constraint)
-            inside = _inside(constraint, value, name, self._asymmetric)
+            inside, factor = _inside(constraint, value, name, self._asymmetric)
             with torch.no_grad():
-                try:
-                    inverse[name] = transform.inv(value)
+                try:  # (a positive-definite Sigma's unconstrained value from the factor its check made)
+                    reuse = factor is not None and type(transform) is PositiveDefiniteTransform
+                    inverse[name] = LowerCholeskyTransform().inv(factor) if reuse else transform.inv(value)
                 except RuntimeError:  # no inverse outside the constraint (the Cholesky factor of a singular Sigma)
                     if inside:
                         raise
@@ -699,17 +702,28 @@ def _total_weight(post: Posterior) -> float:
     return float(sum(w.sum() for w in post.weights.values()))
 
 
-def _inside(constraint, value: torch.Tensor, name: str, asymmetric: set) -> bool:
-    """``constraint.check(value).all()`` for a finite ``value``. A covariance that the closed forms made
+def _inside(constraint, value: torch.Tensor, name: str, asymmetric: set) -> Tuple[bool, Optional[torch.Tensor]]:
+    """``constraint.check(value).all()`` for a finite ``value``, and the Cholesky factor of a positive-definite
+    ``value`` where the test made one (else None). A covariance that the closed forms made
     symmetric to the bit (Sigma_j about mu_j is) is positive definite where its Cholesky factorisation
     succeeds: torch's own test first compares Sigma_j with its transpose within a tolerance (``isclose``,
     measured a twentieth of a small fit's replayed step), which only a matrix symmetric to the bit skips
     here. A parameter whose update once was not (its name goes into ``asymmetric``) gets torch's test from
     then on, so that a replayed step does not stop at a symmetry that comes and goes with the rounding."""
     if constraint is constraints.real:  # every finite value (the update was checked finite first)
-        return True
+        return True, None
     if type(constraint) is type(constraints.positive_definite) and name not in asymmetric:
         if torch.equal(value, value.mT):
-            return bool((torch.linalg.cholesky_ex(value).info == 0).all())
+            factor, info = torch.linalg.cholesky_ex(value)
+            inside = bool((info == 0).all())
+            return inside, factor if inside else None
         asymmetric.add(name)
-    return bool(constraint.check(value).all())
+    return bool(constraint.check(value).all()), None
+
+
+def _all_finite(values: List[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite: one test of all of them together (where they share
+    a device), a few kernels however many parameters a step writes."""
+    if len({v.device for v in values}) != 1:
+        return all(bool(torch.isfinite(v).all()) for v in values)
+    return bool(torch.isfinite(torch.cat([v.reshape(-1) for v in values])).all())

@@ -5,7 +5,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from torch.distributions import constraints
+from torch.distributions import constraints, transform_to
 
 import ppl_em
 
@@ -165,9 +165,26 @@ def test_the_positive_definite_check_of_an_update_is_torchs(matrix, inside):
     """ppl_em.em._inside against the constraint's own check (oracle), one matrix and a batch of them."""
     pd = constraints.positive_definite
     value = matrix.double()
-    assert ppl_em.em._inside(pd, value, "Sigma", set()) == bool(pd.check(value).all()) == inside
+    assert ppl_em.em._inside(pd, value, "Sigma", set())[0] == bool(pd.check(value).all()) == inside
     batch = torch.stack([torch.eye(2, dtype=torch.float64), value])
-    assert ppl_em.em._inside(pd, batch, "Sigma", set()) == bool(pd.check(batch).all()) == inside
+    ok, factor = ppl_em.em._inside(pd, batch, "Sigma", set())
+    assert ok == bool(pd.check(batch).all()) == inside
+    if factor is not None:  # the unconstrained value made from the check's factor is the transform's own, to the bit
+        from torch.distributions.transforms import LowerCholeskyTransform
+        assert torch.equal(LowerCholeskyTransform().inv(factor), transform_to(pd).inv(batch))
+
+
+@pytest.mark.parametrize("values, finite", [
+    ([torch.ones(3), torch.zeros(2, 2)], True),
+    ([torch.ones(3), torch.tensor([[0.0, float("nan")]])], False),
+    ([torch.tensor([float("inf")]), torch.zeros(2, dtype=torch.float64)], False),
+    ([torch.ones(2, dtype=torch.float32), torch.zeros(2, 2, dtype=torch.float64).mT], True),
+    ([torch.tensor(-float("inf"))], False),
+    ([], True),
+])
+def test_all_parameters_tested_finite_at_once(values, finite):
+    """ppl_em.em._all_finite against each tensor's own test (oracle), dtypes mixed and a 0-dim tensor included."""
+    assert ppl_em.em._all_finite(values) == all(bool(torch.isfinite(v).all()) for v in values) == finite
 
 
 def test_a_covariance_once_not_symmetric_to_the_bit_keeps_torchs_check(monkeypatch):
@@ -178,8 +195,8 @@ def test_a_covariance_once_not_symmetric_to_the_bit_keeps_torchs_check(monkeypat
     monkeypatch.setattr(pd, "check", lambda value: checked.append(value) or own(value))
     near = torch.tensor([[2.0, 0.5], [0.5 + 1e-12, 1.0]], dtype=torch.float64)
     exact = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
-    assert ppl_em.em._inside(pd, exact, "Sigma", seen) and not seen and not checked
-    assert ppl_em.em._inside(pd, near, "Sigma", seen) and seen == {"Sigma"} and len(checked) == 1
+    assert ppl_em.em._inside(pd, exact, "Sigma", seen)[0] and not seen and not checked
+    assert ppl_em.em._inside(pd, near, "Sigma", seen)[0] and seen == {"Sigma"} and len(checked) == 1
     for value in (exact, torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)):
-        assert ppl_em.em._inside(pd, value, "Sigma", seen) == bool(own(value).all())
+        assert ppl_em.em._inside(pd, value, "Sigma", seen) == (bool(own(value).all()), None)
     assert len(checked) == 3  # torch's check for both, the first bit-symmetric one included
