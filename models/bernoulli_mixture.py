@@ -23,7 +23,7 @@ Reference: lecture notes, "EM algorithm" (EM as the general recipe for any p(x, 
 Bishop, PRML, section 9.3.3.
 """
 
-from functools import partial
+from functools import cache, partial
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -59,7 +59,7 @@ def _start(name: str, init: Optional[Dict[str, torch.Tensor]], defaults) -> torc
     """Initial value of parameter ``name``: ``init[name]`` if given, else ``defaults()[name]``.
 
     A fresh copy: the param store must never alias (and later update in place) the caller's tensor.
-    Called only when the param store has no value yet, so ``defaults`` runs once per fit.
+    Called only when the param store has no value yet; ``defaults`` is cached, made at most once a run.
     """
     value = init[name] if init and name in init else defaults()[name]
     return value.detach().clone()
@@ -73,7 +73,7 @@ def model(x: torch.Tensor, k: int = 2, init: Optional[Dict[str, torch.Tensor]] =
     already in Pyro's param store take precedence.
     """
     _check_binary(x)
-    defaults = partial(init_params, x, k)
+    defaults = cache(partial(init_params, x, k))  # made at most once a run
     phi = pyro.param("phi", lambda: _start("phi", init, defaults), constraint=constraints.simplex)  # (k,)
     p = pyro.param("p", lambda: _start("p", init, defaults), constraint=constraints.unit_interval)  # (k, d)
     seen = ~torch.isnan(x)  # (n, d): False at a missing entry

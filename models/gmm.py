@@ -71,7 +71,7 @@ Jordan, "Supervised learning from incomplete data via an EM approach", NIPS 1994
 """
 
 import math
-from functools import partial
+from functools import cache, partial
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -261,7 +261,7 @@ def _check_inputs(x, labels, labels_mask) -> Tuple[int, int]:
 
 def _params(x, k: int, init: Optional[Dict[str, torch.Tensor]], covariance_type: str):
     """phi (k,), mu (k, d), Sigma: from the param store, else ``init``, else :func:`init_params`."""
-    defaults = partial(init_params, x, k, covariance_type=covariance_type)
+    defaults = cache(partial(init_params, x, k, covariance_type=covariance_type))  # made at most once a run
     pd = constraints.positive_definite if covariance_type in ("full", "tied") else constraints.positive
     phi = pyro.param("phi", lambda: _start("phi", init, defaults), constraint=constraints.simplex)  # (k,)
     mu = pyro.param("mu", lambda: _start("mu", init, defaults))  # (k, d)
@@ -273,7 +273,7 @@ def _start(name: str, init: Optional[Dict[str, torch.Tensor]], defaults) -> torc
     """Initial value of parameter ``name``: ``init[name]`` if given, else ``defaults()[name]``.
 
     A fresh copy: the param store must never alias (and later update in place) the caller's tensor.
-    Called only when the param store has no value yet, so ``defaults`` runs once per fit.
+    Called only when the param store has no value yet; ``defaults`` is cached, made at most once a run.
     """
     value = init[name] if init and name in init else defaults()[name]
     return value.detach().clone()

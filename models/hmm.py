@@ -29,7 +29,7 @@ Reference: lecture notes, "EM algorithm" (EM as the general recipe for any p(x, 
 Rabiner, "A tutorial on hidden Markov models", Proc. IEEE 1989; Bishop, PRML, section 13.2.
 """
 
-from functools import partial
+from functools import cache, partial
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -75,7 +75,7 @@ def _start(name: str, init: Optional[Dict[str, torch.Tensor]], defaults) -> torc
     """Initial value of parameter ``name``: ``init[name]`` if given, else ``defaults()[name]``.
 
     A fresh copy: the param store must never alias (and later update in place) the caller's tensor.
-    Called only when the param store has no value yet, so ``defaults`` runs once per fit.
+    Called only when the param store has no value yet; ``defaults`` is cached, made at most once a run.
     """
     value = init[name] if init and name in init else defaults()[name]
     return value.detach().clone()
@@ -88,7 +88,7 @@ def model(x: torch.Tensor, k: int = 2, init: Optional[Dict[str, torch.Tensor]] =
     :func:`init_params`); values already in Pyro's param store take precedence.
     """
     xs = _as_batch(x)  # (S, T, d)
-    defaults = partial(init_params, xs, k)
+    defaults = cache(partial(init_params, xs, k))  # made at most once a run
     pi = pyro.param("pi", lambda: _start("pi", init, defaults), constraint=constraints.simplex)  # (k,)
     A = pyro.param("A", lambda: _start("A", init, defaults), constraint=constraints.simplex)  # (k, k), rows sum to 1
     mu = pyro.param("mu", lambda: _start("mu", init, defaults))  # (k, d)
@@ -115,7 +115,7 @@ def vectorized_model(x: torch.Tensor, k: int = 2, init: Optional[Dict[str, torch
     ``x`` has shape (T, d) or (S, T, d); ``init`` as in :func:`model`.
     """
     xs = _as_batch(x)  # (S, T, d)
-    defaults = partial(init_params, xs, k)
+    defaults = cache(partial(init_params, xs, k))  # made at most once a run
     pi = pyro.param("pi", lambda: _start("pi", init, defaults), constraint=constraints.simplex)  # (k,)
     A = pyro.param("A", lambda: _start("A", init, defaults), constraint=constraints.simplex)  # (k, k)
     mu = pyro.param("mu", lambda: _start("mu", init, defaults))  # (k, d)

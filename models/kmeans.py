@@ -43,7 +43,7 @@ distance vs cosine similarity; Dhillon & Modha, "Concept decompositions for larg
 data using clustering", 2001 (spherical k-means); Arthur & Vassilvitskii, "k-means++", 2007.
 """
 
-from functools import partial
+from functools import cache, partial
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -178,7 +178,7 @@ def _start(name: str, init: Optional[Dict[str, torch.Tensor]], defaults) -> torc
     """Initial value of parameter ``name``: ``init[name]`` if given, else ``defaults()[name]``.
 
     A fresh copy: the param store must never alias (and later update in place) the caller's tensor.
-    Called only when the param store has no value yet, so ``defaults`` runs once per fit.
+    Called only when the param store has no value yet; ``defaults`` is cached, made at most once a run.
     """
     value = init[name] if init and name in init else defaults()[name]
     return value.detach().clone()
@@ -204,7 +204,7 @@ def model(x: torch.Tensor, k: int = 2, init: Optional[Dict[str, torch.Tensor]] =
     x = prepare(x, metric)
     n, d = x.shape
     sphere = constraints.sphere if metric == "cosine" else constraints.real
-    defaults = partial(init_params, x, k)
+    defaults = cache(partial(init_params, x, k))  # made at most once a run
     mu = pyro.param("mu", lambda: _start("mu", init, defaults), constraint=sphere)  # (k, d)
     phi = x.new_full((k,), 1.0 / k)  # fixed uniform weights: not a parameter
     seen = ~torch.isnan(x)  # (n, d): False at a missing entry

@@ -23,7 +23,7 @@ Reference: lecture notes, "topic models (LDA)", P(z | x); Hofmann, "Probabilisti
 semantic indexing", SIGIR 1999; Blei, Ng & Jordan, "Latent Dirichlet allocation", JMLR 2003.
 """
 
-from functools import partial
+from functools import cache, partial
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -65,7 +65,7 @@ def _start(name: str, init: Optional[Dict[str, torch.Tensor]], defaults) -> torc
     """Initial value of parameter ``name``: ``init[name]`` if given, else ``defaults()[name]``.
 
     A fresh copy: the param store must never alias (and later update in place) the caller's tensor.
-    Called only when the param store has no value yet, so ``defaults`` runs once per fit.
+    Called only when the param store has no value yet; ``defaults`` is cached, made at most once a run.
     """
     value = init[name] if init and name in init else defaults()[name]
     return value.detach().clone()
@@ -90,7 +90,7 @@ def model(words: torch.Tensor, doc: torch.Tensor, k: int = 2, num_docs: Optional
         already in Pyro's param store take precedence.
     """
     D, V = _sizes(words, doc, num_docs, vocab_size)
-    defaults = partial(init_params, D, k, V)
+    defaults = cache(partial(init_params, D, k, V))  # made at most once a run
     theta = pyro.param("theta", lambda: _start("theta", init, defaults), constraint=constraints.simplex)  # (D, k)
     beta = pyro.param("beta", lambda: _start("beta", init, defaults), constraint=constraints.simplex)  # (k, V)
     with pyro.plate("tokens", len(words)):

@@ -148,3 +148,22 @@ def test_bad_inputs_are_clear_errors():
         em.step(x, 2, labels_mask=torch.ones(10, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"labels_mask must be a bool tensor of shape \(10,\)"):
         em.step(x, 2, labels=torch.zeros(10, dtype=torch.long), labels_mask=torch.ones(10))
+
+
+@pytest.mark.parametrize("init", [None, {"mu": torch.zeros(3, 2, dtype=torch.float64)}])
+def test_default_initial_values_are_made_once_for_all_parameters(monkeypatch, init):
+    """A run of the model on an empty param store makes the defaults (the data covariance, k rows) once, for
+    every parameter that takes them; the values are those of init_params itself (oracle; through the store's
+    constraint transforms, so within rounding)."""
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    calls = []
+    own = gmm.init_params
+    monkeypatch.setattr(gmm, "init_params", lambda *a, **k: calls.append(1) or own(*a, **k))
+    pyro.clear_param_store()
+    pyro.poutine.trace(gmm.model).get_trace(x, 3, init)
+    assert len(calls) == 1
+    expected = own(x, 3)
+    for name in ("phi", "mu", "Sigma"):
+        value = init[name] if init and name in init else expected[name]
+        torch.testing.assert_close(pyro.param(name).detach(), value, rtol=1e-12, atol=1e-12)
+    pyro.clear_param_store()
