@@ -52,6 +52,7 @@ __all__ = ["EM", "NonFiniteParameterError", "StalledError", "NoMAPError"]
 
 # The M-step plan (which closed forms apply, verified by a gradient) is made on at most this many
 # rows of the first chunk: its check runs with autograd, whose graph would otherwise scale with the chunk.
+FINITE_TOGETHER = 2 ** 16  # parameters of at most this many elements in all are tested finite as one tensor
 PLAN_ROWS = 16384
 CHUNK_BYTES = chunks_.CHUNK_BYTES
 
@@ -722,8 +723,9 @@ def _inside(constraint, value: torch.Tensor, name: str, asymmetric: set) -> Tupl
 
 
 def _all_finite(values: List[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite: one test of all of them together (where they share
-    a device), a few kernels however many parameters a step writes."""
-    if len({v.device for v in values}) != 1:
+    """Whether every element of every tensor is finite. Small parameters sharing a device are tested together,
+    as one tensor: a few kernels however many a step writes (their fixed cost is the whole test there); large
+    ones each by itself, without a copy."""
+    if len({v.device for v in values}) != 1 or sum(v.numel() for v in values) > FINITE_TOGETHER:
         return all(bool(torch.isfinite(v).all()) for v in values)
     return bool(torch.isfinite(torch.cat([v.reshape(-1) for v in values])).all())

@@ -180,6 +180,8 @@ def test_the_positive_definite_check_of_an_update_is_torchs(matrix, inside):
     ([torch.tensor([float("inf")]), torch.zeros(2, dtype=torch.float64)], False),
     ([torch.ones(2, dtype=torch.float32), torch.zeros(2, 2, dtype=torch.float64).mT], True),
     ([torch.tensor(-float("inf"))], False),
+    ([torch.ones(2 ** 16), torch.ones(3)], True),  # more than FINITE_TOGETHER elements: each by itself
+    ([torch.ones(3), torch.ones(2 ** 16).index_fill_(0, torch.tensor([7]), float("nan"))], False),
     ([], True),
 ])
 def test_all_parameters_tested_finite_at_once(values, finite):
