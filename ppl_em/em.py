@@ -311,12 +311,15 @@ class EM:
         """Pyro's validation for the E-step's traces: on while these data (these very tensors, unchanged)
         have not been through a step yet, off after: the data were checked, and the parameters are checked
         when an M-step writes them (a distribution's own checks would repeat both at every step)."""
-        seen = _data_key(args, kwargs)
-        if seen == self._validated:
+        if _data_key(args, kwargs) == self._validated:
             return pyro.validation_enabled(False)
-        self._validated = seen
-        self._validated_data = [v for v in list(args) + list(kwargs.values()) if torch.is_tensor(v)]  # (ids stay theirs)
+        self._checked(args, kwargs)
         return contextlib.nullcontext()
+
+    def _checked(self, args, kwargs) -> None:
+        """These data (these very tensors, unchanged) have been through Pyro's validation."""
+        self._validated = _data_key(args, kwargs)
+        self._validated_data = [v for v in list(args) + list(kwargs.values()) if torch.is_tensor(v)]  # (ids stay theirs)
 
     def _check_objective(self, objective: torch.Tensor, args, kwargs) -> None:
         """The E-step's log p(x) must be finite before any M-step uses its Q(z)."""
@@ -475,6 +478,8 @@ class EM:
             cut = self._chunks.positions and self.missing == "error"
             first = self._chunks.take(args, kwargs, slice(0, PLAN_ROWS)) if cut else (args, kwargs)
             self._make_plan(self.e_step(*first[0], **first[1]), *first)
+            if not cut or self._chunks.n <= PLAN_ROWS:  # its E-step saw every row, under Pyro's validation
+                self._checked(args, kwargs)  # (so this very step may be recorded: ppl_em.fast.tape)
         if plan and self.plan.gradient and self._chunks.rows is not None:
             why = f"parameters {self.plan.gradient} have a gradient M-step, which needs Q(z) of all the data at once"
             if isinstance(self.chunk_size, int):

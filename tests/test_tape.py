@@ -44,11 +44,12 @@ def test_a_taped_run_follows_the_real_steps(name):
 
 
 def test_the_gmm_file_and_a_scale_tril_model_are_taped():
-    """The small fits that the tape is for: replayed from the fifth step on, checked once."""
+    """The small fits that the tape is for: recorded at the first step (beside the M-step plan), checked at
+    the second, replayed from the third on."""
     for name in ("gmm model file", "scale_tril", "precision_matrix, logits"):
         model, args = MODELS[name][:2]
         em = _assert_same_run(model, args, steps=12)
-        assert em._tape.off is None and em._tape.tape.verified and em._tape.replays >= 6, (name, em._tape.off)
+        assert em._tape.off is None and em._tape.tape.verified and em._tape.replays == 10, (name, em._tape.off)
 
 
 def test_a_step_that_differentiates_is_not_taped():
@@ -71,9 +72,10 @@ def test_changed_data_parameters_and_shapes_are_recorded_again():
 
 
 def test_a_tape_that_differs_from_the_real_step_at_its_check_is_turned_off():
-    """The tape is recorded at step 2 (the data were validated at step 1); the global changes before step 3,
-    whose check runs the step for real too: it differs, and once more with copies instead of out=, then the
-    steps run for real."""
+    """The tape is recorded at step 1 (the plan's E-step saw every row under Pyro's validation) and checked at
+    step 2, where a replay with out= is not equal to the bit to the real step: copies are checked next. The
+    global changes before step 3, whose check runs the step for real too: it differs, then the steps run for
+    real."""
     x = torch.cat([torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=D) + 1,
                    torch.randn(30, generator=torch.Generator().manual_seed(1), dtype=D) + 4])
     runs = []
@@ -306,3 +308,24 @@ def test_the_recorders_scan_of_a_calls_tensors_is_its_leaves(args, kwargs):
     expected = [t for t in _leaves((args, kwargs)) if torch.is_tensor(t)]
     found = _tensors(args, kwargs)
     assert len(found) == len(expected) and all(a is b for a, b in zip(found, expected))
+
+
+def test_the_first_step_is_recorded_where_the_plans_e_step_saw_every_row(monkeypatch):
+    """The plan's E-step takes the first PLAN_ROWS rows under Pyro's validation: where those are all the data,
+    the first step (validation off) is recorded beside the plan; on more rows, the first step's own E-step
+    validates them and the second is recorded. Either way the run is the real one (oracle: replay=False)."""
+    monkeypatch.setattr(ppl_em.em, "PLAN_ROWS", 16)
+    for rows, expected in ((12, [True, True, True]), (len(X), [False, True, True])):
+        x = X[:rows]
+        runs = []
+        for replay in (True, False):
+            pyro.clear_param_store()
+            em = ppl_em.EM(gmm.model, replay=replay)
+            recorded, losses = [], []
+            for _ in range(3):
+                losses.append(em.step(x, 2))
+                recorded.append(em._tape.tape is not None)
+            runs.append(losses)
+            if replay:
+                assert recorded == expected, (rows, recorded)
+        assert runs[0] == pytest.approx(runs[1], rel=1e-13)
