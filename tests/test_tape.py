@@ -329,3 +329,28 @@ def test_the_first_step_is_recorded_where_the_plans_e_step_saw_every_row(monkeyp
             if replay:
                 assert recorded == expected, (rows, recorded)
         assert runs[0] == pytest.approx(runs[1], rel=1e-13)
+
+
+def test_a_step_from_the_recorded_parameters_runs_for_real_and_the_check_waits(monkeypatch):
+    """A restart from the very start of the recording: a check there would prove nothing (the recorded tensors
+    hold that step's values), so the step runs for real, unchecked, and the next step, from other parameters,
+    is the check. The losses are the real run's (oracle: replay=False)."""
+    init = {"phi": torch.tensor([0.5, 0.5], dtype=D), "mu": torch.tensor([[2.0, 55.0], [4.5, 80.0]], dtype=D),
+            "Sigma": torch.tensor([[1.0, 0.0], [0.0, 30.0]], dtype=D).expand(2, 2, 2).clone()}
+    checks = []
+    own = tape_module.StepTape._check
+    monkeypatch.setattr(tape_module.StepTape, "_check", lambda self, *a: checks.append(1) or own(self, *a))
+    runs = []
+    for replay in (True, False):
+        pyro.clear_param_store()
+        em = ppl_em.EM(gmm.model, replay=replay)
+        losses = [em.step(X, 2, init)]  # recorded (the plan's E-step validated X)
+        pyro.clear_param_store()  # a restart from the same start
+        losses.append(em.step(X, 2, init))
+        if replay:
+            assert em._tape.tape is not None and not em._tape.tape.verified and checks == []
+        losses += [em.step(X, 2, init) for _ in range(3)]
+        if replay:
+            assert em._tape.tape.verified and checks == [1] and em._tape.replays == 2
+        runs.append(losses)
+    assert runs[0] == pytest.approx(runs[1], rel=1e-13)

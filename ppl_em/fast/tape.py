@@ -26,8 +26,9 @@ A replay is only as good as the recording, so nothing is trusted on faith:
   is not replayed), warns (at two recordings), or would keep more than :data:`TAPE_BYTES` of tables
   alive, is not recorded: it runs for real every time (:attr:`StepTape.off` says why);
 * the first replay is checked against a real step from the same theta (every parameter and the loss
-  must be equal to the bit), at a theta other than the recorded one; otherwise the step runs for
-  real from then on;
+  must be equal to the bit), at a theta other than the recorded one (a step from the recorded theta, a
+  restart from the same start, runs for real and the check waits); otherwise the step runs for real
+  from then on;
 * a recording holds for one key (the data, by identity and version, the plan, the parameters' names,
   shapes and constraints, the options): any change of it records afresh. A restart's cleared param
   store holds new tensors under the same names: their values go into the recorded tensors before a
@@ -316,6 +317,8 @@ class StepTape:
             return region()
         tape = self.tape
         if tape is not None and tape.key == key:
+            if not tape.verified and all(torch.equal(r, tape.start[n]) for n, r in roots.items()):
+                return region()  # a check at the recorded theta would prove nothing: it waits for another
             before = None if tape.verified else _values(roots)
             loss = tape.run(roots)
             if loss is None:  # a guard: the step goes another way this time, and that way is recorded
@@ -370,8 +373,8 @@ class StepTape:
             tape.copies()
         elif not same:
             self.tape, self.off = None, "a replay of the recorded step differed from a real step"
-        elif any(not torch.equal(b, tape.start[n]) for n, b in zip(roots, before)):
-            tape.verified = True  # checked at a theta other than the recorded one
+        else:
+            tape.verified = True  # checked at a theta other than the recorded one (see step)
         return real
 
 
