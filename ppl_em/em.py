@@ -242,8 +242,9 @@ class EM:
         if self.distributed or sources.find(args, kwargs) is not None:
             return  # no rank's check alone may change a plan all ranks share; a source is never all in memory
         plan.rechecked = True
-        post = self.e_step(*args, **kwargs)
-        grads = unconstrained_grads(lambda: self._objective(post, args, kwargs, self.reg_covar), plan.closed)
+        with self._validation(args, kwargs):  # Q(z) alone: no parameter leaves, no graph (the objective has its own)
+            post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior, leaves=False, fuse=False)
+            grads = unconstrained_grads(lambda: self._objective(post, args, kwargs, self.reg_covar), plan.closed)
         moving = [p for p, g in grads.items() if g.numel() and float(g.abs().max()) > 1e-2 * (1 + plan.start_gradient.get(p, 0.0))]
         if moving:
             warnings.warn(f"{self._what()}: EM came to rest where E_Q[log p(x, z; theta)] is not stationary in "
