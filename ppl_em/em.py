@@ -33,7 +33,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import pyro
 from torch.distributions import constraints, transform_to
-from torch.distributions.transforms import LowerCholeskyTransform, PositiveDefiniteTransform
+from torch.distributions.transforms import ComposeTransform, LowerCholeskyTransform, PositiveDefiniteTransform
+from pyro.distributions.transforms import CholeskyTransform
 
 from . import chunking as chunks_, closed_form, distributed as distributed_, sources
 from .checks import check_arguments, check_missing, check_observations
@@ -637,7 +638,7 @@ class EM:
             inside, factor = _inside(constraint, value, name, self._asymmetric)
             with torch.no_grad():
                 try:  # (a positive-definite Sigma's unconstrained value from the factor its check made)
-                    reuse = factor is not None and type(transform) is PositiveDefiniteTransform
+                    reuse = factor is not None and _from_cholesky(transform)
                     inverse[name] = LowerCholeskyTransform().inv(factor) if reuse else transform.inv(value)
                 except RuntimeError:  # no inverse outside the constraint (the Cholesky factor of a singular Sigma)
                     if inside:
@@ -726,6 +727,17 @@ def _inside(constraint, value: torch.Tensor, name: str, asymmetric: set) -> Tupl
             return inside, factor if inside else None
         asymmetric.add(name)
     return bool(constraint.check(value).all()), None
+
+
+def _from_cholesky(transform) -> bool:
+    """Whether ``transform.inv(Sigma)`` is ``LowerCholeskyTransform().inv(cholesky(Sigma))``: torch's
+    positive-definite transform, and Pyro's (a lower Cholesky factor, then L L^T), which Pyro registers in
+    its place."""
+    if type(transform) is PositiveDefiniteTransform:
+        return True
+    parts = getattr(transform, "parts", None) if type(transform) is ComposeTransform else None
+    return bool(parts) and len(parts) == 2 and type(parts[0]) is LowerCholeskyTransform and \
+        type(parts[1].inv) is CholeskyTransform
 
 
 def _all_finite(values: List[torch.Tensor]) -> bool:

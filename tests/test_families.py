@@ -174,6 +174,19 @@ def test_the_positive_definite_check_of_an_update_is_torchs(matrix, inside):
         assert torch.equal(LowerCholeskyTransform().inv(factor), transform_to(pd).inv(batch))
 
 
+def test_the_write_makes_a_covariances_unconstrained_value_from_its_factor_under_pyros_transform():
+    """Pyro registers its own transform for positive_definite (lower Cholesky, then L L^T): the write's shortcut
+    recognises it and torch's own, and nothing else; the value is the transform's own (oracle), to the bit."""
+    from torch.distributions import transforms
+    pd = constraints.positive_definite
+    assert ppl_em.em._from_cholesky(transform_to(pd)) and ppl_em.em._from_cholesky(transforms.PositiveDefiniteTransform())
+    assert not ppl_em.em._from_cholesky(transform_to(constraints.positive))
+    assert not ppl_em.em._from_cholesky(transforms.ComposeTransform([transforms.LowerCholeskyTransform(), transforms.ExpTransform()]))
+    sigma = torch.tensor([[[2.0, 0.3], [0.3, 1.0]], [[1.0, -0.2], [-0.2, 0.5]]], dtype=torch.float64)
+    ok, factor = ppl_em.em._inside(pd, sigma, "Sigma", set())
+    assert ok and torch.equal(transforms.LowerCholeskyTransform().inv(factor), transform_to(pd).inv(sigma))
+
+
 @pytest.mark.parametrize("values, finite", [
     ([torch.ones(3), torch.zeros(2, 2)], True),
     ([torch.ones(3), torch.tensor([[0.0, float("nan")]])], False),
