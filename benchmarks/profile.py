@@ -20,13 +20,22 @@ For each workload (``ppl_em.models.gmm``, full covariances, float64, from the mo
 * for B1, the floating-point work of the two Gaussian GEMMs (E-step log-densities and M-step sums:
   4 n F k with F = d + d(d + 1)/2 packed features) against a DGEMM measured in the same process:
   the fraction of the arithmetic roof that an iteration reaches.
+
+And a whole fit's fixed cost, by phase (B10's sweep: ``ppl_em.fit(gmm.model, x, k)`` for each k): the wall
+time spent in each of the fit's one-time phases (the data's check, the initialisation, the M-step plan,
+the chunking's split check, the step's recording and its check, the final log-likelihood) and in the
+replayed steps, each phase's function timed wherever it is called from (wrapped for the run, then
+restored), without a profiler.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import contextlib
+import importlib
 import pstats
+import warnings
 import resource
 import statistics
 import time
@@ -47,6 +56,23 @@ FULL = {"B1": {"n": 1_000_000, "d": 10, "k": 16, "steps": 9, "profiled": 3},
         "B5-small": {"n": 1000, "d": 2, "k": 3, "steps": 301, "profiled": 300}}
 QUICK = {"B1": {"n": 20_000, "d": 10, "k": 16, "steps": 5, "profiled": 2},
          "B5-small": {"n": 1000, "d": 2, "k": 3, "steps": 21, "profiled": 20}}
+FIT_FULL = {"n": 5000, "d": 2, "k": 3, "ks": list(range(1, 11)), "tol": 1e-3, "max_iter": 100, "repeats": 3, "seed": 0}  # B10's
+FIT_QUICK = {"n": 500, "d": 2, "k": 3, "ks": [1, 2, 3], "tol": 1e-3, "max_iter": 20, "repeats": 1, "seed": 0}
+
+# A fit's phases: (what, module, attribute), each timed wherever it is called from. The steps' phases (the
+# plan, the split check, the recording, its check, the replays) lie inside "EM.step"; "the rest" is the fit's
+# wall time outside every row but the steps'.
+FIT_PHASES: List[Tuple[str, str, str]] = [
+    ("the data's check and a first look at the model", "ppl_em.fit", "_check_options"),
+    ("initialisation (k-means++, the parameters' creation)", "ppl_em.fit", "initialise"),
+    ("EM.step, all steps", "ppl_em.em", "EM.step"),
+    ("  of which: the M-step plan and its check", "ppl_em.em", "EM._make_plan"),
+    ("  of which: the chunking's split check", "ppl_em.chunking", "check_split"),
+    ("  of which: the step's recording", "ppl_em.fast.tape", "StepTape._record"),
+    ("  of which: the recording's check", "ppl_em.fast.tape", "StepTape._check"),
+    ("  of which: replays (the check's among them)", "ppl_em.fast.tape", "_Tape.run"),
+    ("the final log-likelihood", "ppl_em.fit", "exact_log_px"),
+]
 
 # (layer, what it does): the first layer whose path fragment is in a function's file name takes it
 LAYERS: List[Tuple[str, str, Tuple[str, ...]]] = [
@@ -147,7 +173,66 @@ def profile_workload(name: str, cfg: dict) -> dict:
     return result
 
 
-def markdown(results: Dict[str, dict], info: dict) -> str:
+@contextlib.contextmanager
+def _timing(phases: List[Tuple[str, str, str]], spent: Dict[str, float], calls: Dict[str, int]):
+    """Each phase's function wrapped to add its wall seconds to ``spent`` (and its calls to ``calls``) for the
+    block; the originals restored after it, whatever happens."""
+    undo = []
+    for label, module_name, attribute in phases:
+        owner = importlib.import_module(module_name)
+        *path, name = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+
+        def timed(*args, _original=original, _label=label, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - start
+                calls[_label] = calls.get(_label, 0) + 1
+
+        setattr(owner, name, timed)
+        undo.append((owner, name, original))
+    try:
+        yield
+    finally:
+        for owner, name, original in reversed(undo):
+            setattr(owner, name, original)
+
+
+def profile_fits(cfg: dict) -> dict:
+    """A sweep of whole fits (one per k, as B10's), timed by phase (see the module docstring): ms per fit."""
+    x = torch.from_numpy(wl.gmm_data(cfg["n"], cfg["d"], cfg["k"], seed=cfg["seed"]))  # B10's data: k clusters
+
+    def sweep() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)
+            for k in cfg["ks"]:
+                ppl_em.fit(gmm.model, x, k, tol=cfg["tol"], max_iter=cfg["max_iter"], progress=False,
+                           em_options={"reg_covar": wl.REG_COVAR})
+
+    sweep()  # first calls, imports
+    runs = []
+    for _ in range(cfg["repeats"]):
+        spent: Dict[str, float] = {}
+        calls: Dict[str, int] = {}
+        with _timing(FIT_PHASES, spent, calls):
+            start = time.perf_counter()
+            sweep()
+            total = time.perf_counter() - start
+        runs.append((total, spent, calls))
+    total, spent, calls = sorted(runs, key=lambda run: run[0])[len(runs) // 2]  # the median sweep
+    fits = len(cfg["ks"])
+    outside = total - sum(seconds for label, seconds in spent.items() if not label.startswith(" "))
+    return {"size": f"n={cfg['n']} d={cfg['d']}, k in {cfg['ks'][0]}..{cfg['ks'][-1]}, one fit each, tol {cfg['tol']:g}",
+            "fit_ms": total / fits * 1e3,
+            "phases": [(label, spent.get(label, 0.0) / fits * 1e3, calls.get(label, 0) / fits, spent.get(label, 0.0) / total)
+                       for label, _, _ in FIT_PHASES] + [("the rest of fit", outside / fits * 1e3, 1.0, outside / total)]}
+
+
+def markdown(results: Dict[str, dict], info: dict, fits: dict = None) -> str:
     lines = ["# Where an EM iteration's time goes", "",
              "Command: `python -m benchmarks.profile` (see its docstring for what is measured and how).", "",
              "## Machine", ""]
@@ -166,6 +251,12 @@ def markdown(results: Dict[str, dict], info: dict) -> str:
                   "| layer | what | share |", "|---|---|---|"]
         what = {layer: text for layer, text, _ in LAYERS}
         lines += [f"| {layer} | {what.get(layer, '')} | {100 * share:.1f}% |" for layer, share in r["layers"].items()]
+    if fits is not None:
+        lines += ["", f"## A whole fit's fixed cost, by phase: {fits['size']}", "",
+                  f"- a fit (`ppl_em.fit(gmm.model, x, k)`): {fits['fit_ms']:.3g} ms on average over the sweep (its median run)",
+                  "", "| phase | ms per fit | calls per fit | share of the fit |", "|---|---|---|---|"]
+        lines += [f"| {label.strip()} | {ms:.3g} | {count:.3g} | "
+                  f"{100 * share:.0f}% |" for label, ms, count, share in fits["phases"]]
     return "\n".join(lines) + "\n"
 
 
@@ -175,9 +266,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for profile.md")
     args = parser.parse_args(argv)
     results = {name: profile_workload(name, cfg) for name, cfg in (QUICK if args.quick else FULL).items()}
+    fits = profile_fits(FIT_QUICK if args.quick else FIT_FULL)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(results, {**report.machine(), "gauge": report.gauge()})
+    text = markdown(results, {**report.machine(), "gauge": report.gauge()}, fits)
     partial = out / "profile.md.partial"
     partial.write_text(text)
     partial.replace(out / "profile.md")  # never a half file

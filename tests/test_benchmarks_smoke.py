@@ -168,3 +168,12 @@ def test_profile_writes_where_the_time_goes(tmp_path):
         assert "E-step (summarize)" in section and "page faults" in section
     roof = float(text.split("reaches ")[1].split("%")[0])
     assert 0 < roof <= 100
+    # A whole fit's phases: each one-time phase ran once per fit, and the top-level rows (the steps' own rows
+    # lie inside "EM.step") add up to the fit's wall time.
+    section = text.split("## A whole fit's fixed cost, by phase:")[1]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in section.splitlines() if line.startswith("| ")
+            and not line.startswith("| phase") and not line.startswith("|---")}
+    for phase in ("the M-step plan and its check", "the step's recording", "the final log-likelihood"):
+        assert float(next(v for k, v in rows.items() if phase in k)[1]) == 1, phase
+    top = [float(v[2].strip().rstrip("%")) for k, v in rows.items() if not k.startswith("of which")]
+    assert sum(top) == pytest.approx(100, abs=len(top))  # (each share rounded to a whole percent)
