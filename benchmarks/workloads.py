@@ -168,8 +168,8 @@ def _m_step_note(em: ppl_em.EM) -> str:
 
 def ppl_em_fit(model: Callable, args: tuple, n: int, iters: int, **em_options) -> Fit:
     """Warm-up step (it also makes the M-step plan and, on small data, records the step: ppl_em.fast.tape), then
-    ``iters`` timed steps from the start again (the first of them checks the recording, at the recorded
-    parameters, and so the second again). A user's whole fit, which pays for all of it, is B10's."""
+    ``iters`` timed steps from the start again (the first of them starts where the recording did, so it runs
+    for real, and the second checks the recording). A user's whole fit, which pays for all of it, is B10's."""
     em = ppl_em.EM(model, **em_options)
     _fresh_steps(em, args, 1)
     with Usage() as usage:
