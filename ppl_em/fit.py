@@ -78,7 +78,7 @@ from .plan import find_uses
 from .guides import AutoAmortized, AutoCategorical
 from .posterior import ExactInferenceError, inspect_model, trace_model
 from .result import FitResult, observations, scaled_observations
-from .store import capture_store, model_trace, replace_store
+from .store import capture_store, fresh_rng, model_trace, replace_store
 from .svi import NonFiniteLossError, SafeSVI, default_loss
 from .checks import check_missing
 from .validation import (check_arguments, check_k_fits, check_masked_observations, check_missing_columns,
@@ -408,7 +408,7 @@ def _fit_once(model: Callable, args: tuple, kwargs: dict, opts: _Options, seed: 
     object that the restarts share, reset for this one)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    start = lambda: initialise(model, args, kwargs, opts.init, seed, opts.data, opts.missing)
+    start = lambda: initialise(model, args, kwargs, opts.init, seed, opts.data, opts.missing, em)
     run = _Run(seed=seed, init_params=distributed_.agreed(start, "initialisation") if opts.distributed else start())
     engine, run.guide = (em.reset(), None) if em is not None else _engine(model, args, kwargs, opts, seed)
     window = SVI_WINDOW if opts.method in ("svi", "vae") else 1
@@ -537,13 +537,15 @@ def _count_rows(engine: Any, opts: _Options, bar) -> bool:
 
 # -- initialisation -------------------------------------------------------------------------
 def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: int,
-               data: Optional[sources.Data] = None, missing: str = "error") -> List[str]:
+               data: Optional[sources.Data] = None, missing: str = "error", em: Optional[EM] = None) -> List[str]:
     """Create every parameter with the model's initialisers, then set the location ones.
 
     Returns the names of the parameters set from data rows (empty for "prior" or when the
     model has none). See the module docstring for what each strategy does. ``data``: the
     arguments as rows, if already known (a source is initialised from a sample of its rows); with
     ``missing="marginalize"`` the rows come from the data with its NaN filled (:func:`impute_columns`).
+    ``em``: the EM object the fit steps with (shared by its restarts); the model's structure is found here
+    once and handed to it, so that neither a later restart nor its first step looks for it again.
     """
     generator = torch.Generator().manual_seed(seed)
     data = data if data is not None else sources.Data.of(model, args, kwargs)
@@ -552,7 +554,7 @@ def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: 
     seen: List[torch.Tensor] = []
     if missing == "marginalize":
         args, kwargs, seen = impute_columns(args, kwargs)
-    traced = _create_parameters(model, args, kwargs)  # every pyro.param now exists
+    traced = _create_parameters(model, args, kwargs, em)  # every pyro.param now exists
     if strategy == "prior" or traced is None:
         return []
     store = pyro.get_param_store()
@@ -574,18 +576,28 @@ def initialise(model: Callable, args: tuple, kwargs: dict, strategy: str, seed: 
     return chosen
 
 
-def _create_parameters(model: Callable, args: tuple, kwargs: dict):
+def _create_parameters(model: Callable, args: tuple, kwargs: dict, em: Optional[EM] = None):
     """Run the model once under enumeration, which creates its parameters from its own initialisers (a
     discrete z is (k, 1), so nothing of size n k d^2 is built); the trace and its parameter leaves, or
-    None (after a plain run) for a model without an exact E-step."""
+    None (after a plain run) for a model without an exact E-step.
+
+    The model's structure (:func:`ppl_em.posterior.inspect_model`) is ``em``'s where it has one, else found
+    here (and given to ``em``). Its look at the model consumes no randomness, so the parameters that the
+    model draws (``torch.randn`` initialisers, a global latent's prior draw) come out the same either way.
+    """
     try:
         with poutine.block():
-            structure = inspect_model(model, args, kwargs)
+            structure = em.structure if em is not None and em.structure is not None else None
+            if structure is None:
+                with fresh_rng():
+                    structure = inspect_model(model, args, kwargs)
             trace, leaves = trace_model(model, structure, args, kwargs, log_prob="none")
     except ExactInferenceError:
         with poutine.block():
             poutine.trace(model).get_trace(*args, **kwargs)
         return None
+    if em is not None:
+        em.structure = structure
     return _Traced(trace, leaves)
 
 

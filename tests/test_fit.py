@@ -1,5 +1,6 @@
 """The fit loop against its oracles: the engine's own loop, best-of-restarts, D^2 sampling, tol."""
 
+import importlib
 import itertools
 import math
 import warnings
@@ -90,6 +91,40 @@ def test_restarts_share_one_plan_and_each_equals_its_fit_alone(method, monkeypat
         assert restart["n_iter"] == alone.n_iter
         assert restart["log_likelihood"] == pytest.approx(alone.log_likelihood, rel=1e-12)
         assert restart["final_loss"] == pytest.approx(alone.losses[-1] / len(x), rel=1e-12)
+
+
+def _drawn_start_model(x, k):
+    """A mixture whose start is drawn (torch initialisers, a global latent's prior draw for MAP-EM)."""
+    w = pyro.param("w", torch.rand(k, dtype=x.dtype) + 0.5, constraint=constraints.simplex)
+    mu = pyro.param("mu", 2.0 * torch.randn(k, x.shape[1], dtype=x.dtype))
+    scale = pyro.sample("scale", dist.LogNormal(torch.tensor(0.0, dtype=x.dtype), 1.0))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(w), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.Normal(mu[z], scale).to_event(1), obs=x)
+
+
+def test_restarts_look_at_the_model_once_and_a_drawn_start_equals_its_fit_alone(monkeypatch):
+    """The model's structure is found once per fit (at the first restart's initialisation, handed to EM) and
+    that look consumes no randomness: restart r of a model whose initialisers draw is the fit alone with seed + r."""
+    looks = []
+    fit_module = importlib.import_module("ppl_em.fit")  # (ppl_em.fit is the function)
+    original = fit_module.inspect_model
+    spy = lambda *a, **k: looks.append(1) or original(*a, **k)
+    monkeypatch.setattr(fit_module, "inspect_model", spy)
+    monkeypatch.setattr(ppl_em.em, "inspect_model", spy)
+    x = load_old_faithful()[::4]
+    x = (x - x.mean(0)) / x.std(0)
+    result = quiet_fit(_drawn_start_model, x, 3, init="prior", n_init=3, max_iter=20, tol=1e-6, seed=11)
+    assert len(looks) == 1
+    starts = [restart["final_loss"] for restart in result.restarts]
+    assert len(set(starts)) == 3  # the draws differ between restarts
+    for r, restart in enumerate(result.restarts):
+        looks.clear()
+        alone = quiet_fit(_drawn_start_model, x, 3, init="prior", max_iter=20, tol=1e-6, seed=11 + r)
+        assert len(looks) == 1
+        assert restart["n_iter"] == alone.n_iter
+        assert restart["final_loss"] == pytest.approx(alone.losses[-1] / len(x), rel=1e-12)
+        assert restart["log_likelihood"] == pytest.approx(alone.log_likelihood, rel=1e-12)
 
 
 def test_a_reset_em_object_runs_as_a_new_one():
