@@ -354,3 +354,60 @@ def test_a_step_from_the_recorded_parameters_runs_for_real_and_the_check_waits(m
             assert em._tape.tape.verified and checks == [1] and em._tape.replays == 2
         runs.append(losses)
     assert runs[0] == pytest.approx(runs[1], rel=1e-13)
+
+
+def _log_likelihoods(model, args, replay: bool, steps: int = 8, **options):
+    """log p(x; theta) before each of ``steps`` EM steps (a user's monitoring loop), and the EM object."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    em = ppl_em.EM(model, replay=replay, **options)
+    values = []
+    for _ in range(steps):
+        em.step(*args)
+        values.append(em.log_likelihood(*args))
+    return values, em
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_log_likelihood_per_iteration_equals_the_real_e_step(name):
+    """The log-likelihood on data seen before is recorded at its second computation, checked at the third
+    and replayed from the fourth: the same numbers as the E-step run for real, on every model."""
+    model, args, *options = MODELS[name]
+    options = options[0] if options else {}
+    values, em = _log_likelihoods(model, args, True, **options)
+    real, _ = _log_likelihoods(model, args, False, **options)
+    assert values == pytest.approx(real, rel=1e-13, abs=1e-13)
+    if name in ("gmm model file", "scale_tril"):
+        assert em._log_px_tape.off is None and em._log_px_tape.replays == len(values) - 3
+
+
+def test_a_log_likelihood_after_a_restart_replays_and_of_other_data_runs_for_real():
+    """A restart's cleared store (new parameter tensors, the same layout) replays the same recording at the
+    new values; other data are computed for real (and are a first sight: the next call on them is real too)."""
+    pyro.clear_param_store()
+    em, ref = ppl_em.EM(gmm.model), ppl_em.EM(gmm.model, replay=False)
+    for _ in range(5):
+        em.step(X, 3)
+        em.log_likelihood(X, 3)
+    replays = em._log_px_tape.replays
+    assert replays == 2
+    pyro.clear_param_store()
+    em.reset()
+    em.step(X, 3)
+    assert em.log_likelihood(X, 3) == ref.log_likelihood(X, 3)
+    assert em._log_px_tape.replays == replays + 1
+    other = X + 0.5
+    for _ in range(2):
+        assert em.log_likelihood(other, 3) == ref.log_likelihood(other, 3)
+    assert em._log_px_tape.replays == replays + 1
+
+
+def test_a_fit_with_restarts_scores_each_restart_as_the_real_e_step():
+    results = []
+    for replay in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)
+            results.append(ppl_em.fit(gmm.model, X, 3, n_init=5, max_iter=15, progress=False, seed=0,
+                                      em_options={"replay": replay}))
+    assert [r["log_likelihood"] for r in results[0].restarts] == \
+        pytest.approx([r["log_likelihood"] for r in results[1].restarts], rel=1e-13)
