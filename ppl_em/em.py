@@ -293,9 +293,9 @@ class EM:
         return -float(stats.objective + log_prior)
 
     def _tape_key(self, args, kwargs, roots: Dict[str, torch.Tensor]):
-        """What a recorded step holds for (:mod:`ppl_em.fast.tape`): these very data, already validated, in
-        one chunk; this plan, with these closed forms and no second pass; parameters of these names, shapes
-        and constraints; these options. None where steps are not replayed."""
+        """What a recorded step, or a recorded log-likelihood, holds for (:mod:`ppl_em.fast.tape`): these very
+        data, already validated, in one chunk; this plan, with these closed forms and no second pass; parameters
+        of these names, shapes and constraints; these options. None where neither is replayed."""
         plan = self.plan
         seen = _data_key(args, kwargs)
         if self._chunks.rows is not None or plan.second_pass or seen != self._validated:
@@ -407,7 +407,10 @@ class EM:
 
     def log_likelihood(self, *args, **kwargs) -> float:
         """l(theta) = log p(x; theta) at the current parameters, streamed like :meth:`step` (memory O(chunk));
-        of every process's data with ``distributed=True``."""
+        of every process's data with ``distributed=True``. On unchunked data already through a step, computed
+        again (each restart's score, a log-likelihood per iteration), the E-step's tensor operations are
+        recorded at the second computation, checked against a real run at the third and replayed after
+        (:mod:`ppl_em.fast.tape`, under the key of :meth:`_tape_key`): the same numbers, without the model's run."""
         if self.distributed:
             return distributed_.log_likelihood(self, args, kwargs)
         return self._log_likelihood_here(args, kwargs)

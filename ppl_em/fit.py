@@ -587,7 +587,7 @@ def _create_parameters(model: Callable, args: tuple, kwargs: dict, em: Optional[
     """
     try:
         with poutine.block():
-            structure = em.structure if em is not None and em.structure is not None else None
+            structure = em.structure if em is not None else None
             if structure is None:
                 with fresh_rng():
                     structure = inspect_model(model, args, kwargs)

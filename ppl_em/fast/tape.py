@@ -10,7 +10,8 @@ its arguments. A later step reruns only those operations, writing each result in
 recorded step made (an in-place update of a parameter, the M-step's write, is rerun as it was):
 the parameters end where the step's own code would have put them, and the loss tensor holds
 -log p(x; theta) at the theta before the update. The algorithm's code is unchanged; the tape only
-skips the Python between its tensor operations.
+skips the Python between its tensor operations. (``EM.log_likelihood`` keeps a :class:`StepTape` of its
+own for the E-step alone: a region that writes no parameter, whose tensor is log p(x; theta).)
 
 A replay is only as good as the recording, so nothing is trusted on faith:
 
