@@ -280,8 +280,9 @@ class EM:
         roots = self._roots()
         key = self._tape_key(args, kwargs, roots)
         self._taping = key is not None and self._tape.off is None
-        try:
-            return -float(self._tape.step(closed_step, key, roots, (args, kwargs, self.plan)))
+        try:  # a step that may be recorded runs its blocks in order, so that its real runs equal its replays
+            with self._workspace.in_order(key is not None and self._tape.off is None):
+                return -float(self._tape.step(closed_step, key, roots, (args, kwargs, self.plan)))
         finally:
             self._taping = False
 

@@ -548,7 +548,7 @@ def _fused_pass(tr: Trace, sites: List[dict], dim: int, workspace: Optional[Work
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in others], features.dtype)
     log_density = new_table(workspace, features.shape, features.dtype, features.c.device)
     total = new_table(workspace, features.shape, dtype, features.c.device)
-    out = features.posterior_sums(others, log_density, total)
+    out = features.posterior_sums(others, log_density, total, workspace)
     if out is None:
         return None
     lse, n, packed_sums = out

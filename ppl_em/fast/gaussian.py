@@ -21,7 +21,7 @@ from typing import List, Optional
 import torch
 
 from .tensors import broadcast_shape, compact, normalise_exp, overlap, reduce_product
-from .workspace import Workspace, new_table
+from .workspace import Workspace, map_blocks, new_table, scratch
 
 __all__ = ["centre", "sufficient_stats", "gaussian_sums", "normal_sums", "mvn_log_prob", "mvn_features",
            "GaussianFeatures", "DiagonalFeatures", "diag_features", "diag_normal_log_prob",
@@ -50,9 +50,9 @@ def _feature_rows(d: int) -> int:
     return max(64, FEATURE_ELEMENTS // (d * (d + 1) // 2 + d))
 
 
-def sufficient_stats(rows: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def sufficient_stats(rows: torch.Tensor, c: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """T(x - c)^T = [packed (x - c)_a (x - c)_b for a <= b, x - c] of rows x (B, d) about c (d,):
-    (q + d, B), q = d(d+1)/2, in c's dtype (float64 for float32 data).
+    (q + d, B), q = d(d+1)/2, in c's dtype (float64 for float32 data); into ``out`` where given.
 
     Each product is written straight into its place as a contiguous row (a gather on the last
     dim, or products joined by cat, are several times slower), in the order of torch.triu_indices.
@@ -61,7 +61,8 @@ def sufficient_stats(rows: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """
     d = rows.shape[-1]
     q = d * (d + 1) // 2
-    out = torch.empty((q + d, rows.shape[0]), dtype=c.dtype, device=c.device)
+    if out is None:
+        out = torch.empty((q + d, rows.shape[0]), dtype=c.dtype, device=c.device)
     cols = out[q:]  # (d, B): the centred rows, transposed
     torch.sub(rows.T, c.reshape(d, 1), out=cols)
     start = 0
@@ -283,11 +284,12 @@ class GaussianFeatures:
         """A (K, N) table in the site's layout."""
         return broadcast_layout(table, *self.layout)
 
-    def _block(self, start: int, stop: int, extremes: List[torch.Tensor]) -> torch.Tensor:
-        """T(x - c) (q + d, B) of rows start:stop; the least and the greatest x_a - c_a so far go into
-        ``extremes`` (two (d,) tensors, for :meth:`_cancels`). (amin and amax: measured 2-4x faster than
-        one aminmax on a block's (d, B) rows.)"""
-        stats = self._features(self.rows[start:stop])
+    def _block(self, start: int, stop: int, extremes: List[torch.Tensor], ws: Optional[Workspace] = None) -> torch.Tensor:
+        """T(x - c) (q + d, B) of rows start:stop, in ``ws``'s scratch tensor of the calling thread (held for
+        the block only); the least and the greatest x_a - c_a so far go into ``extremes`` (two (d,) tensors,
+        for :meth:`_cancels`). (amin and amax: measured 2-4x faster than one aminmax on a block's (d, B) rows.)"""
+        rows = self.rows[start:stop]
+        stats = self._features(rows, scratch(ws, (self.coef.shape[-1], rows.shape[0]), self.c.dtype, self.c.device))
         if self.p_norm is not None:
             centred = stats[-self.rows.shape[-1]:]
             low, high = centred.amin(1), centred.amax(1)
@@ -298,13 +300,15 @@ class GaussianFeatures:
                 extremes += [low, high]
         return stats
 
-    def _cancels(self, extremes: List[torch.Tensor]) -> bool:
+    def _cancels(self, extremes: List[List[torch.Tensor]]) -> bool:
         """Whether the form could cancel away digits: max_i |x^(i) - c|^2 ||P_z|| > 1e6, bounded above by
-        sum_a max_i (x_a - c_a)^2 from the blocks' ``extremes`` (checked once, after the pass)."""
+        sum_a max_i (x_a - c_a)^2 from the ``extremes`` of :meth:`_block` (one [least, greatest] pair per
+        pass or block; checked once, after the pass)."""
         if self.p_norm is None:
             return False
-        low, high = extremes
-        return bool(torch.maximum(high, -low).square().sum() * self.p_norm > 1e6)
+        reach = [torch.maximum(high, -low) for low, high in extremes]
+        reach = reach[0] if len(reach) == 1 else torch.stack(reach).amax(0)
+        return bool(reach.square().sum() * self.p_norm > 1e6)
 
     def _rows_per_block(self) -> int:
         """Rows per block of features: about ``FEATURE_ELEMENTS`` elements."""
@@ -317,21 +321,28 @@ class GaussianFeatures:
             out.copy_(torch.addmm(self.const, self.coef, stats))
 
     def table(self, ws: Optional[Workspace] = None) -> Optional[torch.Tensor]:
-        """The (K, N) table of log-densities (differentiable where the coefficients carry a graph)."""
+        """The (K, N) table of log-densities (differentiable where the coefficients carry a graph); without a
+        graph its blocks run side by side on ``ws``'s threads (:meth:`ppl_em.fast.Workspace.map`)."""
         grad = torch.is_grad_enabled() and (self.coef.requires_grad or self.const.requires_grad)
-        out = None if grad else new_table(ws, self.shape, self.dtype, self.c.device)
-        step, parts, extremes = self._rows_per_block(), [], []
-        for start in range(0, self.shape[1], step):
-            stats = self._block(start, start + step, extremes)
-            if grad:  # a gradient M-step differentiates through the blocks (out= cannot)
-                parts.append(torch.addmm(self.const, self.coef, stats))
-            else:
-                self._log_density(stats, out[:, start:start + step])
-        if self._cancels(extremes):
-            return None
-        return torch.cat(parts, 1).to(self.dtype) if grad else out
+        step = self._rows_per_block()
+        count = -(-self.shape[1] // step)
+        if grad:  # a gradient M-step differentiates through the blocks (out= cannot)
+            extremes: List[torch.Tensor] = []
+            parts = [torch.addmm(self.const, self.coef, self._block(b * step, (b + 1) * step, extremes))
+                     for b in range(count)]
+            return None if self._cancels([extremes]) else torch.cat(parts, 1).to(self.dtype)
+        out = new_table(ws, self.shape, self.dtype, self.c.device)
 
-    def posterior_sums(self, others: List[torch.Tensor], log_density: torch.Tensor, total: torch.Tensor):
+        def one(b: int) -> List[torch.Tensor]:
+            extremes: List[torch.Tensor] = []
+            self._log_density(self._block(b * step, (b + 1) * step, extremes, ws), out[:, b * step:(b + 1) * step])
+            return extremes
+
+        blocks = map_blocks(ws, one, count, out.device)
+        return None if self._cancels(blocks) else out
+
+    def posterior_sums(self, others: List[torch.Tensor], log_density: torch.Tensor, total: torch.Tensor,
+                       ws: Optional[Workspace] = None):
         """One pass over the rows, block by block: the log-densities into ``log_density`` (K, N); their sum
         with the ``others`` ((K, N) or (1, N) tables, or (K, 1) and (1, 1) columns that broadcast over the
         rows) into ``total`` (K, N), normalised along K in place into Q_z^(i) (:func:`ppl_em.fast.normalise_exp`);
@@ -339,44 +350,48 @@ class GaussianFeatures:
 
         Tables of a lower precision (float32 data) are written from a float64 block: the block's sums,
         normalisation and GEMM run in c's dtype, and only the tables are rounded (no flush of tiny weights,
-        which float32's normalisation needs, and no conversion for the GEMM).
+        which float32's normalisation needs, and no conversion for the GEMM). The blocks run side by side on
+        ``ws``'s threads (:meth:`ppl_em.fast.Workspace.map`); their sums are added in block order.
 
         Returns (log p(x^(i)) (1, N), N (K,), the packed sums (K, q + d), in c's dtype); or None, with the
         tables part-written, where the form could cancel away digits (see the class).
         """
         step = max(64, self._rows_per_block() // 2)  # measured: half the block of table()
         wide = self.c.dtype
-        scratch = None if total.dtype == wide else torch.empty((self.shape[0], step), dtype=wide, device=total.device)
         lse = torch.empty((1, self.shape[1]), dtype=total.dtype, device=total.device)
-        n = sums = None
-        extremes: List[torch.Tensor] = []
-        for start in range(0, self.shape[1], step):
-            cols = slice(start, start + step)
-            stats = self._block(start, start + step, extremes)
+
+        def one(b: int):
+            cols = slice(b * step, (b + 1) * step)
+            extremes: List[torch.Tensor] = []
+            stats = self._block(cols.start, cols.stop, extremes, ws)
             block, q = log_density[:, cols], total[:, cols]
             parts = [t[:, cols] if t.shape[-1] != 1 else t for t in others]
-            if scratch is None:  # the tables' own dtype is wide: Q is made in place in ``total``
+            if total.dtype == wide:  # Q is made in place in ``total``
                 w = q
                 self._log_density(stats, block)
                 torch.add(block, parts[0], out=w) if parts else w.copy_(block)
                 parts = parts[1:]
             else:
-                w = scratch[:, :q.shape[1]]
-                torch.addmm(self.const, self.coef, stats, out=w)
+                w = torch.addmm(self.const, self.coef, stats)
                 block.copy_(w)
             for t in parts:
                 w.add_(t)
             lse[:, cols] = normalise_exp(w, 0, in_place=True)[1]
             if w is not q:
                 q.copy_(w)
-            part_n, part = w.sum(-1), torch.mm(w, stats.T)
-            n, sums = (part_n, part) if sums is None else (n.add_(part_n), sums.add_(part))
-        if self._cancels(extremes):
+            return w.sum(-1), torch.mm(w, stats.T), extremes
+
+        blocks = map_blocks(ws, one, -(-self.shape[1] // step), total.device)
+        n, sums = blocks[0][0], blocks[0][1]
+        for part_n, part, _ in blocks[1:]:
+            n.add_(part_n)
+            sums.add_(part)
+        if self._cancels([b[2] for b in blocks]):
             return None
         return lse, n, sums
 
-    def _features(self, rows: torch.Tensor) -> torch.Tensor:
-        return sufficient_stats(rows, self.c)
+    def _features(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return sufficient_stats(rows, self.c, out)
 
     def moments(self, n: torch.Tensor, sums: torch.Tensor):
         """(N (K,), S (K, d), M (K, d, d)) about c from :meth:`posterior_sums`'s N and packed sums."""
@@ -402,9 +417,8 @@ class DiagonalFeatures(GaussianFeatures):
         self.dtype, self.layout = dtype, layout
         self.shape = (self.coef.shape[0], self.rows.shape[0])
 
-    def _features(self, rows: torch.Tensor) -> torch.Tensor:
+    def _features(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         d = rows.shape[-1]
-        out = torch.empty((2 * d, rows.shape[0]), dtype=self.c.dtype, device=self.c.device)
         torch.sub(rows.T, self.c.reshape(d, 1), out=out[d:])
         torch.mul(out[d:], out[d:], out=out[:d])
         return out

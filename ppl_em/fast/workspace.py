@@ -1,17 +1,22 @@
-"""The state of the fast paths during one pass over the data: a pool of chunk-sized tables.
+"""The state of the fast paths during one pass over the data: a pool of chunk-sized tables, and the
+threads that run a pass's blocks of rows side by side.
 
 A streaming pass creates one :class:`Workspace`, hands it down to every log-density and posterior
 computation of each chunk, and recycles it between chunks. Nothing is kept in module globals: two
-EM objects (or two threads) never share tables.
+EM objects (or two threads) never share tables or threads.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 
-__all__ = ["Workspace", "new_table"]
+__all__ = ["Workspace", "map_blocks", "new_table", "scratch"]
 
 T = TypeVar("T")
 
@@ -38,6 +43,10 @@ class Workspace:
     def __init__(self) -> None:
         self._free: Dict[tuple, List[torch.Tensor]] = {}
         self._used: List[Tuple[tuple, torch.Tensor]] = []
+        self._scratch: Dict[tuple, torch.Tensor] = {}
+        self._side = threading.local()  # .on: the calling thread runs a block of :meth:`map` side by side
+        self._pool: Optional[Tuple[int, int, ThreadPoolExecutor]] = None  # (process id, workers, pool)
+        self._in_order = False
 
     def table(self, shape, dtype: torch.dtype, device, stride=None) -> torch.Tensor:
         """An uninitialised tensor of this shape (and ``stride``), from the pool if one is free."""
@@ -45,6 +54,21 @@ class Workspace:
         free = self._free.get(key)
         table = free.pop() if free else _empty(shape, dtype, device, stride)
         self._used.append((key, table))
+        return table
+
+    def scratch(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """An uninitialised tensor for the calling thread's block, the same one at every call of that thread
+        for this shape: a block's features (MBs, made and dropped some 250 times a B1 step) allocated afresh
+        by a helper thread of :meth:`map` went back to the operating system between blocks and were
+        page-faulted in anew (about 30000 faults a step). Nothing of it may be held after the block.
+        Outside a block of :meth:`map` run side by side, a fresh tensor: a pass in order may be recorded
+        (:class:`ppl_em.fast.StepTape`), and a recording must not see a buffer that its blocks overwrite."""
+        if not getattr(self._side, "on", False):
+            return _empty(shape, dtype, device)
+        key = (threading.get_ident(), tuple(shape), dtype, torch.device(device))
+        table = self._scratch.get(key)
+        if table is None:
+            table = self._scratch[key] = _empty(shape, dtype, device)
         return table
 
     def recycle(self) -> None:
@@ -57,6 +81,7 @@ class Workspace:
         """Forget every table (e.g. when the data's shape changes)."""
         self._free.clear()
         self._used.clear()
+        self._scratch.clear()
 
     def chunks(self, chunks: Iterable[T]) -> Iterator[T]:
         """Yield the chunks, recycling the tables after each loop body: the body must keep nothing of them."""
@@ -66,6 +91,93 @@ class Workspace:
                 self.recycle()
         finally:
             self.recycle()
+
+
+    @contextlib.contextmanager
+    def in_order(self, on: bool = True) -> Iterator[None]:
+        """Within the block, :meth:`map` runs its blocks one after the other on the calling thread (each
+        operation on torch's threads), as it does without a workspace: for a step whose operations a
+        :class:`ppl_em.fast.StepTape` records and checks against a real run, to the bit."""
+        before = self._in_order
+        self._in_order = before or on
+        try:
+            yield
+        finally:
+            self._in_order = before
+
+    def map(self, fn: Callable[[int], T], count: int, device) -> List[T]:
+        """[fn(0), ..., fn(count - 1)]: the blocks of a pass over the rows, side by side on torch's intra-op
+        threads (``torch.get_num_threads()``), each block's operations on one thread.
+
+        A block's operations (a GEMM of a (K, q + d) by a (q + d, B) block, the posterior of B rows) are too
+        small to share well: run on two threads each, every operation ends at a barrier where both wait for the
+        slower, some thirty times a block, and on a shared machine one thread held up holds up all of them
+        (a B1 E-step measured 2-3x slower in such a phase). Whole blocks instead go to whichever thread is free
+        next. ``fn`` must write only its own block's part of any shared table; the results come back in block
+        order, so that a caller sums them in the order a sequential pass would.
+
+        Sequential, on the calling thread, for one block or one thread, off the CPU (an accelerator queues its
+        own kernels), under a ``TorchFunctionMode`` (a recording sees the calling thread's operations only) and
+        within :meth:`in_order`. Grad mode and inference mode pass to the threads.
+        """
+        threads = torch.get_num_threads()
+        if count < 2 or threads < 2 or self._in_order or torch.device(device).type != "cpu" \
+                or torch._C._is_torch_function_mode_enabled():
+            return [fn(i) for i in range(count)]
+        results: List[Optional[T]] = [None] * count
+        lock, following, failed = threading.Lock(), iter(range(count)), []
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def work() -> None:
+            torch.set_num_threads(1)  # this thread's own operations, and MKL's, on this thread alone
+            self._side.on = True
+            try:
+                with torch.inference_mode() if inference else torch.set_grad_enabled(grad):
+                    while not failed:
+                        with lock:
+                            i = next(following, None)
+                        if i is None:
+                            return
+                        try:
+                            results[i] = fn(i)
+                        except BaseException:
+                            failed.append(i)
+                            raise
+            finally:
+                self._side.on = False
+
+        pool = self._workers(threads - 1)
+        try:
+            helpers = [pool.submit(work) for _ in range(threads - 1)]
+            try:
+                work()
+            finally:
+                errors = [h.exception() for h in helpers]  # waits: every block is written or given up
+        finally:
+            torch.set_num_threads(threads)
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+        return results
+
+    def _workers(self, count: int) -> ThreadPoolExecutor:
+        """The pool of ``count`` helper threads, made anew in a forked process (its threads stay behind)."""
+        pid = os.getpid()
+        if self._pool is None or self._pool[:2] != (pid, count):
+            if self._pool is not None and self._pool[0] == pid:
+                self._pool[2].shutdown(wait=False)
+            self._pool = (pid, count, ThreadPoolExecutor(count, thread_name_prefix="ppl_em-blocks"))
+        return self._pool[2]
+
+
+def map_blocks(ws: Optional[Workspace], fn: Callable[[int], T], count: int, device) -> List[T]:
+    """:meth:`Workspace.map` with ``ws``'s threads; [fn(0), ..., fn(count - 1)] in order without one."""
+    return ws.map(fn, count, device) if ws is not None else [fn(i) for i in range(count)]
+
+
+def scratch(ws: Optional[Workspace], shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """:meth:`Workspace.scratch` of ``ws``, or a fresh tensor without one."""
+    return ws.scratch(shape, dtype, device) if ws is not None else _empty(shape, dtype, device)
 
 
 def new_table(ws: Optional[Workspace], shape, dtype: torch.dtype, device, stride=None) -> torch.Tensor:

@@ -1,0 +1,208 @@
+"""A pass's blocks of rows side by side on torch's threads (``ppl_em.fast.Workspace.map``).
+
+Oracles: the same pass with its blocks in order on the calling thread (no workspace, or
+``Workspace.in_order``), which is what the pass computed before its blocks were shared out; EM's
+trajectory from the one against the other; and the step tape's check (a recorded step must equal a
+real one to the bit, so a step that may be recorded keeps its blocks in order).
+"""
+
+import os
+import threading
+import time
+
+import pyro
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import ppl_em
+from ppl_em.datasets import load_old_faithful
+from ppl_em.fast import Workspace, gaussian as fast_gaussian, workspace as fast_workspace
+from ppl_em.models import gmm
+
+D = torch.float64
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _block_facts(i: int):
+    time.sleep(0.01)  # long enough that the helper thread takes blocks too
+    return i * i, threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+
+def test_blocks_come_back_in_order_from_both_threads_each_on_one_thread(two_threads):
+    ws = Workspace()
+    facts = ws.map(_block_facts, 12, "cpu")
+    assert [f[0] for f in facts] == [i * i for i in range(12)]
+    assert len({f[1] for f in facts}) == 2 and threading.get_ident() in {f[1] for f in facts}
+    assert all(f[2] == 1 for f in facts)  # each block's operations on its own thread alone
+    assert torch.get_num_threads() == 2  # and the calling thread's threads back after the pass
+
+
+def test_grad_mode_and_inference_mode_pass_to_the_threads(two_threads):
+    ws = Workspace()
+    with torch.no_grad():
+        assert {f[3] for f in ws.map(_block_facts, 6, "cpu")} == {False}
+    assert {f[3] for f in ws.map(_block_facts, 6, "cpu")} == {True}
+    with torch.inference_mode():
+        facts = ws.map(_block_facts, 6, "cpu")
+    assert {f[4] for f in facts} == {True} and {f[3] for f in facts} == {False}
+
+
+class _Watching(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["no workspace", "in order", "one thread", "a torch function mode", "one block"])
+def test_blocks_run_in_order_on_the_calling_thread_where_they_must(case, two_threads):
+    ws = Workspace()
+    count = 1 if case == "one block" else 6
+    if case == "no workspace":
+        facts = fast_workspace.map_blocks(None, _block_facts, count, "cpu")
+    elif case == "in order":
+        with ws.in_order():
+            facts = ws.map(_block_facts, count, "cpu")
+        assert not ws._in_order  # the block's setting ends with it
+    elif case == "one thread":
+        torch.set_num_threads(1)
+        facts = ws.map(_block_facts, count, "cpu")
+    elif case == "a torch function mode":  # a recording sees the calling thread's operations only
+        with _Watching():
+            facts = ws.map(_block_facts, count, "cpu")
+    else:
+        facts = ws.map(_block_facts, count, "cpu")
+    assert {f[1] for f in facts} == {threading.get_ident()}
+    assert [f[0] for f in facts] == [i * i for i in range(count)]
+    assert {f[2] for f in facts} == {torch.get_num_threads()}  # the operations keep torch's threads
+
+
+def test_a_failing_block_raises_its_error_after_every_thread_has_stopped(two_threads):
+    ws = Workspace()
+    ran = []
+
+    def block(i: int):
+        time.sleep(0.005)
+        ran.append(i)
+        if i == 3:
+            raise ValueError("block 3 is bad")
+        return i
+
+    with pytest.raises(ValueError, match="block 3 is bad"):
+        ws.map(block, 40, "cpu")
+    done = len(ran)
+    time.sleep(0.05)
+    assert len(ran) == done < 40  # nothing still running, and the rest given up
+    assert torch.get_num_threads() == 2
+    assert ws.map(lambda i: i, 5, "cpu") == list(range(5))  # the pool still serves
+
+
+def test_a_forked_process_makes_its_own_helper_threads(monkeypatch, two_threads):
+    ws = Workspace()
+    ws.map(lambda i: i, 4, "cpu")
+    first = ws._pool[2]
+    assert ws._workers(1) is first
+    pid = os.getpid()
+    monkeypatch.setattr(fast_workspace.os, "getpid", lambda: pid + 1)  # as in a child after fork
+    assert ws._workers(1) is not first and ws.map(lambda i: i, 4, "cpu") == list(range(4))
+
+
+def test_a_blocks_features_reuse_their_threads_scratch_tensor_side_by_side_only(two_threads):
+    ws = Workspace()
+    assert ws.scratch((5, 7), D, "cpu") is not ws.scratch((5, 7), D, "cpu")  # in order (maybe recorded): fresh
+    got = ws.map(lambda i: (threading.get_ident(), time.sleep(0.01), ws.scratch((5, 7), D, "cpu"))[::2], 8, "cpu")
+    by_thread = {}
+    for ident, t in got:
+        by_thread.setdefault(ident, set()).add(id(t))
+    assert len(by_thread) == 2 and all(len(ids) == 1 for ids in by_thread.values())  # one tensor per thread
+    assert len(set().union(*by_thread.values())) == 2  # another thread's block never writes into this one's
+    ws.clear()
+    assert not ws._scratch
+
+
+def _features(n: int = 3000, d: int = 3, k: int = 4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, dtype=D) * 2 + 1
+    mu = torch.randn(k, d, generator=g, dtype=D)
+    a = torch.randn(k, d, d, generator=g, dtype=D)
+    cov = a @ a.transpose(-1, -2) + torch.eye(d, dtype=D)
+    fn = pyro.distributions.MultivariateNormal(mu.unsqueeze(-2), cov.unsqueeze(-3))
+    return fast_gaussian.mvn_features(fn, x), x, fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_fused_pass_side_by_side_equals_it_in_order(dtype, monkeypatch, two_threads):
+    monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 9 * 256)  # d = 3: 9 features; 128-row blocks: 24 blocks
+    features, x, fn = _features()
+    log_phi = torch.log_softmax(torch.arange(4, dtype=D), 0).reshape(4, 1)
+    outs = []
+    for ws in (None, Workspace()):
+        log_density, total = torch.empty(features.shape, dtype=dtype), torch.empty(features.shape, dtype=dtype)
+        lse, n, sums = features.posterior_sums([log_phi.to(dtype)], log_density, total, ws)
+        outs.append((log_density, total, lse, n, sums))
+    for plain, side in zip(*outs):
+        torch.testing.assert_close(side, plain, rtol=1e-14, atol=0)
+    torch.testing.assert_close(outs[1][0].double(), fn.log_prob(x), rtol=1e-10 if dtype == D else 1e-6, atol=1e-10)
+    torch.testing.assert_close(outs[1][1].sum(0), torch.ones(x.shape[0], dtype=dtype))
+
+
+def test_the_table_side_by_side_equals_it_in_order(monkeypatch, two_threads):
+    monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 9 * 128)
+    features, x, fn = _features()
+    plain, side = features.table(None), features.table(Workspace())
+    torch.testing.assert_close(side, plain, rtol=1e-14, atol=0)
+    torch.testing.assert_close(features.laid_out(side), fn.log_prob(x), rtol=1e-10, atol=1e-10)
+
+
+def test_a_form_that_would_cancel_digits_is_refused_side_by_side_too(monkeypatch, two_threads):
+    """One far row in the last block: the bound is taken over every block's extremes."""
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 9 * 128)
+    features, x, fn = _features()
+    x[-1] = 1e6
+    far = fast_gaussian.GaussianFeatures(x, torch.linalg.inv(torch.linalg.cholesky(fn.covariance_matrix[:, 0])),
+                                         fn.loc[:, 0], torch.zeros(4, 1, dtype=D))
+    assert far.table(Workspace()) is None and far.table(None) is None
+
+
+def test_em_follows_the_same_trajectory_with_its_blocks_side_by_side(monkeypatch, two_threads):
+    monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 5 * 64)  # d = 2: 5 features; Old Faithful in 9 blocks
+    x = load_old_faithful()
+    runs = []
+    for in_order in (True, False):
+        pyro.clear_param_store()
+        em = ppl_em.EM(gmm.model)
+        em._tape.off = "every step runs for real here, its blocks as this test sets"
+        calls = []
+        original = em._workspace.map
+        em._workspace.map = lambda fn, count, device: calls.append(em._workspace._in_order) or original(fn, count, device)
+        with em._workspace.in_order(in_order):
+            losses = [em.step(x, 3) for _ in range(15)]
+        runs.append((losses, {n: v.clone() for n, v in em.params.items()}))
+        assert calls and set(calls) == {in_order}
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-13, atol=0)
+    for name, value in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], value, rtol=1e-10, atol=1e-12)
+
+
+def test_a_step_that_may_be_recorded_keeps_its_blocks_in_order_and_is_replayed(monkeypatch, two_threads):
+    monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 5 * 64)
+    x = load_old_faithful()
+    pyro.clear_param_store()
+    em = ppl_em.EM(gmm.model)
+    orders = []
+    original = em._workspace.map
+    em._workspace.map = lambda fn, count, device: orders.append(em._workspace._in_order) or original(fn, count, device)
+    for _ in range(12):
+        em.step(x, 3)
+    assert orders and all(orders[1:])  # after the first step (the data not yet checked), every pass in order
+    assert em._tape.off is None and em._tape.tape.verified and em._tape.replays >= 8
