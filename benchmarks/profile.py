@@ -16,7 +16,11 @@ For each workload (``ppl_em.models.gmm``, full covariances, float64, from the mo
   and messengers, the distributions, ppl_em's E-step, M-step, loop and fast layer, the model file);
   the time of torch's C functions is charged to the Python function that called them. cProfile adds
   a fixed cost per Python call, so it inflates the Python-heavy layers: read the shares, not the
-  absolute milliseconds, and the unprofiled wall times above them;
+  absolute milliseconds, and the unprofiled wall times above them. cProfile sees the calling thread
+  alone, so the profiled steps run their blocks of rows in order (``Workspace.in_order``);
+* for B1, steps with the blocks of rows side by side on torch's threads (``ppl_em.fast.Workspace.map``,
+  the default) and in order (each operation on both threads), interleaved one by one: each median and
+  the median of the pairs' ratios;
 * for B1, the floating-point work of the two Gaussian GEMMs (E-step log-densities and M-step sums:
   4 n F k with F = d + d(d + 1)/2 packed features) against a DGEMM measured in the same process:
   the fraction of the arithmetic roof that an iteration reaches.
@@ -150,11 +154,18 @@ def profile_workload(name: str, cfg: dict) -> dict:
         em.maximize(stats)
         halves[0].append(middle - start)
         halves[1].append(time.perf_counter() - middle)
+    if name == "B1":
+        pairs = []
+        for _ in range(cfg["steps"]):
+            with em._workspace.in_order():
+                in_order = _timed(lambda: em.step(x, k, init), 1)[0][0]
+            pairs.append((in_order, _timed(lambda: em.step(x, k, init), 1)[0][0]))
     profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(cfg["profiled"]):
-        em.step(x, k, init)
-    profiler.disable()
+    with em._workspace.in_order():  # cProfile sees this thread alone
+        profiler.enable()
+        for _ in range(cfg["profiled"]):
+            em.step(x, k, init)
+        profiler.disable()
     by_layer = layers(pstats.Stats(profiler))
     total = sum(by_layer.values())
     result = {
@@ -170,6 +181,8 @@ def profile_workload(name: str, cfg: dict) -> dict:
         roof = report.dgemm_gflops()
         result.update(gemm_gflop=4 * n * features * k / 1e9, roof_gflops=roof)
         result["roof_fraction"] = result["gemm_gflop"] / roof / result["step_median_s"]
+        result.update(side_median_s=statistics.median(b for _, b in pairs), order_median_s=statistics.median(a for a, _ in pairs),
+                      side_gain=statistics.median(a / b for a, b in pairs), side_gains=[a / b for a, b in pairs])
     return result
 
 
@@ -247,7 +260,13 @@ def markdown(results: Dict[str, dict], info: dict, fits: dict = None) -> str:
         if "roof_fraction" in r:
             lines.append(f"- GEMM work {r['gemm_gflop']:.3g} GFLOP per step; DGEMM roof {r['roof_gflops']:.3g} GFLOP/s "
                          f"in this process: the step reaches {100 * r['roof_fraction']:.0f}% of the roof")
-        lines += ["", f"Self time by layer under cProfile ({r['profiled_ms_per_step']:.3g} ms per profiled step):", "",
+        if "side_gain" in r:
+            lines.append(f"- blocks of rows side by side on torch's threads (the default) against in order, "
+                         f"{len(r['side_gains'])} interleaved pairs of steps: median {r['side_median_s'] * 1e3:.3g} ms "
+                         f"against {r['order_median_s'] * 1e3:.3g} ms, {r['side_gain']:.2f}x faster (pairs: "
+                         f"{', '.join(f'{g:.2f}' for g in r['side_gains'])})")
+        lines += ["", f"Self time by layer under cProfile ({r['profiled_ms_per_step']:.3g} ms per profiled step, "
+                      "blocks in order):", "",
                   "| layer | what | share |", "|---|---|---|"]
         what = {layer: text for layer, text, _ in LAYERS}
         lines += [f"| {layer} | {what.get(layer, '')} | {100 * share:.1f}% |" for layer, share in r["layers"].items()]

@@ -53,7 +53,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from . import chains
 from .fast import (GaussianFeatures, Replay, Workspace, broadcast_shape, compact, diag_features, has_gemm_path,
-                   log_prob as fast_log_prob, mvn_features, new_table, normalise_exp)
+                   log_prob as fast_log_prob, map_blocks, mvn_features, new_table, normalise_exp)
 from .chains import ChainTerms
 
 __all__ = ["Posterior", "FusedSums", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
@@ -606,10 +606,13 @@ def _sum_and_normalise(terms: List[torch.Tensor], dim: int,
     if dim % len(shape) == len(shape) - 1 or total.stride(-1) != 1 or step >= n:
         return normalise_exp(_add_into(terms, total), dim, in_place=True)
     lse = torch.empty(shape[:dim % len(shape)] + (1,) + shape[dim % len(shape) + 1:], dtype=dtype, device=total.device)
-    for start in range(0, n, step):
-        cols = slice(start, start + step)
+
+    def one(b: int) -> None:  # the blocks side by side on the workspace's threads (ppl_em.fast.Workspace.map)
+        cols = slice(b * step, (b + 1) * step)
         block = _add_into([t[..., cols] if t.dim() and t.shape[-1] == n else t for t in terms], total[..., cols])
         lse[..., cols] = normalise_exp(block, dim, in_place=True)[1]
+
+    map_blocks(workspace, one, -(-n // step), total.device)
     return total, lse
 
 

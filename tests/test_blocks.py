@@ -206,3 +206,20 @@ def test_a_step_that_may_be_recorded_keeps_its_blocks_in_order_and_is_replayed(m
         em.step(x, 3)
     assert orders and all(orders[1:])  # after the first step (the data not yet checked), every pass in order
     assert em._tape.off is None and em._tape.tape.verified and em._tape.replays >= 8
+
+
+def test_a_posterior_normalised_side_by_side_equals_it_in_order(monkeypatch, two_threads):
+    """A mixture whose factors have no GEMM form (Poisson counts): Q(z) and log p(x^(i)) block by block."""
+    from ppl_em import posterior
+
+    monkeypatch.setattr(posterior, "BLOCK_ELEMENTS", 3 * 64)  # k = 3: 64 columns a block, 32 blocks
+    g = torch.Generator().manual_seed(1)
+    counts = torch.poisson(torch.full((2000,), 4.0, dtype=D), generator=g)
+    rate = torch.tensor([[1.0], [4.0], [9.0]], dtype=D)
+    log_like = pyro.distributions.Poisson(rate).log_prob(counts)  # (3, 2000)
+    log_phi = torch.tensor([[0.2], [0.5], [0.3]], dtype=D).log()
+    plain = posterior._sum_and_normalise([log_like, log_phi], 0, None)
+    side = posterior._sum_and_normalise([log_like, log_phi], 0, Workspace())
+    for a, b in zip(plain, side):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    torch.testing.assert_close(side[1], torch.logsumexp(log_like + log_phi, 0, keepdim=True), rtol=1e-14, atol=0)
