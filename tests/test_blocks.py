@@ -45,6 +45,20 @@ def test_blocks_come_back_in_order_from_both_threads_each_on_one_thread(two_thre
     assert torch.get_num_threads() == 2  # and the calling thread's threads back after the pass
 
 
+def test_beyond_the_most_side_by_side_each_block_gets_a_share_of_the_threads(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(fast_workspace, "MAX_SIDE_BY_SIDE", 2)
+    torch.set_num_threads(5)
+    try:
+        facts = Workspace().map(_block_facts, 8, "cpu")
+        assert len({f[1] for f in facts}) == 2 and {f[2] for f in facts} == {2}  # 2 side by side, 5 // 2 threads each
+        assert torch.get_num_threads() == 5
+        facts = Workspace().map(_block_facts, 1, "cpu")
+        assert {f[2] for f in facts} == {5}  # one block: in order, on all of them
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_grad_mode_and_inference_mode_pass_to_the_threads(two_threads):
     ws = Workspace()
     with torch.no_grad():

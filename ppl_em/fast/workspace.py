@@ -20,6 +20,12 @@ __all__ = ["Workspace", "map_blocks", "new_table", "scratch"]
 
 T = TypeVar("T")
 
+# The most threads that run blocks side by side (Workspace.map); more of torch's threads go to each block's
+# operations. A block's Python (some thirty calls, about 0.15 ms under the GIL against about 1.3 ms of its
+# kernels at B1's block size) would keep more threads than this waiting for the GIL. An estimate from those
+# two figures: the machines measured here have 2 cores.
+MAX_SIDE_BY_SIDE = 8
+
 
 class Workspace:
     """Chunk-sized tables (the (k, rows) log-densities and posteriors of the fast paths) that a
@@ -107,7 +113,8 @@ class Workspace:
 
     def map(self, fn: Callable[[int], T], count: int, device) -> List[T]:
         """[fn(0), ..., fn(count - 1)]: the blocks of a pass over the rows, side by side on torch's intra-op
-        threads (``torch.get_num_threads()``), each block's operations on one thread.
+        threads (``torch.get_num_threads()``), each block's operations on one thread (beyond
+        ``MAX_SIDE_BY_SIDE`` threads, on an equal share of them).
 
         A block's operations (a GEMM of a (K, q + d) by a (q + d, B) block, the posterior of B rows) are too
         small to share well: run on two threads each, every operation ends at a barrier where both wait for the
@@ -124,12 +131,14 @@ class Workspace:
         if count < 2 or threads < 2 or self._in_order or torch.device(device).type != "cpu" \
                 or torch._C._is_torch_function_mode_enabled():
             return [fn(i) for i in range(count)]
+        workers = min(threads, MAX_SIDE_BY_SIDE, count)
+        inner = threads // workers
         results: List[Optional[T]] = [None] * count
         lock, following, failed = threading.Lock(), iter(range(count)), []
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
         def work() -> None:
-            torch.set_num_threads(1)  # this thread's own operations, and MKL's, on this thread alone
+            torch.set_num_threads(inner)  # this thread's own operations, and MKL's, on this thread (and its share)
             self._side.on = True
             try:
                 with torch.inference_mode() if inference else torch.set_grad_enabled(grad):
@@ -146,9 +155,9 @@ class Workspace:
             finally:
                 self._side.on = False
 
-        pool = self._workers(threads - 1)
+        pool = self._workers(workers - 1)
         try:
-            helpers = [pool.submit(work) for _ in range(threads - 1)]
+            helpers = [pool.submit(work) for _ in range(workers - 1)]
             try:
                 work()
             finally:
