@@ -9,7 +9,7 @@ alike and independently (checked once: log p(x) of 2m rows must equal the sum ov
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -41,6 +41,7 @@ class Chunking:
     positions: Tuple = ()
     why: str = ""
     plate: Optional[str] = None
+    _held: Optional[tuple] = field(default=None, repr=False, compare=False)  # split_held's data and views
 
     def take(self, args: tuple, kwargs: dict, rows: slice):
         """The arguments restricted to ``rows`` of the data plate."""
@@ -53,6 +54,22 @@ class Chunking:
             return [(args, kwargs)]
         return [self.take(args, kwargs, slice(start, min(start + self.rows, self.n)))
                 for start in range(0, self.n, self.rows)]
+
+    def split_held(self, args: tuple, kwargs: dict) -> List[Tuple[tuple, dict]]:
+        """:meth:`split`, with the same view tensors at every call on the same data tensors (the very objects;
+        a view shares its base's version, so an in-place change shows in it), the other arguments as given:
+        a chunk's model run then meets the same arguments at every step and can be replayed
+        (:class:`ppl_em.fast.Replay`). The views of the last data split so are held: for data held anyway
+        (a step's), never for the batches of a stream."""
+        if self.rows is None:
+            return [(args, kwargs)]
+        rows = [args[p] if isinstance(p, int) else kwargs[p] for p in self.positions]
+        held = self._held
+        if held is None or len(held[0]) != len(rows) or any(a is not b for a, b in zip(held[0], rows)):
+            held = self._held = (rows, self.split(args, kwargs))
+        return [(tuple(a if i in self.positions else v for i, (a, v) in enumerate(zip(c_args, args))),
+                 {k: (c_kwargs[k] if k in self.positions else v) for k, v in kwargs.items()})
+                for c_args, c_kwargs in held[1]]
 
     def rows_of(self, args: tuple, kwargs: dict) -> int:
         """Rows of the data plate in these arguments (1 when there is no data plate: the data set is one row)."""

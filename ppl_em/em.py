@@ -168,6 +168,7 @@ class EM:
         self._chunks: Optional[chunks_.Chunking] = None  # how step() splits the data, once decided
         self._workspace = Workspace()  # chunk-sized tables, handed from chunk to chunk and step to step
         self._replay = Replay()  # the model's run on unchunked data, recorded and replayed (ppl_em.fast.replay)
+        self._chunk_replays: Tuple[Optional[chunks_.Chunking], List[Replay]] = (None, [])  # a step's chunks' runs
         self._taping = False  # whether the step under way is recorded or replayed by the tape
         self._asymmetric: set = set()  # parameters whose positive-definite update was not symmetric to the bit (_inside)
         self._tape = StepTape()  # whole closed-form steps on unchunked data, recorded and replayed (ppl_em.fast.tape)
@@ -266,12 +267,13 @@ class EM:
             log_prior = float(post.log_prior) + self._log_jacobian()
             self.m_step(post, *args, **kwargs)
             return -float(post.objective + log_prior)
-        pieces = chunking.split(args, kwargs)
+        pieces = chunking.split_held(args, kwargs)  # the same chunks at every step: their model runs are replayed
 
         def closed_step() -> torch.Tensor:  # the step; its tensor operations may be replayed (ppl_em.fast.tape)
             kept: List[Dict[str, torch.Tensor]] = []  # the weights a second pass needs, per chunk
             with self._validation(args, kwargs):
-                stats = Statistics.sum(self._summarize_chunk(a, k, kept) for a, k in self._workspace.chunks(pieces))  # E-step
+                stats = Statistics.sum(self._summarize_chunk(a, k, kept, self._chunk_replay(i, len(pieces)))
+                                       for i, (a, k) in enumerate(self._workspace.chunks(pieces)))  # E-step
             self._check_objective(stats.objective, args, kwargs)
             log_prior = self._log_prior + self._log_jacobian()  # log p(theta): a term of every chunk's trace, counted once
             self._m_step_from(stats, pieces, kept)  # M-step
@@ -444,9 +446,24 @@ class EM:
         return post.log_evidence
 
     # -- E-step and M-step over chunks -------------------------------------------------------
-    def _summarize_chunk(self, args, kwargs, kept: Optional[list]) -> Statistics:
-        # A chunk's tensors are new at every step; a step that the tape records or replays needs no model replay.
-        replay = self._replay if self._chunks.rows is None and not self._taping else None
+    def _chunk_replay(self, index: int, count: int) -> Optional[Replay]:
+        """The replay of chunk ``index``'s model run in a step over ``count`` chunks (held views of the data:
+        :meth:`ppl_em.chunking.Chunking.split_held`): one :class:`ppl_em.fast.Replay` per chunk, made anew with
+        the chunking; the EM's own for unchunked data."""
+        if self._chunks.rows is None:
+            return self._replay
+        if self._chunk_replays[0] is not self._chunks or len(self._chunk_replays[1]) != count:
+            self._chunk_replays = (self._chunks, [Replay() for _ in range(count)])
+            for replay in self._chunk_replays[1]:
+                replay.off = self._replay.off  # EM(..., replay=False), or a model found not to replay
+        return self._chunk_replays[1][index]
+
+    def _summarize_chunk(self, args, kwargs, kept: Optional[list], replay: Optional[Replay] = None) -> Statistics:
+        # ``replay``: this chunk's, where its tensors are the same at every step (a step's held chunks, or the
+        # unchunked data); a step that the tape records or replays needs no model replay.
+        if replay is None and self._chunks.rows is None:
+            replay = self._replay
+        replay = None if self._taping else replay
         post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior, workspace=self._workspace,
                                leaves=self.plan.needs_graph, replay=replay)
         check_observations(post)

@@ -195,3 +195,39 @@ def test_a_replay_that_differs_from_the_model_at_its_check_is_turned_off():
             assert "differed from a real run" in em._replay.off and em._replay.replays == 0
     SHIFT[0] = 0.0
     assert runs[0] == pytest.approx(runs[1], rel=1e-13)
+
+
+CHUNKED = ["gmm model file", "scale_tril", "Vindex, config_enumerate", "Multinomial mixture", "Poisson mixture"]
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_each_chunk_of_streamed_data_replays_its_own_run(name):
+    """chunk_size: the data in chunks, whose views are the same at every step, each chunk's run replayed."""
+    model, args, *options = MODELS[name]
+    rows = args[0].shape[0]
+    chunk = -(-rows // 3)
+    em = _assert_same_run(model, args, steps=STEPS, chunk_size=chunk, **(options[0] if options else {}))
+    assert em._chunks.rows == chunk and len(em._chunk_replays[1]) == 3
+    for replay in em._chunk_replays[1]:
+        assert replay.off is None and replay.replays >= STEPS - 4, (replay.off, replay.replays)
+
+
+def test_held_chunks_follow_the_data_tensors_and_take_the_other_arguments_as_given():
+    x = X.clone()
+    pyro.clear_param_store()
+    em = ppl_em.EM(gmm.model, chunk_size=100)
+    em._tape.off = "the model's replay is tested alone"
+    for _ in range(5):
+        em.step(x, 3, {})  # a new init dict at every call: the chunks' views stay the same
+    views = [a[0] for a, _ in em._chunks.split_held((x, 3, {}), {})]
+    assert all(v._base is x for v in views) and views[0] is em._chunks.split_held((x, 3, None), {})[0][0][0]
+    assert em._chunks.split_held((x, 3, None), {})[0][0][2] is None  # the other arguments as given
+    replayed = [r.replays for r in em._chunk_replays[1]]
+    assert min(replayed) >= 1
+    x.mul_(1.0)  # in place: the same tensor at a new version, seen through the same views
+    em.step(x, 3, {})
+    assert [r.replays for r in em._chunk_replays[1]] == replayed  # recorded again, not replayed
+    other = x.clone()
+    assert em._chunks.split_held((other, 3, {}), {})[0][0][0]._base is other  # other data: other views
+    for a, b in zip(em._chunks.split_held((other, 3, {}), {}), em._chunks.split((other, 3, {}), {})):
+        assert torch.equal(a[0][0], b[0][0])
