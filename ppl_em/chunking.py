@@ -66,10 +66,11 @@ class Chunking:
         rows = [args[p] if isinstance(p, int) else kwargs[p] for p in self.positions]
         held = self._held
         if held is None or len(held[0]) != len(rows) or any(a is not b for a, b in zip(held[0], rows)):
-            held = self._held = (rows, self.split(args, kwargs))
-        return [(tuple(a if i in self.positions else v for i, (a, v) in enumerate(zip(c_args, args))),
-                 {k: (c_kwargs[k] if k in self.positions else v) for k, v in kwargs.items()})
-                for c_args, c_kwargs in held[1]]
+            views = [{p: (c_args[p] if isinstance(p, int) else c_kwargs[p]) for p in self.positions}
+                     for c_args, c_kwargs in self.split(args, kwargs)]
+            held = self._held = (rows, views)
+        return [(tuple(views.get(i, a) for i, a in enumerate(args)), {k: views.get(k, v) for k, v in kwargs.items()})
+                for views in held[1]]
 
     def rows_of(self, args: tuple, kwargs: dict) -> int:
         """Rows of the data plate in these arguments (1 when there is no data plate: the data set is one row)."""

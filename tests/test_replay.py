@@ -222,6 +222,7 @@ def test_held_chunks_follow_the_data_tensors_and_take_the_other_arguments_as_giv
     views = [a[0] for a, _ in em._chunks.split_held((x, 3, {}), {})]
     assert all(v._base is x for v in views) and views[0] is em._chunks.split_held((x, 3, None), {})[0][0][0]
     assert em._chunks.split_held((x, 3, None), {})[0][0][2] is None  # the other arguments as given
+    assert [len(a) for a, _ in em._chunks.split_held((x, 3), {})] == [2] * len(views)  # as many as given
     replayed = [r.replays for r in em._chunk_replays[1]]
     assert min(replayed) >= 1
     x.mul_(1.0)  # in place: the same tensor at a new version, seen through the same views
@@ -231,3 +232,15 @@ def test_held_chunks_follow_the_data_tensors_and_take_the_other_arguments_as_giv
     assert em._chunks.split_held((other, 3, {}), {})[0][0][0]._base is other  # other data: other views
     for a, b in zip(em._chunks.split_held((other, 3, {}), {}), em._chunks.split((other, 3, {}), {})):
         assert torch.equal(a[0][0], b[0][0])
+
+
+def test_held_chunks_of_keyword_data_are_the_same_views_at_every_call():
+    from ppl_em.chunking import Chunking
+
+    chunking = Chunking(signature=(), rows=100, n=X.shape[0], positions=("x",))
+    first = chunking.split_held((), {"x": X, "k": 3})
+    again = chunking.split_held((), {"x": X, "k": 4})
+    assert len(first) == 3 and all(a[1]["x"] is b[1]["x"] for a, b in zip(first, again))
+    assert [c[1]["k"] for c in again] == [4, 4, 4]
+    for held, plain in zip(again, chunking.split((), {"x": X, "k": 4})):
+        assert torch.equal(held[1]["x"], plain[1]["x"]) and held[1]["k"] == plain[1]["k"]

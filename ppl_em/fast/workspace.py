@@ -98,7 +98,6 @@ class Workspace:
         finally:
             self.recycle()
 
-
     @contextlib.contextmanager
     def in_order(self, on: bool = True) -> Iterator[None]:
         """Within the block, :meth:`map` runs its blocks one after the other on the calling thread (each
@@ -157,7 +156,12 @@ class Workspace:
 
         pool = self._workers(workers - 1)
         try:
-            helpers = [pool.submit(work) for _ in range(workers - 1)]
+            helpers = []
+            for _ in range(workers - 1):
+                try:
+                    helpers.append(pool.submit(work))
+                except RuntimeError:  # no new work for threads (the interpreter is exiting): fewer threads share it
+                    break
             try:
                 work()
             finally:
