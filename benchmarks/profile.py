@@ -259,7 +259,7 @@ def markdown(results: Dict[str, dict], info: dict, fits: dict = None) -> str:
                   f"{r['minor_faults']:.0f} minor and {r['major_faults']:.0f} major page faults"]
         if "roof_fraction" in r:
             lines.append(f"- GEMM work {r['gemm_gflop']:.3g} GFLOP per step; DGEMM roof {r['roof_gflops']:.3g} GFLOP/s "
-                         f"in this process: the step reaches {100 * r['roof_fraction']:.0f}% of the roof")
+                         f"in this process: the step reaches {100 * r['roof_fraction']:.2g}% of the roof")
         if "side_gain" in r:
             lines.append(f"- blocks of rows side by side on torch's threads (the default) against in order, "
                          f"{len(r['side_gains'])} interleaved pairs of steps: median {r['side_median_s'] * 1e3:.3g} ms "
