@@ -74,7 +74,8 @@ class _Watching(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("case", ["no workspace", "in order", "one thread", "a torch function mode", "one block"])
+@pytest.mark.parametrize("case", ["no workspace", "in order", "one thread", "a torch function mode", "one block",
+                                  "torch's own thread pool"])
 def test_blocks_run_in_order_on_the_calling_thread_where_they_must(case, two_threads):
     ws = Workspace()
     count = 1 if case == "one block" else 6
@@ -90,6 +91,9 @@ def test_blocks_run_in_order_on_the_calling_thread_where_they_must(case, two_thr
     elif case == "a torch function mode":  # a recording sees the calling thread's operations only
         with _Watching():
             facts = ws.map(_block_facts, count, "cpu")
+    elif case == "torch's own thread pool":  # one count of threads for the process: not set per thread
+        ws._openmp = False
+        facts = ws.map(_block_facts, count, "cpu")
     else:
         facts = ws.map(_block_facts, count, "cpu")
     assert {f[1] for f in facts} == {threading.get_ident()}

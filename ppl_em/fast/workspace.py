@@ -53,6 +53,7 @@ class Workspace:
         self._side = threading.local()  # .on: the calling thread runs a block of :meth:`map` side by side
         self._pool: Optional[Tuple[int, int, ThreadPoolExecutor]] = None  # (process id, workers, pool)
         self._in_order = False
+        self._openmp: Optional[bool] = None  # whether torch's intra-op threads are OpenMP's (asked once)
 
     def table(self, shape, dtype: torch.dtype, device, stride=None) -> torch.Tensor:
         """An uninitialised tensor of this shape (and ``stride``), from the pool if one is free."""
@@ -123,12 +124,14 @@ class Workspace:
         order, so that a caller sums them in the order a sequential pass would.
 
         Sequential, on the calling thread, for one block or one thread, off the CPU (an accelerator queues its
-        own kernels), under a ``TorchFunctionMode`` (a recording sees the calling thread's operations only) and
-        within :meth:`in_order`. Grad mode and inference mode pass to the threads.
+        own kernels), under a ``TorchFunctionMode`` (a recording sees the calling thread's operations only),
+        within :meth:`in_order`, and where torch's intra-op threads are not OpenMP's (torch's own thread pool
+        is one for the process: its count cannot be set per thread). Grad mode and inference mode pass to the
+        threads.
         """
         threads = torch.get_num_threads()
         if count < 2 or threads < 2 or self._in_order or torch.device(device).type != "cpu" \
-                or torch._C._is_torch_function_mode_enabled():
+                or torch._C._is_torch_function_mode_enabled() or not self._per_thread_counts():
             return [fn(i) for i in range(count)]
         workers = min(threads, MAX_SIDE_BY_SIDE, count)
         inner = threads // workers
@@ -172,6 +175,12 @@ class Workspace:
         if first is not None:
             raise first
         return results
+
+    def _per_thread_counts(self) -> bool:
+        """Whether each thread sets its own count of intra-op threads (torch's OpenMP backend)."""
+        if self._openmp is None:
+            self._openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+        return self._openmp
 
     def _workers(self, count: int) -> ThreadPoolExecutor:
         """The pool of ``count`` helper threads, made anew in a forked process (its threads stay behind)."""
