@@ -241,3 +241,15 @@ def test_a_posterior_normalised_side_by_side_equals_it_in_order(monkeypatch, two
     for a, b in zip(plain, side):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     torch.testing.assert_close(side[1], torch.logsumexp(log_like + log_phi, 0, keepdim=True), rtol=1e-14, atol=0)
+
+
+def test_the_whitened_table_side_by_side_equals_it_in_order(monkeypatch, two_threads):
+    """The form for small tables and for data whose GEMM form would cancel digits, block by block."""
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 12 * 64)  # K d = 12: 64 rows a block
+    features, x, fn = _features()
+    inv = torch.linalg.inv(torch.linalg.cholesky(fn.covariance_matrix[:, 0]))
+    plain = fast_gaussian._maha_by_whitening(x, inv, fn.loc[:, 0])
+    side = fast_gaussian._maha_by_whitening(x, inv, fn.loc[:, 0], Workspace())
+    torch.testing.assert_close(side, plain, rtol=0, atol=0)
+    torch.testing.assert_close(side, ((x - fn.loc) @ inv.transpose(-1, -2)).square().sum(-1),
+                               rtol=1e-10, atol=1e-10)

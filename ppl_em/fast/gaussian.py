@@ -166,7 +166,7 @@ def mvn_log_prob(fn, value: torch.Tensor, ws: Optional[Workspace]) -> Optional[t
     small = mu.shape[0] * x[..., 0].numel() <= WHITEN_PAIRS
     out = None if small else GaussianFeatures(x, inv, mu, log_norm, layout).table(ws)
     if out is None:
-        out = -0.5 * _maha_by_whitening(x.reshape(-1, d), inv, mu).to(log_norm.dtype) - log_norm  # (K, N)
+        out = -0.5 * _maha_by_whitening(x.reshape(-1, d), inv, mu, ws).to(log_norm.dtype) - log_norm  # (K, N)
     return broadcast_layout(out, *layout)
 
 
@@ -231,21 +231,26 @@ def broadcast_layout(table: torch.Tensor, params, data, batch_shape) -> torch.Te
     return out.expand(broadcast_shape(out.shape, batch_shape))
 
 
-def _maha_by_whitening(rows: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+def _maha_by_whitening(rows: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor,
+                       ws: Optional[Workspace] = None) -> torch.Tensor:
     """||L_z^{-1} x - L_z^{-1} mu_z||^2 for all (z, row): a (K d, d) x (d, N) product, block by block of
     rows so that the whitened (K d, B) block stays about ``FEATURE_ELEMENTS``; squared in place and summed
     over d. (K, N), each component's row contiguous like the exponential-family table's (measured: 1.5-2x
     faster at small d than the (N, K d) product and its rows' norms, and the posterior's sums over z then
-    run along contiguous rows)."""
+    run along contiguous rows). Without a graph the blocks run side by side on ``ws``'s threads."""
     d = rows.shape[-1]
     k = inv.shape[0]
     shift = (inv @ mu.unsqueeze(-1)).reshape(-1, 1)  # (K d, 1)
     stacked = inv.reshape(-1, d)  # (K d, d): row (z, b) is row b of L_z^{-1}
     step = max(1, FEATURE_ELEMENTS // max(1, stacked.shape[0]))
-    parts = []
-    for start in range(0, rows.shape[0], step):
-        white = torch.addmm(shift, stacked, rows[start:start + step].T, beta=-1)  # (K d, B)
-        parts.append(white.square_().view(k, d, -1).sum(1))
+
+    def one(b: int) -> torch.Tensor:
+        white = torch.addmm(shift, stacked, rows[b * step:(b + 1) * step].T, beta=-1)  # (K d, B)
+        return white.square_().view(k, d, -1).sum(1)
+
+    count = -(-rows.shape[0] // step)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, inv, mu))
+    parts = [one(b) for b in range(count)] if grad else map_blocks(ws, one, count, rows.device)
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
