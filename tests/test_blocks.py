@@ -133,8 +133,10 @@ def test_a_forked_process_makes_its_own_helper_threads(monkeypatch, two_threads)
 
 def test_a_blocks_features_reuse_their_threads_scratch_tensor_side_by_side_only(two_threads):
     ws = Workspace()
-    assert ws.scratch((5, 7), D, "cpu") is not ws.scratch((5, 7), D, "cpu")  # in order (maybe recorded): fresh
-    got = ws.map(lambda i: (threading.get_ident(), time.sleep(0.01), ws.scratch((5, 7), D, "cpu"))[::2], 8, "cpu")
+    assert ws.scratch("a", (5, 7), D, "cpu") is not ws.scratch("a", (5, 7), D, "cpu")  # in order (maybe recorded): fresh
+    got = ws.map(lambda i: (threading.get_ident(), time.sleep(0.01), ws.scratch("a", (5, 7), D, "cpu"))[::2], 8, "cpu")
+    named = ws.map(lambda i: ws.scratch("a", (5, 7), D, "cpu") is ws.scratch("b", (5, 7), D, "cpu"), 4, "cpu")
+    assert not any(named)  # two tensors of one block, of the same shape, never share a scratch tensor
     by_thread = {}
     for ident, t in got:
         by_thread.setdefault(ident, set()).add(id(t))
@@ -253,3 +255,18 @@ def test_the_whitened_table_side_by_side_equals_it_in_order(monkeypatch, two_thr
     torch.testing.assert_close(side, plain, rtol=0, atol=0)
     torch.testing.assert_close(side, ((x - fn.loc) @ inv.transpose(-1, -2)).square().sum(-1),
                                rtol=1e-10, atol=1e-10)
+
+
+def test_float32_tables_with_as_many_components_as_features_side_by_side_equal_them_in_order(monkeypatch, two_threads):
+    """d = 2 (5 features) and K = 5: a block's features and its float64 posterior have the same shape."""
+    monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 5 * 128)
+    features, x, fn = _features(d=2, k=5)
+    log_phi = torch.full((5, 1), -float(torch.log(torch.tensor(5.0))), dtype=torch.float32)
+    outs = []
+    for ws in (None, Workspace()):
+        log_density, total = torch.empty(features.shape), torch.empty(features.shape)
+        outs.append((log_density, total) + tuple(features.posterior_sums([log_phi], log_density, total, ws)))
+    for plain, side in zip(*outs):
+        torch.testing.assert_close(side, plain, rtol=0, atol=0)
+    torch.testing.assert_close(outs[1][0].double(), fn.log_prob(x), rtol=1e-6, atol=1e-6)

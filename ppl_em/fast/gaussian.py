@@ -294,7 +294,7 @@ class GaussianFeatures:
         the block only); the least and the greatest x_a - c_a so far go into ``extremes`` (two (d,) tensors,
         for :meth:`_cancels`). (amin and amax: measured 2-4x faster than one aminmax on a block's (d, B) rows.)"""
         rows = self.rows[start:stop]
-        stats = self._features(rows, scratch(ws, (self.coef.shape[-1], rows.shape[0]), self.c.dtype, self.c.device))
+        stats = self._features(rows, scratch(ws, "features", (self.coef.shape[-1], rows.shape[0]), self.c.dtype, self.c.device))
         if self.p_norm is not None:
             centred = stats[-self.rows.shape[-1]:]
             low, high = centred.amin(1), centred.amax(1)
@@ -376,8 +376,9 @@ class GaussianFeatures:
                 self._log_density(stats, block)
                 torch.add(block, parts[0], out=w) if parts else w.copy_(block)
                 parts = parts[1:]
-            else:
-                w = torch.addmm(self.const, self.coef, stats)
+            else:  # the block's Q in c's dtype, in the thread's scratch tensor (as the features)
+                w = scratch(ws, "posterior", q.shape, wide, total.device)
+                torch.addmm(self.const, self.coef, stats, out=w)
                 block.copy_(w)
             for t in parts:
                 w.add_(t)

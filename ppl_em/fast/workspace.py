@@ -63,16 +63,16 @@ class Workspace:
         self._used.append((key, table))
         return table
 
-    def scratch(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+    def scratch(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
         """An uninitialised tensor for the calling thread's block, the same one at every call of that thread
-        for this shape: a block's features (MBs, made and dropped some 250 times a B1 step) allocated afresh
+        for this ``name`` (what it holds: two tensors of a block never share one) and shape: a block's features (MBs, made and dropped some 250 times a B1 step) allocated afresh
         by a helper thread of :meth:`map` went back to the operating system between blocks and were
         page-faulted in anew (about 30000 faults a step). Nothing of it may be held after the block.
         Outside a block of :meth:`map` run side by side, a fresh tensor: a pass in order may be recorded
         (:class:`ppl_em.fast.StepTape`), and a recording must not see a buffer that its blocks overwrite."""
         if not getattr(self._side, "on", False):
             return _empty(shape, dtype, device)
-        key = (threading.get_ident(), tuple(shape), dtype, torch.device(device))
+        key = (threading.get_ident(), name, tuple(shape), dtype, torch.device(device))
         table = self._scratch.get(key)
         if table is None:
             table = self._scratch[key] = _empty(shape, dtype, device)
@@ -197,9 +197,9 @@ def map_blocks(ws: Optional[Workspace], fn: Callable[[int], T], count: int, devi
     return ws.map(fn, count, device) if ws is not None else [fn(i) for i in range(count)]
 
 
-def scratch(ws: Optional[Workspace], shape, dtype: torch.dtype, device) -> torch.Tensor:
+def scratch(ws: Optional[Workspace], name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
     """:meth:`Workspace.scratch` of ``ws``, or a fresh tensor without one."""
-    return ws.scratch(shape, dtype, device) if ws is not None else _empty(shape, dtype, device)
+    return ws.scratch(name, shape, dtype, device) if ws is not None else _empty(shape, dtype, device)
 
 
 def new_table(ws: Optional[Workspace], shape, dtype: torch.dtype, device, stride=None) -> torch.Tensor:
