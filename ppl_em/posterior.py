@@ -53,7 +53,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from . import chains
 from .fast import (GaussianFeatures, Replay, Workspace, broadcast_shape, compact, diag_features, has_gemm_path,
-                   log_prob as fast_log_prob, map_blocks, mvn_features, new_table, normalise_exp)
+                   log_prob as fast_log_prob, map_blocks, mvn_features, new_table, normalise_exp, normalise_mode)
 from .chains import ChainTerms
 
 __all__ = ["Posterior", "FusedSums", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
@@ -465,7 +465,7 @@ def _contract(tr: Trace, probes: Dict[str, torch.Tensor], ring) -> torch.Tensor:
     return contract_to_tensor(tree, sum_dims, target_ordinal=frozenset(), ring=ring)
 
 
-def _one_latent_posterior(tr: Trace, scale: float, workspace: Optional[Workspace] = None):
+def _one_latent_posterior(tr: Trace, scale: float, workspace: Optional[Workspace] = None, hard: bool = False):
     """The probe gradients in closed form, for the commonest structure: one enumerated latent z^(i)
     per data point and every site in the same plates (a mixture). Then
 
@@ -473,21 +473,27 @@ def _one_latent_posterior(tr: Trace, scale: float, workspace: Optional[Workspace
         w_j^(i) = exp(sum_s log p_s(x^(i), j) - log p(x^(i)))   (the responsibilities),
 
     which is what the general contraction and its backward pass compute, in a few passes over
-    the (k, n) table instead of a log-einsum and autograd. Returns (log p(x), the weights, the sums of a
-    fused pass (see :func:`_fused_pass`)); None for any other structure.
+    the (k, n) table instead of a log-einsum and autograd. ``hard`` (hard EM): w^(i) is instead the one-hot
+    of z^(i)* = argmax_j sum_s log p_s(x^(i), j) (a tie to the first j, as the max-sum contraction's backward
+    pass gives it) and the objective sum_i max_j sum_s log p_s(x^(i), j), from the same table. Returns
+    (log p(x), the objective, the weights, the sums of a fused pass (see :func:`_fused_pass`)); None for any
+    other structure (for ``hard``, also where the latent is masked: a masked position's fill differs between
+    the two sums).
     """
     sites = [s for s in sample_sites(tr) if not s["infer"].get("_map_site")]
     latents = [s for s in sites if s["infer"].get("_enumerate_dim") is not None]
     if len(latents) != 1 or len({_ordinal(tr, s) for s in sites}) != 1 or any("chain_terms" in s for s in sites):
         return None
+    if hard and _mask(latents[0], latents[0]["unscaled_log_prob"]) is not None:
+        return None
     dim = latents[0]["infer"]["_enumerate_dim"]
-    fused = _fused_pass(tr, sites, dim, workspace)
+    fused = _fused_pass(tr, sites, dim, workspace, hard)
     if fused is None:
         _materialise(tr, workspace)
-        post, lse = _sum_and_normalise([masked_log_prob(s, fill=_masked_fill_value(s, LogRing())) for s in sites],
-                                       dim, workspace)
+        post, lse, best = _sum_and_normalise([masked_log_prob(s, fill=_masked_fill_value(s, LogRing())) for s in sites],
+                                             dim, workspace, hard)
     else:
-        post, lse = fused[:2]
+        post, lse, best = fused[:3]
     if scale != 1.0:
         post = post * scale
     weights = {s["name"]: torch.ones_like(masked_log_prob(s)) for s in sample_sites(tr) if s["infer"].get("_map_site")}
@@ -498,11 +504,14 @@ def _one_latent_posterior(tr: Trace, scale: float, workspace: Optional[Workspace
         weights[site["name"]] = masked_log_prob(dict(site, unscaled_log_prob=w))
     sums = {}
     if fused is not None:
-        name, features, n, packed_sums = fused[2:]
+        name, features, n, packed_sums = fused[3:]
         n, s_c, m_c = features.moments(n * scale, packed_sums * scale)
         sums[name] = FusedSums(weights[name], features.c, n, s_c, m_c)
     total = lse.sum()
-    return (total if scale == 1.0 else total * scale), weights, sums
+    objective = total if best is None else best.sum()
+    if scale != 1.0:
+        total, objective = total * scale, objective * scale
+    return total, objective, weights, sums
 
 
 @dataclass
@@ -518,7 +527,7 @@ class FusedSums:
     m: torch.Tensor
 
 
-def _fused_pass(tr: Trace, sites: List[dict], dim: int, workspace: Optional[Workspace]):
+def _fused_pass(tr: Trace, sites: List[dict], dim: int, workspace: Optional[Workspace], hard: bool = False):
     """Q(z), log p(x) and one Gaussian site's weighted sums in one pass over the rows, where
     :func:`trace_model` left that site's log-density table to the posterior (``defer``) and its table
     lays its K components along the enumerated ``dim`` and the rows after it, the other factors' tables
@@ -526,8 +535,9 @@ def _fused_pass(tr: Trace, sites: List[dict], dim: int, workspace: Optional[Work
     the sufficient statistics T(x - c) of each block of rows serve the log-densities and the M-step's sums
     while in cache, where building them again for the sums costs a pass over the data).
 
-    Returns (Q, log p(x^(i)) in the table's layout, the site's name, its GaussianFeatures, N, the packed
-    sums), the site's log-probability entries filled; None where it does not apply.
+    Returns (Q, log p(x^(i)) in the table's layout, max_z log p(x^(i), z) there for ``hard`` (Q one-hot at
+    the mode; else None), the site's name, its GaussianFeatures, N, the packed sums), the site's
+    log-probability entries filled; None where it does not apply.
     """
     deferred = [s for s in sites if "_features" in s]
     if len(deferred) != 1:
@@ -548,14 +558,16 @@ def _fused_pass(tr: Trace, sites: List[dict], dim: int, workspace: Optional[Work
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in others], features.dtype)
     log_density = new_table(workspace, features.shape, features.dtype, features.c.device)
     total = new_table(workspace, features.shape, dtype, features.c.device)
-    out = features.posterior_sums(others, log_density, total, workspace)
+    best = torch.empty((1, rows), dtype=dtype, device=features.c.device) if hard else None
+    out = features.posterior_sums(others, log_density, total, workspace, best)
     if out is None:
         return None
     lse, n, packed_sums = out
     del site["_features"]
     _set_log_prob(site, features.laid_out(log_density), tr=tr)
     lse_shape = shape[:dim % len(shape)] + (1,) + shape[dim % len(shape) + 1:]
-    return total.reshape(shape), lse.reshape(lse_shape), site["name"], features, n, packed_sums
+    best = None if best is None else best.reshape(lse_shape)
+    return total.reshape(shape), lse.reshape(lse_shape), best, site["name"], features, n, packed_sums
 
 
 def _as_columns(t: torch.Tensor, shape, dim: int, k: int, rows: int) -> Optional[torch.Tensor]:
@@ -581,10 +593,11 @@ def _as_columns(t: torch.Tensor, shape, dim: int, k: int, rows: int) -> Optional
 BLOCK_ELEMENTS = 2**18
 
 
-def _sum_and_normalise(terms: List[torch.Tensor], dim: int,
-                       workspace: Optional[Workspace] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(Q, lse): the sites' log-probability tables summed (broadcast) into log p(x, z), then
-    normalised along the enumerated ``dim`` (:func:`ppl_em.fast.normalise_exp`). The sum goes into a table of
+def _sum_and_normalise(terms: List[torch.Tensor], dim: int, workspace: Optional[Workspace] = None,
+                       hard: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(Q, lse, None): the sites' log-probability tables summed (broadcast) into log p(x, z), then
+    normalised along the enumerated ``dim`` (:func:`ppl_em.fast.normalise_exp`); for ``hard``, (the one-hot Q
+    of each mode, lse, max_z log p(x, z)) (:func:`ppl_em.fast.normalise_mode`). The sum goes into a table of
     its own (from the streaming pass's :class:`ppl_em.fast.Workspace`), block by block
     of columns where the normalised dim is not the last; every column's arithmetic is the same either way.
 
@@ -592,11 +605,14 @@ def _sum_and_normalise(terms: List[torch.Tensor], dim: int,
     that way round (torch vectorises along the first operand's layout), and the table takes the
     densest term's layout, as torch.add would.
     """
+    def normalise(table: torch.Tensor, in_place: bool = False):
+        return normalise_mode(table, dim, in_place) if hard else normalise_exp(table, dim, in_place) + (None,)
+
     if len(terms) == 1:
-        return normalise_exp(terms[0], dim)
+        return normalise(terms[0])
     terms = sorted(terms, key=lambda t: -compact(t).numel())
     if any(t.requires_grad for t in terms) and torch.is_grad_enabled():
-        return normalise_exp(functools.reduce(torch.add, terms), dim, in_place=True)
+        return normalise(functools.reduce(torch.add, terms), in_place=not hard)  # (the one-hot: no graph)
     shape = functools.reduce(broadcast_shape, (t.shape for t in terms))
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in terms))
     stride = torch.empty_like(terms[0], device="meta").stride() if terms[0].shape == shape else None
@@ -604,16 +620,19 @@ def _sum_and_normalise(terms: List[torch.Tensor], dim: int,
     n = shape[-1] if shape else 1
     step = max(1, BLOCK_ELEMENTS // max(1, total.numel() // max(1, n)))
     if dim % len(shape) == len(shape) - 1 or total.stride(-1) != 1 or step >= n:
-        return normalise_exp(_add_into(terms, total), dim, in_place=True)
+        return normalise(_add_into(terms, total), in_place=True)
     lse = torch.empty(shape[:dim % len(shape)] + (1,) + shape[dim % len(shape) + 1:], dtype=dtype, device=total.device)
+    best = torch.empty_like(lse) if hard else None
 
     def one(b: int) -> None:  # the blocks side by side on the workspace's threads (ppl_em.fast.Workspace.map)
         cols = slice(b * step, (b + 1) * step)
         block = _add_into([t[..., cols] if t.dim() and t.shape[-1] == n else t for t in terms], total[..., cols])
-        lse[..., cols] = normalise_exp(block, dim, in_place=True)[1]
+        _, lse[..., cols], top = normalise(block, in_place=True)
+        if best is not None:
+            best[..., cols] = top
 
     map_blocks(workspace, one, -(-n // step), total.device)
-    return total, lse
+    return total, lse, best
 
 
 def _add_into(terms: List[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
@@ -784,15 +803,14 @@ def exact_posterior(
         from float64 blocks: more accurate than float32 passes).
     """
     tr, leaves = trace_model(model, structure, args, kwargs, log_prob="value", workspace=workspace,
-                             leaf_params=leaves, graph=leaves, replay=replay, defer=fuse and mode == "exact" and not leaves)
+                             leaf_params=leaves, graph=leaves, replay=replay, defer=fuse and not leaves)
     sites = sample_sites(tr)
     scale = _common_scale(tr)
-    single = _one_latent_posterior(tr, scale, workspace) if mode == "exact" else None
+    single = _one_latent_posterior(tr, scale, workspace, hard=mode == "hard")
     _materialise(tr, workspace)  # whatever the posterior's pass did not take
     sums = {}
     if single is not None:
-        log_z, weights, sums = single
-        objective = log_z
+        log_z, objective, weights, sums = single
     else:
         probes = {s["name"]: torch.zeros_like(masked_log_prob(s)).requires_grad_() for s in sites}
         log_z = _contract(tr, probes, LogRing()) * scale

@@ -156,8 +156,9 @@ def _features(n: int = 3000, d: int = 3, k: int = 4):
     return fast_gaussian.mvn_features(fn, x), x, fn
 
 
+@pytest.mark.parametrize("hard", [False, True], ids=["exact", "hard"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_the_fused_pass_side_by_side_equals_it_in_order(dtype, monkeypatch, two_threads):
+def test_the_fused_pass_side_by_side_equals_it_in_order(dtype, hard, monkeypatch, two_threads):
     monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)
     monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 9 * 256)  # d = 3: 9 features; 128-row blocks: 24 blocks
     features, x, fn = _features()
@@ -165,12 +166,18 @@ def test_the_fused_pass_side_by_side_equals_it_in_order(dtype, monkeypatch, two_
     outs = []
     for ws in (None, Workspace()):
         log_density, total = torch.empty(features.shape, dtype=dtype), torch.empty(features.shape, dtype=dtype)
-        lse, n, sums = features.posterior_sums([log_phi.to(dtype)], log_density, total, ws)
-        outs.append((log_density, total, lse, n, sums))
+        best = torch.empty((1, features.shape[1]), dtype=D) if hard else None
+        lse, n, sums = features.posterior_sums([log_phi.to(dtype)], log_density, total, ws, best)
+        outs.append((log_density, total, lse, n, sums) + ((best,) if hard else ()))
     for plain, side in zip(*outs):
         torch.testing.assert_close(side, plain, rtol=1e-14, atol=0)
     torch.testing.assert_close(outs[1][0].double(), fn.log_prob(x), rtol=1e-10 if dtype == D else 1e-6, atol=1e-10)
     torch.testing.assert_close(outs[1][1].sum(0), torch.ones(x.shape[0], dtype=dtype))
+    joint, rtol = fn.log_prob(x) + log_phi, 1e-10 if dtype == D else 1e-6  # (k, n), the oracle
+    torch.testing.assert_close(outs[1][2].double(), joint.logsumexp(0, keepdim=True), rtol=rtol, atol=0)
+    if hard:
+        assert torch.equal(outs[1][1].argmax(0), joint.argmax(0)) and set(outs[1][1].unique().tolist()) == {0.0, 1.0}
+        torch.testing.assert_close(outs[1][5], joint.amax(0, keepdim=True), rtol=rtol, atol=0)
 
 
 def test_the_table_side_by_side_equals_it_in_order(monkeypatch, two_threads):
@@ -238,11 +245,18 @@ def test_a_posterior_normalised_side_by_side_equals_it_in_order(monkeypatch, two
     rate = torch.tensor([[1.0], [4.0], [9.0]], dtype=D)
     log_like = pyro.distributions.Poisson(rate).log_prob(counts)  # (3, 2000)
     log_phi = torch.tensor([[0.2], [0.5], [0.3]], dtype=D).log()
-    plain = posterior._sum_and_normalise([log_like, log_phi], 0, None)
-    side = posterior._sum_and_normalise([log_like, log_phi], 0, Workspace())
-    for a, b in zip(plain, side):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
-    torch.testing.assert_close(side[1], torch.logsumexp(log_like + log_phi, 0, keepdim=True), rtol=1e-14, atol=0)
+    for hard in (False, True):
+        plain = posterior._sum_and_normalise([log_like, log_phi], 0, None, hard)
+        side = posterior._sum_and_normalise([log_like, log_phi], 0, Workspace(), hard)
+        for a, b in zip(plain, side):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+        joint = log_like + log_phi
+        torch.testing.assert_close(side[1], torch.logsumexp(joint, 0, keepdim=True), rtol=1e-14, atol=0)
+        if hard:  # the one-hot of each column's mode, and the columns' maxima
+            assert torch.equal(side[0], torch.nn.functional.one_hot(joint.argmax(0), 3).T.to(D))
+            assert torch.equal(side[2], joint.amax(0, keepdim=True))
+        else:
+            assert side[2] is None
 
 
 def test_the_whitened_table_side_by_side_equals_it_in_order(monkeypatch, two_threads):

@@ -6,8 +6,8 @@ Oracles: the same E-step with ``fuse=False`` (the log-densities, Q(z) and the su
 their own), on models written the ways users write them; scikit-learn's trajectory for whole EM
 runs. The tables are made small enough here (``WHITEN_PAIRS``, ``FEATURE_ELEMENTS``) that the GEMM
 form and several blocks are used on Old Faithful's 272 rows. Where the pass does not apply (a mask,
-hard EM, parameter leaves, two Gaussian sites, a form that would cancel digits), the E-step must be
-the unfused one.
+parameter leaves, two Gaussian sites, a form that would cancel digits), the E-step must be
+the unfused one. Hard EM takes the same pass, with Q the one-hot of each row's mode.
 """
 
 import functools
@@ -112,7 +112,6 @@ FUSED = {
 UNFUSED = {
     "two Gaussian sites": (two_gaussians, (X,), {}),
     "poutine.mask": (masked, (X,), {}),
-    "hard EM": (gmm.model, (X, 2), {"mode": "hard"}),
     "parameter leaves": (gmm.model, (X, 2), {"leaves": True}),
 }
 
@@ -162,6 +161,15 @@ def test_the_fused_pass_gives_the_e_step_of_separate_passes(name, monkeypatch):
     model, args, *site = FUSED[name]
     fused = _assert_same_e_step(_planned(model, args), args, monkeypatch)
     assert list(fused.sums) == (site or ["x"])  # the pass applied here
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_hard_em_takes_the_fused_pass_too(name, monkeypatch):
+    """Q the one-hot of each row's mode, the objective the sum of the rows' maxima: as the separate passes."""
+    model, args, *site = FUSED[name]
+    fused = _assert_same_e_step(_planned(model, args), args, monkeypatch, mode="hard")
+    assert list(fused.sums) == (site or ["x"])
+    assert fused.objective <= fused.log_evidence  # max_z p(x, z) <= sum_z p(x, z)
 
 
 @pytest.mark.parametrize("name", UNFUSED)

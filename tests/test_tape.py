@@ -52,10 +52,20 @@ def test_the_gmm_file_and_a_scale_tril_model_are_taped():
         assert em._tape.off is None and em._tape.tape.verified and em._tape.replays == 10, (name, em._tape.off)
 
 
+def test_hard_em_on_a_mixture_is_taped():
+    """Its Q(z) is the one-hot of each row's mode, from the table that exact EM normalises: forward calls only."""
+    for name in ("gmm model file", "scale_tril"):
+        model, args = MODELS[name][:2]
+        em = _assert_same_run(model, args, steps=12, posterior="hard")
+        assert em._tape.off is None and em._tape.tape.verified and em._tape.replays == 10, (name, em._tape.off)
+
+
 def test_a_step_that_differentiates_is_not_taped():
-    """Hard EM's Q(z) is the gradient of a max-product (the probe trick): a replay, which reruns forward calls
-    only, cannot repeat it, so those steps run for real."""
-    em = _assert_same_run(gmm.model, (X, 3), posterior="hard")
+    """Hard EM's Q(z) through the general max-sum contraction (here a hidden Markov chain's best path) is the
+    gradient of a max-product (the probe trick): a replay, which reruns forward calls only, cannot repeat it,
+    so those steps run for real."""
+    model, args = MODELS["Gaussian HMM (DiscreteHMM)"]
+    em = _assert_same_run(model, args, posterior="hard")
     assert "differentiates" in em._tape.off and em._tape.replays == 0
 
 

@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import torch
 
-from .tensors import broadcast_shape, compact, normalise_exp, overlap, reduce_product
+from .tensors import broadcast_shape, compact, normalise_exp, normalise_mode, overlap, reduce_product
 from .workspace import Workspace, map_blocks, new_table, scratch
 
 __all__ = ["centre", "sufficient_stats", "gaussian_sums", "normal_sums", "mvn_log_prob", "mvn_features",
@@ -347,11 +347,13 @@ class GaussianFeatures:
         return None if self._cancels(blocks) else out
 
     def posterior_sums(self, others: List[torch.Tensor], log_density: torch.Tensor, total: torch.Tensor,
-                       ws: Optional[Workspace] = None):
+                       ws: Optional[Workspace] = None, best: Optional[torch.Tensor] = None):
         """One pass over the rows, block by block: the log-densities into ``log_density`` (K, N); their sum
         with the ``others`` ((K, N) or (1, N) tables, or (K, 1) and (1, 1) columns that broadcast over the
         rows) into ``total`` (K, N), normalised along K in place into Q_z^(i) (:func:`ppl_em.fast.normalise_exp`);
-        and the block's weighted sums N_z = sum_i Q_z^(i), [M_z, S_z] = sum_i Q_z^(i) T(x^(i) - c).
+        and the block's weighted sums N_z = sum_i Q_z^(i), [M_z, S_z] = sum_i Q_z^(i) T(x^(i) - c). With
+        ``best`` (1, N) (hard EM), Q is instead the one-hot of each row's mode (:func:`ppl_em.fast.normalise_mode`)
+        and ``best`` receives max_z of the summed table.
 
         Tables of a lower precision (float32 data) are written from a float64 block: the block's sums,
         normalisation and GEMM run in c's dtype, and only the tables are rounded (no flush of tiny weights,
@@ -382,7 +384,10 @@ class GaussianFeatures:
                 block.copy_(w)
             for t in parts:
                 w.add_(t)
-            lse[:, cols] = normalise_exp(w, 0, in_place=True)[1]
+            if best is None:
+                lse[:, cols] = normalise_exp(w, 0, in_place=True)[1]
+            else:
+                _, lse[:, cols], best[:, cols] = normalise_mode(w, 0, in_place=True)
             if w is not q:
                 q.copy_(w)
             return w.sum(-1), torch.mm(w, stats.T), extremes

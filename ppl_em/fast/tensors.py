@@ -9,7 +9,7 @@ from typing import List, Tuple
 
 import torch
 
-__all__ = ["broadcast_shape", "compact", "normalise_exp", "overlap", "reduce_product", "SMALL_PRODUCT"]
+__all__ = ["broadcast_shape", "compact", "normalise_exp", "normalise_mode", "overlap", "reduce_product", "SMALL_PRODUCT"]
 
 # At most this many elements, the broadcast product of reduce_product's operands is formed and summed:
 # an einsum's fixed cost (its planning, permutes and batched GEMM) is several times two plain kernels there.
@@ -129,3 +129,16 @@ def normalise_exp(total: torch.Tensor, dim: int, in_place: bool = False) -> Tupl
         post = shifted.exp_()
     norm = post.sum(dim, keepdim=True)
     return post.div_(norm), norm.log_().add_(top)
+
+
+def normalise_mode(total: torch.Tensor, dim: int, in_place: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hard EM's Q along ``dim``: (the one-hot of the mode argmax_j total_j, lse, the maximum max_j total_j), each
+    of the last two with ``dim`` kept. A tie goes to the first of the tied maxima, as ``torch.max`` picks it (and
+    as the max-sum contraction's backward pass gives it its weight: Pyro's ``MapRing``, whose gradient is the
+    one-hot of its ``max``); lse as :func:`normalise_exp` computes it, for log p(x). ``in_place``: the one-hot
+    overwrites ``total`` (a table without a graph). No gradient flows through the one-hot (it is piecewise
+    constant); the maximum keeps its graph."""
+    best, index = total.max(dim, keepdim=True)
+    lse = normalise_exp(total, dim, in_place)[1]
+    q = total.zero_() if in_place else torch.zeros_like(total, requires_grad=False)
+    return q.scatter_(dim, index, 1.0), lse, best
