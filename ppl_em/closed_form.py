@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from .families import GaussianSums, to_attribute, view
+from .families import GaussianSums, location_from_pass, to_attribute, view
 from .fast import reduce_product
 from .plan import Plan, Use, find_uses, matrix_layout
 from .statistics import Statistics
@@ -38,20 +38,24 @@ def summarize(plan: Plan, post, rows: int = 1) -> Statistics:
         for name, value in zip("NSM", found or group.sums.summarize(fn, x, w, group.cells, group.centre)):
             sums[f"{key}.{name}"] = value
     uses = [u for p in plan.closed if p not in plan.second_pass for u in plan.uses[p] if plan.in_group(u) is None]
-    use_statistics(sums, uses, post.trace, post.weights, post.leaves)
+    use_statistics(sums, uses, post.trace, post.weights, post.leaves, post.sums)
     return Statistics(sums, {k: g.centre for k, g in plan.groups.items()}, post.log_evidence, rows, post.objective)
 
 
-def use_statistics(sums: Dict[str, torch.Tensor], uses: List[Use], trace, weights, leaves) -> None:
+def use_statistics(sums: Dict[str, torch.Tensor], uses: List[Use], trace, weights, leaves,
+                   fused: Optional[Mapping] = None) -> None:
     """Add each use's (numerator, denominator) statistics at this trace, scattered onto its parameter:
     ``sums["<param>.num"]``, ``["<param>.den"]``, and for a scale ``["<param>.eye"]``, the weights on
-    the diagonal, where reg_covar goes. ``weights`` are the E-step's Q for each site."""
+    the diagonal, where reg_covar goes. ``weights`` are the E-step's Q for each site; ``fused`` the sums of
+    the E-step's own pass per site (``Posterior.sums``), which a location's statistics take where they apply."""
     fresh: Dict[str, dict] = {}
     for use in uses:
         selection = use.selection if use.stable else _reselect(use, trace, fresh, leaves)
         with torch.no_grad():
             fn, x, w = view(trace.nodes[use.site], weights[use.site], use.part)
-            num, den = (precision_weighted_mean if use.weighted else use.rule.stats)(fn, x, w, selection.shape)
+            stats = precision_weighted_mean if use.weighted else use.rule.stats
+            ready = None if use.part or fused is None else fused.get(use.site)
+            num, den = location_from_pass(stats, ready, x, w, selection.shape) or stats(fn, x, w, selection.shape)
             dtype = selection.tensor.dtype  # the selection's backward runs in the parameter's dtype
             _accumulate(sums, f"{use.param}.num", selection.vjp(num.to(dtype)))
             if den is not None:

@@ -141,6 +141,23 @@ def weighted_vector_mean(fn, x, w, shape):
     return reduce_product([w, x], shape), reduce_product([w], shape)
 
 
+def location_from_pass(stats, ready, x, w, shape):
+    """A location's (sum_i w^(i) x^(i), sum_i w^(i)) from the E-step's own sums (``ready``, a
+    :class:`ppl_em.posterior.FusedSums` about its centre c': S' + N c' and N) where they are these sums
+    (:meth:`GaussianSums.from_pass`), in place of ``stats`` (:func:`weighted_mean` for a Normal's loc,
+    :func:`weighted_vector_mean` for a multivariate normal's) summing Q times the rows again: a mixture whose
+    scale is not a parameter (k-means' sigma). None for other statistics or layouts."""
+    if ready is None or stats not in (weighted_mean, weighted_vector_mean):
+        return None
+    shape = tuple(shape)
+    elementwise = stats is weighted_mean
+    found = GaussianSums(elementwise).from_pass(ready, x, w, shape if elementwise else shape[:-1], ready.c)
+    if found is None:
+        return None
+    num, den = GaussianSums.mean(found[0], found[1], ready.c)
+    return num.reshape(shape), (den if elementwise else den.unsqueeze(-1)).expand(shape)
+
+
 def variance_about_loc(fn, x, w, shape):
     """(sum_i w^(i) (x^(i) - m^(i))^2, sum_i w^(i)) about the site's current loc m: a Normal's variance."""
     loc = compact(fn.loc)

@@ -22,6 +22,7 @@ from ppl_em import posterior
 from ppl_em.datasets import load_old_faithful
 from ppl_em.fast import gaussian as fast_gaussian
 from ppl_em.models import bernoulli_mixture, gmm, kmeans, poisson_mixture
+from ppl_em.fast import normalise_exp, normalise_mode
 from ppl_em.posterior import exact_posterior
 
 from test_fused import masked, two_views, with_a_covariate, with_a_prior
@@ -168,3 +169,23 @@ def test_hard_em_runs_as_through_the_contraction(name, monkeypatch):
     for n, v in general.params.items():
         torch.testing.assert_close(params[n], v, rtol=1e-10, atol=1e-12)
     assert all(b <= a + 1e-9 * abs(a) for a, b in zip(losses, losses[1:]))  # hard EM's objective never falls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_normalise_mode_against_torch(dtype):
+    """The one-hot of torch.max's index, torch.max's values and torch.logsumexp's, on a table with a tie,
+    an all -inf column and an inf; in place or not."""
+    g = torch.Generator().manual_seed(3)
+    table = (torch.randn(4, 50, generator=g, dtype=torch.float64) * 30).to(dtype)
+    table[1, 7] = table[3, 7] = table[:, 7].max() + 1  # a tie: the first
+    table[:, 8] = -float("inf")
+    table[2, 9] = float("inf")
+    for in_place in (False, True):
+        t = table.clone()
+        q, lse, best = normalise_mode(t, 0, in_place)
+        values, index = table.max(0, keepdim=True)
+        assert torch.equal(q, torch.zeros_like(table).scatter_(0, index, 1.0)) and q[1, 7] == 1 and q[3, 7] == 0
+        assert torch.equal(best, values)
+        torch.testing.assert_close(lse, torch.logsumexp(table, 0, keepdim=True), rtol=1e-6 if dtype != D else 1e-14, atol=0)
+        assert torch.equal(lse, normalise_exp(table.clone(), 0)[1])  # the same lse as exact EM's, to the bit
+        assert (q is t) == in_place

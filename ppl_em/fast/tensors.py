@@ -115,6 +115,13 @@ def normalise_exp(total: torch.Tensor, dim: int, in_place: bool = False) -> Tupl
     maximum, one exponential that serves both, and the division in place. ``in_place``: the
     result overwrites ``total``."""
     top = total.amax(dim, keepdim=True)
+    post, norm, top = _exp_about(total, dim, top, in_place)
+    return post.div_(norm), norm.log_().add_(top)
+
+
+def _exp_about(total: torch.Tensor, dim: int, top: torch.Tensor, in_place: bool):
+    """(exp(total - top), its sum along ``dim``, top) about each slice's maximum ``top`` (made 0 where it is
+    not finite, as logsumexp does); ``in_place``: the exponentials overwrite ``total``."""
     top = torch.nan_to_num(top, nan=0.0, posinf=0.0, neginf=0.0)  # all -inf (or an inf): as logsumexp does
     shifted = total.sub_(top) if in_place else torch.sub(total, top)
     if torch.finfo(shifted.dtype).bits < 64:
@@ -127,8 +134,7 @@ def normalise_exp(total: torch.Tensor, dim: int, in_place: bool = False) -> Tupl
         post.masked_fill_(post < 3 * tiny, 0.0)
     else:
         post = shifted.exp_()
-    norm = post.sum(dim, keepdim=True)
-    return post.div_(norm), norm.log_().add_(top)
+    return post, post.sum(dim, keepdim=True), top
 
 
 def normalise_mode(total: torch.Tensor, dim: int, in_place: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,6 +145,7 @@ def normalise_mode(total: torch.Tensor, dim: int, in_place: bool = False) -> Tup
     overwrites ``total`` (a table without a graph). No gradient flows through the one-hot (it is piecewise
     constant); the maximum keeps its graph."""
     best, index = total.max(dim, keepdim=True)
-    lse = normalise_exp(total, dim, in_place)[1]
-    q = total.zero_() if in_place else torch.zeros_like(total, requires_grad=False)
+    post, norm, top = _exp_about(total, dim, best, in_place)  # the maximum found once serves both
+    lse = norm.log_().add_(top)
+    q = post.zero_() if in_place else torch.zeros_like(total, requires_grad=False)
     return q.scatter_(dim, index, 1.0), lse, best
