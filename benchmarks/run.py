@@ -29,6 +29,8 @@ B10 Whole fits as users run them: restarts (n_init) and a sweep over k, against 
 B11 B1's GMM written with ``scale_tril=L[z]`` (a user's idiom).
 B12 Pyro's examples as their authors wrote them: EM against SVI in the same wall time.
 B13 B1's GMM with diagonal covariances against scikit-learn's ``covariance_type="diag"``.
+B14 Hard EM: k-means (``models/kmeans.py``) against scikit-learn's ``KMeans`` (Lloyd) from the same centres, and
+    hard EM against exact EM on B1's GMM (interleaved pairs).
 
 Every library starts from the same initial parameters (the model file's ``init_params``), gets
 one untimed warm-up iteration, then is timed with ``time.perf_counter``. torch keeps its default
@@ -73,6 +75,7 @@ FULL: Dict[str, dict] = {
     "B11": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10, "repeats": 3},
     "B13": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10, "repeats": 3},
     "B12": {"em_steps": 30, "quick": False},
+    "B14": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10, "repeats": 3, "hard_repeats": 3},
     **scaleout.FULL,
 }
 QUICK: Dict[str, dict] = {
@@ -89,9 +92,10 @@ QUICK: Dict[str, dict] = {
     "B11": {"n": 1000, "d": 2, "k": 2, "iters": 2, "repeats": 2, "settle": 0.0},
     "B13": {"n": 1000, "d": 2, "k": 2, "iters": 2, "repeats": 2, "settle": 0.0},
     "B12": {"em_steps": 3, "quick": True},
+    "B14": {"n": 1000, "d": 2, "k": 2, "iters": 2, "repeats": 2, "hard_repeats": 1, "settle": 0.0},
     **scaleout.QUICK,
 }
-WORKLOADS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12", "B13")
+WORKLOADS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12", "B13", "B14")
 
 GMM_PEERS: Dict[str, Callable] = {"ppl_em": wl.ppl_em_gmm, "scikit-learn": wl.sklearn_gmm,
                                   "pomegranate": wl.pomegranate_gmm}
@@ -226,6 +230,44 @@ def bench_b13(cfg: dict) -> Tuple[List[Row], List[Target]]:
     return rows, targets
 
 
+def bench_b14(cfg: dict) -> Tuple[List[Row], List[Target]]:
+    """Hard EM. k-means as hard EM on ``models/kmeans.py`` against scikit-learn's Lloyd ``KMeans`` from the same
+    centres (B1's data and starting means), timed like B1, the final distortions compared; then hard against
+    exact EM on B1's GMM file in interleaved pairs (exact, hard, ...): the median of the pairs' time ratios."""
+    x, init = _gmm_problem(cfg)
+    size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, {cfg['iters']} iters"
+    peers = {"scikit-learn": wl.sklearn_kmeans}
+    rows, targets, _ = _interleaved("B14", size + ", k-means", wl.ppl_em_kmeans, ["scikit-learn"] * cfg["repeats"],
+                                    (x, cfg["k"], init, cfg["iters"]), KMEANS_BAR, peers=peers,
+                                    settle=cfg.get("settle", SETTLE_S))
+    for target in targets:
+        target.source = "ours"  # no goal set for it: a bar against regressions of hard EM's one-latent path
+    targets[-1].target = "final distortion J / n = scikit-learn's (relative deviation <= 1e-6)"
+    runs: Dict[str, List[wl.Fit]] = {"exact": [], "hard": []}
+    for _ in range(cfg["hard_repeats"]):
+        for posterior, fit in (("exact", wl.ppl_em_gmm), ("hard", wl.ppl_em_gmm_hard)):
+            print(f"  B14 ppl_em {posterior} EM (GMM) ...", flush=True)
+            time.sleep(cfg.get("settle", SETTLE_S))
+            runs[posterior].append(fit(x, cfg["k"], init, cfg["iters"]))
+    ratios = [h.sec_per_iter / e.sec_per_iter for e, h in zip(runs["exact"], runs["hard"])]
+    ratio = float(np.median(ratios))
+    pair = [_median_row("B14", "ppl_em exact EM (GMM file)", size, runs["exact"]),
+            _median_row("B14", "ppl_em hard EM (GMM file)", size, runs["hard"])]
+    pair[1].target, pair[1].met = f"hard EM s / iter <= {HARD_BAR:g}x exact EM's", ratio <= HARD_BAR
+    pair[1].note = f"hard / exact per interleaved pair {', '.join(f'{r:.3g}' for r in ratios)}; " + pair[1].note
+    targets.append(Target("B14", f"hard EM s / iter <= {HARD_BAR:g}x exact EM's on B1's GMM file",
+                          f"hard / exact = {ratio:.3g} (median of {len(ratios)} interleaved pairs)", ratio <= HARD_BAR,
+                          source="ours"))
+    return rows + pair, targets
+
+
+# B14's bars against regressions (no goal set): k-means against scikit-learn's Lloyd, whose one compiled loop per
+# chunk of rows assigns and sums where ppl_em's pass makes the (k, rows) table of log p(x, z) and its log-sum-exp
+# (log p(x), which hard EM's statistics keep); hard against exact EM, whose pass is hard EM's less the modes.
+KMEANS_BAR = 0.15
+HARD_BAR = 1.25
+
+
 # Seconds of rest before each interleaved run. numpy's OpenBLAS threads keep spinning for a while after a
 # call returns, and on a machine of few cores they take the cores from the next run's torch threads:
 # ppl_em's small fit (n = 1000) measured 1.9 ms / iter alone, 2.5-3.1 right after scikit-learn's fit,
@@ -277,7 +319,7 @@ def _interleaved(workload: str, size: str, ours: Callable, order: List[str], arg
     targets = [Target(workload, f"{rows[0].library} >= {factor:g}x faster (s / iter) than {row.library}",
                       f"{row.speedup:.3g}x (median of {len(speedups[row.library])} interleaved runs)", row.met)
                for row in rows[1:] if speedups.get(row.library)]
-    fits = {library: next(f for f in runs[library] if f.trajectory) for library in runs if runs[library]}
+    fits = {library: next((f for f in runs[library] if f.trajectory), runs[library][0]) for library in runs if runs[library]}
     targets.append(_agreement(workload, fits, agree_with))
     return rows, targets, fits
 
@@ -645,7 +687,7 @@ def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]
                "B9": lambda: scaleout.bench_b9(sizes["B9"]),
                "B10": lambda: bench_b10(sizes["B10"]),
                "B11": lambda: bench_b11(sizes["B11"]), "B12": lambda: bench_b12(sizes["B12"]),
-               "B13": lambda: bench_b13(sizes["B13"])}
+               "B13": lambda: bench_b13(sizes["B13"]), "B14": lambda: bench_b14(sizes["B14"])}
     info = report.machine()  # before the runs: the load average says how busy the machine was
     info["gauge_before"] = report.gauge()  # and how fast it was (report.gauge)
     rows, targets = [], []

@@ -28,7 +28,7 @@ from pyro.infer import SVI, TraceEnum_ELBO
 from pyro.optim import Adam
 
 import ppl_em
-from ppl_em.models import gmm, hmm
+from ppl_em.models import gmm, hmm, kmeans
 
 Init = Dict[str, np.ndarray]
 
@@ -198,6 +198,23 @@ def gmm_scale_tril(x: torch.Tensor, k: int, init: Dict[str, torch.Tensor]) -> No
         pyro.sample("x", pyro.distributions.MultivariateNormal(mu[z], scale_tril=L[z]), obs=x)
 
 
+def ppl_em_gmm_hard(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
+    """Hard EM (classification EM) on the GMM file with full covariances, timed like :func:`ppl_em_gmm`; its
+    trajectory is its own objective, (1/n) max_z log p(x, z; theta) before each step."""
+    xt = torch.from_numpy(x)
+    return ppl_em_fit(gmm.model, (xt, k, _torch_init(init, xt.dtype)), len(x), iters, reg_covar=REG_COVAR,
+                      posterior="hard")
+
+
+def ppl_em_kmeans(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
+    """k-means as hard EM on ``models/kmeans.py`` from the centres ``init["mu"]``, timed like :func:`ppl_em_fit`;
+    no trajectory (scikit-learn keeps none), final_ll = -J / n with J the distortion at the last centres."""
+    xt = torch.from_numpy(x)
+    fit = ppl_em_fit(kmeans.model, (xt, k, {"mu": torch.as_tensor(init["mu"])}), len(x), iters, posterior="hard")
+    distortion = float(kmeans.distortion(xt, pyro.param("mu").detach()))
+    return Fit(fit.sec_per_iter, [], -distortion / len(x), fit.times, fit.note, fit.usage)
+
+
 def ppl_em_gmm_scale_tril(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
     """The same fit as :func:`ppl_em_gmm` on :func:`gmm_scale_tril` (closed forms through the Cholesky map)."""
     xt = torch.from_numpy(x)
@@ -300,6 +317,26 @@ def sklearn_gmm(x: np.ndarray, k: int, init: Init, iters: int, covariance_type: 
     per_iter = max(fit_seconds - score_seconds, 0.0) / iters
     return Fit(per_iter, [float(v) for v in model.lower_bounds_], float(model.score(x)),
                note="s / iter = (fit - one E-step) / iters", usage=usage.per(iters))
+
+
+def sklearn_kmeans(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
+    """scikit-learn ``KMeans(algorithm="lloyd")`` from the centres ``init["mu"]``, ``max_iter=iters``, ``tol=0``,
+    one run. ``fit`` ends with the labels at the last centres (one assignment pass): timed separately as
+    ``predict`` and subtracted, and the rest divided by the iterations it ran (``n_iter_``; Lloyd stops early
+    where no label changes). final_ll = -inertia / n."""
+    from sklearn.cluster import KMeans
+
+    def make(max_iter: int) -> KMeans:
+        return KMeans(k, init=init["mu"], n_init=1, max_iter=max_iter, tol=0.0, algorithm="lloyd")
+
+    make(1).fit(x)  # warm-up
+    model = make(iters)
+    with Usage() as usage:
+        fit_seconds = _seconds(model.fit, x)
+    predict_seconds = _seconds(model.predict, x)
+    per_iter = max(fit_seconds - predict_seconds, 0.0) / model.n_iter_
+    return Fit(per_iter, [], -float(model.inertia_) / len(x), note=f"s / iter = (fit - predict) / n_iter_ "
+               f"({model.n_iter_} iterations)", usage=usage.per(model.n_iter_))
 
 
 def pomegranate_gmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:

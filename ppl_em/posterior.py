@@ -53,7 +53,8 @@ from pyro.poutine.util import prune_subsample_sites
 
 from . import chains
 from .fast import (GaussianFeatures, Replay, Workspace, broadcast_shape, compact, diag_features, has_gemm_path,
-                   log_prob as fast_log_prob, map_blocks, mvn_features, new_table, normalise_exp, normalise_mode)
+                   log_prob as fast_log_prob, map_blocks, mvn_features, new_table, normalise_exp, normalise_mode,
+                   scratch)
 from .chains import ChainTerms
 
 __all__ = ["Posterior", "FusedSums", "ModelStructure", "exact_posterior", "trace_model", "log_joint_terms"]
@@ -606,7 +607,10 @@ def _sum_and_normalise(terms: List[torch.Tensor], dim: int, workspace: Optional[
     densest term's layout, as torch.add would.
     """
     def normalise(table: torch.Tensor, in_place: bool = False):
-        return normalise_mode(table, dim, in_place) if hard else normalise_exp(table, dim, in_place) + (None,)
+        if not hard:
+            return normalise_exp(table, dim, in_place) + (None,)
+        exps = scratch(workspace, "exponentials", table.shape, table.dtype, table.device) if in_place else None
+        return normalise_mode(table, dim, in_place, exps)
 
     if len(terms) == 1:
         return normalise(terms[0])

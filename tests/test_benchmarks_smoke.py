@@ -47,10 +47,11 @@ def test_writes_markdown_and_json_with_expected_columns(results):
     assert "| workload | target | measured | met? | source |" in markdown
     assert data["columns"] == COLUMNS
     assert MACHINE_KEYS <= set(data["machine"])
-    assert {w for w, _ in rows} == {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12", "B13"}
+    assert {w for w, _ in rows} == {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12", "B13",
+                                    "B14"}
     assert all(ROW_KEYS <= set(row) for row in data["rows"])
     assert {t["workload"] for t in data["targets"]} == {"B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B11", "B12",
-                                                        "B13"}
+                                                        "B13", "B14"}
     assert all(t["met"] in (True, False) for t in data["targets"])
 
 
@@ -101,6 +102,18 @@ def test_b3_times_hard_em_against_exact_em_on_the_same_hmm(results):
     assert all(b >= a - 1e-9 for a, b in zip(hard["trajectory"], hard["trajectory"][1:]))
     assert hard["trajectory"][0] <= exact["trajectory"][0] + 1e-12  # max_w log p(x, w) <= log p(x)
     assert any(t["workload"] == "B3" and t["target"].startswith("hard EM") for t in data["targets"])
+
+
+def test_b14_k_means_ends_where_scikit_learns_lloyd_ends_and_times_hard_against_exact_em(results):
+    _, data, rows = results
+    ours, peer = rows["B14", "ppl_em"], rows["B14", "scikit-learn"]
+    assert ours["final_ll"] == pytest.approx(peer["final_ll"], rel=1e-9)  # -J / n at the last centres
+    assert ours["final_ll"] < 0 and peer["speedup"] > 0 and "n_iter_" in peer["note"]
+    exact, hard = rows["B14", "ppl_em exact EM (GMM file)"], rows["B14", "ppl_em hard EM (GMM file)"]
+    assert "hard / exact per interleaved pair" in hard["note"] and exact["sec_per_iter"] > 0
+    assert all(b >= a - 1e-9 for a, b in zip(hard["trajectory"], hard["trajectory"][1:]))  # its own objective
+    assert hard["trajectory"][0] <= exact["trajectory"][0] + 1e-12  # max_z log p(x, z) <= log p(x), same start
+    assert any(t["workload"] == "B14" and t["target"].startswith("hard EM s / iter <=") for t in data["targets"])
 
 
 def test_b4_em_reaches_the_optimum_sooner_than_svi(results):

@@ -189,3 +189,14 @@ def test_normalise_mode_against_torch(dtype):
         torch.testing.assert_close(lse, torch.logsumexp(table, 0, keepdim=True), rtol=1e-6 if dtype != D else 1e-14, atol=0)
         assert torch.equal(lse, normalise_exp(table.clone(), 0)[1])  # the same lse as exact EM's, to the bit
         assert (q is t) == in_place
+
+
+def test_normalise_mode_with_a_graph_keeps_torch_max_gradient():
+    """With a graph: the maximum's gradient is the one-hot of torch.max's index (a tie: the first), as the
+    max-sum contraction's; the one-hot itself carries no graph."""
+    leaf = torch.tensor([[1.0, 5.0, 2.0], [3.0, 5.0, -1.0]], dtype=D, requires_grad=True)
+    q, lse, best = normalise_mode(leaf * 1.0, 0)
+    assert not q.requires_grad and torch.equal(q, torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]], dtype=D))
+    (grad,) = torch.autograd.grad(best.sum(), leaf)
+    assert torch.equal(grad, q)
+    torch.testing.assert_close(lse, torch.logsumexp(leaf, 0, keepdim=True), rtol=1e-15, atol=0)

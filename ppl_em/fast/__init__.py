@@ -11,8 +11,8 @@ from .logprob import has_gemm_path, log_prob
 from .replay import Replay, signature
 from .tape import StepTape
 from .tensors import broadcast_shape, compact, normalise_exp, normalise_mode, overlap, reduce_product
-from .workspace import Workspace, map_blocks, new_table
+from .workspace import Workspace, map_blocks, new_table, scratch
 
 __all__ = ["FEATURE_ELEMENTS", "DiagonalFeatures", "GaussianFeatures", "Workspace", "broadcast_shape", "centre", "compact", "diag_features", "gaussian_sums",
            "has_gemm_path", "log_prob", "map_blocks", "mvn_features", "new_table", "normal_sums", "normalise_exp", "normalise_mode", "overlap", "Replay",
-           "reduce_product", "signature", "StepTape", "sufficient_stats"]
+           "reduce_product", "scratch", "signature", "StepTape", "sufficient_stats"]

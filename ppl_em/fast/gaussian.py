@@ -387,7 +387,8 @@ class GaussianFeatures:
             if best is None:
                 lse[:, cols] = normalise_exp(w, 0, in_place=True)[1]
             else:
-                _, lse[:, cols], best[:, cols] = normalise_mode(w, 0, in_place=True)
+                exps = scratch(ws, "exponentials", w.shape, w.dtype, w.device)
+                _, lse[:, cols], best[:, cols] = normalise_mode(w, 0, in_place=True, scratch=exps)
             if w is not q:
                 q.copy_(w)
             return w.sum(-1), torch.mm(w, stats.T), extremes

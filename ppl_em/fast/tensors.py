@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -115,15 +115,16 @@ def normalise_exp(total: torch.Tensor, dim: int, in_place: bool = False) -> Tupl
     maximum, one exponential that serves both, and the division in place. ``in_place``: the
     result overwrites ``total``."""
     top = total.amax(dim, keepdim=True)
-    post, norm, top = _exp_about(total, dim, top, in_place)
+    post, norm, top = _exp_about(total, dim, top, total if in_place else None)
     return post.div_(norm), norm.log_().add_(top)
 
 
-def _exp_about(total: torch.Tensor, dim: int, top: torch.Tensor, in_place: bool):
+def _exp_about(total: torch.Tensor, dim: int, top: torch.Tensor, out: Optional[torch.Tensor]):
     """(exp(total - top), its sum along ``dim``, top) about each slice's maximum ``top`` (made 0 where it is
-    not finite, as logsumexp does); ``in_place``: the exponentials overwrite ``total``."""
+    not finite, as logsumexp does); the exponentials go into ``out`` (``total`` itself: in place; None: a new
+    tensor)."""
     top = torch.nan_to_num(top, nan=0.0, posinf=0.0, neginf=0.0)  # all -inf (or an inf): as logsumexp does
-    shifted = total.sub_(top) if in_place else torch.sub(total, top)
+    shifted = torch.sub(total, top) if out is None else torch.sub(total, top, out=out)
     if torch.finfo(shifted.dtype).bits < 64:
         # exp below log(tiny) (-87.3 in float32, common once clusters are tight) would be a subnormal
         # number, which the CPU handles many times slower, and exp(-inf) takes a slow path too (measured
@@ -137,15 +138,27 @@ def _exp_about(total: torch.Tensor, dim: int, top: torch.Tensor, in_place: bool)
     return post, post.sum(dim, keepdim=True), top
 
 
-def normalise_mode(total: torch.Tensor, dim: int, in_place: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def normalise_mode(total: torch.Tensor, dim: int, in_place: bool = False,
+                   scratch: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hard EM's Q along ``dim``: (the one-hot of the mode argmax_j total_j, lse, the maximum max_j total_j), each
     of the last two with ``dim`` kept. A tie goes to the first of the tied maxima, as ``torch.max`` picks it (and
     as the max-sum contraction's backward pass gives it its weight: Pyro's ``MapRing``, whose gradient is the
     one-hot of its ``max``); lse as :func:`normalise_exp` computes it, for log p(x). ``in_place``: the one-hot
-    overwrites ``total`` (a table without a graph). No gradient flows through the one-hot (it is piecewise
-    constant); the maximum keeps its graph."""
-    best, index = total.max(dim, keepdim=True)
-    post, norm, top = _exp_about(total, dim, best, in_place)  # the maximum found once serves both
-    lse = norm.log_().add_(top)
-    q = post.zero_() if in_place else torch.zeros_like(total, requires_grad=False)
-    return q.scatter_(dim, index, 1.0), lse, best
+    overwrites ``total`` (a table without a graph); ``scratch``, a tensor of its shape and dtype, takes the
+    exponentials (else a new one). No gradient flows through the one-hot (it is piecewise constant); the
+    maximum keeps its graph (``torch.max``'s).
+
+    Without a graph the modes are the entries equal to the maximum (``torch.max`` with indices along a dim that
+    is not the last measured 16 times the maximum alone); a column with a tie takes the first of them from an
+    argmax over those entries (a column with a NaN, which has no maximum, the first component)."""
+    if total.requires_grad and torch.is_grad_enabled():
+        best, index = total.max(dim, keepdim=True)
+        _, norm, top = _exp_about(total, dim, best, None)
+        return torch.zeros_like(total, requires_grad=False).scatter_(dim, index, 1.0), norm.log_().add_(top), best
+    best = total.amax(dim, keepdim=True)
+    _, norm, top = _exp_about(total, dim, best, scratch)  # the maximum found once serves both
+    q = torch.eq(total, best, out=total if in_place else torch.empty_like(total))
+    if bool((q.sum(dim, keepdim=True) != 1).any()):  # a tie, or NaN: the first of the maxima
+        first = q.argmax(dim, keepdim=True)  # (argmax: the first of several maximal values)
+        q.zero_().scatter_(dim, first, 1.0)
+    return q, norm.log_().add_(top), best
