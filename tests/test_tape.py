@@ -16,7 +16,7 @@ import torch
 
 import ppl_em
 import ppl_em.em
-from ppl_em.models import gmm
+from ppl_em.models import gmm, kmeans
 from ppl_em.fast import tape as tape_module
 from ppl_em.svi import NonFiniteLossError
 
@@ -60,6 +60,15 @@ def test_hard_em_on_a_mixture_is_taped():
         assert em._tape.off is None and em._tape.tape.verified and em._tape.replays == 10, (name, em._tape.off)
 
 
+@pytest.mark.parametrize("posterior", ["exact", "hard"])
+def test_a_location_alone_is_taped(posterior):
+    """The k-means file (Normal(mu[z], sigma) with sigma fixed): mu's statistics are scattered onto it by the
+    selection's index map, torch calls the tape records (autograd's nodes, called directly, it would not see)."""
+    x = (X - X.mean(0)) / X.std(0)
+    em = _assert_same_run(kmeans.model, (x, 3), steps=12, posterior=posterior)
+    assert em._tape.off is None and em._tape.tape.verified and em._tape.replays == 10, em._tape.off
+
+
 def test_a_step_that_differentiates_is_not_taped():
     """Hard EM's Q(z) through the general max-sum contraction (here a hidden Markov chain's best path) is the
     gradient of a max-product (the probe trick): a replay, which reruns forward calls only, cannot repeat it,
@@ -83,24 +92,25 @@ def test_changed_data_parameters_and_shapes_are_recorded_again():
 
 def test_a_tape_that_differs_from_the_real_step_at_its_check_is_turned_off():
     """The tape is recorded at step 1 (the plan's E-step saw every row under Pyro's validation) and checked at
-    step 2, where a replay with out= is not equal to the bit to the real step: copies are checked next. The
-    global changes before step 3, whose check runs the step for real too: it differs, then the steps run for
-    real."""
+    step 2 against the real step. The global changes before every step, so each check's real step sees other
+    data than the recording: it differs (once more with copies in place of out= calls), the step is recorded
+    again, and after a few such recordings the steps run for real. No replay ever stands for a step."""
     x = torch.cat([torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=D) + 1,
                    torch.randn(30, generator=torch.Generator().manual_seed(1), dtype=D) + 4])
     runs = []
     for replay in (True, False):
-        SHIFT[0] = 0.0
         pyro.clear_param_store()
         em = ppl_em.EM(reads_a_global, replay=replay)
         em._replay.off = "runs the model at every step"  # the tape, not the model's replay, meets the change
-        losses = [em.step(x) for _ in range(2)]
-        if replay:
-            assert em._tape.tape is not None and not em._tape.tape.verified
-        SHIFT[0] = 0.5
+        losses = []
         with warnings.catch_warnings():  # other data behind the same tensor: EM's watch sees the loss rise
             warnings.simplefilter("ignore", RuntimeWarning)
-            runs.append(losses + [em.step(x) for _ in range(4)])
+            for step in range(10):
+                SHIFT[0] = 0.1 * step
+                losses.append(em.step(x))
+                if replay and step == 0:
+                    assert em._tape.tape is not None and not em._tape.tape.verified
+        runs.append(losses)
         if replay:
             assert "differed from a real step" in em._tape.off and em._tape.replays == 0
     SHIFT[0] = 0.0
