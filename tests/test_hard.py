@@ -18,7 +18,7 @@ from pyro import poutine
 from torch.distributions import constraints
 
 import ppl_em
-from ppl_em import posterior
+from ppl_em import closed_form, posterior
 from ppl_em.datasets import load_old_faithful
 from ppl_em.fast import gaussian as fast_gaussian
 from ppl_em.models import bernoulli_mixture, gmm, kmeans, poisson_mixture
@@ -47,7 +47,7 @@ MODELS = {
     "a global latent under a prior (MAP-EM)": (with_a_prior, (X,)),
     "Poisson mixture file": (poisson_mixture.model, (COUNTS[:, None], 2)),
     "Bernoulli mixture file": (bernoulli_mixture.model, (BITS, 3)),
-    "poutine.mask (observation masked)": (masked, (X,)),
+    "poutine.mask over the whole model (z masked too: the contraction)": (masked, (X,)),
 }
 
 
@@ -200,3 +200,26 @@ def test_normalise_mode_with_a_graph_keeps_torch_max_gradient():
     (grad,) = torch.autograd.grad(best.sum(), leaf)
     assert torch.equal(grad, q)
     torch.testing.assert_close(lse, torch.logsumexp(leaf, 0, keepdim=True), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("posterior_mode", ["exact", "hard"])
+def test_k_means_mu_statistics_come_from_the_fused_pass(posterior_mode, monkeypatch):
+    """sigma is not a parameter, so mu's statistics are a location's (sum_i w x, sum_i w): read off the pass's
+    own sums (families.location_from_pass), equal to summing Q times the rows again."""
+    monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)  # the GEMM form (and its fused pass) at this size
+    model, args = MODELS["k-means model file"]
+    pyro.clear_param_store()
+    em = ppl_em.EM(model, posterior=posterior_mode)
+    em.step(*args)
+    fused = exact_posterior(em.model, em.structure, args, {}, mode=posterior_mode, leaves=False)
+    plain = exact_posterior(em.model, em.structure, args, {}, mode=posterior_mode, leaves=False, fuse=False)
+    assert "x" in fused.sums and plain.sums == {}
+    found = []
+    original = closed_form.location_from_pass
+    monkeypatch.setattr(closed_form, "location_from_pass", lambda *a: found.append(original(*a)) or found[-1])
+    got = closed_form.summarize(em.plan, fused)
+    assert found and all(f is not None for f in found)
+    expected = closed_form.summarize(em.plan, plain)
+    assert got.sums.keys() == expected.sums.keys()
+    for key, value in expected.sums.items():
+        torch.testing.assert_close(got.sums[key], value, rtol=1e-12, atol=1e-12 * float(value.abs().max()))
