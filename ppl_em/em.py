@@ -297,12 +297,13 @@ class EM:
 
     def _tape_key(self, args, kwargs, roots: Dict[str, torch.Tensor]):
         """What a recorded step, or a recorded log-likelihood, holds for (:mod:`ppl_em.fast.tape`): these very
-        data, already validated, in one chunk; this plan, with these closed forms and no second pass; parameters
-        of these names, shapes and constraints; these options. None where neither is replayed."""
+        data, already validated, in one chunk; this plan, with these closed forms, no second pass and no per-row
+        selection to read again from the graph; parameters of these names, shapes and constraints; these
+        options. None where neither is replayed."""
         plan = self.plan
         seen = _data_key(args, kwargs)
-        if self._chunks.rows is not None or plan.second_pass or seen != self._validated:
-            return None
+        if self._chunks.rows is not None or plan.second_pass or plan.needs_graph or seen != self._validated:
+            return None  # (a per-row selection is read again from each step's autograd graph: not replayed)
         if sum(v.numel() for v in list(args) + list(kwargs.values()) if torch.is_tensor(v)) > TAPE_ELEMENTS:
             return None  # large data: the step's Python is a small part of it, and a tape would keep its tables
         held = pyro.get_param_store()._constraints  # (a restart fills a cleared store with new tensors)

@@ -23,7 +23,7 @@ import pyro.distributions as dist
 
 from .families import GaussianSums, Rule, attributes, base, normal_centre, parts, rules_for, view
 from .fast import broadcast_shape, centre, compact
-from .selection import Selection, selection_sources
+from .selection import INDEX_MAP_ELEMENTS, Selection, selection_sources
 
 __all__ = ["Use", "GaussianGroup", "Plan", "find_uses"]
 
@@ -193,6 +193,9 @@ def make_plan(names: List[str], trace, leaves: Dict[str, torch.Tensor], weights,
         else:
             plan.routes[p], plan.uses[p] = "closed", found[p]
     _mark_stable(plan, trace, one_row_trace)
+    for use in (u for p in plan.closed for u in plan.uses[p] if u.stable):
+        if use.selection.shape.numel() <= INDEX_MAP_ELEMENTS:
+            use.selection.index_map()  # S^T by torch calls, which a recorded step replays (ppl_em.fast.tape)
     _attach_priors(plan, trace, leaves)
     _make_groups(plan, trace, weights)
     for p in plan.closed:

@@ -26,10 +26,11 @@ import torch
 
 from .fast import compact
 
-__all__ = ["Selection", "Transform", "selection_sources", "SELECTION_OPS"]
+__all__ = ["Selection", "Transform", "selection_sources", "SELECTION_OPS", "INDEX_MAP_ELEMENTS"]
 
-# At most this many elements of a selection's attribute, S^T goes through the index map (Selection.vjp); a larger
-# one (an attribute per data point, mu[group_i]) walks the autograd nodes instead of holding an index as large.
+# At most this many elements of a selection's attribute, the M-step plan makes its index map, so that S^T
+# (Selection.vjp) is torch calls, which a recorded step replays (ppl_em.fast.tape), where autograd's nodes called
+# directly are not seen by the recording; a larger one walks the nodes instead of holding an index as large.
 INDEX_MAP_ELEMENTS = 2 ** 16
 
 # Autograd nodes that move or copy elements without arithmetic.
@@ -181,11 +182,6 @@ class Selection:
             return self._scatter(u, fresh)
         if self.nodes and not hasattr(self.nodes[0], "_input_metadata"):
             return self._vjp_by_autograd(u)
-        if self.shape.numel() <= INDEX_MAP_ELEMENTS:
-            # A small selection scatters by its index map (made once): torch calls, which a recorded step
-            # replays (ppl_em.fast.tape), where autograd's nodes called directly are not seen by the recording.
-            self.index_map()
-            return self._scatter(u, fresh)
         return self._through_nodes(u).reshape(self.leaf_shape)
 
     def _through_nodes(self, u: torch.Tensor) -> torch.Tensor:
