@@ -223,3 +223,19 @@ def test_k_means_mu_statistics_come_from_the_fused_pass(posterior_mode, monkeypa
     assert got.sums.keys() == expected.sums.keys()
     for key, value in expected.sums.items():
         torch.testing.assert_close(got.sums[key], value, rtol=1e-12, atol=1e-12 * float(value.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["gmm model file", "k-means model file"])
+def test_hard_em_in_chunks_equals_it_whole(name):
+    """The step streams the rows in chunks of 64 (each chunk's modes and maxima from its own pass, the
+    statistics added): the same losses and parameters as the whole data in one pass."""
+    model, args = MODELS[name]
+    runs = []
+    for chunk_size in (None, 64):
+        pyro.clear_param_store()
+        em = ppl_em.EM(model, posterior="hard", chunk_size=chunk_size)
+        runs.append(([em.step(*args) for _ in range(6)], {n: v.clone() for n, v in em.params.items()}))
+        assert (em._chunks.rows is None) == (chunk_size is None)
+    torch.testing.assert_close(torch.tensor(runs[1][0]), torch.tensor(runs[0][0]), rtol=1e-12, atol=0)
+    for n, v in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][n], v, rtol=1e-10, atol=1e-12)
