@@ -75,7 +75,8 @@ FULL: Dict[str, dict] = {
     "B11": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10, "repeats": 3},
     "B13": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10, "repeats": 3},
     "B12": {"em_steps": 30, "quick": False},
-    "B14": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10, "repeats": 3, "hard_repeats": 3},
+    "B14": {"n": 1_000_000, "d": 10, "k": 16, "iters": 10, "repeats": 3, "hard_repeats": 3,
+            "fits": {"n": 1000, "d": 2, "k": 3, "ks": list(range(1, 11)), "tol": 1e-4, "max_iter": 100, "repeats": 5}},
     **scaleout.FULL,
 }
 QUICK: Dict[str, dict] = {
@@ -92,7 +93,9 @@ QUICK: Dict[str, dict] = {
     "B11": {"n": 1000, "d": 2, "k": 2, "iters": 2, "repeats": 2, "settle": 0.0},
     "B13": {"n": 1000, "d": 2, "k": 2, "iters": 2, "repeats": 2, "settle": 0.0},
     "B12": {"em_steps": 3, "quick": True},
-    "B14": {"n": 1000, "d": 2, "k": 2, "iters": 2, "repeats": 2, "hard_repeats": 1, "settle": 0.0},
+    "B14": {"n": 1000, "d": 2, "k": 2, "iters": 2, "repeats": 2, "hard_repeats": 1, "settle": 0.0,
+            "fits": {"n": 300, "d": 2, "k": 2, "ks": [1, 2, 3], "tol": 1e-4, "max_iter": 20, "repeats": 1,
+                     "settle": 0.0}},
     **scaleout.QUICK,
 }
 WORKLOADS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12", "B13", "B14")
@@ -233,7 +236,9 @@ def bench_b13(cfg: dict) -> Tuple[List[Row], List[Target]]:
 def bench_b14(cfg: dict) -> Tuple[List[Row], List[Target]]:
     """Hard EM. k-means as hard EM on ``models/kmeans.py`` against scikit-learn's Lloyd ``KMeans`` from the same
     centres (B1's data and starting means), timed like B1, the final distortions compared; then hard against
-    exact EM on B1's GMM file in interleaved pairs (exact, hard, ...): the median of the pairs' time ratios."""
+    exact EM on B1's GMM file in interleaved pairs (exact, hard, ...): the median of the pairs' time ratios;
+    then whole k-means fits on small data as users run them (``ppl_em.fit(..., method="hard_em")`` against
+    ``KMeans(k).fit(x)``, each from its own k-means++ seeding, timed like B10)."""
     x, init = _gmm_problem(cfg)
     size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, {cfg['iters']} iters"
     peers = {"scikit-learn": wl.sklearn_kmeans}
@@ -258,7 +263,13 @@ def bench_b14(cfg: dict) -> Tuple[List[Row], List[Target]]:
     targets.append(Target("B14", f"hard EM s / iter <= {HARD_BAR:g}x exact EM's on B1's GMM file",
                           f"hard / exact = {ratio:.3g} (median of {len(ratios)} interleaved pairs)", ratio <= HARD_BAR,
                           source="ours"))
-    return rows + pair, targets
+    small = cfg["fits"]  # whole k-means fits as users run them on small data (timed like B10; no target yet)
+    data = wl.gmm_data(small["n"], small["d"], small["k"], seed=SEED)
+    jobs = [(f"k-means, k={small['k']}, one fit", [small["k"]], 1),
+            (f"k-means, k in {small['ks'][0]}..{small['ks'][-1]}, one fit each", small["ks"], 1)]
+    fits = _interleaved_fits("B14", data, small, jobs, {"ppl_em": wl.ppl_em_kmeans_fits,
+                                                      "scikit-learn": wl.sklearn_kmeans_fits})
+    return rows + pair + fits, targets
 
 
 # B14's bars against regressions (no goal set): k-means against scikit-learn's Lloyd, whose one compiled loop per
@@ -545,41 +556,49 @@ def bench_b10(cfg: dict) -> Tuple[List[Row], List[Target]]:
     scikit-learn run's speed-up is over the mean of the ppl_em runs either side; the rows give the median
     wall times, the median speed-up and its spread (the fits are deterministic: every run does the same work)."""
     x, _ = _gmm_problem(cfg)
-    for fit in (wl.ppl_em_fits, wl.sklearn_fits):  # untimed warm-up: first calls, imports
-        fit(x, [cfg["k"]], 1, cfg["tol"], 5)
-    rows: List[Row] = []
     jobs = [(f"n_init={cfg['n_init']}, k={cfg['k']}", [cfg["k"]], cfg["n_init"]),
             (f"k in {cfg['ks'][0]}..{cfg['ks'][-1]}, one fit each", cfg["ks"], 1)]
+    return _interleaved_fits("B10", x, cfg, jobs, {"ppl_em": wl.ppl_em_fits, "scikit-learn": wl.sklearn_fits}), []
+
+
+def _interleaved_fits(workload: str, x: np.ndarray, cfg: dict, jobs: List[tuple], fits: Dict[str, Callable]) -> List[Row]:
+    """B10's timing of whole fits, for each job (label, ks, n_init): ppl_em's fit and the peer's
+    (``fits``, ppl_em's first), each ``fit(x, ks, n_init, tol, max_iter) -> (seconds, iterations, log-lik or
+    score)``, after one untimed warm-up each, in interleaved repetitions (ppl_em, peer, ppl_em, ...)."""
+    (ours, our_fit), (peer_name, peer_fit) = fits.items()
+    for fit in (our_fit, peer_fit):  # untimed warm-up: first calls, imports
+        fit(x, [jobs[0][1][0]], 1, cfg["tol"], 5)
+    rows: List[Row] = []
     for label, ks, n_init in jobs:
         size = f"n={cfg['n']} d={cfg['d']}, {label}, tol {cfg['tol']:g}"
-        runs: Dict[str, list] = {"ppl_em": [], "scikit-learn": []}
+        runs: Dict[str, list] = {ours: [], peer_name: []}
 
         def timed(library: str, fit: Callable) -> None:
-            print(f"  B10 {library} {label} ...", flush=True)
+            print(f"  {workload} {library} {label} ...", flush=True)
             time.sleep(cfg.get("settle", SETTLE_S))  # the last library's BLAS threads at rest (see SETTLE_S)
             runs[library].append(fit(x, ks, n_init, cfg["tol"], cfg["max_iter"]))
 
-        timed("ppl_em", wl.ppl_em_fits)
+        timed(ours, our_fit)
         ups = []
         for _ in range(cfg.get("repeats", 1)):
-            timed("scikit-learn", wl.sklearn_fits)
-            timed("ppl_em", wl.ppl_em_fits)
-            ups.append(runs["scikit-learn"][-1][0] / ((runs["ppl_em"][-2][0] + runs["ppl_em"][-1][0]) / 2))
+            timed(peer_name, peer_fit)
+            timed(ours, our_fit)
+            ups.append(runs[peer_name][-1][0] / ((runs[ours][-2][0] + runs[ours][-1][0]) / 2))
         pair = []
         for library, done in runs.items():
             seconds = float(np.median([run[0] for run in done]))
             _, iters, best = done[0]
             times = ", ".join(f"{run[0]:.3g}" for run in done)
-            pair.append(Row("B10", library, size, sec_per_iter=seconds / iters, seconds=seconds, timed="s, all fits",
-                            final_ll=best, note=f"{seconds:.3g} s for {iters} EM iterations in all (median of "
-                                                f"{len(done)} runs: {times} s)"))
+            pair.append(Row(workload, library, size, sec_per_iter=seconds / iters, seconds=seconds,
+                            timed="s, all fits", final_ll=best,
+                            note=f"{seconds:.3g} s for {iters} iterations in all (median of {len(done)} runs: {times} s)"))
         peer = pair[1]
         peer.speedup = float(np.median(ups))
         peer.ratio = 1.0 / peer.speedup
         peer.note = (f"speed-up per interleaved run {', '.join(f'{u:.3g}' for u in ups)}: median {peer.speedup:.3g}, "
                      f"spread {min(ups):.3g}-{max(ups):.3g}; ") + peer.note
         rows += pair
-    return rows, []
+    return rows
 
 
 # -- memory: one fresh subprocess per (workload, library) ------------------------------------

@@ -459,6 +459,35 @@ def sklearn_fits(x: np.ndarray, ks: List[int], n_init: int, tol: float, max_iter
     return seconds, len(m_steps), float(model.score(x))
 
 
+def ppl_em_kmeans_fits(x: np.ndarray, ks: List[int], n_init: int, tol: float, max_iter: int) -> Tuple[float, int, float]:
+    """``ppl_em.fit(kmeans.model, x, k, method="hard_em", n_init=...)`` for each k, as a user calls it (k-means++
+    seeding, hard EM until the loss per point changes by less than ``tol``): (wall seconds, iterations of every
+    restart, -J / n at the last k's centres)."""
+    xt = torch.from_numpy(x)
+    start, iters = time.perf_counter(), 0
+    for k in ks:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)
+            result = ppl_em.fit(kmeans.model, xt, k, method="hard_em", n_init=n_init, tol=tol, max_iter=max_iter,
+                                progress=False)
+        iters += sum(r["n_iter"] for r in result.restarts)
+    seconds = time.perf_counter() - start
+    return seconds, iters, -float(kmeans.distortion(xt, result.params["mu"])) / len(x)
+
+
+def sklearn_kmeans_fits(x: np.ndarray, ks: List[int], n_init: int, tol: float, max_iter: int) -> Tuple[float, int, float]:
+    """scikit-learn's ``KMeans(k, n_init=..., algorithm="lloyd").fit(x)`` for each k (its k-means++ seeding; it stops
+    where no label changes, or its centres move by less than ``tol`` relative to the data's variance): as
+    :func:`ppl_em_kmeans_fits`; the iterations are the best restart's (``n_iter_``)."""
+    from sklearn.cluster import KMeans
+
+    start, iters = time.perf_counter(), 0
+    for k in ks:
+        model = KMeans(k, n_init=n_init, tol=tol, max_iter=max_iter, algorithm="lloyd", random_state=0).fit(x)
+        iters += model.n_iter_
+    return time.perf_counter() - start, iters, -float(model.inertia_) / len(x)
+
+
 def _seconds(fn: Callable, *args) -> float:
     start = time.perf_counter()
     fn(*args)

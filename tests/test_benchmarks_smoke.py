@@ -114,6 +114,11 @@ def test_b14_k_means_ends_where_scikit_learns_lloyd_ends_and_times_hard_against_
     assert all(b >= a - 1e-9 for a, b in zip(hard["trajectory"], hard["trajectory"][1:]))  # its own objective
     assert hard["trajectory"][0] <= exact["trajectory"][0] + 1e-12  # max_z log p(x, z) <= log p(x), same start
     assert any(t["workload"] == "B14" and t["target"].startswith("hard EM s / iter <=") for t in data["targets"])
+    whole = [r for r in data["rows"] if r["workload"] == "B14" and r["timed"] == "s, all fits"]
+    assert {r["library"] for r in whole} == {"ppl_em", "scikit-learn"} and len(whole) == 4  # one fit; a sweep over k
+    for ours, peer in zip(whole[::2], whole[1::2]):  # each from its own seeding: -J / n of its own optimum
+        assert ours["size"] == peer["size"] and ours["seconds"] > 0 and peer["speedup"] > 0
+        assert ours["final_ll"] < 0 and peer["final_ll"] < 0
 
 
 def test_b4_em_reaches_the_optimum_sooner_than_svi(results):
