@@ -428,15 +428,22 @@ def svi_gmm(x: np.ndarray, k: int, init: Init, max_steps: int, stop_at: float, l
 def ppl_em_fits(x: np.ndarray, ks: List[int], n_init: int, tol: float, max_iter: int) -> Tuple[float, int, float]:
     """``ppl_em.fit(gmm.model, x, k, n_init=...)`` for each k: (wall seconds, EM iterations, best log-lik / point
     of the last k)."""
-    xt = torch.from_numpy(x)
+    seconds, iters, result = _ppl_em_sweep(gmm.model, torch.from_numpy(x), ks, n_init, tol, max_iter,
+                                           em_options={"reg_covar": REG_COVAR})
+    return seconds, iters, result.log_likelihood
+
+
+def _ppl_em_sweep(model: Callable, x: torch.Tensor, ks: List[int], n_init: int, tol: float, max_iter: int,
+                  **options) -> Tuple[float, int, "ppl_em.FitResult"]:
+    """``ppl_em.fit(model, x, k, n_init=..., **options)`` for each k, timed: (wall seconds, iterations of every
+    restart, the last k's result)."""
     start, iters = time.perf_counter(), 0
     for k in ks:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)
-            result = ppl_em.fit(gmm.model, xt, k, n_init=n_init, tol=tol, max_iter=max_iter, progress=False,
-                                em_options={"reg_covar": REG_COVAR})
+            result = ppl_em.fit(model, x, k, n_init=n_init, tol=tol, max_iter=max_iter, progress=False, **options)
         iters += sum(r["n_iter"] for r in result.restarts)
-    return time.perf_counter() - start, iters, result.log_likelihood
+    return time.perf_counter() - start, iters, result
 
 
 def sklearn_fits(x: np.ndarray, ks: List[int], n_init: int, tol: float, max_iter: int) -> Tuple[float, int, float]:
@@ -464,14 +471,7 @@ def ppl_em_kmeans_fits(x: np.ndarray, ks: List[int], n_init: int, tol: float, ma
     seeding, hard EM until the loss per point changes by less than ``tol``): (wall seconds, iterations of every
     restart, -J / n at the last k's centres)."""
     xt = torch.from_numpy(x)
-    start, iters = time.perf_counter(), 0
-    for k in ks:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)
-            result = ppl_em.fit(kmeans.model, xt, k, method="hard_em", n_init=n_init, tol=tol, max_iter=max_iter,
-                                progress=False)
-        iters += sum(r["n_iter"] for r in result.restarts)
-    seconds = time.perf_counter() - start
+    seconds, iters, result = _ppl_em_sweep(kmeans.model, xt, ks, n_init, tol, max_iter, method="hard_em")
     return seconds, iters, -float(kmeans.distortion(xt, result.params["mu"])) / len(x)
 
 

@@ -25,12 +25,11 @@ from ppl_em.models import bernoulli_mixture, gmm, kmeans, poisson_mixture
 from ppl_em.fast import normalise_exp, normalise_mode
 from ppl_em.posterior import exact_posterior
 
-from test_fused import masked, two_views, with_a_covariate, with_a_prior
+from test_fused import COUNTS, masked, two_views, with_a_covariate, with_a_prior
 from test_idioms import make_model, vindex_style
 
 D = torch.float64
 X = load_old_faithful()
-COUNTS = torch.distributions.Poisson((X[:, 0] > 3.0).to(D) * 4 + 2).sample()
 BITS = (torch.rand(300, 6, generator=torch.Generator().manual_seed(0)) < 0.3).to(D)
 
 
@@ -52,7 +51,8 @@ MODELS = {
     "diagonal covariances": (functools.partial(gmm.model, covariance_type="diag"), (X, 2)),
     "k-means model file": (kmeans.model, ((X - X.mean(0)) / X.std(0), 3)),
     "a second factor per row (Poisson counts)": (two_views, (X, COUNTS)),
-    "a factor of each row without z": (with_a_covariate, (X, 40 + 10 * torch.randn(len(X), dtype=D))),
+    "a factor of each row without z": (with_a_covariate, (X, 40 + 10 * torch.randn(
+        len(X), generator=torch.Generator().manual_seed(2), dtype=D))),
     "poutine.scale": (poutine.scale(gmm.model, scale=2.5), (X, 2)),
     "a global latent under a prior (MAP-EM)": (with_a_prior, (X,)),
     "Poisson mixture file": (poisson_mixture.model, (COUNTS[:, None], 2)),
