@@ -41,6 +41,7 @@ happens at the recorded step only.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -192,6 +193,7 @@ class _Tape:
         self.pins: tuple = ()
         self.calls = self._calls(True)
         self.direct = True  # whether some calls may write their results with out=
+        self._compiled: Optional[List[tuple]] = None  # the calls with their arguments bound (_compile)
 
     def _calls(self, direct: bool) -> List[tuple]:
         """The replay's calls; a call that only makes tensors on the meta device (shapes, no values) is dropped."""
@@ -216,34 +218,38 @@ class _Tape:
 
     def copies(self) -> None:
         """Every result copied, none written with out= (after a replay that was not equal to a real step)."""
-        self.calls, self.direct = self._calls(False), False
+        self.calls, self.direct, self._compiled = self._calls(False), False, None
 
     def replay(self) -> Optional[torch.Tensor]:
-        """Rerun the step; the loss tensor, or None where a guard came out otherwise (nothing written yet)."""
-        calls = self.calls
-        with torch.no_grad():
-            for j, call in enumerate(calls):
-                kind = call[0]
+        """Rerun the step; the loss tensor, or None where a guard came out otherwise (nothing written yet).
+
+        The calls run with their arguments bound (:func:`_compile`), under ``torch.inference_mode``: nothing
+        of a replay is differentiated, and the recorded tensors it writes into are ordinary ones."""
+        if self._compiled is None:
+            self._compiled = _compile(self.calls)
+        compiled = self._compiled
+        with torch.inference_mode():
+            for j, (kind, thunk, target) in enumerate(compiled):
                 if kind == _OUT:
-                    call[1](*call[2], **call[3])
+                    thunk()
                 elif kind == _COPY:
-                    call[4].copy_(call[1](*call[2], **call[3]))
+                    target.copy_(thunk())
                 elif kind == _GUARD:
-                    if call[1](*call[2], **call[3]) != call[4]:
+                    if thunk() != target:
                         return None
                 elif kind == _TRY:
+                    old, copy = target
                     try:
-                        call[1](*call[2], **call[3])
-                        calls[j] = (_OUT,) + call[1:4]
+                        thunk()
+                        compiled[j] = (_OUT, thunk, None)
                     except (TypeError, RuntimeError):  # no out= (a method without a function of its name, say)
-                        func, args, kwargs, old = call[4]
-                        calls[j] = (_COPY, func, args, kwargs, old)
-                        old.copy_(func(*args, **kwargs))
+                        compiled[j] = (_COPY, copy, old)
+                        old.copy_(copy())
                 else:
-                    _, func, args, kwargs, fresh, before = call
-                    for target, value in before:
-                        target.copy_(value)
-                    result = func(*args, **kwargs)
+                    fresh, before = target
+                    for t, value in before:
+                        t.copy_(value)
+                    result = thunk()
                     outputs = [result] if fresh and fresh[0][0] is None else _leaves(result)
                     for i, old in fresh:
                         old.copy_(outputs[i or 0])
@@ -278,6 +284,23 @@ def _held_bytes(ops: List[tuple]) -> int:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
     return total
+
+
+def _compile(calls: List[tuple]) -> List[tuple]:
+    """The replay's calls as ``(kind, thunk, target)``: ``thunk`` the call with its recorded arguments bound
+    (a ``functools.partial``, called without unpacking them again), ``target`` the guard's expected value,
+    the tensor a result is copied into, or (for ``_CALL``) ``(fresh, before)``; a ``_TRY`` carries its call
+    without out= in place of a target's tensor, ``(old, thunk)``."""
+    compiled = []
+    for op in calls:
+        kind = op[0]
+        if kind == _TRY:
+            func, args, kwargs, old = op[4]
+            target = (old, functools.partial(func, *args, **kwargs))
+        else:
+            target = op[4] if kind in (_GUARD, _COPY) else op[4:] if kind == _CALL else None
+        compiled.append((kind, functools.partial(op[1], *op[2], **op[3]), target))
+    return compiled
 
 
 def _guards_first(ops: List[tuple], roots: Dict[str, torch.Tensor]) -> bool:
