@@ -164,6 +164,7 @@ class EM:
         self.model, self.posterior, self.m_step_mode = model, posterior, m_step
         self.reg_covar, self.max_grad_iter, self.chunk_size = reg_covar, max_grad_iter, chunk_size
         self.structure: Optional[ModelStructure] = None
+        self._offered = None  # a run of the model under enumeration made by its caller, for these arguments (offer_trace)
         self.plan: Optional[Plan] = None
         self._chunks: Optional[chunks_.Chunking] = None  # how step() splits the data, once decided
         self._workspace = Workspace()  # chunk-sized tables, handed from chunk to chunk and step to step
@@ -506,12 +507,14 @@ class EM:
         if self._chunks is None or self._chunks.signature != sig or missing:
             # A full-data trace without log-probabilities is cheap (enumerated tensors are (k, 1, ...)).
             # It initialises any parameter missing from the store from all the data, not from one chunk.
-            trace, leaves = trace_model(self.model, self.structure, args, kwargs, log_prob="none")
+            trace, leaves = self._offered_trace(args, kwargs) or \
+                trace_model(self.model, self.structure, args, kwargs, log_prob="none")
             self._param_names = list(leaves)
             if self._chunks is None or self._chunks.signature != sig:
                 self._chunks = chunks_.decide(self.model, self.structure, trace, args, kwargs, self.chunk_size)
                 self._remember(self._chunks)
                 self._workspace.clear()  # tables sized for other data
+        self._offered = None
         if plan and (self.plan is None or self.plan.shapes != _shapes(self._param_names)):
             # With missing values a model may write the rows that hold a NaN differently (the GMM with a full
             # Sigma): the plan is made on all the rows, so that it sees them.
@@ -527,6 +530,28 @@ class EM:
                                  "Use chunk_size='auto' or None.")
             self._chunks.why, self._chunks.rows = f"no streaming: {why}", None
         return self._chunks
+
+    def offer_trace(self, trace, leaves: Dict[str, torch.Tensor], args: tuple, kwargs: dict) -> None:
+        """A run of the model under enumeration without log-probabilities (``trace_model(..., log_prob="none")``)
+        on these very arguments, made by the caller after every parameter was created (``ppl_em.fit``'s
+        initialisation): the next step on the same arguments, unchanged, reads the model's parameters and plates
+        from it instead of running the model again for them. Only its structure is read (the names of the
+        parameters, the sites' plates and scales), never a value, so parameters set after it do not matter."""
+        self._offered = (args, dict(kwargs), _data_key(args, kwargs), trace, leaves)
+
+    def _offered_trace(self, args, kwargs):
+        """The offered trace and leaves where they were made on these arguments (the same objects, the tensors
+        unchanged since) and the store holds every parameter they name; else None."""
+        offered, self._offered = self._offered, None
+        if offered is None:
+            return None
+        o_args, o_kwargs, key, trace, leaves = offered
+        same = len(o_args) == len(args) and all(a is b for a, b in zip(o_args, args)) and \
+            o_kwargs.keys() == kwargs.keys() and all(o_kwargs[k] is kwargs[k] for k in kwargs)
+        store = pyro.get_param_store()
+        if not same or key != _data_key(args, kwargs) or any(n not in store for n in leaves):
+            return None
+        return trace, leaves
 
     def _remember(self, chunking: chunks_.Chunking) -> None:
         """Keep the chunkings of a few data shapes: a source's batches come in one or two (the last one)."""

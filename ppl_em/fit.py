@@ -598,6 +598,7 @@ def _create_parameters(model: Callable, args: tuple, kwargs: dict, em: Optional[
         return None
     if em is not None:
         em.structure = structure
+        em.offer_trace(trace, leaves, args, kwargs)  # its first step reads the parameters and plates from this run
     return _Traced(trace, leaves)
 
 

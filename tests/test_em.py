@@ -404,3 +404,63 @@ def test_data_are_validated_once_and_again_when_they_change(call, monkeypatch):
     y[0] = 0.5  # not a count: Poisson's support check refuses it
     with pytest.raises(ValueError, match="support"):
         getattr(em, call)(y)
+
+
+def _counted(model):
+    """``model`` and a list that grows by one at each of its runs."""
+    runs = []
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return model(*args, **kwargs)
+    return counted, runs
+
+
+def _offer_then_step(model, x, k, later=lambda args: args):
+    """A fresh store and EM, every parameter created by a run under enumeration (as ``ppl_em.fit``'s
+    initialisation makes it) and offered; then one step on ``later(args)``: (loss, parameters, model runs of
+    the step)."""
+    from ppl_em.posterior import inspect_model, trace_model
+
+    pyro.clear_param_store()
+    counted, runs = _counted(model)
+    em, args = ppl_em.EM(counted), (x, k)
+    em.structure = inspect_model(counted, args, {})
+    trace, leaves = trace_model(counted, em.structure, args, {}, log_prob="none")
+    em.offer_trace(trace, leaves, args, {})
+    pyro.param("mu").data.add_(0.25)  # a value set after the offered run: its structure holds all the same
+    runs.clear()
+    loss = em.step(*later(args))
+    return loss, em.params, len(runs)
+
+
+def test_an_offered_trace_saves_the_first_steps_run_of_the_model_and_changes_nothing():
+    """The first step reads the parameters' names and the plates from the offered run; the step is the one
+    made without it (the same loss and parameters, to the bit), with one run of the model fewer."""
+    x = load_old_faithful()
+    offered = _offer_then_step(gmm.model, x, 3)
+    unused = _offer_then_step(gmm.model, x, 3, later=lambda args: (args[0].clone(), args[1]))  # equal data, not these
+    assert offered[2] == unused[2] - 1
+    assert offered[0] == unused[0]
+    assert offered[1].keys() == unused[1].keys()
+    for name in offered[1]:
+        assert torch.equal(offered[1][name], unused[1][name])
+
+
+@pytest.mark.parametrize("change", ["other tensor", "changed in place", "cleared store"])
+def test_an_offered_trace_is_not_read_for_other_arguments_or_a_store_without_its_parameters(change):
+    """An offer holds for the very arguments it was made on, unchanged, with every parameter it names in the
+    store: otherwise the step runs the model for its look as without an offer."""
+    x = load_old_faithful()
+    baseline = _offer_then_step(gmm.model, x, 3)[2] + 1  # the runs of a step that takes no offer
+
+    def later(args):
+        if change == "other tensor":
+            return (args[0].clone(), args[1])
+        if change == "changed in place":
+            args[0].mul_(1.0)
+            return args
+        pyro.clear_param_store()
+        return args
+    _, _, runs = _offer_then_step(gmm.model, x.clone(), 3, later)
+    assert runs >= baseline

@@ -319,3 +319,28 @@ def test_network_arguments_restart_fresh_and_end_with_the_kept_weights():
     alone = quiet_fit(vae.model, x, decoder, method="vae", max_iter=5, seed=4)
     assert alone.restarts[0]["final_loss"] == pytest.approx(result.restarts[0]["final_loss"], rel=1e-6)
     assert result.restarts[1]["final_loss"] != pytest.approx(result.restarts[0]["final_loss"], rel=1e-3)
+
+
+def test_a_fit_hands_its_initialisations_run_to_the_first_step(monkeypatch):
+    """fit's initialisation runs the model under enumeration to create its parameters; EM's first step reads
+    the model's parameters and plates from that run (EM.offer_trace) instead of running the model again:
+    one run fewer, the same fit."""
+    x = load_old_faithful()
+
+    def fit_counting(offer: bool):
+        runs = []
+
+        def counted(*args, **kwargs):
+            runs.append(1)
+            return gmm.model(*args, **kwargs)
+        if not offer:
+            monkeypatch.setattr(ppl_em.EM, "offer_trace", lambda self, *a: None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)
+            result = ppl_em.fit(counted, x, 3, max_iter=5, tol=0.0, progress=False, seed=0)
+        monkeypatch.undo()
+        return result, len(runs)
+
+    (offered, runs), (plain, plain_runs) = fit_counting(True), fit_counting(False)
+    assert runs == plain_runs - 1
+    assert offered.losses == plain.losses and offered.log_likelihood == plain.log_likelihood
