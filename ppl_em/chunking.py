@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
+import pyro
 import torch
+from pyro.distributions.util import is_validation_enabled
 
 from .fast import has_gemm_path
 from .posterior import ModelStructure, exact_posterior, sample_sites
@@ -33,7 +35,9 @@ CHUNK_BYTES = 31 * 2**20
 class Chunking:
     """How :meth:`ppl_em.EM.step` splits the data: ``rows`` per chunk along the first dimension of the
     arguments at ``positions`` (None: the whole data at once), for data of the given shapes
-    (``signature``); ``n`` is the data plate's size (0 if there is none), ``why`` says what was decided."""
+    (``signature``); ``n`` is the data plate's size (0 if there is none), ``why`` says what was decided.
+    ``settled`` is False where the decision holds for these data alone (the split check could not tell:
+    log p(x) of its rows is not finite, and the step fails on them): other data are decided again."""
 
     signature: tuple
     rows: Optional[int] = None
@@ -41,6 +45,7 @@ class Chunking:
     positions: Tuple = ()
     why: str = ""
     plate: Optional[str] = None
+    settled: bool = True
     _held: Optional[tuple] = field(default=None, repr=False, compare=False)  # split_held's data and views
 
     def take(self, args: tuple, kwargs: dict, rows: slice):
@@ -107,6 +112,9 @@ def decide(model: Callable, structure: ModelStructure, trace, args, kwargs, chun
         return _refuse(off, chunk_size, f"the data plate '{plate[0]}' has {n} row")
     on = Chunking(sig, n=n, positions=positions, plate=plate[0])
     per_row, why = check_split(model, structure, on, args, kwargs)
+    if why is None:  # not finite: the step's E-step will say why; the next data are decided again
+        off.why, off.settled = "no streaming: log p(x) of the first rows is not finite", False
+        return off
     if why:
         return _refuse(off, chunk_size, why)
     off.positions = positions  # rows can be taken (for the M-step plan), even where a step does not stream
@@ -133,10 +141,23 @@ def _refuse(off: Chunking, chunk_size, why: str) -> Chunking:
     return off
 
 
-def check_split(model, structure, chunking: Chunking, args, kwargs) -> Tuple[int, str]:
+def check_split(model, structure, chunking: Chunking, args, kwargs) -> Tuple[int, Optional[str]]:
     """log p(x) of 2m rows must equal log p(first m) + log p(next m): the model treats rows alike
     and independently (no normalisation of the data inside the model, say). Also returns
-    the bytes per row of the largest site tensor, which sizes the chunks."""
+    the bytes per row of the largest site tensor, which sizes the chunks, and why the rows are not
+    independent ("" where they are; None where log p(x) of those rows is not finite, which tells nothing).
+
+    The three runs go without Pyro's validation (the data are checked by the step's own E-step, under
+    it); where the halves disagree or are not finite they run again under it (if it is on), so that invalid
+    data raise Pyro's error instead of passing for a model that couples rows."""
+    with pyro.validation_enabled(False):
+        per_row, why = _split(model, structure, chunking, args, kwargs)
+    if why != "" and is_validation_enabled():
+        per_row, why = _split(model, structure, chunking, args, kwargs)
+    return per_row, why
+
+
+def _split(model, structure, chunking: Chunking, args, kwargs) -> Tuple[int, Optional[str]]:
     m = max(1, min(32, chunking.n // 2))
     logs, per_row = [], 1
     for rows in (slice(0, 2 * m), slice(0, m), slice(m, 2 * m)):
@@ -148,6 +169,8 @@ def check_split(model, structure, chunking: Chunking, args, kwargs) -> Tuple[int
             size = site["unscaled_log_prob"].numel() * event * site["unscaled_log_prob"].element_size()
             per_row = max(per_row, size // (rows.stop - rows.start))
     whole, parts = logs[0], logs[1] + logs[2]
+    if not (torch.isfinite(whole) and torch.isfinite(parts)):
+        return per_row, None
     tol = 1e3 * torch.finfo(whole.dtype).eps * (1 + whole.abs())
     if not (whole - parts).abs() <= tol:
         return per_row, (f"log p(x) of {2 * m} rows ({float(whole):.6g}) differs from the sum over two "

@@ -504,13 +504,14 @@ class EM:
         missing = not self._param_names or any(n not in store for n in self._param_names)
         if (self._chunks is None or self._chunks.signature != sig) and sig in self._decided and not missing:
             self._chunks = self._decided[sig]  # data of a shape seen before (e.g. the last batch of a pass)
-        if self._chunks is None or self._chunks.signature != sig or missing:
+        unsettled = self._chunks is not None and not self._chunks.settled
+        if self._chunks is None or self._chunks.signature != sig or missing or unsettled:
             # A full-data trace without log-probabilities is cheap (enumerated tensors are (k, 1, ...)).
             # It initialises any parameter missing from the store from all the data, not from one chunk.
             trace, leaves = self._offered_trace(args, kwargs) or \
                 trace_model(self.model, self.structure, args, kwargs, log_prob="none")
             self._param_names = list(leaves)
-            if self._chunks is None or self._chunks.signature != sig:
+            if self._chunks is None or self._chunks.signature != sig or unsettled:
                 self._chunks = chunks_.decide(self.model, self.structure, trace, args, kwargs, self.chunk_size)
                 self._remember(self._chunks)
                 self._workspace.clear()  # tables sized for other data
@@ -555,6 +556,8 @@ class EM:
 
     def _remember(self, chunking: chunks_.Chunking) -> None:
         """Keep the chunkings of a few data shapes: a source's batches come in one or two (the last one)."""
+        if not chunking.settled:
+            return
         self._decided[chunking.signature] = chunking
         while len(self._decided) > 8:
             self._decided.pop(next(iter(self._decided)))
@@ -563,8 +566,9 @@ class EM:
         """Decide, once, which parameters get a closed form; verify each by stationarity."""
         one_row = None  # the model on one row tells selections that grow with the data from those that do not
         if self._chunks is not None and self._chunks.positions:
-            one_row = trace_model(self.model, self.structure, *self._chunks.take(args, kwargs, slice(0, 1)),
-                                  log_prob="none")
+            with pyro.validation_enabled(False):  # a look at the structure; the plan's E-step was under validation
+                one_row = trace_model(self.model, self.structure, *self._chunks.take(args, kwargs, slice(0, 1)),
+                                      log_prob="none")
         self._param_names = list(post.leaves)
         self._check_objective(post.objective, args, kwargs)
         self.plan = make_plan(self._param_names, post.trace, post.leaves, post.weights, self.m_step_mode, one_row)

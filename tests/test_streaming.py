@@ -431,6 +431,49 @@ def test_a_model_that_cannot_stream_refuses_an_explicit_chunk_size(model, expect
     assert em.chunking.startswith("no streaming") or "one chunk" in em.chunking
 
 
+def poisson_mixture(x, k=2):
+    phi = pyro.param("phi", torch.ones(k, dtype=D) / k, constraint=constraints.simplex)
+    rate = pyro.param("rate", torch.tensor([1.0, 5.0], dtype=D), constraint=constraints.positive)
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(phi))
+        pyro.sample("x", dist.Poisson(rate[z]), obs=x)
+
+
+def test_the_split_check_runs_unvalidated_and_again_under_validation_where_the_halves_disagree(monkeypatch):
+    """The split check's three runs go without Pyro's validation (the step's E-step validates the data);
+    where the halves disagree they run again under it, and the model's refusal stands."""
+    from ppl_em import chunking
+
+    states = []
+    split = chunking._split
+    monkeypatch.setattr(chunking, "_split", lambda *a: states.append(dist.is_validation_enabled()) or split(*a))
+    x = torch.cat([torch.zeros(40, dtype=D), torch.full((40,), 5.0, dtype=D)])
+    ppl_em.EM(poisson_mixture).step(x)
+    assert states == [False]
+    states.clear()
+    em = ppl_em.EM(normalised, chunk_size="auto")
+    em.step(torch.cat([torch.randn(100, dtype=D) - 2, torch.randn(100, dtype=D) + 2]))
+    assert states == [False, True] and "differs from the sum over two halves" in em.chunking
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_a_split_check_on_rows_of_probability_zero_decides_nothing_for_the_next_data(validation):
+    """A count of -1 among the split check's rows makes their log p(x) -inf, which tells nothing about
+    whether rows are independent: the step fails on those data, naming the row (under Pyro's validation
+    in the check's second run; without it in the step's E-step, the chunking held for these data alone),
+    and corrected data of the same shape are decided afresh, not refused as a model that couples rows."""
+    x = torch.cat([torch.zeros(40, dtype=D), torch.full((40,), 5.0, dtype=D)])
+    bad = x.clone()
+    bad[10] = -1.0
+    em = ppl_em.EM(poisson_mixture, chunk_size="auto")
+    with pyro.validation_enabled(validation), pytest.raises(ppl_em.NonFiniteLossError, match="first at data index 10"):
+        em.step(bad)
+    if not validation:
+        assert "not finite" in em.chunking
+    em.step(x)
+    assert "fit in one chunk" in em.chunking
+
+
 def test_hmm_chain_cannot_be_split_inside_a_sequence():
     x = REGISTRY["hmm"]["make_data"](0)[0][0][0]  # one sequence (8, 2): the chain couples its rows
     with pytest.raises(ValueError, match="cannot be streamed exactly"):
