@@ -111,10 +111,11 @@ def scaled_observations(observed: int, data: sources.Data, m: int) -> int:
     return observed if first == rows else round(observed * rows / first)
 
 
-def observations(trace: Trace) -> int:
-    """n of :func:`count_observations`, from one trace of the model."""
-    n = sum(math.prod(s["fn"].batch_shape) * _steps(s) for s in trace.nodes.values()
-            if s["type"] == "sample" and s["is_observed"])
+def observations(trace: Trace, plates: Optional[int] = None) -> int:
+    """n of :func:`count_observations`, from one trace of the model (``plates``: of a run under enumeration,
+    whose batch dimensions left of this many are the discrete latents' values, not observations)."""
+    n = sum(math.prod(s["fn"].batch_shape[-plates:] if plates else s["fn"].batch_shape) * _steps(s)
+            for s in trace.nodes.values() if s["type"] == "sample" and s["is_observed"])
     if n == 0:
         raise ValueError("The model has no observed sample site (no pyro.sample(..., obs=x)); nothing to fit.")
     return n

@@ -14,7 +14,7 @@ from torch.distributions import constraints
 import ppl_em
 from ppl_em.datasets import load_old_faithful
 from ppl_em.fit import initialise, kmeans_plus_plus
-from ppl_em.models import gmm
+from ppl_em.models import REGISTRY, gmm
 
 D = torch.float64
 
@@ -344,3 +344,40 @@ def test_a_fit_hands_its_initialisations_run_to_the_first_step(monkeypatch):
     (offered, runs), (plain, plain_runs) = fit_counting(True), fit_counting(False)
     assert runs == plain_runs - 1
     assert offered.losses == plain.losses and offered.log_likelihood == plain.log_likelihood
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_the_first_look_counts_the_observations_of_a_run_as_written(name):
+    """fit's check of the data looks at the model on its first rows under parallel enumeration (a mixture's
+    per-component tensors are not gathered once per row); the observations it counts are those of a run
+    with every latent drawn, as written, on every model file."""
+    from ppl_em.fit import _first_look
+    from ppl_em.result import observations
+    from ppl_em.store import model_trace
+
+    args, kwargs = REGISTRY[name]["make_data"](0)
+    model = REGISTRY[name]["model"]
+    trace, plates = _first_look(model, args, kwargs)
+    assert observations(trace, plates) == observations(model_trace(model, args, kwargs))
+    if "em" in REGISTRY[name]["methods"]:
+        assert plates is not None  # a model EM fits can be enumerated
+        enumerated = [s for s in trace.nodes.values() if s["type"] == "sample" and s["infer"].get("_enumerate_dim") is not None]
+        assert enumerated, "no latent was enumerated"
+
+
+def test_a_model_that_branches_on_a_drawn_value_is_looked_at_as_written():
+    """A model whose Python branches on a latent's value cannot run under enumeration: the first look runs it
+    as written, and an SVI fit counts its observations as before."""
+    x = torch.cat([torch.randn(30, dtype=D) - 2, torch.randn(30, dtype=D) + 2])
+
+    def branching(x):
+        p = pyro.param("p", torch.tensor(0.5, dtype=D), constraint=constraints.unit_interval)
+        loc = pyro.param("loc", torch.tensor([-1.0, 1.0], dtype=D))
+        for i in pyro.plate("data", len(x)):
+            z = pyro.sample(f"z_{i}", dist.Bernoulli(p))
+            pyro.sample(f"x_{i}", dist.Normal(loc[1] if z.item() == 1 else loc[0], 1.0), obs=x[i])
+
+    from ppl_em.fit import _first_look
+    from ppl_em.result import observations
+    trace, plates = _first_look(branching, (x,), {})
+    assert plates is None and observations(trace, plates) == 60
