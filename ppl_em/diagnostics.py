@@ -18,16 +18,14 @@ import torch
 import pyro
 import pyro.poutine as poutine
 import pyro.util
-from pyro.infer import config_enumerate
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
 
-from .posterior import full_plates
+from .posterior import _MAX_PLATES, enumerated, full_plates
 
 __all__ = ["non_finite_site", "non_finite_loss_message", "rejected_parameters", "singular_update_message",
            "degenerate_update_message", "explain_failure"]
 
-_MAX_PLATES = 8  # enumeration dims go left of this many plate dims
 _MATRIX_CONSTRAINTS = (type(constraints.positive_definite), type(constraints.lower_cholesky),
                        type(constraints.positive_semidefinite))
 
@@ -64,7 +62,7 @@ def rejected_parameters(model: Callable, args: tuple, kwargs: dict) -> Optional[
 
 
 def _enumerated_trace(model: Callable, args: tuple, kwargs: dict, validate: bool = False):
-    enum_model = poutine.enum(config_enumerate(model, default="parallel"), first_available_dim=-_MAX_PLATES - 1)
+    enum_model = enumerated(model)
     state = pyro.util.get_rng_state()
     try:
         with poutine.block(), pyro.validation_enabled(validate), torch.no_grad(), full_plates():

@@ -76,9 +76,9 @@ from .em import EM
 from .online import OnlineEM
 from .plan import find_uses
 from .guides import AutoAmortized, AutoCategorical
-from .posterior import _MAX_PLATES, ExactInferenceError, inspect_model, trace_model
-from .result import FitResult, observations, scaled_observations
-from .store import capture_store, fresh_rng, model_trace, replace_store
+from .posterior import ExactInferenceError, inspect_model, trace_model
+from .result import FitResult, first_look, observations, scaled_observations
+from .store import capture_store, fresh_rng, replace_store
 from .svi import NonFiniteLossError, SafeSVI, default_loss
 from .checks import check_missing
 from .validation import (check_arguments, check_k_fits, check_masked_observations, check_missing_columns,
@@ -367,25 +367,13 @@ def _check_data(model: Callable, args: tuple, kwargs: dict, missing: str = "erro
     first = data.first(sources.CHECK_ROWS)
     if data.source is not None:
         check_arguments(model, *first, missing)
-    trace, plates = _first_look(model, *first)
+    trace, plates = first_look(model, *first)
     if missing == "marginalize":
         check_masked_observations(trace)
     check_observed_dtypes(trace)
     n_data = scaled_observations(observations(trace, plates), data, sources.CHECK_ROWS)
     check_k_fits(model, args, kwargs, n_data)
     return n_data, data
-
-
-def _first_look(model: Callable, args: tuple, kwargs: dict):
-    """The model's run on the first rows for the data's checks, and the plate dimensions of its batch shapes:
-    under parallel enumeration where the model allows it (a discrete z is (k, 1, ...), so a mixture's
-    per-component tensors are not gathered once per row: the GMM's Sigma_z of 4096 rows, each checked positive
-    definite), else as written (None: every batch dimension is a plate's), e.g. for a model that branches on a
-    drawn value."""
-    try:
-        return model_trace(model, args, kwargs, enumerate_from=-_MAX_PLATES - 1), _MAX_PLATES
-    except Exception:  # not enumerable as written; a failure of the data or the model shows in the plain run
-        return model_trace(model, args, kwargs), None
 
 
 def _sum_over_ranks(n: int) -> int:

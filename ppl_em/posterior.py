@@ -164,11 +164,17 @@ class ModelStructure:
 _MAX_PLATES = 8  # nested plates a model may have; enumeration dims go left of them
 
 
+def enumerated(model: Callable) -> Callable:
+    """``model`` under parallel enumeration of every discrete latent, whose dimensions go left of
+    ``_MAX_PLATES`` plate dimensions: a discrete z^(i) is a (k, 1, ...) tensor rather than n draws that
+    would select n copies of every parameter (an (n, d, d) Sigma_z for a GMM). For a look at a model
+    before its structure is known (afterwards :func:`trace_model` enumerates from its plates)."""
+    return poutine.enum(config_enumerate(model, default="parallel"), first_available_dim=-_MAX_PLATES - 1)
+
+
 def inspect_model(model: Callable, args: tuple, kwargs: dict) -> ModelStructure:
     """Classify the model's latent sites; raise if one cannot be handled by exact EM."""
-    # Enumerated, so that a discrete z^(i) is a (k, 1, ...) tensor rather than n draws that
-    # would select n copies of every parameter (an (n, d, d) Sigma_z for a GMM).
-    enum_model = poutine.enum(config_enumerate(model, default="parallel"), first_available_dim=-_MAX_PLATES - 1)
+    enum_model = enumerated(model)
     with poutine.block(), full_plates():
         tr = poutine.trace(enum_model).get_trace(*args, **kwargs)
     tr = prune_subsample_sites(tr)

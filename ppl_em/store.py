@@ -13,7 +13,6 @@ from typing import Any, Callable, Dict, Iterator, Optional
 import pyro
 import pyro.poutine as poutine
 import pyro.util
-from pyro.infer import config_enumerate
 from pyro.poutine.trace_struct import Trace
 
 __all__ = ["capture_store", "replace_store", "model_trace", "fresh_rng"]
@@ -35,21 +34,16 @@ def replace_store(state: State) -> None:
     pyro.get_param_store().set_state({"params": params, "constraints": dict(state["constraints"])})
 
 
-def model_trace(model: Callable, args: tuple, kwargs: dict, state: Optional[State] = None,
-                enumerate_from: Optional[int] = None) -> Trace:
+def model_trace(model: Callable, args: tuple, kwargs: dict, state: Optional[State] = None) -> Trace:
     """One run of ``model(*args, **kwargs)`` with a param store holding exactly ``state``.
 
     With ``state=None`` the store is empty, so every ``pyro.param`` takes the model's own
     initial value. The run is blocked (no enclosing handler sees it), consumes no randomness
     (the global random state is restored) and leaves the caller's param store as it was.
-    ``enumerate_from``: run under parallel enumeration of every discrete latent, its dimensions from this
-    one leftwards (a negative int left of every plate's), instead of drawing them.
     """
     scoped = {"params": {}, "constraints": {}} if state is None else \
         {"params": {n: v.detach() for n, v in state["params"].items()}, "constraints": dict(state["constraints"])}
     store = pyro.get_param_store()
-    if enumerate_from is not None:
-        model = poutine.enum(config_enumerate(model, default="parallel"), first_available_dim=enumerate_from)
     with poutine.block(), fresh_rng(), store.scope(scoped):
         return poutine.trace(model).get_trace(*args, **kwargs)
 

@@ -348,16 +348,16 @@ def test_a_fit_hands_its_initialisations_run_to_the_first_step(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_the_first_look_counts_the_observations_of_a_run_as_written(name):
-    """fit's check of the data looks at the model on its first rows under parallel enumeration (a mixture's
+    """fit's check of the data (and count_observations) looks at the model on its first rows under parallel enumeration (a mixture's
     per-component tensors are not gathered once per row); the observations it counts are those of a run
     with every latent drawn, as written, on every model file."""
-    from ppl_em.fit import _first_look
+    from ppl_em.result import first_look
     from ppl_em.result import observations
     from ppl_em.store import model_trace
 
     args, kwargs = REGISTRY[name]["make_data"](0)
     model = REGISTRY[name]["model"]
-    trace, plates = _first_look(model, args, kwargs)
+    trace, plates = first_look(model, args, kwargs)
     assert observations(trace, plates) == observations(model_trace(model, args, kwargs))
     if "em" in REGISTRY[name]["methods"]:
         assert plates is not None  # a model EM fits can be enumerated
@@ -377,7 +377,7 @@ def test_a_model_that_branches_on_a_drawn_value_is_looked_at_as_written():
             z = pyro.sample(f"z_{i}", dist.Bernoulli(p))
             pyro.sample(f"x_{i}", dist.Normal(loc[1] if z.item() == 1 else loc[0], 1.0), obs=x[i])
 
-    from ppl_em.fit import _first_look
+    from ppl_em.result import first_look
     from ppl_em.result import observations
-    trace, plates = _first_look(branching, (x,), {})
+    trace, plates = first_look(branching, (x,), {})
     assert plates is None and observations(trace, plates) == 60
