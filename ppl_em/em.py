@@ -515,7 +515,7 @@ class EM:
                 self._chunks = chunks_.decide(self.model, self.structure, trace, args, kwargs, self.chunk_size)
                 self._remember(self._chunks)
                 self._workspace.clear()  # tables sized for other data
-        self._offered = None
+        self._offered = None  # read at most once, by the step right after the offer
         if plan and (self.plan is None or self.plan.shapes != _shapes(self._param_names)):
             # With missing values a model may write the rows that hold a NaN differently (the GMM with a full
             # Sigma): the plan is made on all the rows, so that it sees them.
@@ -543,10 +543,9 @@ class EM:
     def _offered_trace(self, args, kwargs):
         """The offered trace and leaves where they were made on these arguments (the same objects, the tensors
         unchanged since) and the store holds every parameter they name; else None."""
-        offered, self._offered = self._offered, None
-        if offered is None:
+        if self._offered is None:
             return None
-        o_args, o_kwargs, key, trace, leaves = offered
+        o_args, o_kwargs, key, trace, leaves = self._offered
         same = len(o_args) == len(args) and all(a is b for a, b in zip(o_args, args)) and \
             o_kwargs.keys() == kwargs.keys() and all(o_kwargs[k] is kwargs[k] for k in kwargs)
         store = pyro.get_param_store()

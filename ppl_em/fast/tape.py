@@ -178,12 +178,14 @@ class _TapeRecorder(_Recorder):
 class _Tape:
     """One recorded step: its key, the parameters' tensors (roots), the kept calls and guards, the loss.
 
-    ``calls`` is what a replay runs, one entry per kept call: a guard ``(_GUARD, func, args, kwargs, expected)``;
-    a call with one new tensor result ``(_COPY, func, args, kwargs, old)`` (its result copied into ``old``, the
-    tensor the recorded step made) or ``(_OUT, func, args, kwargs)`` (``kwargs`` with ``out=old``: the result
-    written there directly, no copy) or ``(_TRY, ...)`` (``out=`` tried at the next replay, ``_COPY`` where the
-    function takes none); any other ``(_CALL, func, args, kwargs, fresh, before)``. A replay with ``out=``
-    that is not equal to the bit to the real step (another kernel) falls back to copies (:meth:`copies`).
+    ``calls`` is what a replay runs, one ``(kind, thunk, target)`` per kept call, ``thunk`` the call with its
+    recorded arguments bound (a ``functools.partial``: a replay does not unpack them again): a guard
+    ``(_GUARD, thunk, expected)``; a call with one new tensor result ``(_COPY, thunk, old)`` (its result copied
+    into ``old``, the tensor the recorded step made) or ``(_OUT, thunk, None)`` (the call with ``out=old``: the
+    result written there directly, no copy) or ``(_TRY, thunk, (old, copy))`` (``out=`` tried at the next
+    replay, ``copy``, the call without it, where the function takes none); any other
+    ``(_CALL, thunk, (fresh, before))``. A replay with ``out=`` that is not equal to the bit to the real step
+    (another kernel) falls back to copies (:meth:`copies`).
     """
 
     def __init__(self, key, roots: Dict[str, torch.Tensor], ops: List[tuple], loss: torch.Tensor,
@@ -193,7 +195,6 @@ class _Tape:
         self.pins: tuple = ()
         self.calls = self._calls(True)
         self.direct = True  # whether some calls may write their results with out=
-        self._compiled: Optional[List[tuple]] = None  # the calls with their arguments bound (_compile)
 
     def _calls(self, direct: bool) -> List[tuple]:
         """The replay's calls; a call that only makes tensors on the meta device (shapes, no values) is dropped."""
@@ -202,34 +203,33 @@ class _Tape:
 
     @staticmethod
     def _call(op: tuple, direct: bool) -> tuple:
+        bound = functools.partial
         if op[0] == _GUARD:
-            return op
+            _, func, args, kwargs, expected = op
+            return (_GUARD, bound(func, *args, **kwargs), expected)
         func, args, kwargs, fresh, before = op
         if len(fresh) == 1 and fresh[0][0] is None and not before:
             old = fresh[0][1]
             name = _name(func)
             if direct and name == "clone" and len(args) == 1 and not kwargs:  # the copy itself, into old
-                return (_OUT, old.copy_, args, {})
+                return (_OUT, bound(old.copy_, *args), None)
             alt = (_OUT_FORMS.get(name) or getattr(torch, name, None)) if direct and "out" not in kwargs else None
             if callable(alt) and old.is_contiguous():
-                return (_TRY, alt, args, dict(kwargs, out=old), (func, args, kwargs, old))
-            return (_COPY, func, args, kwargs, old)
-        return (_CALL, func, args, kwargs, fresh, before)
+                return (_TRY, bound(alt, *args, **dict(kwargs, out=old)), (old, bound(func, *args, **kwargs)))
+            return (_COPY, bound(func, *args, **kwargs), old)
+        return (_CALL, bound(func, *args, **kwargs), (fresh, before))
 
     def copies(self) -> None:
         """Every result copied, none written with out= (after a replay that was not equal to a real step)."""
-        self.calls, self.direct, self._compiled = self._calls(False), False, None
+        self.calls, self.direct = self._calls(False), False
 
     def replay(self) -> Optional[torch.Tensor]:
         """Rerun the step; the loss tensor, or None where a guard came out otherwise (nothing written yet).
-
-        The calls run with their arguments bound (:func:`_compile`), under ``torch.inference_mode``: nothing
-        of a replay is differentiated, and the recorded tensors it writes into are ordinary ones."""
-        if self._compiled is None:
-            self._compiled = _compile(self.calls)
-        compiled = self._compiled
+        Under ``torch.inference_mode``: nothing of a replay is differentiated, and the recorded tensors it
+        writes into are ordinary ones."""
+        calls = self.calls
         with torch.inference_mode():
-            for j, (kind, thunk, target) in enumerate(compiled):
+            for j, (kind, thunk, target) in enumerate(calls):
                 if kind == _OUT:
                     thunk()
                 elif kind == _COPY:
@@ -241,9 +241,9 @@ class _Tape:
                     old, copy = target
                     try:
                         thunk()
-                        compiled[j] = (_OUT, thunk, None)
+                        calls[j] = (_OUT, thunk, None)
                     except (TypeError, RuntimeError):  # no out= (a method without a function of its name, say)
-                        compiled[j] = (_COPY, copy, old)
+                        calls[j] = (_COPY, copy, old)
                         old.copy_(copy())
                 else:
                     fresh, before = target
@@ -284,23 +284,6 @@ def _held_bytes(ops: List[tuple]) -> int:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
     return total
-
-
-def _compile(calls: List[tuple]) -> List[tuple]:
-    """The replay's calls as ``(kind, thunk, target)``: ``thunk`` the call with its recorded arguments bound
-    (a ``functools.partial``, called without unpacking them again), ``target`` the guard's expected value,
-    the tensor a result is copied into, or (for ``_CALL``) ``(fresh, before)``; a ``_TRY`` carries its call
-    without out= in place of a target's tensor, ``(old, thunk)``."""
-    compiled = []
-    for op in calls:
-        kind = op[0]
-        if kind == _TRY:
-            func, args, kwargs, old = op[4]
-            target = (old, functools.partial(func, *args, **kwargs))
-        else:
-            target = op[4] if kind in (_GUARD, _COPY) else op[4:] if kind == _CALL else None
-        compiled.append((kind, functools.partial(op[1], *op[2], **op[3]), target))
-    return compiled
 
 
 def _guards_first(ops: List[tuple], roots: Dict[str, torch.Tensor]) -> bool:
