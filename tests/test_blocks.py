@@ -160,7 +160,8 @@ def _features(n: int = 3000, d: int = 3, k: int = 4):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_the_fused_pass_side_by_side_equals_it_in_order(dtype, hard, monkeypatch, two_threads):
     monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)
-    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 9 * 256)  # d = 3: 9 features; 128-row blocks: 24 blocks
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 9 * 256)
+    monkeypatch.setattr(fast_gaussian, "PASS_ELEMENTS", (9 + 2 * 4) * 128)  # d = 3, K = 4: 128-row blocks, 24 of them
     features, x, fn = _features()
     log_phi = torch.log_softmax(torch.arange(4, dtype=D), 0).reshape(4, 1)
     outs = []
@@ -201,7 +202,8 @@ def test_a_form_that_would_cancel_digits_is_refused_side_by_side_too(monkeypatch
 
 def test_em_follows_the_same_trajectory_with_its_blocks_side_by_side(monkeypatch, two_threads):
     monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)
-    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 5 * 64)  # d = 2: 5 features; Old Faithful in 9 blocks
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 5 * 64)
+    monkeypatch.setattr(fast_gaussian, "PASS_ELEMENTS", 0)  # Old Faithful's 272 rows in 5 blocks of at most 64
     x = load_old_faithful()
     runs = []
     for in_order in (True, False):
@@ -223,6 +225,7 @@ def test_em_follows_the_same_trajectory_with_its_blocks_side_by_side(monkeypatch
 def test_a_step_that_may_be_recorded_keeps_its_blocks_in_order_and_is_replayed(monkeypatch, two_threads):
     monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)
     monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 5 * 64)
+    monkeypatch.setattr(fast_gaussian, "PASS_ELEMENTS", 0)
     x = load_old_faithful()
     pyro.clear_param_store()
     em = ppl_em.EM(gmm.model)
@@ -275,6 +278,7 @@ def test_float32_tables_with_as_many_components_as_features_side_by_side_equal_t
     """d = 2 (5 features) and K = 5: a block's features and its float64 posterior have the same shape."""
     monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)
     monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 5 * 128)
+    monkeypatch.setattr(fast_gaussian, "PASS_ELEMENTS", 0)  # the posterior's pass in blocks of 64 rows
     features, x, fn = _features(d=2, k=5)
     log_phi = torch.full((5, 1), -float(torch.log(torch.tensor(5.0))), dtype=torch.float32)
     outs = []

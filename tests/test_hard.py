@@ -67,6 +67,7 @@ def blocks(request, monkeypatch):
     if request.param:
         monkeypatch.setattr(fast_gaussian, "WHITEN_PAIRS", 0)
         monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 128 * 5)
+        monkeypatch.setattr(fast_gaussian, "PASS_ELEMENTS", 0)  # the posterior's pass in blocks of 64 rows too
     return request.param
 
 

@@ -541,7 +541,8 @@ def test_posterior_in_blocks_of_columns_equals_the_whole_table(name, monkeypatch
 def test_the_cancellation_bound_covers_every_block(monkeypatch):
     """The bound is checked once, over the extremes of all the blocks: rows far out in the last block
     of several refuse the GEMM form (table and fused pass) as rows in the first would."""
-    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 64 * 5)  # blocks of 64 rows (32 in the fused pass)
+    monkeypatch.setattr(fast_gaussian, "FEATURE_ELEMENTS", 64 * 5)  # blocks of 64 rows
+    monkeypatch.setattr(fast_gaussian, "PASS_ELEMENTS", 0)  # and in the fused pass
     g = torch.Generator().manual_seed(3)
     x = 1e-3 * torch.randn(300, 2, generator=g, dtype=D)
     inv = torch.eye(2, dtype=D).expand(2, 2, 2)  # Sigma = I: ||P|| bounded by 2

@@ -16,19 +16,26 @@ fewer operations.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from .tensors import broadcast_shape, compact, normalise_exp, normalise_mode, overlap, reduce_product
-from .workspace import Workspace, map_blocks, new_table, scratch
+from .workspace import Workspace, block_rows, map_blocks, new_table, scratch, scratch_views
 
-__all__ = ["centre", "sufficient_stats", "gaussian_sums", "normal_sums", "mvn_log_prob", "mvn_features",
+__all__ = ["centre", "sufficient_stats", "product_views", "gaussian_sums", "normal_sums", "mvn_log_prob", "mvn_features",
            "GaussianFeatures", "DiagonalFeatures", "diag_features", "diag_normal_log_prob",
-           "FEATURE_ELEMENTS"]
+           "FEATURE_ELEMENTS", "PASS_ELEMENTS"]
 
 # Elements of T(x - c) per block: 4 MB in float64.
 FEATURE_ELEMENTS = 2**19
+# Elements of a block of the posterior's pass (GaussianFeatures.posterior_sums): its features T(x - c) and its
+# two (K, B) tables, 16 MB in float64. A block's thirty-odd operations hold the GIL for their Python (some
+# 0.1-0.2 ms a block), and the blocks run side by side on torch's threads: smaller blocks keep a thread
+# waiting for the GIL more of the time. Measured on 2 cores, blocks of 1/2, 1, 2 and 4 times the features'
+# FEATURE_ELEMENTS (d = 10, k = 16): 160, 134, 124, 125 ms a pass over 1e6 rows; at d = 20, k = 5 98, 69, 57,
+# 54 ms; at d = 2, k = 3 (n = 1e6) about even.
+PASS_ELEMENTS = 2**21
 # At most this many (component, row) pairs, a Gaussian's log-density is computed by whitening each row
 # (x - mu_z -> L_z^{-1} (x - mu_z)): fewer operations than the exponential-family form, whose fixed
 # cost (the centre, the packed coefficients, the range check) is larger below it (measured: 0.3-0.4x
@@ -50,9 +57,11 @@ def _feature_rows(d: int) -> int:
     return max(64, FEATURE_ELEMENTS // (d * (d + 1) // 2 + d))
 
 
-def sufficient_stats(rows: torch.Tensor, c: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sufficient_stats(rows: torch.Tensor, c: torch.Tensor, out: Optional[torch.Tensor] = None,
+                     views: Optional[Tuple[torch.Tensor, list]] = None) -> torch.Tensor:
     """T(x - c)^T = [packed (x - c)_a (x - c)_b for a <= b, x - c] of rows x (B, d) about c (d,):
-    (q + d, B), q = d(d+1)/2, in c's dtype (float64 for float32 data); into ``out`` where given.
+    (q + d, B), q = d(d+1)/2, in c's dtype (float64 for float32 data); into ``out`` where given, through its
+    ``views`` (:func:`product_views` of ``out``, made once where ``out`` is used again).
 
     Each product is written straight into its place as a contiguous row (a gather on the last
     dim, or products joined by cat, are several times slower), in the order of torch.triu_indices.
@@ -63,13 +72,23 @@ def sufficient_stats(rows: torch.Tensor, c: torch.Tensor, out: Optional[torch.Te
     q = d * (d + 1) // 2
     if out is None:
         out = torch.empty((q + d, rows.shape[0]), dtype=c.dtype, device=c.device)
-    cols = out[q:]  # (d, B): the centred rows, transposed
+    cols, products = product_views(out, d) if views is None else views
     torch.sub(rows.T, c.reshape(d, 1), out=cols)
-    start = 0
-    for a in range(d):
-        torch.mul(cols[a:a + 1], cols[a:], out=out[start:start + d - a])
-        start += d - a
+    for left, right, into in products:
+        torch.mul(left, right, out=into)
     return out
+
+
+def product_views(out: torch.Tensor, d: int) -> Tuple[torch.Tensor, List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """The views of a (q + d, B) block of :func:`sufficient_stats` that its operations read and write: the
+    centred rows out[q:] (d, B), and for each a the row (x - c)_a (1, B), the rows (x - c)_a.. (d - a, B) and
+    the products' place (d - a, B)."""
+    q = d * (d + 1) // 2
+    cols, products, start = out[q:], [], 0
+    for a in range(d):
+        products.append((cols[a:a + 1], cols[a:], out[start:start + d - a]))
+        start += d - a
+    return cols, products
 
 
 def gaussian_sums(w: torch.Tensor, x: torch.Tensor, inner, c: torch.Tensor):
@@ -161,12 +180,13 @@ def mvn_log_prob(fn, value: torch.Tensor, ws: Optional[Workspace]) -> Optional[t
     parts = _mvn_parts(fn, value)
     if parts is None:
         return None  # parameters and data vary along a common dimension: no shared GEMM
-    x, inv, mu, log_norm, layout = parts
+    x, inv, mu, log_norm, layout, dtype = parts
     d = x.shape[-1]
     small = mu.shape[0] * x[..., 0].numel() <= WHITEN_PAIRS
-    out = None if small else GaussianFeatures(x, inv, mu, log_norm, layout).table(ws)
+    out = None if small else GaussianFeatures(x, inv, mu, log_norm, layout, dtype).table(ws)
     if out is None:
-        out = -0.5 * _maha_by_whitening(x.reshape(-1, d), inv, mu, ws).to(log_norm.dtype) - log_norm  # (K, N)
+        maha = _maha_by_whitening(x.reshape(-1, d), inv.to(dtype), mu, ws)
+        out = -0.5 * maha.to(dtype) - log_norm.to(dtype)  # (K, N)
     return broadcast_layout(out, *layout)
 
 
@@ -182,21 +202,24 @@ def mvn_features(fn, value: torch.Tensor) -> Optional["GaussianFeatures"]:
 
 
 def _mvn_parts(fn, value: torch.Tensor, above: int = -1):
-    """(x, L^{-1} (K, d, d), mu (K, d), log_norm (K, 1), layout) of ``fn.log_prob(value)``; None where
-    parameters and data vary along a common dimension, or where the table has no more than ``above`` pairs
-    (component, row)."""
+    """(x, L^{-1} (K, d, d), mu (K, d), log_norm (K, 1), layout, the log-densities' dtype) of ``fn.log_prob(value)``;
+    None where parameters and data vary along a common dimension, or where the table has no more than ``above``
+    pairs (component, row). L^{-1} and log_norm are computed in float64 from a float32 factor L (the GEMM form
+    runs in float64: a float32 inverse would cost it digits, about 1e-7 of Q)."""
     loc, tril = compact(fn.loc), fn._unbroadcasted_scale_tril
     x = compact(value)
     d = loc.shape[-1]
     params = broadcast_shape(loc.shape[:-1], tril.shape[:-2])
     if x.shape[-1] != d or overlap(params, x.shape[:-1]) or math.prod(params) * (x.numel() // d) <= above:
         return None
+    dtype = tril.dtype
+    tril = tril.to(torch.promote_types(dtype, torch.float64))
     eye = torch.eye(d, dtype=tril.dtype, device=tril.device)
     inv = torch.linalg.solve_triangular(tril.expand(params + (d, d)), eye, upper=False).reshape(-1, d, d)
     mu = loc.expand(params + (d,)).reshape(-1, d)  # (K, d)
     half_log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1).expand(params).reshape(-1, 1)
     log_norm = 0.5 * d * math.log(2 * math.pi) + half_log_det  # (K, 1)
-    return x, inv, mu, log_norm, (params, x.shape[:-1], broadcast_shape(fn.batch_shape, value.shape[:-1]))
+    return x, inv, mu, log_norm, (params, x.shape[:-1], broadcast_shape(fn.batch_shape, value.shape[:-1])), dtype
 
 
 def diag_normal_log_prob(base, value: torch.Tensor, ws: Optional[Workspace] = None) -> Optional[torch.Tensor]:
@@ -266,10 +289,11 @@ class GaussianFeatures:
     accuracy: a bound on |x - c|^2 ||P_z|| must stay below 1e6 (the whitened form is used there instead).
 
     ``layout`` (parameter batch shape, data batch shape, batch shape) says how a (K, N) table is laid
-    out as the site's log-probability (:func:`broadcast_layout`).
+    out as the site's log-probability (:func:`broadcast_layout`); ``dtype`` is the tables' (log_norm's without it).
     """
 
-    def __init__(self, x: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor, log_norm: torch.Tensor, layout=None):
+    def __init__(self, x: torch.Tensor, inv: torch.Tensor, mu: torch.Tensor, log_norm: torch.Tensor, layout=None,
+                 dtype: Optional[torch.dtype] = None):
         d = x.shape[-1]
         self.rows = x.reshape(-1, d)  # (N, d)
         self.c = c = centre(self.rows)
@@ -282,7 +306,7 @@ class GaussianFeatures:
         plc = (precision @ lc.unsqueeze(-1)).squeeze(-1)  # (K, d): the linear term x^T P (mu - c)
         self.const = -0.5 * (plc * lc).sum(-1, keepdim=True) - log_norm.to(c.dtype)  # (K, 1)
         self.coef = torch.cat([quad, plc], -1)  # (K, q + d)
-        self.dtype, self.layout = log_norm.dtype, layout
+        self.dtype, self.layout = log_norm.dtype if dtype is None else dtype, layout  # the tables' dtype
         self.shape = (self.coef.shape[0], self.rows.shape[0])  # (K, N)
 
     def laid_out(self, table: torch.Tensor) -> torch.Tensor:
@@ -294,7 +318,9 @@ class GaussianFeatures:
         the block only); the least and the greatest x_a - c_a so far go into ``extremes`` (two (d,) tensors,
         for :meth:`_cancels`). (amin and amax: measured 2-4x faster than one aminmax on a block's (d, B) rows.)"""
         rows = self.rows[start:stop]
-        stats = self._features(rows, scratch(ws, "features", (self.coef.shape[-1], rows.shape[0]), self.c.dtype, self.c.device))
+        stats, views = scratch_views(ws, "features", (self.coef.shape[-1], rows.shape[0]), self.c.dtype, self.c.device,
+                                     self._views)
+        self._features(rows, stats, views)
         if self.p_norm is not None:
             centred = stats[-self.rows.shape[-1]:]
             low, high = centred.amin(1), centred.amax(1)
@@ -319,6 +345,11 @@ class GaussianFeatures:
         """Rows per block of features: about ``FEATURE_ELEMENTS`` elements."""
         return max(64, FEATURE_ELEMENTS // self.coef.shape[-1])
 
+    def _rows_per_pass_block(self) -> int:
+        """Rows per block of :meth:`posterior_sums`: about ``PASS_ELEMENTS`` elements of the block's features and
+        its two (K, B) tables."""
+        return max(64, PASS_ELEMENTS // (self.coef.shape[-1] + 2 * self.coef.shape[0]))
+
     def _log_density(self, stats: torch.Tensor, out: torch.Tensor) -> None:
         if out.dtype == self.c.dtype:
             torch.addmm(self.const, self.coef, stats, out=out)
@@ -329,7 +360,7 @@ class GaussianFeatures:
         """The (K, N) table of log-densities (differentiable where the coefficients carry a graph); without a
         graph its blocks run side by side on ``ws``'s threads (:meth:`ppl_em.fast.Workspace.map`)."""
         grad = torch.is_grad_enabled() and (self.coef.requires_grad or self.const.requires_grad)
-        step = self._rows_per_block()
+        step = block_rows(self.shape[1], self._rows_per_block())
         count = -(-self.shape[1] // step)
         if grad:  # a gradient M-step differentiates through the blocks (out= cannot)
             extremes: List[torch.Tensor] = []
@@ -363,7 +394,7 @@ class GaussianFeatures:
         Returns (log p(x^(i)) (1, N), N (K,), the packed sums (K, q + d), in c's dtype); or None, with the
         tables part-written, where the form could cancel away digits (see the class).
         """
-        step = max(64, self._rows_per_block() // 2)  # measured: half the block of table()
+        step = block_rows(self.shape[1], self._rows_per_pass_block())
         wide = self.c.dtype
         lse = torch.empty((1, self.shape[1]), dtype=total.dtype, device=total.device)
 
@@ -402,8 +433,12 @@ class GaussianFeatures:
             return None
         return lse, n, sums
 
-    def _features(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return sufficient_stats(rows, self.c, out)
+    def _views(self, out: torch.Tensor):
+        """What :meth:`_features` writes into ``out`` through (made once per scratch tensor)."""
+        return product_views(out, self.rows.shape[-1])
+
+    def _features(self, rows: torch.Tensor, out: torch.Tensor, views) -> torch.Tensor:
+        return sufficient_stats(rows, self.c, out, views)
 
     def moments(self, n: torch.Tensor, sums: torch.Tensor):
         """(N (K,), S (K, d), M (K, d, d)) about c from :meth:`posterior_sums`'s N and packed sums."""
@@ -429,10 +464,14 @@ class DiagonalFeatures(GaussianFeatures):
         self.dtype, self.layout = dtype, layout
         self.shape = (self.coef.shape[0], self.rows.shape[0])
 
-    def _features(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        d = rows.shape[-1]
-        torch.sub(rows.T, self.c.reshape(d, 1), out=out[d:])
-        torch.mul(out[d:], out[d:], out=out[:d])
+    def _views(self, out: torch.Tensor):
+        d = self.rows.shape[-1]
+        return out[d:], out[:d]
+
+    def _features(self, rows: torch.Tensor, out: torch.Tensor, views) -> torch.Tensor:
+        centred, squares = views
+        torch.sub(rows.T, self.c.reshape(-1, 1), out=centred)
+        torch.mul(centred, centred, out=squares)
         return out
 
     def moments(self, n: torch.Tensor, sums: torch.Tensor):
