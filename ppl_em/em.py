@@ -467,7 +467,7 @@ class EM:
             replay = self._replay
         replay = None if self._taping else replay
         post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior, workspace=self._workspace,
-                               leaves=self.plan.needs_graph, replay=replay)
+                               leaves=self.plan.needs_graph, replay=replay, tables=False)  # only Q and the sums are read
         check_observations(post)
         self._log_prior = float(post.log_prior)
         stats = closed_form.summarize(self.plan, post, rows=self._chunks.rows_of(args, kwargs))

@@ -173,6 +173,29 @@ def test_hard_em_takes_the_fused_pass_too(name, monkeypatch):
     assert fused.objective <= fused.log_evidence  # max_z p(x, z) <= sum_z p(x, z)
 
 
+@pytest.mark.parametrize("mode", ["exact", "hard"])
+@pytest.mark.parametrize("name", FUSED)
+def test_a_pass_without_its_table_gives_the_same_q_sums_and_statistics(name, mode):
+    """``tables=False`` (EM's own steps): the Gaussian site's log-density table is not kept, and everything EM
+    reads is the same to the bit; the site's entries are NaN of the table's shape (a read would show)."""
+    model, args, *site = FUSED[name]
+    em = _planned(model, args)
+    kept, dropped = (exact_posterior(em.model, em.structure, args, {}, mode=mode, leaves=False, tables=t)
+                     for t in (True, False))
+    site = (site or ["x"])[0]
+    assert list(dropped.sums) == [site]
+    assert torch.equal(dropped.log_evidence, kept.log_evidence) and torch.equal(dropped.objective, kept.objective)
+    for name_, w in kept.weights.items():
+        assert torch.equal(dropped.weights[name_], w), name_
+    for key in ("n", "s", "m", "c"):
+        assert torch.equal(getattr(dropped.sums[site], key), getattr(kept.sums[site], key)), key
+    expected, got = closed_form.summarize(em.plan, kept), closed_form.summarize(em.plan, dropped)
+    assert got.sums.keys() == expected.sums.keys()
+    assert all(torch.equal(got.sums[k], v) for k, v in expected.sums.items())
+    lost, table = dropped.trace.nodes[site]["log_prob"], kept.trace.nodes[site]["log_prob"]
+    assert lost.shape == table.shape and bool(lost.isnan().all()) and bool(table.isfinite().all())
+
+
 @pytest.mark.parametrize("name", UNFUSED)
 def test_where_the_fused_pass_does_not_apply_the_e_step_is_the_plain_one(name):
     model, args, options = UNFUSED[name]

@@ -82,7 +82,7 @@ def _hard_em(model, args, steps: int = 1) -> ppl_em.EM:
 
 def _contraction(monkeypatch):
     """The E-step through the general contraction: the one-latent path switched off."""
-    monkeypatch.setattr(posterior, "_one_latent_posterior", lambda tr, scale, workspace=None, hard=False: None)
+    monkeypatch.setattr(posterior, "_one_latent_posterior", lambda tr, scale, workspace=None, hard=False, tables=True: None)
 
 
 def _e_step(em, args, **options):

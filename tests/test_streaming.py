@@ -516,7 +516,7 @@ def test_one_latent_posterior_equals_the_general_contraction(name, monkeypatch):
     model, args, kwargs, structure = _one_latent_problem(name)
     fast = exact_posterior(model, structure, args, kwargs)
     assert posterior._one_latent_posterior(fast.trace, 1.0) is not None  # the fast path applies here
-    monkeypatch.setattr(posterior, "_one_latent_posterior", lambda tr, scale, workspace=None, hard=False: None)
+    monkeypatch.setattr(posterior, "_one_latent_posterior", lambda tr, scale, workspace=None, hard=False, tables=True: None)
     general = exact_posterior(model, structure, args, kwargs)
     assert torch.allclose(fast.log_evidence, general.log_evidence, rtol=1e-13)
     assert fast.weights.keys() == general.weights.keys()
