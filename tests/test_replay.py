@@ -197,6 +197,21 @@ def test_a_replay_that_differs_from_the_model_at_its_check_is_turned_off():
     assert runs[0] == pytest.approx(runs[1], rel=1e-13)
 
 
+def test_the_check_compares_tensors_expanded_alike_by_their_stored_elements():
+    """A distribution's parameters broadcast to its batch shape: equal where the stored elements are, unequal
+    where one is not; a tensor expanded and one written out in full (other strides) element by element."""
+    from ppl_em.fast.replay import _equal
+
+    base = torch.arange(6.0, dtype=D).reshape(2, 1, 3)
+    other = base.clone()
+    assert _equal(base.expand(2, 1000, 3), other.expand(2, 1000, 3))
+    other[1, 0, 2] = -1.0
+    assert not _equal(base.expand(2, 1000, 3), other.expand(2, 1000, 3))
+    assert _equal(base.expand(2, 1000, 3), base.expand(2, 1000, 3).clone())
+    assert not _equal(base.expand(2, 1000, 3), other.expand(2, 1000, 3).clone())
+    assert not _equal(base.expand(2, 4, 3), base.expand(2, 5, 3)) and not _equal(base, 1.0)
+
+
 CHUNKED = ["gmm model file", "scale_tril", "Vindex, config_enumerate", "Multinomial mixture", "Poisson mixture"]
 
 

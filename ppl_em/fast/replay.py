@@ -35,6 +35,8 @@ from pyro.poutine.trace_struct import Trace
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .tensors import compact
+
 __all__ = ["Replay", "signature"]
 
 # Calls that read only a tensor's metadata: their non-tensor results do not depend on theta's values.
@@ -278,8 +280,16 @@ def _same(a: Trace, b: Trace) -> bool:
 
 
 def _equal(a, b) -> bool:
+    """Equal values; two tensors expanded alike (the same strides) by their stored elements alone: a
+    distribution's parameters broadcast to its batch shape (a mixture's covariances, (k, n, d, d) of a (k, 1, d, d)
+    tensor) would otherwise be compared element by element (measured 0.15 s a chunk of 250000 rows at k = 16,
+    d = 10)."""
     if torch.is_tensor(a) or torch.is_tensor(b):
-        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+        if not (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape):
+            return False
+        if a.stride() == b.stride():
+            a, b = compact(a), compact(b)
+        return torch.equal(a, b)
     return a == b
 
 
