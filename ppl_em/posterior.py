@@ -472,6 +472,17 @@ def _contract(tr: Trace, probes: Dict[str, torch.Tensor], ring) -> torch.Tensor:
     return contract_to_tensor(tree, sum_dims, target_ordinal=frozenset(), ring=ring)
 
 
+def one_latent(tr: Trace) -> Optional[Tuple[List[dict], dict]]:
+    """(the sites, the latent) where the trace has the structure of :func:`_one_latent_posterior` (one enumerated
+    latent per data point, every site in the same plates, no chain): a mixture, whose E-step is a few passes
+    over its (k, n) table; None for any other."""
+    sites = [s for s in sample_sites(tr) if not s["infer"].get("_map_site")]
+    latents = [s for s in sites if s["infer"].get("_enumerate_dim") is not None]
+    if len(latents) != 1 or len({_ordinal(tr, s) for s in sites}) != 1 or any("chain_terms" in s for s in sites):
+        return None
+    return sites, latents[0]
+
+
 def _one_latent_posterior(tr: Trace, scale: float, workspace: Optional[Workspace] = None, hard: bool = False,
                           tables: bool = True):
     """The probe gradients in closed form, for the commonest structure: one enumerated latent z^(i)
@@ -488,13 +499,13 @@ def _one_latent_posterior(tr: Trace, scale: float, workspace: Optional[Workspace
     other structure (for ``hard``, also where the latent is masked: a masked position's fill differs between
     the two sums). ``tables``: see :func:`exact_posterior`.
     """
-    sites = [s for s in sample_sites(tr) if not s["infer"].get("_map_site")]
-    latents = [s for s in sites if s["infer"].get("_enumerate_dim") is not None]
-    if len(latents) != 1 or len({_ordinal(tr, s) for s in sites}) != 1 or any("chain_terms" in s for s in sites):
+    found = one_latent(tr)
+    if found is None:
         return None
-    if hard and _mask(latents[0], latents[0]["unscaled_log_prob"]) is not None:
+    sites, latent = found
+    if hard and _mask(latent, latent["unscaled_log_prob"]) is not None:
         return None
-    dim = latents[0]["infer"]["_enumerate_dim"]
+    dim = latent["infer"]["_enumerate_dim"]
     fused = _fused_pass(tr, sites, dim, workspace, hard, tables)
     if fused is None:
         _materialise(tr, workspace)

@@ -493,6 +493,24 @@ def test_auto_chunking_streams_large_data_only(monkeypatch):
     assert em.chunking.endswith("in chunks of 1000 rows")  # 6 even chunks, not 5 and a rest
 
 
+def test_a_mixtures_gaussian_tables_from_the_pool_take_larger_chunks(monkeypatch):
+    """A Gaussian's (k, rows) tables come from the fast paths' pool: POOLED_CHUNKS times the chunk of a table
+    allocated afresh for each chunk (a Poisson mixture's, of the same k and rows); a column broadcast over the
+    rows (the latent's log phi_z) counts by what it holds."""
+    monkeypatch.setattr(ppl_em.chunking, "CHUNK_BYTES", 3 * 8 * 1024)  # 1024 rows of a (3, rows) float64 table
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 2, generator=g, dtype=torch.float64)
+    counts = torch.poisson(torch.full((20000, 2), 4.0, dtype=torch.float64), generator=g)
+    rows = {}
+    for name, model, data in (("gmm", gmm.model, x), ("poisson", REGISTRY["poisson_mixture"]["model"], counts)):
+        pyro.clear_param_store()
+        em = ppl_em.EM(model)
+        em.step(data, 3)
+        rows[name] = int(em.chunking.rsplit("chunks of ", 1)[1].split()[0])
+    assert rows["poisson"] == 1000  # 20 even chunks of at most 1024 rows
+    assert rows["gmm"] == 20000 // -(-20000 // (ppl_em.chunking.POOLED_CHUNKS * 1024))
+
+
 def test_invalid_chunk_size_is_rejected():
     with pytest.raises(ValueError, match="chunk_size must be"):
         ppl_em.EM(gmm.model, chunk_size=0)
