@@ -24,11 +24,11 @@ __all__ = ["Chunking", "decide", "signature"]
 
 # chunk_size="auto": rows per chunk such that the largest per-chunk tensor (a site's (k, rows)
 # log-density; (k, rows, d) where a family's log_prob forms the event's terms) stays under 31 MiB.
-# Fewer, larger chunks pay the model's per-trace cost fewer times (a Gaussian mixture with
-# n = 1e6, k = 16 streams in 4 chunks). The fast paths' chunk-sized tables come from a pool
+# Fewer, larger chunks pay the model's per-trace cost fewer times. The fast paths' chunk-sized tables come from a pool
 # (ppl_em.fast.Workspace); any other tensor of that size is allocated per chunk, and above glibc's
 # largest mmap threshold (32 MiB) every such allocation is page-faulted anew (measured 15-30%
-# slower). The chunks are then evened out: 4 of 250000 rows, not 3 and a rest.
+# slower). The chunks are then evened out: 4 of 250000 rows, not 3 and a rest (a Poisson mixture of
+# n = 1e6, k = 16).
 CHUNK_BYTES = 31 * 2**20
 # A Gaussian site's (k, rows) log-density table and the posterior made from it come from that pool (a fused
 # pass keeps only the posterior): they may take up to POOLED_CHUNKS times CHUNK_BYTES a chunk, which bounds the
