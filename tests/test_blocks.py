@@ -146,6 +146,41 @@ def test_a_blocks_features_reuse_their_threads_scratch_tensor_side_by_side_only(
     assert not ws._scratch
 
 
+def test_a_scratch_tensors_views_are_made_once_with_it_side_by_side():
+    ws, made = Workspace(), []
+
+    def views(t):
+        made.append(t)
+        return (t[0], t[1:])
+
+    first, v = ws.scratch_views("f", (3, 4), D, "cpu", views)  # in order: a fresh tensor and its own views
+    assert v[0].data_ptr() == first.data_ptr() and len(made) == 1
+    assert ws.scratch_views("f", (3, 4), D, "cpu", views)[0] is not first and len(made) == 2
+    got = ws.map(lambda i: ws.scratch_views("f", (3, 4), D, "cpu", views), 6, "cpu")
+    assert len(made) == 2 + len({id(t) for t, _ in got})  # once per thread's tensor, not per block
+    assert all(v[1].data_ptr() == t[1:].data_ptr() for t, v in got)
+    assert ws.map(lambda i: ws.scratch("f", (3, 4), D, "cpu") is not ws.scratch_views("f", (3, 4), D, "cpu", views)[0],
+                  2, "cpu") == [True, True]  # with and without views: two tensors
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_block_rows_even_the_blocks_out_over_the_threads(threads, monkeypatch):
+    """Blocks of ceil(rows / count) rows, count the number of blocks of ``most`` rows rounded up to a multiple of
+    the threads: where the blocks are many rows each, exactly that many blocks, the last at most a row per block
+    short; one thread (or one block): ``most``."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for rows, most in [(250000, 21000), (1000000, 21620), (1000, 64), (100, 7), (64, 64), (10, 100), (999, 1)]:
+        step = fast_workspace.block_rows(rows, most)
+        assert step <= most
+        if threads == 1 or rows <= most:
+            assert step == most
+            continue
+        count = -(-(-(-rows // most)) // threads) * threads
+        assert step == -(-rows // count), (rows, most)
+        if rows >= count * count:
+            assert -(-rows // step) == count and rows - (count - 1) * step >= step - count, (rows, most)
+
+
 def _features(n: int = 3000, d: int = 3, k: int = 4):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g, dtype=D) * 2 + 1
