@@ -183,6 +183,7 @@ class EM:
         self._validated: tuple = ()  # the data (ids and versions of the tensor arguments) already validated
         self._validated_data: list = []  # those tensors, held: no other tensor takes their ids while the key stands
         self._last = None  # (data, loss, parameters after) of the last step, for the objective's watch (_watch)
+        self._fast = None  # (state, tape, roots) of the last step that replayed its tape (_fast_step)
 
     # -- the algorithm -----------------------------------------------------------------------
     def step(self, *args, **kwargs) -> float:
@@ -193,9 +194,19 @@ class EM:
         A step that fails (a non-finite log p(x), a singular covariance update) raises an error that
         says why and what to try, and leaves the parameters as they were before it.
         """
+        held = self._held()
+        loss = self._fast_step(args, kwargs)  # None: the step takes the whole way
+        if loss is None:
+            loss = self._iterate_saved(args, kwargs)
+        self._watch(loss, args, kwargs, held)
+        self.iterations += 1
+        return loss
+
+    def _iterate_saved(self, args, kwargs) -> float:
+        """:meth:`_iterate`; on failure the parameters as they were, and an error that says why."""
         saved = self._snapshot()
         try:
-            loss = self._iterate(args, kwargs)
+            return self._iterate(args, kwargs)
         except Exception as error:
             self._restore(saved)
             if getattr(error, "explained", False):  # a batch's or another rank's failure, already explained
@@ -204,9 +215,6 @@ class EM:
             if explained is error:
                 raise
             raise explained from error
-        self._watch(loss, args, kwargs, saved)
-        self.iterations += 1
-        return loss
 
     def reset(self) -> "EM":
         """Start a new run from other parameters (a restart): the iteration count and the objective's
@@ -219,14 +227,17 @@ class EM:
             self.plan.rechecked = False
         return self
 
-    def _watch(self, loss: float, args, kwargs, before: Dict[str, torch.Tensor]) -> None:
+    def _watch(self, loss: float, args, kwargs, before: tuple) -> None:
         """EM's objective never falls from one step to the next on the same data (the loss never rises),
         so a fall says that a closed form accepted at the plan's starting point does not hold here (an
-        update right for some parameter values only): the plan is made and checked again at the next step."""
+        update right for some parameter values only): the plan is made and checked again at the next step.
+
+        ``before``: :meth:`_held` at the step's start. The parameters are taken as untouched between two
+        steps while the store holds the same tensors at the same versions (every in-place change, ``p.copy_(v)``
+        under ``torch.no_grad()`` included, counts one; a write through ``p.data`` is not seen, as for the data)."""
         data = _data_key(args, kwargs)
         last = self._last
-        untouched = last is not None and last[0] == data and before.keys() == last[2].keys() and all(
-            torch.equal(v, last[2][n]) for n, v in before.items())
+        untouched = last is not None and last[0] == data and _same_held(before, last[2])
         if untouched and loss > last[1] + 1e-8 * (1 + abs(last[1])) and self.plan is not None and self.plan.closed:
             warnings.warn(f"{self._what()}: the loss rose from {last[1]:.10g} to {loss:.10g}, which EM's updates "
                           "cannot do: a closed form accepted at the first step does not hold at these parameters. "
@@ -234,7 +245,7 @@ class EM:
             self.plan = None
         elif untouched and abs(loss - last[1]) <= 1e-9 * (1 + abs(last[1])):
             self._recheck_at_rest(args, kwargs)
-        self._last = (data, loss, self._snapshot())
+        self._last = (data, loss, self._held())
 
     def _recheck_at_rest(self, args, kwargs) -> None:
         """Where EM has come to rest, each closed form must be a stationary point of E_Q[log p]: checked once
@@ -285,9 +296,54 @@ class EM:
         self._taping = key is not None and self._tape.off is None
         try:  # a step that may be recorded runs its blocks in order, so that its real runs equal its replays
             with self._workspace.in_order(key is not None and self._tape.off is None):
-                return -float(self._tape.step(closed_step, key, roots, (args, kwargs, self.plan)))
+                loss = -float(self._tape.step(closed_step, key, roots, (args, kwargs, self.plan)))
         finally:
             self._taping = False
+        tape = self._tape.tape
+        if tape is not None and tape.verified and tape.key == key and self._tape.off is None:
+            self._fast = (self._state(args, kwargs, roots), tape, roots)
+        return loss
+
+    def _state(self, args, kwargs, roots: Dict[str, torch.Tensor]) -> tuple:
+        """Everything that a step's way through :meth:`_iterate` and :meth:`_prepare` is decided from, by
+        value or by identity: while it is the same, a step that replayed its tape replays it again."""
+        plan, store = self.plan, pyro.get_param_store()
+        return (signature(args), signature(kwargs), self._validated, id(self._chunks), self._chunks.settled, id(self.structure),
+                id(plan), tuple(plan.routes.values()), len(plan.second_pass), tuple(self._param_names),
+                tuple((n, id(r), id(store._constraints.get(n))) for n, r in roots.items()), self._offered is None,
+                self.reg_covar, self.posterior, self.map_basis, self.chunk_size, self.distributed,
+                torch.is_grad_enabled())
+
+    def _fast_step(self, args, kwargs) -> Optional[float]:
+        """The step as a replay of its verified tape (:mod:`ppl_em.fast.tape`), straight away, where nothing
+        that :meth:`_iterate` decides from has changed since a step that replayed it (:meth:`_state`): the
+        same tensor operations as that way, without its Python. None: take the whole way (also where the
+        replay stopped at a guard or raised, having written no parameter: the whole way then records the
+        step's new way, or raises the step's error with its explanation)."""
+        fast = self._fast
+        if fast is None:
+            return None
+        state, tape, roots = fast
+        if self.plan is None:  # dropped by the objective's watch: the whole way makes it again
+            self._fast = None
+            return None
+        current = self._roots()
+        if self._tape.tape is not tape or self._tape.off is not None or len(current) != len(roots) \
+                or any(current.get(n) is not r for n, r in roots.items()) or self._state(args, kwargs, roots) != state:
+            self._fast = None
+            return None
+        saved = None if tape.writes_last else self._snapshot()
+        try:
+            loss = tape.run(roots)
+        except Exception:
+            loss = None
+            if saved is not None:
+                self._restore(saved)
+        if loss is None:
+            self._fast = None
+            return None
+        self._tape.replays += 1
+        return -float(loss)
 
     def _iterate_from_statistics(self, args, kwargs) -> float:
         """theta := maximize(s), s = the statistics of every batch of a source (summed over the processes)."""
@@ -722,6 +778,10 @@ class EM:
                 else:  # a parameter the store does not hold in this shape: the store makes its tensor
                     store[name] = values[name].clone()
 
+    def _held(self) -> tuple:
+        """The store's tensors of the parameters, with their versions (held: no other tensor takes their ids)."""
+        return tuple((n, t, t._version) for n, t in pyro.get_param_store().named_parameters())
+
     def _snapshot(self) -> Dict[str, torch.Tensor]:
         """The parameters' unconstrained values (read without applying their constraints' transforms)."""
         unconstrained = dict(pyro.get_param_store().named_parameters())
@@ -754,6 +814,11 @@ class _StoreValues(Mapping):
 
     def __len__(self) -> int:
         return len(pyro.get_param_store().keys())
+
+
+def _same_held(a: tuple, b: tuple) -> bool:
+    """Whether two :meth:`EM._held` are of the same tensors at the same versions."""
+    return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a, b))
 
 
 def _data_key(args, kwargs) -> tuple:

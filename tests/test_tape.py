@@ -470,3 +470,114 @@ def test_every_model_file_is_taped_on_its_small_data_or_says_why_not(name, poste
         assert em.plan.needs_graph and em._tape.tape is None and em._tape.replays == 0
     else:
         assert em._tape.off is None and em._tape.replays == 6, em._tape.off
+
+
+def _count_whole_steps(em, monkeypatch):
+    """The steps that take the whole way through EM._iterate (not the replay straight away), counted."""
+    whole = []
+    own = em._iterate
+    monkeypatch.setattr(em, "_iterate", lambda args, kwargs: whole.append(1) or own(args, kwargs))
+    return whole
+
+
+def test_replayed_steps_go_straight_to_the_tape_until_what_they_decide_from_changes(monkeypatch):
+    """After a step that replayed its checked tape, the next step on the same data replays it at once (none of
+    the step's decisions is taken again) while nothing that those decisions read has changed: the data (in
+    place), an option, the store's tensors, the M-step plan. Each change sends one step the whole way again.
+    Every loss and parameter equals that of the real steps (oracle: replay=False)."""
+    def script(em, x, whole):
+        losses, counts = [], []
+
+        def steps(n):
+            for _ in range(n):
+                losses.append(em.step(x, 3))
+            counts.append(len(whole))
+
+        steps(6)  # recorded, checked, then replayed
+        steps(4)  # the same: straight to the tape
+        em.reg_covar = 1e-4  # an option
+        steps(4)
+        x.add_(0.01)  # the data in place (a new version)
+        steps(4)
+        store = pyro.get_param_store()
+        store["mu"] = store["mu"].detach() + 0.1  # a new tensor in the store
+        steps(4)
+        em.plan = None  # the plan made again
+        steps(4)
+        with torch.no_grad():  # the grad mode is part of what a step decides from
+            steps(3)
+        return losses, counts
+
+    runs = []
+    for replay in (True, False):
+        pyro.clear_param_store()
+        em = ppl_em.EM(gmm.model, replay=replay)
+        whole = _count_whole_steps(em, monkeypatch)
+        losses, counts = script(em, X.clone(), whole)
+        runs.append((losses, {n: v.detach().clone() for n, v in em.params.items()}))
+        if replay:
+            steps_each = [6, 4, 4, 4, 4, 4, 3]
+            straight = [n - (c - b) for n, b, c in zip(steps_each, [0] + counts[:-1], counts)]
+            assert straight[1] == 4, counts  # nothing changed: every step straight to the tape
+            assert all(0 < s < n for s, n in zip(straight[2:], steps_each[2:])), (counts, straight)
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-13)
+    for name, value in runs[0][1].items():
+        torch.testing.assert_close(value, runs[1][1][name], rtol=1e-12, atol=1e-13)
+
+
+def test_a_replay_that_raises_takes_the_whole_way_which_raises_and_keeps_the_parameters(monkeypatch):
+    """A replay straight away that fails on its way (here made to) has written no parameter; the step then
+    takes the whole way, whose own failure is the error the user gets, with the parameters as they were."""
+    pyro.clear_param_store()
+    em = ppl_em.EM(gmm.model)
+    for _ in range(6):
+        em.step(X, 3)
+    assert em._fast is not None and em._tape.tape.writes_last
+    before = {n: v.detach().clone() for n, v in pyro.get_param_store().named_parameters()}
+
+    def fails(roots):
+        raise RuntimeError("linalg.cholesky: the factorization could not be completed")
+
+    monkeypatch.setattr(em._tape.tape, "run", fails)
+    with pytest.raises(RuntimeError, match="cholesky"):
+        em.step(X, 3)
+    assert em._fast is None
+    for name, value in pyro.get_param_store().named_parameters():
+        assert torch.equal(value.detach(), before[name]), name
+
+
+def test_a_tape_whose_parameters_are_written_last_is_told_from_one_that_writes_and_computes_on():
+    theta = torch.tensor([1.0, 2.0], dtype=D)
+    roots = {"theta": theta}
+
+    def last():
+        loss = (theta * 2.0).sum()
+        with torch.no_grad():
+            theta.copy_(theta / 2.0)
+        return loss
+
+    def between():
+        with torch.no_grad():
+            theta.mul_(0.5)
+        return (theta * 3.0).sum()  # computed after the write: a failure here would leave theta written
+
+    for region, expected in ((last, True), (between, False)):
+        tape = tape_module.StepTape()
+        tape.step(region, "key", roots)
+        assert tape.tape is not None and tape.tape.writes_last is expected
+
+
+def test_the_objectives_watch_sees_parameters_changed_in_place_between_steps():
+    """Parameters set in place between two steps (a new version of the same tensor): the watch does not take a
+    higher loss for a fall of EM's objective (no warning, the plan stays)."""
+    pyro.clear_param_store()
+    em = ppl_em.EM(gmm.model)
+    for _ in range(6):
+        em.step(X, 3)
+    plan = em.plan
+    with torch.no_grad():
+        dict(pyro.get_param_store().named_parameters())["mu"].add_(3.0)  # a worse start: the loss rises
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        em.step(X, 3)
+    assert em.plan is plan

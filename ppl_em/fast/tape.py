@@ -192,6 +192,7 @@ class _Tape:
                  start: Dict[str, torch.Tensor]) -> None:
         self.key, self.roots, self.ops, self.loss, self.start = key, roots, ops, loss, start
         self.verified = False
+        self.writes_last = _writes_last(ops, roots)  # a replay that raises has written no parameter
         self.pins: tuple = ()
         self.calls = self._calls(True)
         self.direct = True  # whether some calls may write their results with out=
@@ -223,12 +224,16 @@ class _Tape:
         """Every result copied, none written with out= (after a replay that was not equal to a real step)."""
         self.calls, self.direct = self._calls(False), False
 
-    def replay(self) -> Optional[torch.Tensor]:
+    def replay(self, into: Optional[List[torch.Tensor]] = None,
+               values: Optional[List[torch.Tensor]] = None) -> Optional[torch.Tensor]:
         """Rerun the step; the loss tensor, or None where a guard came out otherwise (nothing written yet).
         Under ``torch.inference_mode``: nothing of a replay is differentiated, and the recorded tensors it
-        writes into are ordinary ones."""
+        writes into are ordinary ones. ``into``, ``values``: the recorded parameters' tensors and the values
+        they take first (see :meth:`run`); ``values`` get the results after a replay that ran to its end."""
         calls = self.calls
         with torch.inference_mode():
+            if into is not None:
+                torch._foreach_copy_(into, values)
             for j, (kind, thunk, target) in enumerate(calls):
                 if kind == _OUT:
                     thunk()
@@ -250,9 +255,12 @@ class _Tape:
                     for t, value in before:
                         t.copy_(value)
                     result = thunk()
-                    outputs = [result] if fresh and fresh[0][0] is None else _leaves(result)
-                    for i, old in fresh:
-                        old.copy_(outputs[i or 0])
+                    if fresh:
+                        outputs = [result] if fresh[0][0] is None else _leaves(result)
+                        for i, old in fresh:
+                            old.copy_(outputs[i or 0])
+            if into is not None:
+                torch._foreach_copy_(values, into)
         return self.loss
 
     def run(self, roots: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
@@ -260,17 +268,9 @@ class _Tape:
         store cleared and filled again for a restart, the same names, shapes and constraints), their values
         go into the recorded tensors first, and the results back into them after."""
         own = self.roots
-        rebound = any(own[n] is not roots[n] for n in own)
-        if rebound:
-            with torch.no_grad():
-                for name, root in own.items():
-                    root.copy_(roots[name])
-        loss = self.replay()
-        if loss is not None and rebound:
-            with torch.no_grad():
-                for name, root in own.items():
-                    roots[name].copy_(root)
-        return loss
+        if all(own[n] is roots[n] for n in own):
+            return self.replay()
+        return self.replay(list(own.values()), [roots[n] for n in own])
 
 
 def _held_bytes(ops: List[tuple]) -> int:
@@ -284,6 +284,20 @@ def _held_bytes(ops: List[tuple]) -> int:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
     return total
+
+
+def _writes_last(ops: List[tuple], roots: Dict[str, torch.Tensor]) -> bool:
+    """Whether every call from the first that writes a parameter on writes a parameter (the M-step's
+    writes, last): a replay that raises on its way has then changed no parameter."""
+    storages = {_storage(r) for r in roots.values()}
+    written = False
+    for op in ops:
+        writes = op[0] != _GUARD and _mutates(_name(op[0]), op[2]) and all(
+            _storage(t) in storages for t in _targets(op[1], op[2]))
+        if written and not writes:
+            return False
+        written = written or writes
+    return True
 
 
 def _guards_first(ops: List[tuple], roots: Dict[str, torch.Tensor]) -> bool:
