@@ -284,7 +284,7 @@ class EM:
         def closed_step() -> torch.Tensor:  # the step; its tensor operations may be replayed (ppl_em.fast.tape)
             kept: List[Dict[str, torch.Tensor]] = []  # the weights a second pass needs, per chunk
             with self._validation(args, kwargs):
-                stats = Statistics.sum(self._summarize_chunk(a, k, kept, self._chunk_replay(i, len(pieces)))
+                stats = Statistics.sum(self._summarize_chunk(a, k, kept, self._chunk_replay(i, len(pieces)), False)
                                        for i, (a, k) in enumerate(self._workspace.chunks(pieces)))  # E-step
             self._check_objective(stats.objective, args, kwargs)
             log_prior = self._log_prior + self._log_jacobian()  # log p(theta): a term of every chunk's trace, counted once
@@ -516,14 +516,17 @@ class EM:
                 replay.off = self._replay.off  # EM(..., replay=False), or a model found not to replay
         return self._chunk_replays[1][index]
 
-    def _summarize_chunk(self, args, kwargs, kept: Optional[list], replay: Optional[Replay] = None) -> Statistics:
+    def _summarize_chunk(self, args, kwargs, kept: Optional[list], replay: Optional[Replay] = None,
+                         evidence: bool = True) -> Statistics:
         # ``replay``: this chunk's, where its tensors are the same at every step (a step's held chunks, or the
-        # unchunked data); a step that the tape records or replays needs no model replay.
+        # unchunked data); a step that the tape records or replays needs no model replay. ``evidence``: whether
+        # hard EM's statistics get the exact log p(x) too (a step reads only the objective; summarize's keep it).
         if replay is None and self._chunks.rows is None:
             replay = self._replay
         replay = None if self._taping else replay
         post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior, workspace=self._workspace,
-                               leaves=self.plan.needs_graph, replay=replay, tables=False)  # only Q and the sums are read
+                               leaves=self.plan.needs_graph, replay=replay, tables=False,  # only Q and the sums are read
+                               evidence=evidence)
         check_observations(post)
         self._log_prior = float(post.log_prior)
         stats = closed_form.summarize(self.plan, post, rows=self._chunks.rows_of(args, kwargs))

@@ -223,6 +223,7 @@ def trace_model(
     graph: bool = True,
     replay: Optional[Replay] = None,
     defer: bool = False,
+    chain_semiring: str = "sum",
 ) -> Tuple[Trace, Dict[str, torch.Tensor]]:
     """Run the model once under parallel enumeration.
 
@@ -240,7 +241,8 @@ def trace_model(
     running it, where no parameter leaves and no graph are asked for. ``defer`` (with ``"value"``) leaves a
     (full or diagonal) Gaussian's log-density table to the posterior's pass over the rows
     (``site["_features"]``, a :class:`ppl_em.fast.GaussianFeatures` or :class:`ppl_em.fast.DiagonalFeatures`;
-    see :func:`exact_posterior`), where no site is masked.
+    see :func:`exact_posterior`), where no site is masked. ``chain_semiring="max"``: a chain site's log-probability
+    is max_w log p(x, w) instead of log p(x) (``site["chain_semiring"]`` says which), for hard EM's E-step alone.
     """
     if replay is not None and not leaf_params and not (graph and torch.is_grad_enabled()):
         tr = replay.trace(lambda roots: _run_model(model, structure, args, kwargs, _LeafParams(False, roots), False),
@@ -252,7 +254,8 @@ def trace_model(
         leaves = getattr(handler, "leaves", {})
     if log_prob != "none":
         with torch.set_grad_enabled(log_prob == "grad" and torch.is_grad_enabled()):
-            _compute_log_prob(tr, probes=log_prob == "value", workspace=workspace, defer=defer and log_prob == "value")
+            _compute_log_prob(tr, probes=log_prob == "value", workspace=workspace, defer=defer and log_prob == "value",
+                              chain_semiring=chain_semiring)
         tr.pack_tensors()
         mark_connected(tr)
     return tr, leaves
@@ -274,16 +277,16 @@ def _run_model(model: Callable, structure: ModelStructure, args: tuple, kwargs: 
 
 
 def _compute_log_prob(tr: Trace, probes: bool = False, workspace: Optional[Workspace] = None,
-                      defer: bool = False) -> None:
+                      defer: bool = False, chain_semiring: str = "sum") -> None:
     """``Trace.compute_log_prob``, with the fast paths of :func:`ppl_em.fast.log_prob` and
     :mod:`ppl_em.chains` (with ``probes``, a chain's tables become leaves it is differentiable in).
-    ``defer``: see :func:`trace_model`."""
+    ``defer``, ``chain_semiring``: see :func:`trace_model`."""
     sites = sample_sites(tr)
     defer = defer and all(s["mask"] is None or s["mask"] is True for s in sites)  # mark_connected reads every table
     for site in sites:
         if "log_prob" not in site and not site["args"] and not site["kwargs"]:
             if chains.is_chain(site["fn"]):
-                log_p = _chain_log_prob(site, probes)
+                log_p = _chain_log_prob(site, probes, chain_semiring)
             else:
                 deferrable = defer and site["is_observed"] and not site["infer"].get("_map_site")  # data, not theta
                 features = _deferred_features(site["fn"], site["value"]) if deferrable else None
@@ -326,13 +329,13 @@ def _materialise(tr: Trace, workspace: Optional[Workspace] = None) -> None:
             _set_log_prob(site, fast_log_prob(site["fn"], site["value"], workspace), tr=tr)
 
 
-def _chain_log_prob(site: dict, probes: bool) -> torch.Tensor:
+def _chain_log_prob(site: dict, probes: bool, semiring: str = "sum") -> torch.Tensor:
     terms = chains.chain_terms(site["fn"], site["value"], fast_log_prob)
     if probes:
         terms = ChainTerms(*(t.detach().requires_grad_() for t in terms.tensors()))
-    site["chain_terms"] = terms
+    site["chain_terms"], site["chain_semiring"] = terms, semiring
     with torch.set_grad_enabled(probes or torch.is_grad_enabled()):
-        return chains.log_evidence(*terms.tensors())
+        return chains.log_evidence(*terms.tensors(), semiring=semiring)
 
 
 def sample_sites(tr: Trace) -> List[dict]:
@@ -460,8 +463,11 @@ def _contract(tr: Trace, probes: Dict[str, torch.Tensor], ring) -> torch.Tensor:
         if site["infer"].get("_map_site"):
             continue
         probe = probes[site["name"]]
-        if "chain_terms" in site and isinstance(ring, MapRing):  # the chain's best path, not its sum
+        semiring = site.get("chain_semiring", "sum") if "chain_terms" in site else None
+        if semiring == "sum" and isinstance(ring, MapRing):  # the chain's best path, not its sum
             site = dict(site, unscaled_log_prob=chains.log_evidence(*site["chain_terms"].tensors(), semiring="max"))
+        elif semiring == "max" and not isinstance(ring, MapRing):
+            raise ValueError(f"site {site['name']!r}: a chain traced for its best path has no log p(x)")
         log_p = masked_log_prob(site, probe, _masked_fill_value(site, ring))
         term = packed.pack(log_p, site["infer"]["_dim_to_symbol"])
         tree.setdefault(_ordinal(tr, site), []).append(term)
@@ -801,7 +807,7 @@ class Posterior:
 def exact_posterior(
     model: Callable, structure: ModelStructure, args: tuple, kwargs: dict, mode: str = "exact",
     workspace: Optional[Workspace] = None, leaves: bool = True, replay: Optional[Replay] = None, fuse: bool = True,
-    tables: bool = True,
+    tables: bool = True, evidence: bool = True,
 ) -> Posterior:
     """The E-step. See the module docstring for the probe-gradient mechanism.
 
@@ -832,9 +838,15 @@ def exact_posterior(
         ``Posterior.trace``. Without, the site's entries are NaN of the table's shape (a (K, N) table less written
         and read: 7% of the pass at n = 1e6, d = 10, K = 16): for callers that read only Q(z), log p(x) and the
         sums, as EM's own steps do.
+    evidence : bool
+        With ``mode="hard"``: whether the exact log p(x) (``Posterior.log_evidence``) is computed beside the
+        objective max_z log p(x, z). Where no single latent per row gives it for free (a chain: a sum-product
+        pass over every time step, a third of a hard step of B3's HMM), without it ``log_evidence`` is NaN:
+        for EM's own steps, which read only the objective and Q.
     """
     tr, leaves = trace_model(model, structure, args, kwargs, log_prob="value", workspace=workspace,
-                             leaf_params=leaves, graph=leaves, replay=replay, defer=fuse and not leaves)
+                             leaf_params=leaves, graph=leaves, replay=replay, defer=fuse and not leaves,
+                             chain_semiring="max" if mode == "hard" and not evidence else "sum")
     sites = sample_sites(tr)
     scale = _common_scale(tr)
     single = _one_latent_posterior(tr, scale, workspace, hard=mode == "hard", tables=tables)
@@ -844,12 +856,13 @@ def exact_posterior(
         log_z, objective, weights, sums = single
     else:
         probes = {s["name"]: torch.zeros_like(masked_log_prob(s)).requires_grad_() for s in sites}
-        log_z = _contract(tr, probes, LogRing()) * scale
-        objective = log_z
         ring_probes = probes
         if mode == "hard":
             ring_probes = {k: torch.zeros_like(v).requires_grad_() for k, v in probes.items()}
             objective = _contract(tr, ring_probes, MapRing()) * scale
+            log_z = _contract(tr, probes, LogRing()) * scale if evidence else torch.full_like(objective, math.nan)
+        else:
+            log_z = objective = _contract(tr, probes, LogRing()) * scale
         names = list(ring_probes)
         tables = {s["name"]: s["chain_terms"].tensors() for s in sites if "chain_terms" in s}
         inputs = [ring_probes[k] for k in names] + [t for ts in tables.values() for t in ts]

@@ -2,6 +2,7 @@
 K^T state paths on a short chain."""
 
 import itertools
+import math
 
 import numpy as np
 import pyro.distributions as dist
@@ -10,6 +11,7 @@ import torch
 from hmmlearn.hmm import GaussianHMM
 
 import ppl_em
+from ppl_em.chains import ChainTerms
 from ppl_em.models import hmm
 
 D = torch.float64
@@ -111,3 +113,28 @@ def test_generate_follows_the_transition_matrix_and_em_never_decreases_log_px():
 def test_bad_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"x must have shape \(T, d\).*got \(5,\).*x\[:, None\]"):
         ppl_em.EM(hmm.model).step(torch.zeros(5, dtype=D), 2)
+
+
+def test_hard_em_on_the_vectorised_chain_skips_log_px_in_its_steps_alone():
+    """EM's own hard steps trace the chain site for its best path only (no sum-product pass: the step reads
+    max_w log p(x, w) and Q); the E-step a user reads keeps the exact log p(x). Oracles: brute force over every
+    path of a short chain, for both numbers, and the same E-step with log p(x), for Q and the objective."""
+    truth = _truth()
+    x, _ = hmm.generate(4, **truth, num_sequences=2, seed=8)
+    em = ppl_em.EM(hmm.vectorized_model, posterior="hard")
+    em.e_step(x, 3, truth)  # the structure and the plan
+    log_joint = torch.stack([torch.as_tensor(_brute_force(x[s], truth)) for s in range(2)])
+    post = em.e_step(x, 3, truth)
+    torch.testing.assert_close(post.objective, log_joint.flatten(1).amax(1).sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(post.log_evidence, log_joint.flatten(1).logsumexp(1).sum(), rtol=1e-12, atol=0)
+    quick = ppl_em.posterior.exact_posterior(em.model, em.structure, (x, 3, truth), {}, mode="hard", evidence=False)
+    assert torch.isnan(quick.log_evidence) and torch.equal(quick.objective, post.objective)
+    for name, w in post.weights.items():  # Q: a tensor per site, or a chain's tables
+        tables = (lambda v: v.tensors() if isinstance(v, ChainTerms) else [v])
+        assert all(torch.equal(a, b) for a, b in zip(tables(w), tables(quick.weights[name]))), name
+    steps = [em.step(x, 3, truth) for _ in range(3)]  # the steps' loss is -max_w log p(x, w) - log p(theta)
+    assert all(b <= a + 1e-9 * abs(a) for a, b in zip(steps, steps[1:])) and all(map(math.isfinite, steps))
+    with pytest.raises(ValueError, match="best path has no log p"):
+        ppl_em.posterior._contract(quick.trace, {s["name"]: torch.zeros_like(ppl_em.posterior.masked_log_prob(s))
+                                                 for s in ppl_em.posterior.sample_sites(quick.trace)},
+                                   ppl_em.posterior.LogRing())
