@@ -45,7 +45,7 @@ from .gradient import (StalledError, expected_log_joint, gradient_m_step, stalle
                        unconstrained_grads)
 from .plan import Plan, make_plan
 from .priors import MAP_BASES, NoMAPError, log_jacobian
-from .posterior import ModelStructure, Posterior, exact_posterior, inspect_model, trace_model
+from .posterior import ModelStructure, Posterior, differentiable_posterior, exact_posterior, inspect_model, trace_model
 from .statistics import Statistics
 from .svi import NonFiniteLossError
 
@@ -258,9 +258,11 @@ class EM:
         if self.distributed or sources.find(args, kwargs) is not None:
             return  # no rank's check alone may change a plan all ranks share; a source is never all in memory
         plan.rechecked = True
-        with self._validation(args, kwargs):  # Q(z) alone: no parameter leaves, no graph (the objective has its own)
-            post = exact_posterior(self.model, self.structure, args, kwargs, mode=self.posterior, leaves=False, fuse=False)
-            grads = unconstrained_grads(lambda: self._objective(post, args, kwargs, self.reg_covar), plan.closed)
+        with self._validation(args, kwargs), torch.enable_grad():
+            both = differentiable_posterior(self.model, self.structure, args, kwargs, self.posterior)  # a mixture: one run
+            trace, post = both if both is not None else (None, exact_posterior(
+                self.model, self.structure, args, kwargs, mode=self.posterior, leaves=False, fuse=False))
+            grads = unconstrained_grads(lambda: self._objective(post, args, kwargs, self.reg_covar, trace), plan.closed)
         moving = [p for p, g in grads.items() if g.numel() and float(g.abs().max()) > 1e-2 * (1 + plan.start_gradient.get(p, 0.0))]
         if moving:
             warnings.warn(f"{self._what()}: EM came to rest where E_Q[log p(x, z; theta)] is not stationary in "
@@ -732,8 +734,8 @@ class EM:
         with torch.no_grad():
             return float(log_jacobian(sorted(self.plan.with_prior)))
 
-    def _objective(self, post, args, kwargs, reg: float) -> torch.Tensor:
-        total = expected_log_joint(self.model, self.structure, post, args, kwargs, reg)
+    def _objective(self, post, args, kwargs, reg: float, trace=None) -> torch.Tensor:
+        total = expected_log_joint(self.model, self.structure, post, args, kwargs, reg, trace)
         if self.map_basis == "unconstrained" and self.plan is not None and self.plan.with_prior:
             total = total + log_jacobian(sorted(self.plan.with_prior)).to(total.dtype)
         return total

@@ -30,14 +30,15 @@ class StalledError(RuntimeError):
 
 
 def expected_log_joint(model: Callable, structure: ModelStructure, post: Posterior, args, kwargs,
-                       reg: float = 0.0) -> torch.Tensor:
+                       reg: float = 0.0, trace=None) -> torch.Tensor:
     """E_Q[log p(x, z; theta)] + log p(theta) at the parameters in the store, differentiable in them.
 
     With ``reg`` > 0, minus (reg/2) sum over the weighted elements of every Gaussian site of
     tr(Sigma^{-1}) (1 / sigma^2 for a Normal): the objective whose exact maximiser is the closed form
-    that adds reg to every covariance (variance).
+    that adds reg to every covariance (variance). ``trace``: the model's trace at these parameters,
+    differentiable in them (:func:`ppl_em.posterior.differentiable_posterior`), where one was made.
     """
-    tr, _ = trace_model(model, structure, args, kwargs, leaf_params=False)
+    tr = trace if trace is not None else trace_model(model, structure, args, kwargs, leaf_params=False)[0]
     total = sum(expected_log_prob(s, post.weights[s["name"]]) for s in sample_sites(tr))
     if reg == 0:
         return total

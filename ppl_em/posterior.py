@@ -801,6 +801,24 @@ class Posterior:
         return [s for s in sample_sites(self.trace) if s["infer"].get("_enumerate_symbol") in symbols]
 
 
+def differentiable_posterior(model: Callable, structure: ModelStructure, args: tuple, kwargs: dict,
+                             mode: str = "exact") -> Optional[Tuple[Trace, "Posterior"]]:
+    """One run of the model whose log-probabilities are differentiable in the param store's parameters, and
+    Q(z) = p(z | x; theta) (``mode="hard"``: the one-hot of the mode) read from its (k, n) table without a
+    graph: for a gradient of E_Q[log p(x, z; theta)] in theta at the Q of the same theta (EM's check at rest),
+    one model run where :func:`exact_posterior` and :func:`ppl_em.gradient.expected_log_joint` take two. For a
+    mixture (:func:`one_latent`); None for any other structure (its Q is a gradient of the trace's own terms)."""
+    tr, _ = trace_model(model, structure, args, kwargs, leaf_params=False)
+    with torch.no_grad():
+        single = _one_latent_posterior(tr, _common_scale(tr), hard=mode == "hard")
+    if single is None:
+        return None
+    log_z, objective, weights, sums = single
+    log_prior = sum((masked_log_prob(s).sum() for s in sample_sites(tr) if s["infer"].get("_map_site")), torch.zeros(()))
+    return tr, Posterior(log_evidence=log_z, objective=objective, log_prior=torch.as_tensor(log_prior).detach(),
+                         weights=weights, trace=tr, mode=mode, leaves={}, sums=sums)
+
+
 # The posterior is a gradient (the probe trick): under a caller's torch.no_grad() (e.g.
 # SVI.evaluate_loss with ExactPosterior) it would silently come out as all-ones weights.
 @torch.enable_grad()

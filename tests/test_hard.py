@@ -252,3 +252,38 @@ def test_hard_em_in_chunks_equals_it_whole(name):
     torch.testing.assert_close(torch.tensor(runs[1][0]), torch.tensor(runs[0][0]), rtol=1e-12, atol=0)
     for n, v in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][n], v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("posterior_mode", ["exact", "hard"])
+@pytest.mark.parametrize("name", [n for n in MODELS if "masked" not in n])
+def test_the_check_at_rest_takes_its_gradient_from_one_run_as_from_two(name, posterior_mode):
+    """EM's check at rest: the gradient of E_Q[log p(x, z; theta)] in every parameter at the Q of the same theta,
+    from one run of a mixture (Q read from the differentiable trace's table) equals the one from the posterior's
+    own run and a second, differentiable run (oracle), with reg_covar's term, on every style of mixture."""
+    model, args = MODELS[name]
+    em = _hard_em(model, args, steps=3) if posterior_mode == "hard" else ppl_em.EM(model, reg_covar=1e-3)
+    if posterior_mode == "exact":
+        pyro.clear_param_store()
+        for _ in range(3):
+            em.step(*args)
+    names = sorted(em.plan.closed)
+    with pyro.validation_enabled(False):
+        trace, quick = posterior.differentiable_posterior(em.model, em.structure, args, {}, em.posterior)
+        fast = ppl_em.gradient.unconstrained_grads(lambda: em._objective(quick, args, {}, em.reg_covar, trace), names)
+        slow_post = exact_posterior(em.model, em.structure, args, {}, mode=em.posterior, leaves=False, fuse=False)
+        slow = ppl_em.gradient.unconstrained_grads(lambda: em._objective(slow_post, args, {}, em.reg_covar), names)
+    for p in names:
+        scale = 1.0 + float(slow[p].abs().max())
+        torch.testing.assert_close(fast[p], slow[p], rtol=0, atol=1e-9 * scale * len(args[0]))
+    for number in ("objective", "log_evidence", "log_prior"):
+        torch.testing.assert_close(getattr(quick, number), getattr(slow_post, number), rtol=1e-12, atol=0)
+
+
+def test_the_check_at_rest_of_a_chain_takes_two_runs():
+    from ppl_em.models import hmm
+    x, _ = hmm.generate(6, pi=torch.tensor([0.5, 0.5], dtype=D), A=torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=D),
+                        mu=torch.tensor([[-1.0], [1.0]], dtype=D), sigma=torch.tensor([[1.0], [1.0]], dtype=D),
+                        num_sequences=2, seed=0)
+    em = ppl_em.EM(hmm.vectorized_model)
+    em.step(x, 2)
+    assert posterior.differentiable_posterior(em.model, em.structure, (x, 2), {}) is None
