@@ -568,9 +568,13 @@ class EM:
         unsettled = self._chunks is not None and not self._chunks.settled
         if self._chunks is None or self._chunks.signature != sig or missing or unsettled:
             # A full-data trace without log-probabilities is cheap (enumerated tensors are (k, 1, ...)).
-            # It initialises any parameter missing from the store from all the data, not from one chunk.
-            trace, leaves = self._offered_trace(args, kwargs) or \
-                trace_model(self.model, self.structure, args, kwargs, log_prob="none")
+            # It initialises any parameter missing from the store from all the data, not from one chunk;
+            # without Pyro's validation where these data were validated (a restart's: the store's values
+            # are inside their constraints, and the E-steps that follow run without it too).
+            seen = _data_key(args, kwargs) == self._validated
+            with pyro.validation_enabled(False) if seen else contextlib.nullcontext():
+                trace, leaves = self._offered_trace(args, kwargs) or \
+                    trace_model(self.model, self.structure, args, kwargs, log_prob="none")
             self._param_names = list(leaves)
             if self._chunks is None or self._chunks.signature != sig or unsettled:
                 self._chunks = chunks_.decide(self.model, self.structure, trace, args, kwargs, self.chunk_size)
