@@ -581,3 +581,36 @@ def test_the_objectives_watch_sees_parameters_changed_in_place_between_steps():
         warnings.simplefilter("error", RuntimeWarning)
         em.step(X, 3)
     assert em.plan is plan
+
+
+def test_a_fresh_buffer_that_takes_a_freed_constants_id_is_not_taken_for_that_constant():
+    """The recorder knows the constants that calls on theta read by their ids; it holds them, so that a tensor
+    made after one of them was freed cannot take its id and look like a constant written in place (which
+    refuses the recording). Here a constant read beside theta by a call that makes only views is dropped,
+    buffers are made right after (where the constant is not held, one of them takes its address as a rule)
+    and theta is added into one: every recording is made, and its replays equal the real steps."""
+    def region(theta):
+        constant = torch.full((2,), 0.5, dtype=D)
+        wide, _ = torch.broadcast_tensors(theta, constant)  # a view of theta: read beside the constant, not kept
+        loss = (wide * 2.0).sum()
+        freed = id(constant)
+        del constant, _
+        made = [torch.zeros(2, dtype=D) for _ in range(200)]
+        buffer = next((t for t in made if id(t) == freed), made[0])
+        buffer.add_(theta)
+        with torch.no_grad():
+            theta.copy_(buffer * 0.9 + 0.1)
+        return loss
+
+    theta = torch.tensor([1.0, 2.0], dtype=D)
+    for _ in range(10):
+        recorder = tape_module._TapeRecorder({"theta": theta})
+        with recorder:
+            region(theta)
+        assert recorder.problem is None, recorder.problem
+    runs, tape = [], tape_module.StepTape()
+    for taped in (True, False):
+        theta = torch.tensor([1.0, 2.0], dtype=D)
+        runs.append([float(tape.step(lambda: region(theta), "key", {"theta": theta}) if taped else region(theta))
+                     for _ in range(6)])
+    assert runs[0] == runs[1] and tape.off is None and tape.replays == 4

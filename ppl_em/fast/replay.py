@@ -106,7 +106,9 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.roots = roots
         self.tracked: Dict[int, torch.Tensor] = {}  # id -> tensor (the reference keeps the id unique)
-        self.read: set = set()  # ids of untracked tensors that kept calls read (constants of the replay)
+        # id -> untracked tensor that kept calls read (constants of the replay), held: while the recording
+        # lasts no other tensor takes its id (a freed one's id, reused, would look like a read constant)
+        self.read: Dict[int, torch.Tensor] = {}
         self.ops: List[tuple] = []
         self.problem: Optional[str] = None
 
@@ -160,7 +162,7 @@ class _Recorder(TorchFunctionMode):
             self.tracked[id(out)] = out
             if storage not in followed:
                 fresh.append((i, out))
-        self.read.update(id(t) for t in inputs if id(t) not in self.tracked)
+        self.read.update((id(t), t) for t in inputs if id(t) not in self.tracked)
         if fresh or mutates:
             self.ops.append((func, args, kwargs, fresh, before))
 

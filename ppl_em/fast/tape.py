@@ -168,7 +168,7 @@ class _TapeRecorder(_Recorder):
             self._track(out, storage)
             if storage not in followed:  # a view of a tracked argument follows it by itself
                 fresh.append((None if single else i, out))  # None: the call's one result
-        self.read.update(id(t) for t in inputs if id(t) not in self.tracked)
+        self.read.update((id(t), t) for t in inputs if id(t) not in self.tracked)
         if fresh or mutates:
             self.ops.append((func, args, kwargs, fresh, before))
             self._read(constant)
