@@ -183,7 +183,7 @@ class EM:
         self._validated: tuple = ()  # the data (ids and versions of the tensor arguments) already validated
         self._validated_data: list = []  # those tensors, held: no other tensor takes their ids while the key stands
         self._last = None  # (data, loss, parameters after) of the last step, for the objective's watch (_watch)
-        self._fast = None  # (state, tape, roots) of the last step that replayed its tape (_fast_step)
+        self._fast: Optional[_Unchanged] = None  # what the last step that replayed its tape decided from (_fast_step)
 
     # -- the algorithm -----------------------------------------------------------------------
     def step(self, *args, **kwargs) -> float:
@@ -303,40 +303,25 @@ class EM:
             self._taping = False
         tape = self._tape.tape
         if tape is not None and tape.verified and tape.key == key and self._tape.off is None:
-            self._fast = (self._state(args, kwargs, roots), tape, roots)
+            self._fast = _Unchanged(self, args, kwargs, roots, tape)
         return loss
-
-    def _state(self, args, kwargs, roots: Dict[str, torch.Tensor]) -> tuple:
-        """Everything that a step's way through :meth:`_iterate` and :meth:`_prepare` is decided from, by
-        value or by identity: while it is the same, a step that replayed its tape replays it again."""
-        plan, store = self.plan, pyro.get_param_store()
-        return (signature(args), signature(kwargs), self._validated, id(self._chunks), self._chunks.settled, id(self.structure),
-                id(plan), tuple(plan.routes.values()), len(plan.second_pass), tuple(self._param_names),
-                tuple((n, id(r), id(store._constraints.get(n))) for n, r in roots.items()), self._offered is None,
-                self.reg_covar, self.posterior, self.map_basis, self.chunk_size, self.distributed,
-                torch.is_grad_enabled())
 
     def _fast_step(self, args, kwargs) -> Optional[float]:
         """The step as a replay of its verified tape (:mod:`ppl_em.fast.tape`), straight away, where nothing
-        that :meth:`_iterate` decides from has changed since a step that replayed it (:meth:`_state`): the
-        same tensor operations as that way, without its Python. None: take the whole way (also where the
+        that :meth:`_iterate` decides from has changed since a step that replayed it (:class:`_Unchanged`):
+        the same tensor operations as that way, without its Python. None: take the whole way (also where the
         replay stopped at a guard or raised, having written no parameter: the whole way then records the
         step's new way, or raises the step's error with its explanation)."""
         fast = self._fast
         if fast is None:
             return None
-        state, tape, roots = fast
-        if self.plan is None:  # dropped by the objective's watch: the whole way makes it again
+        if not fast.holds(self, args, kwargs):
             self._fast = None
             return None
-        current = self._roots()
-        if self._tape.tape is not tape or self._tape.off is not None or len(current) != len(roots) \
-                or any(current.get(n) is not r for n, r in roots.items()) or self._state(args, kwargs, roots) != state:
-            self._fast = None
-            return None
+        tape = fast.tape
         saved = None if tape.writes_last else self._snapshot()
         try:
-            loss = tape.run(roots)
+            loss = tape.run(fast.roots)
         except Exception:
             loss = None
             if saved is not None:
@@ -787,6 +772,9 @@ class EM:
                 else:  # a parameter the store does not hold in this shape: the store makes its tensor
                     store[name] = values[name].clone()
 
+    def _options(self) -> tuple:
+        return (self.reg_covar, self.posterior, self.map_basis, self.chunk_size, self.distributed)
+
     def _held(self) -> tuple:
         """The store's tensors of the parameters, with their versions (held: no other tensor takes their ids)."""
         return tuple((n, t, t._version) for n, t in pyro.get_param_store().named_parameters())
@@ -823,6 +811,39 @@ class _StoreValues(Mapping):
 
     def __len__(self) -> int:
         return len(pyro.get_param_store().keys())
+
+
+class _Unchanged:
+    """What a step that replayed its checked tape decided its way from, by identity or by value: the arguments
+    (:func:`ppl_em.fast.signature`: tensors by identity and version), the validated data, the chunking, the
+    model's structure, the plan and its routes, the parameters' names, the store's tensors and their
+    constraints, an offered trace, the options and the grad mode. While :meth:`holds`, the next step's way
+    through :meth:`EM._iterate` is the same: its tape, replayed on the same tensors."""
+
+    __slots__ = ("args", "kwargs", "validated", "chunks", "settled", "structure", "plan", "routes", "second_pass",
+                 "names", "roots", "constraints", "options", "grad", "tape")
+
+    def __init__(self, em: "EM", args, kwargs, roots: Dict[str, torch.Tensor], tape) -> None:
+        store = pyro.get_param_store()
+        self.args, self.kwargs, self.validated = signature(args), signature(kwargs), em._validated
+        self.chunks, self.settled, self.structure = em._chunks, em._chunks.settled, em.structure
+        self.plan, self.routes, self.second_pass = em.plan, dict(em.plan.routes), set(em.plan.second_pass)
+        self.names, self.roots = list(em._param_names), dict(roots)
+        self.constraints = {n: store._constraints.get(n) for n in roots}
+        self.options, self.grad, self.tape = em._options(), torch.is_grad_enabled(), tape
+
+    def holds(self, em: "EM", args, kwargs) -> bool:
+        plan, store = em.plan, pyro.get_param_store()
+        if (plan is not self.plan or em._chunks is not self.chunks or em.structure is not self.structure
+                or em._tape.tape is not self.tape or em._tape.off is not None or em._offered is not None
+                or torch.is_grad_enabled() is not self.grad or em._chunks.settled is not self.settled
+                or em._validated != self.validated or plan.routes != self.routes or plan.second_pass != self.second_pass
+                or em._param_names != self.names or em._options() != self.options):
+            return False
+        params, constraints = store._params, store._constraints
+        if not all(params.get(n) is r and constraints.get(n) is self.constraints[n] for n, r in self.roots.items()):
+            return False
+        return signature(args) == self.args and signature(kwargs) == self.kwargs
 
 
 def _same_held(a: tuple, b: tuple) -> bool:

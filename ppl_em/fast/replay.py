@@ -254,14 +254,14 @@ class _Recording:
 def signature(value):
     """What identifies a model argument between steps: a tensor by identity and version (an in-place change
     shows), containers by their contents, numbers and strings by value, anything else by identity."""
-    if torch.is_tensor(value):
+    if isinstance(value, torch.Tensor):  # (isinstance, map: this runs at every step of a small fit)
         return ("tensor", id(value), value._version)
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__,) + tuple(signature(v) for v in value)
-    if isinstance(value, dict):
-        return ("dict",) + tuple((k, signature(v)) for k, v in value.items())
     if isinstance(value, (int, float, str, bool, type(None))):
         return value
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__,) + tuple(map(signature, value))
+    if isinstance(value, dict):
+        return ("dict",) + tuple((k, signature(v)) for k, v in value.items())
     return ("object", id(value))
 
 
