@@ -614,3 +614,58 @@ def test_a_fresh_buffer_that_takes_a_freed_constants_id_is_not_taken_for_that_co
         runs.append([float(tape.step(lambda: region(theta), "key", {"theta": theta}) if taped else region(theta))
                      for _ in range(6)])
     assert runs[0] == runs[1] and tape.off is None and tape.replays == 4
+
+
+def _direct_forms_region(theta, index, negative):
+    """A step that makes, from theta, the tensors that a replay writes into straight away: a gather by a constant
+    index, one by an index made from theta (argmax), one by a negative constant index, a reshape that copies, a
+    diagonal embedding, a max with its indices, a Cholesky factor with its info, a batched triangular solve, an
+    out= call into a buffer it does not read; theta then moves by all of them."""
+    scratch = torch.empty(3, 2, dtype=D)
+    a = theta.exp()  # (3, 2)
+    picked = a[index]  # (2, 1, 2)
+    best = a[a.argmax(0)]  # an index that changes with theta
+    last = a[negative]
+    flat = a.t().reshape(-1)  # a copy (a transposed view cannot be viewed flat)
+    diag = torch.diag_embed(a)  # (3, 2, 2)
+    values, where = a.max(-1, keepdim=True)
+    spd = diag @ diag.mT + torch.eye(2, dtype=D)
+    factor, info = torch.linalg.cholesky_ex(spd)
+    solved = torch.linalg.solve_triangular(torch.linalg.cholesky(spd), torch.eye(2, dtype=D).expand(3, 2, 2), upper=False)
+    torch.add(a, 1.0, out=scratch)  # into a buffer it does not read (nothing of it restored at a replay)
+    loss = (picked.sum() + best.sum() + last.sum() + flat[1] + values.sum() + where.sum() + factor.sum()
+            + solved.sum() + scratch.sum() + info.sum())
+    with torch.no_grad():
+        theta.copy_(0.5 * theta + 0.01 * (picked.sum() + solved.sum()))
+    return loss
+
+
+def test_a_replay_writes_gathers_reshapes_diagonals_and_several_results_straight_into_the_recorded_tensors():
+    """Calls without an out= of their own, replayed as calls that write the same values into the recorded
+    tensors (index_select for a gather by a constant index, a copy for a reshape that copied, the diagonal set
+    over zeros, out=(values, indices) for max and cholesky_ex, out= into a batched factor's own layout), and
+    an out= call into a buffer that it does not read, whose old values need no restoring: the replayed run
+    equals the real steps to the bit; gathers by an index that changes (argmax) or by a negative one stay
+    copies."""
+    def run(taped: bool):
+        theta = torch.tensor([[0.1, 0.2], [0.3, -0.1], [0.0, 0.4]], dtype=D)
+        index = torch.tensor([[2], [0]])
+        negative = torch.tensor([-1, 0])
+        tape, losses = tape_module.StepTape(), []
+        for _ in range(8):
+            region = lambda: _direct_forms_region(theta, index, negative)  # noqa: E731
+            losses.append(float(tape.step(region, "key", {"theta": theta}) if taped else region()))
+        return losses, theta, tape
+
+    (taped, theta, tape), (real, ref, _) = run(True), run(False)
+    assert taped == real and torch.equal(theta, ref)
+    assert tape.off is None and tape.replays == 6 and tape.tape.direct
+    kinds = {}
+    for kind, thunk, _ in tape.tape.calls:
+        name = getattr(getattr(thunk, "func", thunk), "__name__", "")
+        kinds.setdefault(name, set()).add(kind)
+    assert kinds["index_select"] == {tape_module._OUT}  # the constant index
+    assert tape_module._COPY in kinds["__getitem__"]  # the argmax's and the negative index's
+    straight = ("diag_embed", "max", "linalg_cholesky_ex", "linalg_solve_triangular", "linalg_cholesky")
+    assert all(kinds.get(n) == {tape_module._OUT} for n in straight) and "reshape" not in kinds, kinds
+    assert not any(op[4] for op in tape.tape.ops if op[0] != tape_module._GUARD)  # nothing restored before a call

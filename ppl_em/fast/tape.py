@@ -65,9 +65,23 @@ _IDENTITY = {"data_ptr", "untyped_storage", "get:is_meta", "get:is_sparse"}  # w
 _OUT_FORMS = {"__invert__": torch.bitwise_not, "__and__": torch.bitwise_and, "__or__": torch.bitwise_or,
               "__eq__": torch.eq, "__ne__": torch.ne, "linalg_cholesky": torch.linalg.cholesky,
               "linalg_solve_triangular": torch.linalg.solve_triangular}
+# Functions whose out= takes the layout of their own result, contiguous or not (a batched factor is laid out
+# column by column): a replay may write into the recorded result itself.
+_OWN_LAYOUT = {"linalg_cholesky", "linalg_solve_triangular"}
+# Calls of several tensor results that take them all as out=(...), in the order they return them.
+_OUT_TUPLES = {"max": torch.max, "min": torch.min, "linalg_cholesky_ex": torch.linalg.cholesky_ex}
 _READS = {"__bool__", "equal", "is_nonzero"}  # value reads that become guards; every other read of a value refuses the recording
 # Calls that read no tensor's values and make no tensor (a shape, a dtype, the grad mode): run at once, unexamined.
 _UNEXAMINED = (_METADATA | _IDENTITY | {"_set_grad_enabled"}) - {"get:grad"}
+
+
+def _overwrites(args, kwargs) -> bool:
+    """Whether a call writes its ``out=`` tensors whole without reading them (none shares storage with an
+    input): a replay then needs not restore what they held before."""
+    if "out" not in kwargs:
+        return False
+    inputs = {_storage(t) for t in _tensors(args, {k: v for k, v in kwargs.items() if k != "out"})}
+    return not any(_storage(t) in inputs for t in _targets(args, kwargs))
 
 
 def _caller() -> str:
@@ -139,7 +153,8 @@ class _TapeRecorder(_Recorder):
                 self.problem = (f"the step overwrites ({name}, at {_caller()}) a tensor that it read as a constant, "
                                 "one not made from the parameters (a buffer reused for blocks of the data)")
             return func(*args, **kwargs)
-        before = [(t, t.detach().clone()) for t in _targets(args, kwargs) if not self._is_tracked(t)] if mutates else []
+        before = [(t, t.detach().clone()) for t in _targets(args, kwargs)
+                  if not self._is_tracked(t)] if mutates and not _overwrites(args, kwargs) else []
         constant = {_storage(t) for t in inputs if id(t) not in self.tracked} - {0}  # the untracked inputs' storages
         result = func(*args, **kwargs)
         single = isinstance(result, torch.Tensor)  # most calls: one tensor result, no flattening
@@ -191,6 +206,7 @@ class _Tape:
     def __init__(self, key, roots: Dict[str, torch.Tensor], ops: List[tuple], loss: torch.Tensor,
                  start: Dict[str, torch.Tensor]) -> None:
         self.key, self.roots, self.ops, self.loss, self.start = key, roots, ops, loss, start
+        self.written = _written(ops)  # storages that kept calls write: their values change from replay to replay
         self.verified = False
         self.writes_last = _writes_last(ops, roots)  # a replay that raises has written no parameter
         self.pins: tuple = ()
@@ -199,25 +215,34 @@ class _Tape:
 
     def _calls(self, direct: bool) -> List[tuple]:
         """The replay's calls; a call that only makes tensors on the meta device (shapes, no values) is dropped."""
-        return [self._call(op, direct) for op in self.ops
+        return [self._call(op, direct, self.written) for op in self.ops
                 if op[0] == _GUARD or op[4] or not op[3] or any(not t.is_meta for _, t in op[3])]
 
     @staticmethod
-    def _call(op: tuple, direct: bool) -> tuple:
+    def _call(op: tuple, direct: bool, written: set = frozenset()) -> tuple:
         bound = functools.partial
         if op[0] == _GUARD:
             _, func, args, kwargs, expected = op
             return (_GUARD, bound(func, *args, **kwargs), expected)
         func, args, kwargs, fresh, before = op
+        name = _name(func)
         if len(fresh) == 1 and fresh[0][0] is None and not before:
             old = fresh[0][1]
-            name = _name(func)
             if direct and name == "clone" and len(args) == 1 and not kwargs:  # the copy itself, into old
                 return (_OUT, bound(old.copy_, *args), None)
+            into = _into(name, args, kwargs, old, written) if direct else None
+            if into is not None:  # the result written straight into old by another call of the same values
+                return (_OUT, into, None)
             alt = (_OUT_FORMS.get(name) or getattr(torch, name, None)) if direct and "out" not in kwargs else None
-            if callable(alt) and old.is_contiguous():
+            if callable(alt) and (old.is_contiguous() or name in _OWN_LAYOUT):
                 return (_TRY, bound(alt, *args, **dict(kwargs, out=old)), (old, bound(func, *args, **kwargs)))
             return (_COPY, bound(func, *args, **kwargs), old)
+        if not fresh and not before:  # in place, on tensors the step made itself: the call alone
+            return (_OUT, bound(func, *args, **kwargs), None)
+        if direct and name in _OUT_TUPLES and not before and "out" not in kwargs and [i for i, _ in fresh] == list(
+                range(len(fresh))):  # every result into its recorded tensor: out=(values, indices)
+            outs = tuple(t for _, t in fresh)
+            return (_TRY, bound(_OUT_TUPLES[name], *args, **dict(kwargs, out=outs)), (outs, bound(func, *args, **kwargs)))
         return (_CALL, bound(func, *args, **kwargs), (fresh, before))
 
     def copies(self) -> None:
@@ -247,9 +272,14 @@ class _Tape:
                     try:
                         thunk()
                         calls[j] = (_OUT, thunk, None)
-                    except (TypeError, RuntimeError):  # no out= (a method without a function of its name, say)
-                        calls[j] = (_COPY, copy, old)
-                        old.copy_(copy())
+                    except (TypeError, RuntimeError, IndexError):  # no out= (a method without a function of its name, say)
+                        if isinstance(old, tuple):  # several results: each into its tensor
+                            calls[j] = (_CALL, copy, (list(enumerate(old)), []))
+                            for t, value in zip(old, copy()):
+                                t.copy_(value)
+                        else:
+                            calls[j] = (_COPY, copy, old)
+                            old.copy_(copy())
                 else:
                     fresh, before = target
                     for t, value in before:
@@ -271,6 +301,47 @@ class _Tape:
         if all(own[n] is roots[n] for n in own):
             return self.replay()
         return self.replay(list(own.values()), [roots[n] for n in own])
+
+
+def _written(ops: List[tuple]) -> set:
+    """The storages of the new tensors that kept calls make and of the tensors they change in place."""
+    found = set()
+    for op in ops:
+        if op[0] == _GUARD:
+            continue
+        func, args, kwargs, fresh, _ = op
+        found |= {_storage(t) for _, t in fresh}
+        if _mutates(_name(func), kwargs):
+            found |= {_storage(t) for t in _targets(args, kwargs)}
+    return found
+
+
+def _into(name: str, args: tuple, kwargs: dict, old: torch.Tensor, written: set) -> Optional[Callable[[], object]]:
+    """A call that writes the values of ``name(*args, **kwargs)`` into ``old`` (the recorded result, a new
+    tensor of the step) without making a tensor, for calls without an ``out=``: a gather by a constant index
+    tensor (``base[index]``, an enumerated value, say; ``written``: the storages whose values change between
+    replays) as ``index_select``, a ``reshape`` that copied as a copy into ``old`` seen in the source's shape,
+    ``diag_embed`` as old's diagonal set over zeros. None for any other call. (The same values to the bit: each
+    is the same copy of the same elements; the first replay's check says so, as for out=.)"""
+    if kwargs or not old.is_contiguous() or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    src = args[0]
+    if name == "__getitem__" and len(args) == 2 and isinstance(args[1], torch.Tensor):
+        index = args[1]
+        if (index.dtype == torch.long and index.is_contiguous() and old.shape == index.shape + src.shape[1:]
+                and _storage(index) not in written and index.numel() and bool((index >= 0).all())):
+            return functools.partial(torch.index_select, src, 0, index.view(-1), out=old.view((-1,) + src.shape[1:]))
+        return None
+    if name == "reshape" and src.numel() == old.numel():
+        return functools.partial(old.view(src.shape).copy_, src)
+    if name == "diag_embed" and len(args) == 1 and src.dim() >= 1 and old.shape == src.shape + src.shape[-1:]:
+        diagonal = old.diagonal(dim1=-2, dim2=-1)
+
+        def diag_embed() -> None:
+            old.zero_()
+            diagonal.copy_(src)
+        return diag_embed
+    return None
 
 
 def _held_bytes(ops: List[tuple]) -> int:
