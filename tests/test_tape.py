@@ -618,14 +618,17 @@ def test_a_fresh_buffer_that_takes_a_freed_constants_id_is_not_taken_for_that_co
 
 def _direct_forms_region(theta, index, negative):
     """A step that makes, from theta, the tensors that a replay writes into straight away: a gather by a constant
-    index, one by an index made from theta (argmax), one by a negative constant index, a reshape that copies, a
-    diagonal embedding, a max with its indices, a Cholesky factor with its info, a batched triangular solve, an
-    out= call into a buffer it does not read; theta then moves by all of them."""
+    index, one by an index made from theta (argmax), one by a negative constant index, a gather along the last
+    dimension, a reshape that copies, a test for finite values, a diagonal embedding, a max with its indices, a
+    Cholesky factor with its info, a batched triangular solve, an out= call into a buffer it does not read;
+    theta then moves by all of them."""
     scratch = torch.empty(3, 2, dtype=D)
     a = theta.exp()  # (3, 2)
     picked = a[index]  # (2, 1, 2)
     best = a[a.argmax(0)]  # an index that changes with theta
     last = a[negative]
+    columns = a[..., torch.tensor([1, 0, 1])]  # a gather along the last dimension
+    finite = torch.isfinite(a / theta)  # theta holds no 0: all finite (a replay tests it as |x| < inf)
     flat = a.t().reshape(-1)  # a copy (a transposed view cannot be viewed flat)
     diag = torch.diag_embed(a)  # (3, 2, 2)
     values, where = a.max(-1, keepdim=True)
@@ -634,7 +637,7 @@ def _direct_forms_region(theta, index, negative):
     solved = torch.linalg.solve_triangular(torch.linalg.cholesky(spd), torch.eye(2, dtype=D).expand(3, 2, 2), upper=False)
     torch.add(a, 1.0, out=scratch)  # into a buffer it does not read (nothing of it restored at a replay)
     loss = (picked.sum() + best.sum() + last.sum() + flat[1] + values.sum() + where.sum() + factor.sum()
-            + solved.sum() + scratch.sum() + info.sum())
+            + solved.sum() + scratch.sum() + info.sum() + columns.sum() + finite.sum())
     with torch.no_grad():
         theta.copy_(0.5 * theta + 0.01 * (picked.sum() + solved.sum()))
     return loss
@@ -666,6 +669,6 @@ def test_a_replay_writes_gathers_reshapes_diagonals_and_several_results_straight
         kinds.setdefault(name, set()).add(kind)
     assert kinds["index_select"] == {tape_module._OUT}  # the constant index
     assert tape_module._COPY in kinds["__getitem__"]  # the argmax's and the negative index's
-    straight = ("diag_embed", "max", "linalg_cholesky_ex", "linalg_solve_triangular", "linalg_cholesky")
+    straight = ("diag_embed", "max", "linalg_cholesky_ex", "linalg_solve_triangular", "linalg_cholesky", "isfinite")
     assert all(kinds.get(n) == {tape_module._OUT} for n in straight) and "reshape" not in kinds, kinds
     assert not any(op[4] for op in tape.tape.ops if op[0] != tape_module._GUARD)  # nothing restored before a call

@@ -42,6 +42,7 @@ happens at the recorded step only.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import warnings
@@ -326,12 +327,25 @@ def _into(name: str, args: tuple, kwargs: dict, old: torch.Tensor, written: set)
     if kwargs or not old.is_contiguous() or not args or not isinstance(args[0], torch.Tensor):
         return None
     src = args[0]
-    if name == "__getitem__" and len(args) == 2 and isinstance(args[1], torch.Tensor):
-        index = args[1]
-        if (index.dtype == torch.long and index.is_contiguous() and old.shape == index.shape + src.shape[1:]
+    if name == "__getitem__" and len(args) == 2:
+        index, dim = args[1], 0
+        if isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis:  # x[..., index]: the last dim
+            index, dim = index[1], src.dim() - 1
+        if not (isinstance(index, torch.Tensor) and index.dtype == torch.long and index.is_contiguous()
                 and _storage(index) not in written and index.numel() and bool((index >= 0).all())):
+            return None
+        if dim == 0 and old.shape == index.shape + src.shape[1:]:
             return functools.partial(torch.index_select, src, 0, index.view(-1), out=old.view((-1,) + src.shape[1:]))
+        if dim > 0 and index.dim() == 1 and old.shape == src.shape[:-1] + index.shape:
+            return functools.partial(torch.index_select, src, dim, index, out=old)
         return None
+    if name == "isfinite" and len(args) == 1 and src.is_floating_point():  # |x| < inf: false at NaN and at +-inf
+        magnitude = torch.empty_like(src)
+
+        def isfinite() -> None:
+            torch.abs(src, out=magnitude)
+            torch.lt(magnitude, math.inf, out=old)
+        return isfinite
     if name == "reshape" and src.numel() == old.numel():
         return functools.partial(old.view(src.shape).copy_, src)
     if name == "diag_embed" and len(args) == 1 and src.dim() >= 1 and old.shape == src.shape + src.shape[-1:]:
