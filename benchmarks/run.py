@@ -61,10 +61,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 
 FULL: Dict[str, dict] = {
-    "B1": {"n": 1_000_000, "d": 10, "k": 16, "iters": 20, "device": "cpu", "repeats": 3},
+    "B1": {"n": 1_000_000, "d": 10, "k": 16, "iters": 20, "device": "cpu", "dtype": "float64", "repeats": 3},
     # B1's sizes; one library at a time, so that big peaks do not add up on a shared machine
     "B2": {"libraries": ["ppl_em", "scikit-learn", "pomegranate"], "parallel": False},
-    "B3": {"T": 100_000, "K": 8, "D": 4, "iters": 10, "repeats": 3, "hard_repeats": 5, "hard_iters": 10},
+    "B3": {"T": 100_000, "K": 8, "D": 4, "iters": 10, "repeats": 3, "hard_repeats": 5, "hard_iters": 10,
+           "device": "cpu", "dtype": "float64"},
     "B4": {"n": 20_000, "d": 2, "k": 5, "tol": 1e-3, "em_tol": 1e-10, "max_em_iters": 3000,
            "max_svi_steps": 5000, "lr": 0.1},
     "B5": {"ns": [10_000, 100_000, 1_000_000], "d": 2, "k": 3, "iters": 10, "small_n": 1000, "small_iters": 50,
@@ -80,9 +81,10 @@ FULL: Dict[str, dict] = {
     **scaleout.FULL,
 }
 QUICK: Dict[str, dict] = {
-    "B1": {"n": 1000, "d": 2, "k": 2, "iters": 3, "device": "cpu", "repeats": 2, "settle": 0.0},
+    "B1": {"n": 1000, "d": 2, "k": 2, "iters": 3, "device": "cpu", "dtype": "float64", "repeats": 2, "settle": 0.0},
     "B2": {"libraries": ["ppl_em", "scikit-learn"], "parallel": True},  # pomegranate's import (numba) is slow
-    "B3": {"T": 20, "K": 2, "D": 2, "iters": 2, "repeats": 1, "hard_repeats": 1, "hard_iters": 2, "settle": 0.0},
+    "B3": {"T": 20, "K": 2, "D": 2, "iters": 2, "repeats": 1, "hard_repeats": 1, "hard_iters": 2, "settle": 0.0,
+           "device": "cpu", "dtype": "float64"},
     "B4": {"n": 600, "d": 2, "k": 3, "tol": 1e-3, "em_tol": 1e-7, "max_em_iters": 300,
            "max_svi_steps": 400, "lr": 0.1},
     "B5": {"ns": [500, 1000, 2000], "d": 2, "k": 3, "iters": 2, "small_n": 1000, "small_iters": 3,
@@ -188,13 +190,11 @@ def bench_b1(cfg: dict) -> Tuple[List[Row], List[Target]]:
     :func:`_interleaved`."""
     x, init = _gmm_problem(cfg)
     size = f"n={cfg['n']} d={cfg['d']} k={cfg['k']}, {cfg['iters']} iters"
-    ours = wl.ppl_em_gmm
-    if cfg["device"] != "cpu":  # ppl_em on the accelerator (data and parameters there); the peers on the CPU
-        ours = functools.partial(wl.ppl_em_gmm, device=cfg["device"])
-        size += f" (ppl_em on {cfg['device']})"
+    where, note, rtol = placement(cfg)  # ppl_em on an accelerator or in float32: the peers stay on the CPU in float64
+    ours = functools.partial(wl.ppl_em_gmm, **where)
     order = ["scikit-learn"] * cfg["repeats"] + ["pomegranate"]
-    rows, targets, fits = _interleaved("B1", size, ours, order, (x, cfg["k"], init, cfg["iters"]), 10.0,
-                                       settle=cfg.get("settle", SETTLE_S))
+    rows, targets, fits = _interleaved("B1", size + note, ours, order, (x, cfg["k"], init, cfg["iters"]), 10.0,
+                                       settle=cfg.get("settle", SETTLE_S), rtol=rtol)
     if "pomegranate" in fits:  # no reg_covar in pomegranate: close, not equal
         dev = max_relative_deviation(fits["ppl_em"].trajectory, fits["pomegranate"].trajectory)
         rows[2].note += f"; log-lik trajectory vs ppl_em: max rel. deviation {dev:.1e} (no reg_covar)"
@@ -207,6 +207,24 @@ def bench_b1(cfg: dict) -> Tuple[List[Row], List[Target]]:
 
 
 B1_GOAL = 25.0  # B1's speed-up goal over scikit-learn (the 10x bar is what every run must keep)
+PLACED = ("B1", "B3", "B7")  # the workloads that take a device and a dtype for ppl_em (--device, --dtype)
+
+
+def placement(cfg: dict) -> Tuple[Dict[str, str], str, float]:
+    """(the keyword arguments that put ppl_em's fit on ``cfg``'s device and dtype, the size's note, the
+    trajectories' agreement asked for: 1e-6 relative in float64, 1e-5 in float32)."""
+    where = {key: cfg[key] for key, default in (("device", "cpu"), ("dtype", "float64")) if cfg.get(key, default) != default}
+    note = f" (ppl_em on {cfg.get('device', 'cpu')}, {cfg.get('dtype', 'float64')})" if where else ""
+    return where, note, 1e-5 if cfg.get("dtype") == "float32" else 1e-6
+
+
+def placed_name(name: str, cfg: dict) -> str:
+    """The workload's name in the results: ``B1`` on the CPU in float64, else e.g. ``B1@cuda`` or
+    ``B1@cuda/float32``, so that a GPU's rows are kept beside the CPU's (``--merge``)."""
+    device, dtype = cfg.get("device", "cpu"), cfg.get("dtype", "float64")
+    if device == "cpu" and dtype == "float64":
+        return name
+    return f"{name}@{device}" + (f"/{dtype}" if dtype != "float64" else "")
 
 
 def bench_b11(cfg: dict) -> Tuple[List[Row], List[Target]]:
@@ -280,7 +298,7 @@ SETTLE_S = 0.5
 
 def _interleaved(workload: str, size: str, ours: Callable, order: List[str], args: tuple, factor: float,
                  peers: Optional[Dict[str, Callable]] = None, agree_with: str = "scikit-learn",
-                 settle: float = SETTLE_S) -> Tuple[List[Row], List[Target], Dict[str, wl.Fit]]:
+                 settle: float = SETTLE_S, rtol: float = 1e-6) -> Tuple[List[Row], List[Target], Dict[str, wl.Fit]]:
     """ppl_em and its peers in interleaved repetitions: ppl_em, peer, ppl_em, peer, ..., ppl_em (``order``
     names the peer of each repetition).
 
@@ -289,7 +307,8 @@ def _interleaved(workload: str, size: str, ours: Callable, order: List[str], arg
     and their spread (target: at least ``factor``), each library's s / iter is the median over its runs,
     and CPU system time and page faults per iteration are recorded beside them. Also returns one fit per
     library (for trajectories); the targets include the trajectory's agreement with ``agree_with``.
-    ``peers``: each library's fit (default: the GMM peers); ``settle``: seconds of rest before each run.
+    ``peers``: each library's fit (default: the GMM peers); ``settle``: seconds of rest before each run;
+    ``rtol``: the trajectories' agreement asked for.
     """
     peers = GMM_PEERS if peers is None else peers
     libraries = ["ppl_em"] + list(dict.fromkeys(order))
@@ -323,7 +342,7 @@ def _interleaved(workload: str, size: str, ours: Callable, order: List[str], arg
                       f"{row.speedup:.3g}x (median of {len(speedups[row.library])} interleaved runs)", row.met)
                for row in rows[1:] if speedups.get(row.library)]
     fits = {library: next((f for f in runs[library] if f.trajectory), runs[library][0]) for library in runs if runs[library]}
-    targets.append(_agreement(workload, fits, agree_with))
+    targets.append(_agreement(workload, fits, agree_with, rtol))
     return rows, targets, fits
 
 
@@ -407,11 +426,13 @@ def bench_b3(cfg: dict) -> Tuple[List[Row], List[Target]]:
     init = wl.hmm_init(x, cfg["K"], seed=SEED)
     size = f"T={cfg['T']} K={cfg['K']} D={cfg['D']}, {cfg['iters']} iters"
     # Target: 5x hmmlearn, on the vectorised model file (the chain as one DiscreteHMM site), timed like B1.
-    rows, targets, _ = _interleaved("B3", size, wl.ppl_em_hmm, ["hmmlearn"] * cfg["repeats"],
-                                    (x, cfg["K"], init, cfg["iters"]), 5.0, peers=HMM_PEERS, agree_with="hmmlearn",
-                                    settle=cfg.get("settle", SETTLE_S))
+    where, note, rtol = placement(cfg)
+    rows, targets, _ = _interleaved("B3", size + note, functools.partial(wl.ppl_em_hmm, **where),
+                                    ["hmmlearn"] * cfg["repeats"], (x, cfg["K"], init, cfg["iters"]), 5.0,
+                                    peers=HMM_PEERS, agree_with="hmmlearn", settle=cfg.get("settle", SETTLE_S), rtol=rtol)
     rows[0].note += f"; {rows[0].sec_per_iter / cfg['T'] * 1e6:.3g} µs per time step"
-    fits = {posterior: functools.partial(wl.ppl_em_hmm_posterior, x, cfg["K"], init, cfg["hard_iters"], posterior)
+    fits = {posterior: functools.partial(wl.ppl_em_hmm_posterior, x, cfg["K"], init, cfg["hard_iters"], posterior,
+                                         **where)
             for posterior in ("exact", "hard")}
     hard_rows, hard_target = _hard_vs_exact(
         "B3", f"T={cfg['T']} K={cfg['K']} D={cfg['D']}, {cfg['hard_iters']} iters", fits, cfg["hard_repeats"],
@@ -679,8 +700,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="torch and BLAS threads for every library (default: torch's default, all cores); "
                              "1 keeps tiny sizes fast on a busy machine")
     parser.add_argument("--device", default=None,
-                        help="torch device for ppl_em in B1, e.g. cuda (the peers stay on the CPU); "
-                             "the same as --set B1.device=\"'cuda'\"")
+                        help="torch device for ppl_em in B1, B3 and B7, e.g. cuda (the peers stay on the CPU); "
+                             "the results name them B1@cuda, ...; the same as --set B1.device=\"'cuda'\" for each")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                        help="ppl_em's dtype in B1, B3 and B7 (default float64; the peers stay in float64)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the recorded rows of the workloads not run (from --out's results.json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -696,10 +719,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]]:
     """Run the selected workloads in order; B2 uses B1's sizes."""
     sizes = sizes_for(args.quick, args.set)
-    if args.device:
-        sizes["B1"]["device"] = args.device
+    for name in PLACED:
+        sizes[name].update({key: value for key, value in (("device", args.device), ("dtype", args.dtype)) if value})
+    cpu_b1 = dict(sizes["B1"], device="cpu", dtype="float64")  # B2 measures the CPU's fit
     benches = {"B1": lambda: bench_b1(sizes["B1"]),
-               "B2": lambda: bench_b2(sizes["B1"], sizes["B2"], MemoryProbe(args.threads)),
+               "B2": lambda: bench_b2(cpu_b1, sizes["B2"], MemoryProbe(args.threads)),
                "B3": lambda: bench_b3(sizes["B3"]), "B4": lambda: bench_b4(sizes["B4"]),
                "B5": lambda: bench_b5(sizes["B5"]), "B6": lambda: bench_b6(sizes["B6"]),
                "B7": lambda: scaleout.bench_b7(sizes["B7"], args.threads), "B8": lambda: scaleout.bench_b8(sizes["B8"]),
@@ -715,9 +739,14 @@ def run(args: argparse.Namespace, command: str) -> Tuple[List[Row], List[Target]
         start = time.perf_counter()
         new_rows, new_targets = benches[name]()
         print(f"{name} done in {time.perf_counter() - start:.1f} s", flush=True)
+        label = placed_name(name, sizes[name]) if name in PLACED else name
+        for item in new_rows + new_targets:
+            item.workload = label
         rows += new_rows
         targets += new_targets
-    used = {name: cfg for name, cfg in sizes.items() if name in args.only or (name == "B1" and "B2" in args.only)}
+    used = {placed_name(name, cfg) if name in PLACED else name: cfg for name, cfg in sizes.items() if name in args.only}
+    if "B2" in args.only and "B1" not in args.only:  # B2's fit is B1's, on the CPU
+        used["B1"] = cpu_b1
     mode = "quick" if args.quick else ("custom" if args.set else "full")
     title = args.title or f"ppl_em benchmarks ({mode} sizes)"
     info["load_average_1min_after"] = report.machine()["load_average_1min"]

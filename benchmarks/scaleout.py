@@ -39,13 +39,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 
 FULL = {
-    "B7": {"n": 40_000_000, "d": 10, "k": 8, "iters": 3, "rounds": 2, "batch_rows": None},
+    "B7": {"n": 40_000_000, "d": 10, "k": 8, "iters": 3, "rounds": 2, "batch_rows": None, "device": "cpu",
+           "dtype": "float64"},
     "B8": {"n": 1_000_000, "batch": 10_000, "passes": [1, 2, 5], "iters": [1, 2, 5, 10, 20], "max_iters": 1000,
            "tol": 1e-9, "poisson_d": 4, "k": 5},
     "B9": {"n": 1_000_000, "d": 10, "k": 16, "iters": 5, "processes": [1, 2], "threads": [1, 2]},
 }
 QUICK = {
-    "B7": {"n": 20_000, "d": 3, "k": 2, "iters": 2, "rounds": 1, "batch_rows": 3000},
+    "B7": {"n": 20_000, "d": 3, "k": 2, "iters": 2, "rounds": 1, "batch_rows": 3000, "device": "cpu",
+           "dtype": "float64"},
     "B8": {"n": 6000, "batch": 500, "passes": [1, 2], "iters": [1, 2, 5], "max_iters": 300, "tol": 1e-9,
            "poisson_d": 2, "k": 3},
     "B9": {"n": 4000, "d": 2, "k": 2, "iters": 2, "processes": [2], "threads": [1]},
@@ -105,14 +107,16 @@ def b7_child(path: str, mode: str, cfg: dict) -> dict:
     from ppl_em.models import gmm
 
     k, iters = cfg["k"], cfg["iters"]
+    device, dtype = cfg.get("device", "cpu"), getattr(torch, cfg.get("dtype", "float64"))
     mm = np.load(path, mmap_mode="r")
-    init = _b7_init(mm, k)
-    tiny = torch.from_numpy(np.array(mm[:2000]))
+    init = {name: value.to(device=device, dtype=dtype) for name, value in _b7_init(mm, k).items()}
+    tiny = torch.from_numpy(np.array(mm[:2000])).to(device=device, dtype=dtype)
     pyro.clear_param_store()
     ppl_em.EM(gmm.model).step(tiny, k, init)  # load lazily imported code before the baseline
     baseline = rss_anon_mb()
-    with AnonymousPeak() as memory:
-        data = ppl_em.Rows(mm, batch_size=cfg["batch_rows"]) if mode == "disk" else torch.from_numpy(np.load(path))
+    with AnonymousPeak() as memory:  # the data on the device: the file's batches copied there one at a time
+        data = ppl_em.Rows(mm, batch_size=cfg["batch_rows"], dtype=dtype, device=device) if mode == "disk" \
+            else torch.from_numpy(np.load(path)).to(device=device, dtype=dtype)
         pyro.clear_param_store()
         em = ppl_em.EM(gmm.model)
         em.step(data, k, init)  # warm-up (the plan); on disk also the first read of the file
@@ -163,6 +167,8 @@ def bench_b7(cfg: dict, threads: Optional[int] = None) -> Tuple[List[Row], List[
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     size = f"n={n} d={d} k={cfg['k']} ({n * d * 8 / 2**30:.2f} GB float64), {cfg['rounds']} x {cfg['iters']} iters"
+    if (cfg.get("device", "cpu"), cfg.get("dtype", "float64")) != ("cpu", "float64"):
+        size += f" (ppl_em on {cfg.get('device', 'cpu')}, {cfg.get('dtype', 'float64')})"
     rows = []
     for mode, label in (("memory", "ppl_em, data in memory"), ("disk", "ppl_em, memory map (Rows)")):
         run = runs[mode]
@@ -178,13 +184,14 @@ def bench_b7(cfg: dict, threads: Optional[int] = None) -> Tuple[List[Row], List[
     disk.ratio, disk.speedup = memory.seconds / disk.seconds, disk.seconds / memory.seconds
     data_mb = n * d * 8 / 2**20
     deviation = max(abs(a - b) / abs(b) for a, b in zip(disk.trajectory, memory.trajectory))
+    agree = 1e-5 if cfg.get("dtype") == "float32" else 1e-10  # float32's sums in other batches round otherwise
     disk.target, disk.met = "extra anonymous MB < data MB / 8", disk.extra_mb < data_mb / 8
     fastest = min(disk.times) / min(memory.times)  # on a shared machine the fastest iteration is the least disturbed
     targets = [Target("B7", "EM on a memory map: extra anonymous memory O(batch), < 1/8 of the data",
                       f"{disk.extra_mb:.0f} MB for {data_mb:.0f} MB of data (in memory: {memory.extra_mb:.0f} MB)",
                       disk.met),
-               Target("B7", "memory map: the same log-likelihood trajectory as in memory (relative deviation "
-                      "<= 1e-10)", f"{deviation:.1e}", deviation <= 1e-10),
+               Target("B7", f"memory map: the same log-likelihood trajectory as in memory (relative deviation "
+                      f"<= {agree:g})", f"{deviation:.1e}", deviation <= agree),
                Target("B7", "memory map: fastest iteration <= 1.5 x in memory's", f"{fastest:.2f} x (means: "
                       f"{disk.speedup:.2f} x)", fastest <= 1.5, "ours")]
     return rows, targets

@@ -178,12 +178,19 @@ def ppl_em_fit(model: Callable, args: tuple, n: int, iters: int, **em_options) -
     return Fit(sum(times) / iters, [-loss / n for loss in losses], final, times, _m_step_note(em), usage.per(iters))
 
 
-def ppl_em_gmm(x: np.ndarray, k: int, init: Init, iters: int, device: str = "cpu") -> Fit:
-    """GMM with full covariances (``ppl_em.models.gmm``); the dtype of ``x`` is the dtype of the fit, and
-    ``device`` where data and parameters live (each timed step ends with the loss as a Python float,
+def _on(x: np.ndarray, init: Init, device: str, dtype: Optional[str]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The data and the start as tensors on ``device`` in ``dtype`` (None: the array's own; on the CPU in
+    its own dtype the tensor shares the array's memory)."""
+    xt = torch.from_numpy(x)
+    xt = xt.to(device=device, dtype=getattr(torch, dtype) if dtype else xt.dtype)
+    return xt, {name: value.to(device) for name, value in _torch_init(init, xt.dtype).items()}
+
+
+def ppl_em_gmm(x: np.ndarray, k: int, init: Init, iters: int, device: str = "cpu", dtype: Optional[str] = None) -> Fit:
+    """GMM with full covariances (``ppl_em.models.gmm``); the dtype of ``x`` (or ``dtype``) is the dtype of the
+    fit, and ``device`` where data and parameters live (each timed step ends with the loss as a Python float,
     so an accelerator's queue is drained inside the timing)."""
-    xt = torch.from_numpy(x).to(device)  # on the CPU: shares memory with x
-    init_t = {name: value.to(device) for name, value in _torch_init(init, xt.dtype).items()}
+    xt, init_t = _on(x, init, device, dtype)
     return ppl_em_fit(gmm.model, (xt, k, init_t), len(x), iters, reg_covar=REG_COVAR)
 
 
@@ -234,19 +241,19 @@ def ppl_em_gmm_diag(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
     return ppl_em_fit(model, (xt, k, _torch_init(diag_init(init), xt.dtype)), len(x), iters, reg_covar=REG_COVAR)
 
 
-def ppl_em_hmm(x: np.ndarray, k: int, init: Init, iters: int) -> Fit:
+def ppl_em_hmm(x: np.ndarray, k: int, init: Init, iters: int, device: str = "cpu", dtype: Optional[str] = None) -> Fit:
     """Gaussian HMM (``ppl_em.models.hmm.vectorized_model``: the chain as one ``DiscreteHMM`` site);
-    reg_covar = 0 because hmmlearn's M-step adds nothing."""
-    xt = torch.from_numpy(x)
-    return ppl_em_fit(hmm.vectorized_model, (xt, k, _torch_init(init, xt.dtype)), len(x), iters, reg_covar=0.0)
+    reg_covar = 0 because hmmlearn's M-step adds nothing. ``device``, ``dtype``: as :func:`ppl_em_gmm`."""
+    xt, init_t = _on(x, init, device, dtype)
+    return ppl_em_fit(hmm.vectorized_model, (xt, k, init_t), len(x), iters, reg_covar=0.0)
 
 
-def ppl_em_hmm_posterior(x: np.ndarray, k: int, init: Init, iters: int, posterior: str) -> Fit:
+def ppl_em_hmm_posterior(x: np.ndarray, k: int, init: Init, iters: int, posterior: str, device: str = "cpu",
+                         dtype: Optional[str] = None) -> Fit:
     """The vectorised Gaussian HMM under exact EM (Baum-Welch) or hard EM (Viterbi paths), reg_covar = 1e-6
     (a hard state may hold few points)."""
-    xt = torch.from_numpy(x)
-    return ppl_em_fit(hmm.vectorized_model, (xt, k, _torch_init(init, xt.dtype)), len(x), iters, reg_covar=1e-6,
-                      posterior=posterior)
+    xt, init_t = _on(x, init, device, dtype)
+    return ppl_em_fit(hmm.vectorized_model, (xt, k, init_t), len(x), iters, reg_covar=1e-6, posterior=posterior)
 
 
 def ppl_em_until(x: np.ndarray, k: int, init: Init, max_iters: int, tol: float) -> Fit:

@@ -392,7 +392,8 @@ def _batched(args: tuple, kwargs: dict, method: str, batch_size: Optional[int]):
                          "memory map (rows read per batch); a DataLoader brings its own batch size, and EM on a tensor "
                          "takes em_options={'chunk_size': ...}.")
     rows = found[1]
-    return _replace(args, kwargs, found[0], sources.Rows(rows.data, batch_size, rows.dtype, rows.start, rows.stop))
+    return _replace(args, kwargs, found[0], sources.Rows(rows.data, batch_size, rows.dtype, rows.start, rows.stop,
+                                                                   rows.device))
 
 
 def _replace(args: tuple, kwargs: dict, key, value):

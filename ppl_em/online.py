@@ -185,7 +185,8 @@ class OnlineEM:
         if found is not None:
             key, source = found
             if isinstance(source, sources.Rows) and source.batch_size != self.batch_size:
-                source = sources.Rows(source.data, self.batch_size, source.dtype, source.start, source.stop)
+                source = sources.Rows(source.data, self.batch_size, source.dtype, source.start, source.stop,
+                                        source.device)
             yield from ((sources.bind(key, b, args, kwargs)) for b in source)
             return
         data = sources.Data.of(self.em.model, args, kwargs, small=False)

@@ -92,6 +92,10 @@ class Rows(Source):
         The dtype of the batches (default: the array's own).
     start, stop : int, optional
         Only rows [start, stop) (default all): a shard, see :meth:`shard`.
+    device : torch.device or str, optional
+        Where the batches go (default: where the data are; a numpy array's rows on the CPU), e.g. ``"cuda"``:
+        the file stays on disk, one batch at a time is read and copied to the GPU, and EM's statistics and
+        parameters follow the batches there (put ``init`` on that device too).
 
     Examples
     --------
@@ -103,9 +107,10 @@ class Rows(Source):
     """
 
     def __init__(self, data, batch_size: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                 start: int = 0, stop: Optional[int] = None) -> None:
+                 start: int = 0, stop: Optional[int] = None, device=None) -> None:
         if not isinstance(data, (np.ndarray, torch.Tensor)) or data.ndim < 1:
             raise ValueError(f"Rows needs a numpy array or tensor of shape (n, ...), got {_describe(data)}.")
+        self.device = None if device is None else _usable_device(device)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
@@ -136,7 +141,9 @@ class Rows(Source):
         part = self.data[index]
         if isinstance(part, np.ndarray):  # a memory map's slice is a view of the file: copy it into memory
             part = torch.from_numpy(np.array(part, copy=True))
-        return part if self.dtype is None else part.to(self.dtype)
+        if self.dtype is None and self.device is None:
+            return part
+        return part.to(device=self.device, dtype=self.dtype)
 
     def sample(self, m: int, generator: torch.Generator) -> torch.Tensor:
         pick = _sample_indices(self.rows, m, generator) + self.start
@@ -146,10 +153,25 @@ class Rows(Source):
         """Rank ``rank``'s contiguous share of the rows, of ``world`` near-equal shares (no padding: no row
         is read by two ranks, unlike ``DistributedSampler``, which repeats rows to even the shares)."""
         part = shard_range(self.rows, rank, world)
-        return Rows(self.data, self.batch_size, self.dtype, self.start + part.start, self.start + part.stop)
+        return Rows(self.data, self.batch_size, self.dtype, self.start + part.start, self.start + part.stop, self.device)
 
     def __repr__(self) -> str:
-        return f"Rows({type(self.data).__name__} of shape {self.shape}, batch_size={self.batch_size})"
+        where = "" if self.device is None else f", device={str(self.device)!r}"
+        return f"Rows({type(self.data).__name__} of shape {self.shape}, batch_size={self.batch_size}{where})"
+
+
+def _usable_device(device) -> torch.device:
+    """``device`` as a torch.device; a clear error for a name torch does not know or a GPU this machine lacks."""
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda', 'cuda:1'), got {device!r}: {error}") from None
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for, but torch finds no CUDA device on this machine; "
+                         "leave device unset (the batches stay on the CPU) or run where a GPU is.")
+    if found.type == "cuda" and found.index is not None and found.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return found
 
 
 class Batches(Source):

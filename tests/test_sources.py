@@ -19,6 +19,7 @@ import torch
 
 import ppl_em
 from ppl_em import sources
+from ppl_em.datasets import load_old_faithful
 from ppl_em.models import REGISTRY, gmm
 from ppl_em.store import capture_store, replace_store
 
@@ -295,3 +296,26 @@ def test_em_on_a_source_comes_to_rest_like_em_in_memory():
     on_batches = em_steps(gmm.model, (ppl_em.Batches([x[:70], x[70:]]),), kwargs, state, steps=150)
     assert abs(in_memory[0][-1] - in_memory[0][-2]) < 1e-9  # at rest
     assert_same_fit(on_batches, in_memory, rtol=1e-8)
+
+
+def test_rows_put_their_batches_on_the_device_asked_for_and_its_shards_and_fits_keep_it(tmp_path):
+    """``Rows(..., device=...)`` copies each batch there (the CPU here: where a GPU is, "cuda"); a shard and the
+    batch size that ``fit`` chooses keep it; EM on it equals EM in memory. A device torch does not know, or a
+    GPU this machine lacks, is a clear error when the source is made, not at the first batch."""
+    x = load_old_faithful()
+    rows = sources.Rows(memmap(tmp_path, x.numpy()), batch_size=40, dtype=torch.float32, device="cpu")
+    assert rows.device == torch.device("cpu") and "device='cpu'" in repr(rows)
+    batch = next(iter(rows))
+    assert batch.device.type == "cpu" and batch.dtype == torch.float32 and batch.shape == (40, 2)
+    assert rows.shard(1, 2).device == rows.device
+    on_disk = sources.Rows(memmap(tmp_path, x.numpy(), "y.npy"), batch_size=50, device=torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ppl_em.ConvergenceWarning)  # five iterations, by design
+        result = ppl_em.fit(gmm.model, on_disk, 2, max_iter=5, tol=0, progress=False, seed=0, batch_size=30)
+        reference = ppl_em.fit(gmm.model, x, 2, max_iter=5, tol=0, progress=False, seed=0)
+    assert result.log_likelihood == pytest.approx(reference.log_likelihood, rel=1e-10)
+    with pytest.raises(ValueError, match="must name a torch device"):
+        sources.Rows(x.numpy(), device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            sources.Rows(x.numpy(), device="cuda")
