@@ -197,11 +197,14 @@ class _Tape:
     ``calls`` is what a replay runs, one ``(kind, thunk, target)`` per kept call, ``thunk`` the call with its
     recorded arguments bound (a ``functools.partial``: a replay does not unpack them again): a guard
     ``(_GUARD, thunk, expected)``; a call with one new tensor result ``(_COPY, thunk, old)`` (its result copied
-    into ``old``, the tensor the recorded step made) or ``(_OUT, thunk, None)`` (the call with ``out=old``: the
-    result written there directly, no copy) or ``(_TRY, thunk, (old, copy))`` (``out=`` tried at the next
-    replay, ``copy``, the call without it, where the function takes none); any other
-    ``(_CALL, thunk, (fresh, before))``. A replay with ``out=`` that is not equal to the bit to the real step
-    (another kernel) falls back to copies (:meth:`copies`).
+    into ``old``, the tensor the recorded step made) or ``(_OUT, thunk, None)`` (the result written into
+    ``old`` directly, no tensor made: the call with ``out=old``, or a call of the same values that writes
+    there, :func:`_into`) or ``(_TRY, thunk, (old, copy))`` (``out=`` tried at the next replay, ``copy``, the
+    call without it, where the function takes none; ``old`` a tuple for the several results of ``max`` or
+    ``cholesky_ex``); an in-place call on the step's own tensors, which needs nothing restored first,
+    ``(_OUT, thunk, None)`` too; any other ``(_CALL, thunk, (fresh, before))``. A replay written straight into
+    the recorded tensors that is not equal to the bit to the real step (another kernel) falls back to copies
+    (:meth:`copies`).
     """
 
     def __init__(self, key, roots: Dict[str, torch.Tensor], ops: List[tuple], loss: torch.Tensor,
