@@ -814,9 +814,14 @@ def differentiable_posterior(model: Callable, structure: ModelStructure, args: t
     if single is None:
         return None
     log_z, objective, weights, sums = single
-    log_prior = sum((masked_log_prob(s).sum() for s in sample_sites(tr) if s["infer"].get("_map_site")), torch.zeros(()))
-    return tr, Posterior(log_evidence=log_z, objective=objective, log_prior=torch.as_tensor(log_prior).detach(),
+    return tr, Posterior(log_evidence=log_z, objective=objective, log_prior=_log_prior(sample_sites(tr)),
                          weights=weights, trace=tr, mode=mode, leaves={}, sums=sums)
+
+
+def _log_prior(sites: List[dict]) -> torch.Tensor:
+    """log p(theta): the point-estimated global latents' log-densities, summed (0 without any), detached."""
+    return torch.as_tensor(sum((masked_log_prob(s).sum() for s in sites if s["infer"].get("_map_site")),
+                               torch.zeros(()))).detach()
 
 
 # The posterior is a gradient (the probe trick): under a caller's torch.no_grad() (e.g.
@@ -892,11 +897,10 @@ def exact_posterior(
         for name, ts in tables.items():  # a chain's tables: its posterior (zero where nothing depends on them)
             weights[name] = ChainTerms(*(torch.zeros_like(t) if g is None else g.detach() for t, g in zip(ts, rest)),
                                        weight=weights[name])
-    log_prior = sum((masked_log_prob(s).sum() for s in sites if s["infer"].get("_map_site")), torch.zeros(()))
     return Posterior(
         log_evidence=log_z.detach(),
         objective=objective.detach(),
-        log_prior=torch.as_tensor(log_prior).detach(),
+        log_prior=_log_prior(sites),
         weights=weights,
         trace=tr,
         mode=mode,

@@ -223,7 +223,7 @@ class _Tape:
                 if op[0] == _GUARD or op[4] or not op[3] or any(not t.is_meta for _, t in op[3])]
 
     @staticmethod
-    def _call(op: tuple, direct: bool, written: set = frozenset()) -> tuple:
+    def _call(op: tuple, direct: bool, written: set) -> tuple:
         bound = functools.partial
         if op[0] == _GUARD:
             _, func, args, kwargs, expected = op
@@ -374,14 +374,22 @@ def _held_bytes(ops: List[tuple]) -> int:
     return total
 
 
+def _parameter_targets(op: tuple, storages: set) -> List[bool]:
+    """For each tensor a kept call writes in place, whether it is a parameter's (``storages``: the
+    parameters'); empty for a guard or a call that writes nothing in place."""
+    if op[0] == _GUARD or not _mutates(_name(op[0]), op[2]):
+        return []
+    return [_storage(t) in storages for t in _targets(op[1], op[2])]
+
+
 def _writes_last(ops: List[tuple], roots: Dict[str, torch.Tensor]) -> bool:
     """Whether every call from the first that writes a parameter on writes a parameter (the M-step's
     writes, last): a replay that raises on its way has then changed no parameter."""
     storages = {_storage(r) for r in roots.values()}
     written = False
     for op in ops:
-        writes = op[0] != _GUARD and _mutates(_name(op[0]), op[2]) and all(
-            _storage(t) in storages for t in _targets(op[1], op[2]))
+        targets = _parameter_targets(op, storages)
+        writes = bool(targets) and all(targets)
         if written and not writes:
             return False
         written = written or writes
@@ -397,7 +405,7 @@ def _guards_first(ops: List[tuple], roots: Dict[str, torch.Tensor]) -> bool:
         if op[0] == _GUARD:
             if written:
                 return False
-        elif _mutates(_name(op[0]), op[2]) and any(_storage(t) in storages for t in _targets(op[1], op[2])):
+        elif any(_parameter_targets(op, storages)):
             written = True
     return True
 
