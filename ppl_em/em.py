@@ -351,7 +351,7 @@ class EM:
         if sum(v.numel() for v in list(args) + list(kwargs.values()) if torch.is_tensor(v)) > TAPE_ELEMENTS:
             return None  # large data: the step's Python is a small part of it, and a tape would keep its tables
         held = pyro.get_param_store()._constraints  # (a restart fills a cleared store with new tensors)
-        layout = tuple((n, t.shape, t.dtype, t.device, str(held.get(n))) for n, t in roots.items())
+        layout = tuple((n, *_layout(t), str(held.get(n))) for n, t in roots.items())
         return (signature(args), signature(kwargs), id(plan), tuple(plan.closed), tuple(plan.gradient),
                 layout, self.reg_covar, self.posterior, self.map_basis, torch.is_grad_enabled())
 
@@ -816,12 +816,13 @@ class _StoreValues(Mapping):
 class _Unchanged:
     """What a step that replayed its checked tape decided its way from, by identity or by value: the arguments
     (:func:`ppl_em.fast.signature`: tensors by identity and version), the validated data, the chunking, the
-    model's structure, the plan and its routes, the parameters' names, the store's tensors and their
-    constraints, an offered trace, the options and the grad mode. While :meth:`holds`, the next step's way
-    through :meth:`EM._iterate` is the same: its tape, replayed on the same tensors."""
+    model's structure, the plan and its routes, the parameters' names, the store's tensors (with their shapes,
+    dtypes and devices) and their constraints, an offered trace, the options and the grad mode. While
+    :meth:`holds`, the next step's way through :meth:`EM._iterate` is the same: its tape, replayed on the same
+    tensors."""
 
     __slots__ = ("args", "kwargs", "validated", "chunks", "settled", "structure", "plan", "routes", "second_pass",
-                 "names", "roots", "constraints", "options", "grad", "tape")
+                 "names", "roots", "layout", "constraints", "options", "grad", "tape")
 
     def __init__(self, em: "EM", args, kwargs, roots: Dict[str, torch.Tensor], tape) -> None:
         store = pyro.get_param_store()
@@ -829,6 +830,7 @@ class _Unchanged:
         self.chunks, self.settled, self.structure = em._chunks, em._chunks.settled, em.structure
         self.plan, self.routes, self.second_pass = em.plan, dict(em.plan.routes), set(em.plan.second_pass)
         self.names, self.roots = list(em._param_names), dict(roots)
+        self.layout = {n: _layout(r) for n, r in roots.items()}  # as the tape's key has them (p.data = ... keeps p)
         self.constraints = {n: store._constraints.get(n) for n in roots}
         self.options, self.grad, self.tape = em._options(), torch.is_grad_enabled(), tape
 
@@ -841,9 +843,15 @@ class _Unchanged:
                 or em._param_names != self.names or em._options() != self.options):
             return False
         params, constraints = store._params, store._constraints
-        if not all(params.get(n) is r and constraints.get(n) is self.constraints[n] for n, r in self.roots.items()):
+        if not all(params.get(n) is r and constraints.get(n) is self.constraints[n] and _layout(r) == self.layout[n]
+                   for n, r in self.roots.items()):
             return False
         return signature(args) == self.args and signature(kwargs) == self.kwargs
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    """A parameter's shape, dtype and device: what a recorded step holds for (besides its values)."""
+    return t.shape, t.dtype, t.device
 
 
 def _same_held(a: tuple, b: tuple) -> bool:

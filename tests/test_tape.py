@@ -672,3 +672,19 @@ def test_a_replay_writes_gathers_reshapes_diagonals_and_several_results_straight
     straight = ("diag_embed", "max", "linalg_cholesky_ex", "linalg_solve_triangular", "linalg_cholesky", "isfinite")
     assert all(kinds.get(n) == {tape_module._OUT} for n in straight) and "reshape" not in kinds, kinds
     assert not any(op[4] for op in tape.tape.ops if op[0] != tape_module._GUARD)  # nothing restored before a call
+
+
+def test_a_parameter_given_another_layout_through_data_is_not_replayed_straight_away():
+    """``p.data = ...`` keeps the store's tensor and its version but may change its shape or dtype, which the
+    tape's key holds: the straight replay's check sees it too and leaves the step to the whole way."""
+    pyro.clear_param_store()
+    em = ppl_em.EM(gmm.model)
+    for _ in range(6):
+        em.step(X, 3)
+    assert em._fast is not None and em._fast.holds(em, (X, 3), {})
+    mu = dict(pyro.get_param_store().named_parameters())["mu"]
+    kept = mu.data
+    mu.data = kept.float()
+    assert not em._fast.holds(em, (X, 3), {})
+    mu.data = kept
+    assert em._fast.holds(em, (X, 3), {})
